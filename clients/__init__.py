@@ -1,0 +1,1 @@
+"""Lookalike's Python client library and the `lookalike` command line."""

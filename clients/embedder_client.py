@@ -1,0 +1,90 @@
+"""EmbedderClient: encoded images in, vectors and category probabilities out, over gRPC."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import grpc
+import numpy as np
+
+from clients.connection import ChannelSettings, call_with_retries
+from lookalike.codec import unpack_vector
+from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
+
+ImageInput = Union[bytes, str, Path]
+
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """One image's result: `vector` and `categories` (most probable first), or `error` with its code."""
+
+    id: str
+    vector: np.ndarray | None = None
+    categories: list[tuple[str, float]] = field(default_factory=list)
+    error: str = ""
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+
+    @property
+    def ok(self) -> bool:
+        return self.vector is not None
+
+    @property
+    def top_category(self) -> str:
+        return self.categories[0][0] if self.categories else ""
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
+def read_image(image: ImageInput) -> bytes:
+    """Bytes as given, or the contents of a file path."""
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+class EmbedderClient:
+    """Synchronous client for the Embedder service. Use as a context manager to close the channel."""
+
+    def __init__(self, target: str | ChannelSettings) -> None:
+        self.settings = target if isinstance(target, ChannelSettings) else ChannelSettings(target)
+        self.channel = self.settings.open()
+        self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
+        self._max_images: int | None = None
+
+    def model_info(self, timeout: float | None = None) -> embedder_pb2.GetModelInfoResponse:
+        """The served model: id, sha256, dimension, labels, active providers, limits."""
+        return call_with_retries(self.stub.GetModelInfo, embedder_pb2.GetModelInfoRequest(), self.settings,
+                                 timeout, "Embedder.GetModelInfo")
+
+    def embed(self, images: Sequence[ImageInput], ids: Sequence[str] | None = None, top_categories: int = 0,
+              timeout: float | None = None) -> list[EmbeddedImage]:
+        """Embeds images (bytes or paths), split into requests the server accepts; one result per image."""
+        if self._max_images is None:
+            self._max_images = self.model_info(timeout).max_images_per_request or 64
+        ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
+        results: list[EmbeddedImage] = []
+        for start in range(0, len(images), self._max_images):
+            request = embedder_pb2.EmbedRequest(top_categories=top_categories, images=[
+                embedder_pb2.Image(data=read_image(image), id=image_id)
+                for image, image_id in zip(images[start:start + self._max_images], ids[start:start + self._max_images])
+            ])
+            response = call_with_retries(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
+            results.extend(self._convert(result) for result in response.results)
+        return results
+
+    @staticmethod
+    def _convert(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
+        if result.HasField("error"):
+            return EmbeddedImage(result.id, error=result.error.message, error_code=_status_code(result.error.code))
+        return EmbeddedImage(result.id, vector=unpack_vector(result.embedding.vector),
+                             categories=[(c.category, c.probability) for c in result.embedding.categories])
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "EmbedderClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

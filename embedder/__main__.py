@@ -1,0 +1,23 @@
+"""`python -m embedder --model DIR`: serve the Lookalike Embedder over gRPC until SIGTERM."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from embedder.config import EmbedderConfig
+from embedder.server import create_server
+from lookalike.service import serve_until_signalled
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EmbedderConfig.from_args(argv)
+    started, port = create_server(config)
+    print(f"embedder listening on port {port}", flush=True)
+    serve_until_signalled(started.server, started.health, config.grace_seconds, on_stop=started.pipeline.close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

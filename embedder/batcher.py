@@ -1,0 +1,127 @@
+"""Server-side micro-batching: concurrent requests share one inference call.
+
+One thread owns the model. It waits for the first queued job, then up to max_delay for more, and runs
+everything gathered (at most max_batch images) as one batch, so under load throughput approaches the
+model's best batch rate instead of its batch-1 rate.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from lookalike.service import ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+Inference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Job:
+    images: np.ndarray
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """Running totals, read by GetModelInfo callers and benchmarks."""
+
+    batches: int = 0
+    images: int = 0
+    queue_delay_seconds: float = 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+
+class MicroBatcher:
+    """Collects jobs from many threads into batches for one inference thread."""
+
+    def __init__(self, infer: Inference, max_batch: int, max_delay_seconds: float, max_queued_images: int) -> None:
+        self._infer = infer
+        self._max_batch = max_batch
+        self._max_delay = max_delay_seconds
+        self._max_queued = max_queued_images
+        self._jobs: deque[_Job] = deque()
+        self._queued_images = 0
+        self._condition = threading.Condition()
+        self._running = True
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread.start()
+
+    def run(self, images: np.ndarray, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Embeds uint8 [N, H, W, 3] images, in chunks of at most max_batch; blocks until done."""
+        jobs = [_Job(images[start:start + self._max_batch]) for start in range(0, len(images), self._max_batch)]
+        with self._condition:
+            if not self._running:
+                raise Unavailable("the embedder is shutting down")
+            if self._queued_images + len(images) > self._max_queued:
+                raise ResourceExhausted(
+                    f"embedder queue is full: {self._queued_images} images waiting, {len(images)} more would "
+                    f"exceed the limit of {self._max_queued}; retry later or add replicas")
+            self._jobs.extend(jobs)
+            self._queued_images += len(images)
+            self._condition.notify()
+        results = [job.future.result(timeout) for job in jobs]
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def close(self) -> None:
+        """Stops the inference thread after the jobs already queued."""
+        with self._condition:
+            self._running = False
+            self._condition.notify()
+        self._thread.join()
+
+    def _next_batch(self) -> list[_Job]:
+        with self._condition:
+            while not self._jobs and self._running:
+                self._condition.wait()
+            if not self._jobs:
+                return []
+            deadline = self._jobs[0].enqueued + self._max_delay
+            while self._queued_images < self._max_batch and self._running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            batch, size = [], 0
+            while self._jobs and (not batch or size + len(self._jobs[0].images) <= self._max_batch):
+                job = self._jobs.popleft()
+                batch.append(job)
+                size += len(job.images)
+            self._queued_images -= size
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            started = time.monotonic()
+            delay = started - batch[0].enqueued
+            try:
+                images = batch[0].images if len(batch) == 1 else np.concatenate([job.images for job in batch])
+                embeddings, probabilities = self._infer(images)
+            except Exception as error:  # noqa: BLE001 - fail these jobs, keep serving the next ones
+                log.exception("inference failed for a batch of %d jobs", len(batch))
+                for job in batch:
+                    job.future.set_exception(error)
+                continue
+            self.stats.batches += 1
+            self.stats.images += len(images)
+            self.stats.queue_delay_seconds += delay
+            offset = 0
+            for job in batch:
+                count = len(job.images)
+                job.future.set_result((embeddings[offset:offset + count], probabilities[offset:offset + count]))
+                offset += count

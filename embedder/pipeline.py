@@ -1,0 +1,58 @@
+"""The embedder's core: decode in a worker pool, batch across requests, run the model."""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from embedder.batcher import MicroBatcher
+from embedder.config import EmbedderConfig
+from embedder.model import OnnxModel
+from embedder.preprocess import ImageLimits, decode_image
+from lookalike.service import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's outcome: (embedding, probabilities), or the error that stopped it."""
+
+    embedding: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    error: ServiceError | None = None
+
+
+class EmbeddingPipeline:
+    """Encoded images -> embeddings and category probabilities, one result per image."""
+
+    def __init__(self, model: OnnxModel, config: EmbedderConfig) -> None:
+        self.model = model
+        self.limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        self._decoders = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
+        self.batcher = MicroBatcher(model.run, config.max_batch, config.max_delay_ms / 1000.0,
+                                    config.max_queued_images)
+
+    def _decode(self, index: int, data: bytes) -> np.ndarray | ServiceError:
+        try:
+            return decode_image(data, self.model.input_size, self.limits, name=f"images[{index}]")
+        except ServiceError as error:
+            return error
+
+    def embed(self, images: Sequence[bytes]) -> list[ImageResult]:
+        """Decodes every image (bad ones get their own error), then embeds the good ones in one go."""
+        decoded = list(self._decoders.map(self._decode, range(len(images)), images))
+        good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
+        results = [ImageResult(error=item) if isinstance(item, ServiceError) else None for item in decoded]
+        if good:
+            embeddings, probabilities = self.batcher.run(np.stack([decoded[i] for i in good]))
+            for row, i in enumerate(good):
+                results[i] = ImageResult(embedding=embeddings[row], probabilities=probabilities[row])
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.batcher.close()
+        self._decoders.shutdown(wait=True)

@@ -1,0 +1,70 @@
+"""Assembles the embedder's gRPC server: model, pipeline, servicer, health and reflection."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from embedder.config import EmbedderConfig
+from embedder.model import OnnxModel
+from embedder.pipeline import EmbeddingPipeline
+from embedder.servicer import EmbedderServicer
+from lookalike.service import bind, build_server
+from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
+
+
+@dataclass
+class EmbedderServer:
+    """A started server and what must be closed with it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    pipeline: EmbeddingPipeline
+
+    @property
+    def serving(self) -> bool:
+        return not self.pipeline.model.missing_gpu_providers
+
+    def stop(self, grace: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.pipeline.close()
+
+
+def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
+    """Loads and warms the model, starts serving on config.address, and returns (server, bound port).
+
+    Health turns SERVING only after warm-up, and never when a requested GPU provider is not active
+    (onnxruntime-gpu falls back to CPU without failing); the RPCs still answer so operators can see why.
+    """
+    server, health_servicer = build_server(max_workers=config.grpc_workers,
+                                           max_message_bytes=config.max_message_bytes,
+                                           service_names=[SERVICE_NAME])
+    servicer = EmbedderServicer(config)
+    embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
+    port = bind(server, config.address)
+    server.start()
+    try:
+        model = OnnxModel(config)
+        model.warm_up()
+    except Exception:
+        server.stop(None)
+        raise
+    pipeline = EmbeddingPipeline(model, config)
+    servicer.attach(pipeline)
+    started = EmbedderServer(server, port, health_servicer, pipeline)
+    if started.serving:
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("embedder serving %s on port %d with %s", model.manifest.model_id, port, model.providers)
+    else:
+        log.error("requested execution providers %s are not active (active: %s); health stays NOT_SERVING",
+                  model.missing_gpu_providers, model.providers)
+    return started, port

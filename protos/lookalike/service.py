@@ -1,0 +1,114 @@
+"""Server plumbing shared by the embedder and searcher: domain errors, gRPC server assembly, shutdown."""
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Any, Callable, Iterable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+class ServiceError(Exception):
+    """A failure the caller can act on; carries the gRPC status code it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def rpc_method(method: Method) -> Method:
+    """Maps ServiceError to its status and anything else to INTERNAL (logged with its traceback).
+
+    The one place where servicer exceptions become gRPC statuses.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ServiceError as error:
+            context.abort(error.code, str(error))
+        except Exception as error:  # noqa: BLE001 - the server must keep serving
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(error).__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def build_server(
+    *,
+    max_workers: int,
+    max_message_bytes: int,
+    service_names: Iterable[str],
+) -> tuple[grpc.Server, health.HealthServicer]:
+    """A gRPC server with message-size limits, grpc.health.v1 (NOT_SERVING for now) and reflection.
+
+    The caller adds its servicers, binds a port and flips health to SERVING once it is ready.
+    """
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, health_servicer
+
+
+def bind(server: grpc.Server, address: str) -> int:
+    """Binds an insecure port ("host:0" picks a free one) and returns the port number."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
+def serve_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, grace_seconds: float,
+                          on_stop: Callable[[], None] | None = None) -> None:
+    """Blocks until SIGTERM/SIGINT, then reports NOT_SERVING, drains for `grace_seconds` and stops."""
+    stopping = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down (grace %.1fs)", signum, grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    stopping.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace_seconds).wait()
+    if on_stop is not None:
+        on_stop()

@@ -1,0 +1,101 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelManifest(_message.Message):
+    __slots__ = ("model_id", "version", "onnx_file", "sha256", "input", "output", "embedding_dim", "metric", "labels", "backbone", "precision", "parity", "quantization", "temperature", "trained_on", "created_at")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FILE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_ON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    version: str
+    onnx_file: str
+    sha256: str
+    input: InputSpec
+    output: OutputSpec
+    embedding_dim: int
+    metric: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    backbone: str
+    precision: str
+    parity: ParityCheck
+    quantization: QuantizationDrift
+    temperature: float
+    trained_on: str
+    created_at: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., onnx_file: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., metric: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., precision: _Optional[str] = ..., parity: _Optional[_Union[ParityCheck, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationDrift, _Mapping]] = ..., temperature: _Optional[float] = ..., trained_on: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+
+class InputSpec(_message.Message):
+    __slots__ = ("name", "layout", "dtype", "height", "width", "channels", "resize", "normalization")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layout: str
+    dtype: str
+    height: int
+    width: int
+    channels: int
+    resize: str
+    normalization: str
+    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., resize: _Optional[str] = ..., normalization: _Optional[str] = ...) -> None: ...
+
+class OutputSpec(_message.Message):
+    __slots__ = ("embedding", "probabilities")
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    embedding: str
+    probabilities: str
+    def __init__(self, embedding: _Optional[str] = ..., probabilities: _Optional[str] = ...) -> None: ...
+
+class ParityCheck(_message.Message):
+    __slots__ = ("images", "max_abs_diff", "tolerance", "passed")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+    def __init__(self, images: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., tolerance: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
+
+class QuantizationDrift(_message.Message):
+    __slots__ = ("method", "parent_model_id", "calibration_images", "validation_images", "mean_cosine", "top10_overlap", "category_agreement")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PARENT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    TOP10_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    parent_model_id: str
+    calibration_images: int
+    validation_images: int
+    mean_cosine: float
+    top10_overlap: float
+    category_agreement: float
+    def __init__(self, method: _Optional[str] = ..., parent_model_id: _Optional[str] = ..., calibration_images: _Optional[int] = ..., validation_images: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., top10_overlap: _Optional[float] = ..., category_agreement: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,188 @@
+from lookalike.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Item(_message.Message):
+    __slots__ = ("id", "category", "vector", "attributes", "model_id")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    category: str
+    vector: _common_pb2.Vector
+    attributes: _containers.ScalarMap[str, str]
+    model_id: str
+    def __init__(self, id: _Optional[str] = ..., category: _Optional[str] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class UpsertRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class UpsertResponse(_message.Message):
+    __slots__ = ("statuses", "sequence")
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[_common_pb2.ItemStatus]
+    sequence: int
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_common_pb2.ItemStatus, _Mapping]]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted", "missing", "sequence")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    sequence: int
+    def __init__(self, deleted: _Optional[int] = ..., missing: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class ExplicitRouting(_message.Message):
+    __slots__ = ("categories",)
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, categories: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProbabilityRouting(_message.Message):
+    __slots__ = ("categories", "threshold", "max_shards", "prior_weight")
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    categories: _containers.RepeatedCompositeFieldContainer[_common_pb2.CategoryProbability]
+    threshold: float
+    max_shards: int
+    prior_weight: float
+    def __init__(self, categories: _Optional[_Iterable[_Union[_common_pb2.CategoryProbability, _Mapping]]] = ..., threshold: _Optional[float] = ..., max_shards: _Optional[int] = ..., prior_weight: _Optional[float] = ...) -> None: ...
+
+class AllShards(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Routing(_message.Message):
+    __slots__ = ("explicit", "probabilities", "all")
+    EXPLICIT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    explicit: ExplicitRouting
+    probabilities: ProbabilityRouting
+    all: AllShards
+    def __init__(self, explicit: _Optional[_Union[ExplicitRouting, _Mapping]] = ..., probabilities: _Optional[_Union[ProbabilityRouting, _Mapping]] = ..., all: _Optional[_Union[AllShards, _Mapping]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("vector", "model_id", "k", "ef", "routing")
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EF_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    vector: _common_pb2.Vector
+    model_id: str
+    k: int
+    ef: int
+    routing: Routing
+    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., model_id: _Optional[str] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("id", "score", "similarity", "category", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    similarity: float
+    category: str
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., similarity: _Optional[float] = ..., category: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ShardProbe(_message.Message):
+    __slots__ = ("category", "probability", "k", "ef", "items", "seconds")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EF_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    probability: float
+    k: int
+    ef: int
+    items: int
+    seconds: float
+    def __init__(self, category: _Optional[str] = ..., probability: _Optional[float] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., items: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "probes", "unknown_categories")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    probes: _containers.RepeatedCompositeFieldContainer[ShardProbe]
+    unknown_categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[ShardProbe, _Mapping]]] = ..., unknown_categories: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardStats(_message.Message):
+    __slots__ = ("category", "items", "deleted", "capacity", "model_id", "dimension", "memory_bytes", "snapshot_sequence", "snapshot_age_seconds")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    items: int
+    deleted: int
+    capacity: int
+    model_id: str
+    dimension: int
+    memory_bytes: int
+    snapshot_sequence: int
+    snapshot_age_seconds: float
+    def __init__(self, category: _Optional[str] = ..., items: _Optional[int] = ..., deleted: _Optional[int] = ..., capacity: _Optional[int] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("shards", "items", "sequence")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
+    items: int
+    sequence: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real data sets, a real exported model, a real embedder server on port 0."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(__import__("os").environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+GROCERY = DATASETS / "grocery"
+CLOTHING = DATASETS / "clothing-small"
+
+needs_datasets = pytest.mark.skipif(
+    not GROCERY.is_dir(), reason=f"real photos not found at {DATASETS} (../shared/datasets is absent in a user's clone)")
+
+
+@pytest.fixture(scope="session")
+def grocery_train() -> list:
+    if not GROCERY.is_dir():
+        pytest.skip(f"real photos not found at {DATASETS} (../shared/datasets is absent in a user's clone)")
+    from clients.catalog import read_catalog
+
+    return read_catalog(GROCERY / "train.txt")
+
+
+@pytest.fixture(scope="session")
+def grocery_val() -> list:
+    if not GROCERY.is_dir():
+        pytest.skip(f"real photos not found at {DATASETS} (../shared/datasets is absent in a user's clone)")
+    from clients.catalog import read_catalog
+
+    return read_catalog(GROCERY / "val.txt")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, grocery_train: list, grocery_val: list) -> Path:
+    """EfficientNet-Lite0 (real ImageNet weights) + a head fitted on 5 grocery photos per category, exported."""
+    from exporter.__main__ import per_category_sample
+    from exporter.export import ExportSettings, export_default_model
+
+    out = tmp_path_factory.mktemp("model")
+    train = per_category_sample(grocery_train, 5, seed=0)
+    validation = random.Random(0).sample(grocery_val, 24)
+    export_default_model(train, out, ExportSettings(parity_images=8), validation=validation, trained_on="test subset")
+    return out
+
+
+@pytest.fixture()
+def image_bytes(grocery_val: list) -> list[bytes]:
+    """A few real grocery JPEGs."""
+    return [image.read_bytes() for image in grocery_val[:6]]
+
+
+@pytest.fixture(scope="module")
+def embedder(model_dir: Path) -> Iterator[tuple[object, grpc.Channel]]:
+    """A real embedder server on port 0 with small limits, and a channel to it."""
+    from embedder.config import EmbedderConfig
+    from embedder.server import create_server
+
+    config = EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0", max_images_per_request=8,
+                            max_message_bytes=4 * 1024 * 1024, max_image_bytes=2 * 1024 * 1024,
+                            max_image_pixels=12_000_000, max_delay_ms=20)
+    started, port = create_server(config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    yield started, channel
+    channel.close()
+    started.stop(None)

@@ -1,0 +1,94 @@
+"""MicroBatcher: every caller gets its own rows back, limits hold, failures reach the right callers."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from embedder.batcher import MicroBatcher
+from lookalike.service import ResourceExhausted
+
+
+def tagged(count: int, tag: int) -> np.ndarray:
+    """`count` tiny "images" whose pixels carry `tag`, so each caller can recognise its rows."""
+    return np.full((count, 2, 2, 3), tag, dtype=np.uint8)
+
+
+class RecordingModel:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batch_sizes: list[int] = []
+        self.delay = delay
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.batch_sizes.append(len(images))
+        time.sleep(self.delay)
+        values = images.reshape(len(images), -1)[:, :1].astype(np.float32)
+        return values, values * 2
+
+
+def test_concurrent_callers_are_batched_and_get_their_own_rows() -> None:
+    model = RecordingModel(delay=0.01)
+    batcher = MicroBatcher(model, max_batch=16, max_delay_seconds=0.05, max_queued_images=1000)
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def caller(tag: int) -> None:
+        results[tag] = batcher.run(tagged(tag % 3 + 1, tag))
+
+    threads = [threading.Thread(target=caller, args=(tag,)) for tag in range(1, 13)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batcher.close()
+    for tag, (first, second) in results.items():
+        assert first.shape == (tag % 3 + 1, 1) and (first == tag).all() and (second == 2 * tag).all()
+    assert max(model.batch_sizes) <= 16
+    assert len(model.batch_sizes) < 12, "callers arriving together should share batches"
+    assert batcher.stats.images == sum(tag % 3 + 1 for tag in range(1, 13))
+
+
+def test_requests_larger_than_max_batch_are_split() -> None:
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch=4, max_delay_seconds=0.0, max_queued_images=100)
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3).repeat(2, 1).repeat(2, 2)
+    first, _ = batcher.run(images)
+    batcher.close()
+    assert first[:, 0].tolist() == list(range(10))
+    assert max(model.batch_sizes) <= 4
+
+
+def test_full_queue_is_resource_exhausted() -> None:
+    release = threading.Event()
+    batcher = MicroBatcher(lambda images: (release.wait(5), RecordingModel()(images))[1], max_batch=2,
+                           max_delay_seconds=0.0, max_queued_images=3)
+    background = threading.Thread(target=batcher.run, args=(tagged(2, 1),))
+    background.start()
+    time.sleep(0.05)  # the first job is now inside the model, the queue is empty
+    waiting = threading.Thread(target=batcher.run, args=(tagged(3, 2),))
+    waiting.start()
+    time.sleep(0.05)
+    with pytest.raises(ResourceExhausted, match="3 images waiting, 1 more would exceed the limit of 3"):
+        batcher.run(tagged(1, 3))
+    release.set()
+    background.join()
+    waiting.join()
+    batcher.close()
+
+
+def test_a_failing_batch_fails_its_callers_and_the_next_batch_works() -> None:
+    calls = {"count": 0}
+
+    def flaky(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise RuntimeError("model exploded")
+        return RecordingModel()(images)
+
+    batcher = MicroBatcher(flaky, max_batch=8, max_delay_seconds=0.0, max_queued_images=100)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        batcher.run(tagged(1, 1))
+    first, _ = batcher.run(tagged(2, 5))
+    batcher.close()
+    assert (first == 5).all()

@@ -1,0 +1,197 @@
+"""The embedder over real gRPC channels: real model, real images, bad input, limits, health, batching."""
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from lookalike.codec import unpack_vector
+from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
+from tests.test_preprocess import png_claiming
+
+
+def stub(channel: grpc.Channel) -> embedder_pb2_grpc.EmbedderStub:
+    return embedder_pb2_grpc.EmbedderStub(channel)
+
+
+def embed(channel: grpc.Channel, *images: bytes, top: int = 0) -> embedder_pb2.EmbedResponse:
+    request = embedder_pb2.EmbedRequest(images=[embedder_pb2.Image(data=d, id=f"img{i}") for i, d in enumerate(images)],
+                                        top_categories=top)
+    return stub(channel).Embed(request, timeout=30)
+
+
+def reencode(jpeg: bytes, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def assert_still_serving(channel: grpc.Channel, image: bytes) -> None:
+    response = embed(channel, image)
+    assert response.results[0].HasField("embedding")
+
+
+def test_health_is_serving_after_warm_up(embedder) -> None:
+    _, channel = embedder
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "lookalike.v1.Embedder"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_model_info(embedder, model_dir: Path) -> None:
+    _, channel = embedder
+    info = stub(channel).GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=5)
+    assert info.model_id.startswith("effnet-lite0@") and info.dimension == 1280
+    assert len(info.labels) == 43 and info.providers == ["CPUExecutionProvider"]
+    assert info.manifest.sha256 == info.sha256 and info.max_images_per_request == 8
+
+
+def test_jpeg_png_webp_embed_to_unit_vectors_with_probabilities(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    jpeg = image_bytes[0]
+    response = embed(channel, jpeg, reencode(jpeg, "PNG"), reencode(jpeg, "WEBP"))
+    assert [r.id for r in response.results] == ["img0", "img1", "img2"]
+    vectors = []
+    for result in response.results:
+        assert result.HasField("embedding"), result.error.message
+        vector = unpack_vector(result.embedding.vector)
+        assert vector.shape == (1280,)
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+        probabilities = [c.probability for c in result.embedding.categories]
+        assert len(probabilities) == 43 and sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert probabilities == sorted(probabilities, reverse=True)
+        vectors.append(vector)
+    # The same photo in three encodings lands in nearly the same place (WebP is lossy).
+    assert float(vectors[0] @ vectors[1]) > 0.999 and float(vectors[0] @ vectors[2]) > 0.95
+
+
+def test_same_image_twice_gives_the_identical_vector(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    first = embed(channel, image_bytes[1], image_bytes[1])
+    again = embed(channel, image_bytes[1])
+    a, b, c = (r.embedding.vector.values for r in [*first.results, *again.results])
+    assert a == b == c
+
+
+def test_top_categories_limits_and_orders(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    categories = embed(channel, image_bytes[2], top=3).results[0].embedding.categories
+    assert len(categories) == 3 and categories[0].probability >= categories[1].probability >= categories[2].probability
+
+
+def test_bad_images_get_their_own_errors_and_the_rest_succeeds(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    truncated = image_bytes[0][: len(image_bytes[0]) // 3]
+    response = embed(channel, b"", truncated, b"%PDF-1.4 this is a text file\n", png_claiming(20000, 20000),
+                     image_bytes[3])
+    codes = [r.error.code for r in response.results[:4]]
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    messages = [r.error.message for r in response.results[:4]]
+    assert "images[0] is empty" in messages[0]
+    assert "images[1] could not be decoded" in messages[1]
+    assert "images[2] is not a readable image" in messages[2]
+    assert "images[3] is 20000x20000" in messages[3] and "limit is 12000000 pixels" in messages[3]
+    assert response.results[4].HasField("embedding")
+
+
+def test_image_over_the_byte_limit(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    big = image_bytes[0] + b"\0" * (2 * 1024 * 1024)
+    result = embed(channel, big).results[0]
+    assert result.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "limit is 2097152 bytes per image" in result.error.message
+    assert_still_serving(channel, image_bytes[0])
+
+
+def test_no_images_and_too_many_images_are_invalid(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    with pytest.raises(grpc.RpcError) as empty:
+        embed(channel)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images is empty" in empty.value.details()
+    with pytest.raises(grpc.RpcError) as many:
+        embed(channel, *([image_bytes[0]] * 9))
+    assert many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images has 9 entries, limit is 8" in many.value.details()
+    assert_still_serving(channel, image_bytes[0])
+
+
+def test_oversized_message_is_resource_exhausted(embedder, image_bytes: list[bytes]) -> None:
+    _, channel = embedder
+    with pytest.raises(grpc.RpcError) as error:
+        embed(channel, b"\xff" * (5 * 1024 * 1024))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in error.value.details()
+    assert_still_serving(channel, image_bytes[0])
+
+
+def test_concurrent_requests_share_batches(embedder, image_bytes: list[bytes]) -> None:
+    started, channel = embedder
+    stats = started.pipeline.batcher.stats
+    before_batches, before_images = stats.batches, stats.images
+    reference = embed(channel, image_bytes[4]).results[0].embedding.vector.values
+    errors: list[BaseException] = []
+    outputs: list[bytes] = []
+
+    def client() -> None:
+        try:
+            for _ in range(3):
+                outputs.append(embed(channel, image_bytes[4]).results[0].embedding.vector.values)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(outputs) == 24
+    # Batching must not change a vector beyond float rounding.
+    for output in outputs:
+        np.testing.assert_allclose(np.frombuffer(output, "<f4"), np.frombuffer(reference, "<f4"), atol=1e-5)
+    batches = stats.batches - before_batches
+    assert stats.images - before_images == 25
+    assert batches < 25, "concurrent single-image requests were never batched together"
+
+
+def test_requested_gpu_provider_that_is_not_active_keeps_health_not_serving(model_dir: Path) -> None:
+    """Real ONNX Runtime falls back to CPU when CUDA is asked for and absent; we must not report SERVING."""
+    import onnxruntime as ort
+
+    from embedder.config import EmbedderConfig
+    from embedder.server import create_server
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA, the fallback cannot be provoked")
+    started, port = create_server(EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0",
+                                                 providers=("cuda", "cpu")))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            info = stub(channel).GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=5)
+            assert "CUDAExecutionProvider" not in info.providers
+    finally:
+        started.stop(None)
+
+
+def test_model_changed_after_export_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from embedder.config import EmbedderConfig
+    from embedder.model import ModelError, OnnxModel
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(model_dir, copy)
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match="sha256 .* manifest says"):
+        OnnxModel(EmbedderConfig(model_dir=copy))

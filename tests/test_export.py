@@ -1,0 +1,101 @@
+"""The exporter on real photos with the pip-installed ImageNet weights: parity, manifest, int8 drift."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.efficientnet_lite import load_imagenet_model
+from exporter.export import check_parity, decode_files, export_onnx, onnx_session, sha256_of
+from lookalike.codec import read_manifest
+
+GRANNY_SMITH = 948  # ImageNet class index
+
+
+def test_imagenet_weights_recognise_granny_smith_apples(grocery_val: list) -> None:
+    """The architecture really matches the checkpoint: ImageNet's own class for these photos wins."""
+    apples = [image for image in grocery_val if image.label == "Granny-Smith"][:6]
+    pixels = torch.from_numpy(decode_files(apples, 224)).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        predicted = load_imagenet_model()((pixels - 127) / 128).argmax(1)
+    assert (predicted == GRANNY_SMITH).float().mean() >= 0.5
+
+
+def test_manifest_describes_the_verified_model(model_dir: Path) -> None:
+    manifest = read_manifest(model_dir)
+    assert manifest.sha256 == sha256_of(model_dir / manifest.onnx_file)
+    assert manifest.model_id == f"effnet-lite0@{manifest.sha256[:12]}"
+    assert manifest.embedding_dim == 1280 and manifest.metric == "cosine"
+    assert manifest.input.layout == "NHWC" and manifest.input.dtype == "uint8"
+    assert (manifest.input.height, manifest.input.width) == (224, 224)
+    assert len(manifest.labels) == 43 and "Apple" in manifest.labels
+    assert manifest.parity.passed and manifest.parity.images == 8
+    assert manifest.parity.max_abs_diff <= manifest.parity.tolerance == pytest.approx(1e-4)
+
+
+def test_onnx_matches_torch_on_other_real_photos(model_dir: Path, grocery_train: list) -> None:
+    """Rebuild the Torch model from the exported weights' source and compare on photos not used at export."""
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = read_manifest(model_dir)
+    graph = onnx.load(str(model_dir / manifest.onnx_file)).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    head_weight = next(w for name, w in weights.items() if name.endswith("head.weight"))
+    head_bias = next(w for name, w in weights.items() if name.endswith("head.bias"))
+    from torch import nn
+
+    from exporter.model import LookalikeNet
+
+    head = nn.Linear(head_weight.shape[1], head_weight.shape[0])
+    head.weight.data = torch.from_numpy(head_weight.copy())
+    head.bias.data = torch.from_numpy(head_bias.copy())
+    net = LookalikeNet(load_imagenet_model(), head).eval()
+    photos = random.Random(7).sample(grocery_train, 6)
+    parity = check_parity(net, model_dir / manifest.onnx_file, decode_files(photos, 224), tolerance=1e-4)
+    assert parity.passed and parity.max_abs_diff < 1e-4
+
+
+def test_dynamic_batch_axis_and_output_contract(model_dir: Path, grocery_val: list) -> None:
+    session = onnx_session(model_dir / "model.onnx")
+    pixels = decode_files(grocery_val[:5], 224)
+    for batch in (1, 5):
+        embedding, probabilities = session.run(None, {"images": pixels[:batch]})
+        assert embedding.shape == (batch, 1280) and probabilities.shape == (batch, 43)
+        np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_failed_parity_is_an_error(tmp_path: Path, grocery_val: list) -> None:
+    """A graph that differs from its Torch model is refused (here: Torch model changed after export)."""
+    from torch import nn
+
+    from exporter.export import ExportError
+    from exporter.model import LookalikeNet
+
+    net = LookalikeNet(load_imagenet_model(), nn.Linear(1280, 3)).eval()
+    path = export_onnx(net, tmp_path / "m.onnx", 224)
+    with torch.no_grad():
+        net.head.bias[0] += 5.0
+    with pytest.raises(ExportError, match="differs from Torch"):
+        check_parity(net, path, decode_files(grocery_val[:2], 224), tolerance=1e-4)
+
+
+@pytest.mark.slow
+def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_train: list,
+                                      grocery_val: list) -> None:
+    from exporter.quantize import quantize_model
+
+    int8 = quantize_model(model_dir, tmp_path / "int8", random.Random(1).sample(grocery_train, 32),
+                          random.Random(2).sample(grocery_val, 40))
+    parent = read_manifest(model_dir)
+    assert int8.precision == "int8" and int8.model_id.startswith("effnet-lite0-int8@")
+    assert int8.sha256 == sha256_of(tmp_path / "int8" / "model.onnx") != parent.sha256
+    drift = int8.quantization
+    assert drift.parent_model_id == parent.model_id
+    assert drift.calibration_images == 32 and drift.validation_images == 40
+    assert 0.0 < drift.mean_cosine <= 1.0 and 0.0 <= drift.top10_overlap <= 1.0
+    assert read_manifest(tmp_path / "int8") == int8

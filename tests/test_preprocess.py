@@ -1,0 +1,131 @@
+"""Preprocessing against Pillow's own reference output: EXIF rotation, colour modes, resize, limits."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedder.preprocess import ImageLimits, decode_image
+from lookalike.service import InvalidArgument, ResourceExhausted
+
+SIZE = (64, 48)
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 120, height: int = 80) -> Image.Image:
+    """An asymmetric RGB picture, so a wrong rotation or flip cannot go unnoticed."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    array = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                            np.full((height, width, 1), 40, np.float32)], axis=2)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def reference(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize(SIZE, Image.Resampling.BILINEAR))
+
+
+def test_png_resize_matches_pillow_bilinear() -> None:
+    image = gradient()
+    decoded = decode_image(encode(image, "PNG"), SIZE)
+    assert decoded.shape == (SIZE[1], SIZE[0], 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, reference(image))
+
+
+@pytest.mark.parametrize("orientation, transpose", [
+    (3, Image.Transpose.ROTATE_180),
+    (6, Image.Transpose.ROTATE_270),
+    (8, Image.Transpose.ROTATE_90),
+    (2, Image.Transpose.FLIP_LEFT_RIGHT),
+])
+def test_exif_orientation_is_applied(orientation: int, transpose: Image.Transpose) -> None:
+    image = gradient()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(encode(image, "PNG", exif=exif.tobytes()), SIZE)
+    np.testing.assert_array_equal(decoded, reference(image.transpose(transpose)))
+
+
+def test_jpeg_with_exif_rotation_is_upright() -> None:
+    image = gradient(160, 90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    decoded = decode_image(data, SIZE)
+    expected = reference(Image.open(io.BytesIO(data)).transpose(Image.Transpose.ROTATE_270))
+    assert np.abs(decoded.astype(int) - expected.astype(int)).mean() < 2.0
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1"])
+def test_colour_modes_become_rgb_like_pillow(mode: str) -> None:
+    image = gradient().convert(mode)
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    decoded = decode_image(encode(image, fmt), SIZE)
+    np.testing.assert_array_equal(decoded, reference(image))
+
+
+def test_sixteen_bit_greyscale_is_rescaled_not_clipped() -> None:
+    array = np.linspace(0, 65535, 120 * 80).reshape(80, 120).astype(np.uint16)
+    decoded = decode_image(encode(Image.fromarray(array), "PNG"), SIZE)
+    assert decoded.max() > 250 and decoded.min() < 5
+    assert abs(float(decoded.mean()) - 127.5) < 3, "clipping would push the mean towards 255"
+    np.testing.assert_array_equal(decoded[..., 0], decoded[..., 1])
+
+
+def test_transparency_is_composited_over_white() -> None:
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))
+    decoded = decode_image(encode(rgba, "PNG"), (40, 40))
+    assert tuple(decoded[20, 35]) == (255, 255, 255)
+    assert tuple(decoded[20, 5]) == (0, 0, 255)
+
+
+def test_webp_decodes() -> None:
+    image = gradient()
+    decoded = decode_image(encode(image, "WEBP", lossless=True), SIZE)
+    np.testing.assert_array_equal(decoded, reference(image))
+
+
+def test_empty_bytes_are_invalid() -> None:
+    with pytest.raises(InvalidArgument, match=r"photo is empty \(0 bytes\)"):
+        decode_image(b"", SIZE, name="photo")
+
+
+def test_text_is_not_an_image() -> None:
+    with pytest.raises(InvalidArgument, match="images\\[2\\] is not a readable image"):
+        decode_image(b"just some text, not a picture\n" * 10, SIZE, name="images[2]")
+
+
+def test_truncated_jpeg_is_invalid() -> None:
+    data = encode(gradient(400, 300), "JPEG", quality=90)
+    with pytest.raises(InvalidArgument, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2], SIZE)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR is rewritten to claim width x height (a decompression bomb header)."""
+    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = data[12:29]  # chunk type + 13 data bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_pixel_bomb_is_refused_before_decoding() -> None:
+    with pytest.raises(ResourceExhausted, match=r"20000x20000 = 400000000 pixels, limit is 40000000"):
+        decode_image(png_claiming(20000, 20000), SIZE)
+
+
+def test_byte_limit() -> None:
+    with pytest.raises(ResourceExhausted, match="has 2000 bytes, limit is 1000 bytes"):
+        decode_image(b"\xff" * 2000, SIZE, ImageLimits(max_bytes=1000))
