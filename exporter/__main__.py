@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("exporter").setLevel(logging.INFO)
     from exporter.export import ExportSettings, export_default_model
 
     train = per_category_sample(read_catalog(args.catalog), args.max_per_category, args.seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -24,9 +25,13 @@ from lookalike.v1 import manifest_pb2
 log = logging.getLogger(__name__)
 
 METHOD = "static-int8-qdq-per-channel"
-# Only convolutions are quantised: they are nearly all the compute, and keeping the head and the
-# normalisation in fp32 keeps probabilities and vector norms exact.
-QUANTIZED_OPS = ["Conv"]
+# Convolutions carry nearly all the compute; Clip (ReLU6) and Add are included so each activation is
+# quantised on its clipped range rather than the convolution's raw one (cosine to fp32 0.82 -> 0.92 on
+# grocery val). The head, pooling and normalisation stay fp32, so probabilities and norms stay exact.
+QUANTIZED_OPS = ["Conv", "Clip", "Add"]
+# The stem, the first block and the 1280-wide head convolution are the most sensitive and cheap:
+# keeping them fp32 raised cosine 0.974 -> 0.985 at the same speed.
+FP32_CONV_SCOPES = ("/_conv_stem/", "/_blocks.0/", "/_conv_head/")
 
 
 class _ImageBatches(CalibrationDataReader):
@@ -62,12 +67,20 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(Path(fp32_dir) / parent.onnx_file), str(prepared), skip_symbolic_shape=True)
+
+        kept_fp32 = [node.name for node in onnx.load(str(prepared)).graph.node
+                     if node.op_type == "Conv" and any(scope in node.name for scope in FP32_CONV_SCOPES)]
+        if len(kept_fp32) != 4:
+            log.warning("expected 4 sensitive convolutions to keep in fp32, found %s", kept_fp32)
         pixels = decode_files(calibration, size)
         log.info("calibrating int8 on %d images", len(pixels))
         quantize_static(str(prepared), str(Path(scratch) / ONNX_FILE), _ImageBatches(parent.input.name, pixels),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        nodes_to_exclude=kept_fp32, calibrate_method=CalibrationMethod.MinMax,
+                        # 7-bit weights: x86 u8s8 kernels without VNNI saturate 16-bit sums with
+                        # full-range weights (cosine 0.92 -> 0.974); u8u8 avoids it but ran 8x slower.
+                        reduce_range=True)
         shutil.move(str(Path(scratch) / ONNX_FILE), int8_path)
 
     fp32_embeddings, fp32_probabilities = embed_files(Path(fp32_dir) / parent.onnx_file, validation, size)

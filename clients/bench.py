@@ -1,0 +1,150 @@
+"""`lookalike bench`: embedder throughput and latency through gRPC against in-process ONNX Runtime.
+
+Every figure is measured in the same run on the same model and the same real photos:
+- baseline: a plain in-process ONNX Runtime loop over pre-decoded batches of 32 (the model's ceiling),
+  and a naive in-process loop that decodes and runs one image at a time;
+- the embedder as a separate process, called over gRPC by 1 and by 8 concurrent clients, with its
+  micro-batching on and, for comparison, off.
+Ratios are against the in-process batch-32 loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clients.catalog import read_catalog
+from clients.demo import ensure_model
+from clients.embedder_client import EmbedderClient
+from clients.processes import running_service
+
+
+@dataclass
+class Measurement:
+    precision: str
+    scenario: str
+    clients: int
+    images_per_call: int
+    images_per_second: float
+    p50_ms: float
+    p99_ms: float
+    ratio_to_in_process: float = 0.0
+
+
+def _measure(call: Callable[[], int], seconds: float, clients: int) -> tuple[float, list[float]]:
+    """Runs `call` (which returns the number of images it handled) from `clients` threads for `seconds`."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    counts = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def worker(index: int) -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            counts[index] += call()
+            latencies[index].append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    return sum(counts) / elapsed, [value for values in latencies for value in values]
+
+
+def _row(precision: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
+    rate, latencies = result
+    return Measurement(precision, scenario, clients, per_call, round(rate, 1),
+                       round(float(np.percentile(latencies, 50)) * 1000, 2),
+                       round(float(np.percentile(latencies, 99)) * 1000, 2))
+
+
+def _default_images(workdir: Path) -> Path:
+    grocery = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "grocery" / "val.txt"
+    if grocery.is_file():
+        return grocery
+    from clients.fashion_mnist import materialize
+
+    return materialize(workdir / "fashion-mnist", "test", 30)
+
+
+def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: float) -> list[Measurement]:
+    from embedder.config import EmbedderConfig
+    from embedder.model import OnnxModel
+    from embedder.preprocess import decode_image
+
+    model = OnnxModel(EmbedderConfig(model_dir=model_dir))
+    size = model.input_size
+    batch = np.stack([decode_image(photo, size) for photo in photos[:32]])
+    model.warm_up((1, 32))
+    rows = [_row(precision, "in-process ONNX Runtime, pre-decoded batches", 1, 32,
+                 _measure(lambda: len(model.run(batch)[0]), seconds, 1))]
+    cycle = iter(range(1 << 62))
+
+    def naive() -> int:
+        model.run(decode_image(photos[next(cycle) % len(photos)], size)[None])
+        return 1
+
+    rows.append(_row(precision, "in-process decode + ONNX Runtime, one image at a time", 1, 1,
+                     _measure(naive, seconds, 1)))
+    del model
+    servers = [("gRPC embedder, micro-batching", {}, [(1, 1), (8, 1), (8, 8)]),
+               ("gRPC embedder, batching off (max_batch 1)", {"LOOKALIKE_EMBEDDER_MAX_BATCH": "1"}, [(8, 1)])]
+    for scenario, env, loads in servers:
+        with running_service("embedder", ["--model", str(model_dir)], env=env) as (_, port):
+            for clients, per_call in loads:
+                with EmbedderClient(f"127.0.0.1:{port}") as client:
+                    client.embed(photos[:per_call])
+                    counter = iter(range(1 << 62))
+
+                    def remote() -> int:
+                        start = next(counter) * per_call % (len(photos) - per_call)
+                        return len(client.embed(photos[start:start + per_call], top_categories=5))
+
+                    rows.append(_row(precision, scenario, clients, per_call, _measure(remote, seconds, clients)))
+    ceiling = rows[0].images_per_second
+    for row in rows:
+        row.ratio_to_in_process = round(row.images_per_second / ceiling, 3)
+    return rows
+
+
+def ensure_int8(model_dir: Path, catalog: Path) -> Path:
+    from clients.demo import stratified
+    from exporter.quantize import quantize_model
+
+    int8_dir = model_dir.with_name(model_dir.name + "-int8")
+    if not (int8_dir / "manifest.json").is_file():
+        images = read_catalog(catalog)
+        quantize_model(model_dir, int8_dir, stratified(images, 128, seed=1), stratified(images, 200, seed=2))
+    return int8_dir
+
+
+def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | None = None,
+                       as_json: bool = False) -> int:
+    from clients.fashion_mnist import materialize
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    catalog = materialize(workdir / "fashion-mnist", "train", 200)
+    model_dir = ensure_model(workdir, catalog, 200)
+    int8_dir = ensure_int8(model_dir, catalog)
+    source = images_dir or _default_images(workdir)
+    photos = [image.read_bytes() for image in read_catalog(source)[:256]]
+    rows = bench_model(model_dir, "fp32", photos, seconds) + bench_model(int8_dir, "int8", photos, seconds)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    if as_json:
+        print(json.dumps({"machine": machine, "images": str(source), "rows": [asdict(r) for r in rows]}, indent=2))
+        return 0
+    print(f"embedder benchmark on {machine}; {len(photos)} real photos from {source}; {seconds:.0f} s per row")
+    print(f"{'precision':<9} {'scenario':<54} {'clients':>7} {'img/call':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
+    for r in rows:
+        print(f"{r.precision:<9} {r.scenario:<54} {r.clients:>7} {r.images_per_call:>8} {r.images_per_second:>8} "
+              f"{r.p50_ms:>8} {r.p99_ms:>8} {r.ratio_to_in_process:>6}")
+    return 0

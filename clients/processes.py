@@ -1,0 +1,50 @@
+"""Starting the services as child processes on free local ports (demo, benchmarks, CLI tests)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+_LISTENING = re.compile(r"listening on port (\d+)")
+
+
+@contextmanager
+def running_service(module: str, args: Sequence[str], startup_timeout: float = 180.0,
+                    env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Runs `python -m module args --address 127.0.0.1:0`, yields (process, port), terminates it after.
+
+    The port is read from the server's "listening on port N" line, printed once it is ready.
+    """
+    command = [sys.executable, "-m", module, *args, "--address", "127.0.0.1:0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    port: list[int] = []
+    ready = threading.Event()
+    log_lines: list[str] = []
+
+    def read_output() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log_lines.append(line)
+            match = _LISTENING.search(line)
+            if match and not port:
+                port.append(int(match.group(1)))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read_output, daemon=True).start()
+    try:
+        if not ready.wait(startup_timeout) or not port:
+            raise RuntimeError(f"{module} did not start within {startup_timeout:.0f}s:\n{''.join(log_lines[-30:])}")
+        yield process, port[0]
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

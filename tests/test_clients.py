@@ -1,0 +1,90 @@
+"""The embedder client and the `lookalike` CLI against a real embedder."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.connection import ChannelSettings, DeadlineExceededError, UnavailableError
+from clients.embedder_client import EmbedderClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_client_embeds_paths_and_bytes_and_reports_bad_images(embedder, grocery_val: list) -> None:
+    started, _ = embedder
+    with EmbedderClient(f"127.0.0.1:{started.port}") as client:
+        paths = [image.path for image in grocery_val[:10]]
+        results = client.embed([*paths, b"not an image"], top_categories=2)
+    assert len(results) == 11, "10 images over the server's limit of 8 per request are split, not refused"
+    assert all(r.ok and r.vector.shape == (1280,) and len(r.categories) == 2 for r in results[:10])
+    assert results[0].top_category in {c for c, _ in results[0].categories}
+    assert not results[10].ok and results[10].error_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[2] is not a readable image" in results[10].error  # index within its request
+    again = EmbedderClient(f"127.0.0.1:{started.port}").embed([paths[0]])[0]
+    np.testing.assert_array_equal(again.vector, results[0].vector)
+
+
+def test_deadline_surfaces_as_timeout_error(embedder, grocery_val: list) -> None:
+    started, _ = embedder
+    with EmbedderClient(f"127.0.0.1:{started.port}") as client:
+        client.model_info()
+        with pytest.raises(DeadlineExceededError) as error:
+            client.embed([image.path for image in grocery_val[:8]], timeout=0.001)
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and isinstance(error.value, TimeoutError)
+
+
+def test_unreachable_server_is_unavailable_after_retries() -> None:
+    settings = ChannelSettings(f"127.0.0.1:{free_port()}", timeout=2, retries=2, backoff_initial=0.01)
+    with EmbedderClient(settings) as client, pytest.raises(UnavailableError, match="Embedder.GetModelInfo"):
+        client.model_info()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_help_lists_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("export", "serve", "embed", "demo", "bench"):
+        assert command in result.stdout
+    export_help = run_cli("export", "--help")
+    assert export_help.returncode == 0 and "--catalog" in export_help.stdout and "--int8" in export_help.stdout
+
+
+def test_cli_embed_prints_categories_and_exit_codes(embedder, grocery_val: list, tmp_path: Path) -> None:
+    started, _ = embedder
+    target = f"127.0.0.1:{started.port}"
+    good = run_cli("embed", "--embedder", target, "--json", str(grocery_val[0].path))
+    assert good.returncode == 0, good.stderr
+    line = json.loads(good.stdout)
+    assert line["ok"] and len(line["categories"]) == 3
+    bad_file = tmp_path / "notes.jpg"
+    bad_file.write_text("not a picture")
+    bad = run_cli("embed", "--embedder", target, str(grocery_val[0].path), str(bad_file))
+    assert bad.returncode == 1
+    assert "ERROR INVALID_ARGUMENT" in bad.stdout and "is not a readable image" in bad.stdout
+    missing = run_cli("embed", "--embedder", target, str(tmp_path / "absent.jpg"))
+    assert missing.returncode == 2 and "absent.jpg" in missing.stderr
+
+
+def test_cli_serve_embedder_starts_and_answers(model_dir: Path, grocery_val: list) -> None:
+    from clients.processes import running_service
+
+    with running_service("clients.cli", ["serve", "embedder", "--model", str(model_dir)]) as (_, port):
+        result = run_cli("embed", "--embedder", f"127.0.0.1:{port}", str(grocery_val[1].path))
+    assert result.returncode == 0 and "1280-d" in result.stdout
