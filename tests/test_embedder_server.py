@@ -195,3 +195,30 @@ def test_model_changed_after_export_is_refused(model_dir: Path, tmp_path: Path) 
         handle.write(b"\0")
     with pytest.raises(ModelError, match="sha256 .* manifest says"):
         OnnxModel(EmbedderConfig(model_dir=copy))
+
+
+def test_reflection_lists_the_services(embedder) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    _, channel = embedder
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"lookalike.v1.Embedder", "grpc.health.v1.Health"} <= services
+
+
+@pytest.mark.gpu
+def test_cuda_provider_matches_cpu(model_dir: Path, image_bytes: list[bytes]) -> None:
+    """On a GPU machine with onnxruntime-gpu: CUDA is active, health SERVING, vectors match the CPU's."""
+    import onnxruntime as ort
+
+    from embedder.config import EmbedderConfig
+    from embedder.model import OnnxModel
+    from embedder.preprocess import decode_image
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider (CPU-only onnxruntime or no GPU)")
+    gpu = OnnxModel(EmbedderConfig(model_dir=model_dir, providers=("cuda", "cpu")))
+    cpu = OnnxModel(EmbedderConfig(model_dir=model_dir))
+    assert gpu.providers[0] == "CUDAExecutionProvider" and not gpu.missing_gpu_providers
+    pixels = np.stack([decode_image(data, gpu.input_size) for data in image_bytes])
+    for a, b in zip(gpu.run(pixels), cpu.run(pixels)):
+        np.testing.assert_allclose(a, b, atol=1e-3)
