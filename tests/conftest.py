@@ -68,3 +68,28 @@ def embedder(model_dir: Path) -> Iterator[tuple[object, grpc.Channel]]:
     yield started, channel
     channel.close()
     started.stop(None)
+
+
+@pytest.fixture(scope="session")
+def grocery_embeddings(model_dir: Path, grocery_train: list, grocery_val: list) -> dict:
+    """Real embeddings by the exported model: every grocery train photo (catalogue) and 60 val photos (queries)."""
+    from exporter.export import embed_files
+    from lookalike.codec import read_manifest
+
+    manifest = read_manifest(model_dir)
+    queries = random.Random(3).sample(grocery_val, 60)
+    catalogue_vectors, _ = embed_files(model_dir / "model.onnx", grocery_train, 224)
+    query_vectors, query_probabilities = embed_files(model_dir / "model.onnx", queries, 224)
+    return {"model_id": manifest.model_id, "labels": list(manifest.labels), "catalogue": grocery_train,
+            "catalogue_vectors": catalogue_vectors, "queries": queries, "query_vectors": query_vectors,
+            "query_probabilities": query_probabilities}
+
+
+def start_searcher(data_dir: Path, **overrides: object) -> tuple[object, grpc.Channel]:
+    """A real searcher server on port 0 over `data_dir`, and a channel to it."""
+    from searcher.config import SearcherConfig
+    from searcher.server import create_server
+
+    config = SearcherConfig(data_dir=data_dir, address="127.0.0.1:0", **overrides)
+    started, port = create_server(config)
+    return started, grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])

@@ -1,0 +1,1 @@
+"""The searcher service: durable, category-sharded HNSW indexes routed on classifier confidence."""

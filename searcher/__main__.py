@@ -1,0 +1,23 @@
+"""`python -m searcher --data DIR`: serve the Lookalike Searcher over gRPC until SIGTERM (then snapshot)."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from lookalike.service import serve_until_signalled
+from searcher.config import SearcherConfig
+from searcher.server import create_server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = SearcherConfig.from_args(argv)
+    started, port = create_server(config)
+    print(f"searcher listening on port {port}", flush=True)
+    serve_until_signalled(started.server, started.health, config.grace_seconds, on_stop=started.catalogue.close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The searcher's settings: one frozen dataclass, from command-line flags with LOOKALIKE_SEARCHER_* env fallbacks."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+ENV_PREFIX = "LOOKALIKE_SEARCHER_"
+
+
+@dataclass(frozen=True)
+class SearcherConfig:
+    """Everything the searcher needs; defaults suit catalogues up to a few million items per pod."""
+
+    data_dir: Path
+    address: str = "[::]:50052"
+    # HNSW graph degree and build breadth (hnswlib's M and ef_construction).
+    m: int = 16
+    ef_construction: int = 200
+    # Search breadth when a request does not set one; hnswlib never searches with less than k.
+    ef: int = 64
+    # Capacity of a new shard; it doubles when full.
+    initial_capacity: int = 1024
+    max_k: int = 1000
+    max_batch: int = 1000
+    max_dimension: int = 4096
+    # Probability routing defaults: probe until this much probability is covered, at most max_shards.
+    routing_threshold: float = 0.9
+    routing_max_shards: int = 4
+    # Seconds between background snapshots of changed shards (0: only at shutdown).
+    snapshot_interval: float = 60.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    grpc_workers: int = 16
+    grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
+                     "routing_max_shards", "max_message_bytes", "grpc_workers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.routing_threshold <= 1:
+            raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "SearcherConfig":
+        """Flags override LOOKALIKE_SEARCHER_<FLAG> environment variables, which override defaults."""
+        parser = argparse.ArgumentParser(prog="python -m searcher", description="Serve the Lookalike Searcher over gRPC.")
+        data_env = os.environ.get(ENV_PREFIX + "DATA")
+        parser.add_argument("--data", dest="data_dir", type=Path, default=data_env, required=data_env is None,
+                            help="data folder: the SQLite database and the index snapshots")
+        defaults = cls(data_dir=Path("."))
+        for field in fields(cls):
+            if field.name == "data_dir":
+                continue
+            default = getattr(defaults, field.name)
+            kind = type(default)
+            env_value = os.environ.get(ENV_PREFIX + field.name.upper())
+            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
+                                default=kind(env_value) if env_value is not None else default,
+                                help=f"(default {default}; env {ENV_PREFIX}{field.name.upper()})")
+        return cls(**vars(parser.parse_args(argv)))

@@ -1,0 +1,147 @@
+"""The Searcher gRPC servicer: validates at the edge, converts, and delegates to the Catalogue."""
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+
+from lookalike.codec import VectorError, unpack_vector
+from lookalike.service import InvalidArgument, ServiceError, Unavailable, rpc_method
+from lookalike.v1 import common_pb2, searcher_pb2, searcher_pb2_grpc
+from searcher.catalogue import Catalogue, SearchQuery
+from searcher.config import SearcherConfig
+from searcher.store import ItemWrite
+
+MAX_KEY_BYTES = 256
+
+
+def unit_vector(vector: common_pb2.Vector, field: str, max_dimension: int) -> np.ndarray:
+    """A Vector message as a unit-length float32 array, or InvalidArgument naming the field."""
+    try:
+        values = unpack_vector(vector, field)
+    except VectorError as error:
+        raise InvalidArgument(str(error)) from error
+    if values.shape[0] > max_dimension:
+        raise InvalidArgument(f"{field} has {values.shape[0]} values, limit is {max_dimension}")
+    if not np.isfinite(values).all():
+        raise InvalidArgument(f"{field} contains NaN or infinite values, expected finite float32 values")
+    norm = float(np.linalg.norm(values))
+    if norm == 0.0:
+        raise InvalidArgument(f"{field} is all zeros, expected a non-zero embedding")
+    return (values / norm).astype(np.float32)
+
+
+def _key(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is empty, expected a non-empty string")
+    if len(value.encode()) > MAX_KEY_BYTES:
+        raise InvalidArgument(f"{field} is {len(value.encode())} bytes, limit is {MAX_KEY_BYTES}")
+    return value
+
+
+class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
+    """Registered before the catalogue loads (so health answers during loading); RPCs wait for `attach`."""
+
+    def __init__(self, config: SearcherConfig) -> None:
+        self._config = config
+        self._catalogue: Catalogue | None = None
+
+    def attach(self, catalogue: Catalogue) -> None:
+        self._catalogue = catalogue
+
+    @property
+    def catalogue(self) -> Catalogue:
+        if self._catalogue is None:
+            raise Unavailable("the searcher is still loading its shards; retry shortly")
+        return self._catalogue
+
+    def _check_batch(self, count: int, field: str) -> None:
+        if count == 0:
+            raise InvalidArgument(f"{field} is empty, expected at least one")
+        if count > self._config.max_batch:
+            raise InvalidArgument(f"{field} has {count} entries, limit is {self._config.max_batch} per request")
+
+    @rpc_method
+    def Upsert(self, request: searcher_pb2.UpsertRequest, context: grpc.ServicerContext) -> searcher_pb2.UpsertResponse:
+        catalogue = self.catalogue
+        self._check_batch(len(request.items), "items")
+        statuses: list[common_pb2.ItemStatus | None] = []
+        valid, positions = [], []
+        for position, item in enumerate(request.items):
+            field = f"items[{position}]"
+            try:
+                valid.append(ItemWrite(id=_key(item.id, f"{field}.id"), category=_key(item.category, f"{field}.category"),
+                                       vector=unit_vector(item.vector, f"{field}.vector", self._config.max_dimension),
+                                       attributes=dict(item.attributes), model_id=_key(item.model_id, f"{field}.model_id")))
+                positions.append(position)
+                statuses.append(None)
+            except ServiceError as error:
+                statuses.append(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
+        outcomes, seq = catalogue.upsert(valid) if valid else ([], catalogue.store.seq)
+        for position, outcome in zip(positions, outcomes):
+            error = outcome.error
+            statuses[position] = (common_pb2.ItemStatus(code=error.code.value[0], message=str(error))
+                                  if isinstance(error, ServiceError) else common_pb2.ItemStatus(code=0))
+        return searcher_pb2.UpsertResponse(statuses=statuses, sequence=seq)
+
+    @rpc_method
+    def Delete(self, request: searcher_pb2.DeleteRequest, context: grpc.ServicerContext) -> searcher_pb2.DeleteResponse:
+        catalogue = self.catalogue
+        self._check_batch(len(request.ids), "ids")
+        ids = [_key(item_id, f"ids[{position}]") for position, item_id in enumerate(request.ids)]
+        deleted, missing, seq = catalogue.delete(ids)
+        return searcher_pb2.DeleteResponse(deleted=deleted, missing=missing, sequence=seq)
+
+    @rpc_method
+    def Search(self, request: searcher_pb2.SearchRequest, context: grpc.ServicerContext) -> searcher_pb2.SearchResponse:
+        catalogue = self.catalogue
+        outcome = catalogue.search(self._query(request))
+        response = searcher_pb2.SearchResponse(unknown_categories=outcome.unknown_categories)
+        for hit in outcome.hits:
+            response.hits.add(id=hit.id, score=hit.score, similarity=hit.similarity, category=hit.category,
+                              attributes=hit.attributes)
+        for probe in outcome.probes:
+            response.probes.add(category=probe.category, probability=probe.probability, k=probe.k, ef=probe.ef,
+                                items=probe.items, seconds=probe.seconds)
+        return response
+
+    def _query(self, request: searcher_pb2.SearchRequest) -> SearchQuery:
+        if not 1 <= request.k <= self._config.max_k:
+            raise InvalidArgument(f"k is {request.k}, expected 1 to {self._config.max_k}")
+        if request.ef > 10 * self._config.max_k:
+            raise InvalidArgument(f"ef is {request.ef}, expected at most {10 * self._config.max_k}")
+        vector = unit_vector(request.vector, "vector", self._config.max_dimension)
+        model_id = _key(request.model_id, "model_id")
+        common = dict(vector=vector, model_id=model_id, k=request.k, ef=request.ef)
+        mode = request.routing.WhichOneof("mode") if request.HasField("routing") else None
+        if mode == "explicit":
+            categories = list(request.routing.explicit.categories)
+            if not categories:
+                raise InvalidArgument("routing.explicit.categories is empty, expected at least one category")
+            return SearchQuery(**common, mode="explicit", categories=categories)
+        if mode == "probabilities":
+            routing = request.routing.probabilities
+            if not routing.categories:
+                raise InvalidArgument("routing.probabilities.categories is empty, expected the embedder's "
+                                      "category probabilities")
+            for position, entry in enumerate(routing.categories):
+                if not (math.isfinite(entry.probability) and 0.0 <= entry.probability <= 1.0):
+                    raise InvalidArgument(f"routing.probabilities.categories[{position}].probability is "
+                                          f"{entry.probability}, expected a value in [0, 1]")
+            if not (math.isfinite(routing.threshold) and 0.0 <= routing.threshold <= 1.0):
+                raise InvalidArgument(f"routing.probabilities.threshold is {routing.threshold}, expected a value in "
+                                      "(0, 1], or 0 for the server default")
+            if not (math.isfinite(routing.prior_weight) and routing.prior_weight >= 0):
+                raise InvalidArgument(f"routing.probabilities.prior_weight is {routing.prior_weight}, expected >= 0")
+            return SearchQuery(**common, mode="probabilities",
+                               probabilities=[(c.category, c.probability) for c in routing.categories],
+                               threshold=routing.threshold, max_shards=routing.max_shards,
+                               prior_weight=routing.prior_weight)
+        return SearchQuery(**common, mode="all")
+
+    @rpc_method
+    def GetStats(self, request: searcher_pb2.GetStatsRequest, context: grpc.ServicerContext) -> searcher_pb2.GetStatsResponse:
+        rows, items, seq = self.catalogue.stats()
+        return searcher_pb2.GetStatsResponse(shards=[searcher_pb2.ShardStats(**row) for row in rows], items=items,
+                                             sequence=seq)

@@ -1,0 +1,307 @@
+"""The searcher over real gRPC channels with real hnswlib indexes, real SQLite files and real embeddings."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lookalike.codec import pack_vector
+from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
+from tests.conftest import start_searcher
+
+K = 10
+
+
+def stub(channel: grpc.Channel) -> searcher_pb2_grpc.SearcherStub:
+    return searcher_pb2_grpc.SearcherStub(channel)
+
+
+def items_of(data: dict, indices: range | list[int] | None = None) -> list[pb.Item]:
+    indices = range(len(data["catalogue"])) if indices is None else indices
+    return [pb.Item(id=data["catalogue"][i].item_id, category=data["catalogue"][i].category,
+                    vector=pack_vector(data["catalogue_vectors"][i]), model_id=data["model_id"],
+                    attributes={"label": data["catalogue"][i].label}) for i in indices]
+
+
+def upsert(channel: grpc.Channel, items: list[pb.Item]) -> pb.UpsertResponse:
+    response = None
+    for start in range(0, len(items), 500):
+        response = stub(channel).Upsert(pb.UpsertRequest(items=items[start:start + 500]), timeout=60)
+        assert all(s.code == 0 for s in response.statuses), [s.message for s in response.statuses if s.code][:3]
+    return response
+
+
+def search(channel: grpc.Channel, vector: np.ndarray, model_id: str, k: int = K,
+           routing: pb.Routing | None = None, ef: int = 0) -> pb.SearchResponse:
+    return stub(channel).Search(pb.SearchRequest(vector=pack_vector(vector), model_id=model_id, k=k, ef=ef,
+                                                 routing=routing), timeout=30)
+
+
+def explicit(*categories: str) -> pb.Routing:
+    return pb.Routing(explicit=pb.ExplicitRouting(categories=categories))
+
+
+def by_probability(data: dict, row: int, threshold: float = 0.9, max_shards: int = 4) -> pb.Routing:
+    pairs = [common_pb2.CategoryProbability(category=label, probability=float(p))
+             for label, p in zip(data["labels"], data["query_probabilities"][row])]
+    return pb.Routing(probabilities=pb.ProbabilityRouting(categories=pairs, threshold=threshold, max_shards=max_shards))
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory, grocery_embeddings: dict) -> Iterator[tuple[object, grpc.Channel]]:
+    """A searcher holding every grocery train photo, one shard per coarse class."""
+    started, channel = start_searcher(tmp_path_factory.mktemp("searcher"), snapshot_interval=0)
+    upsert(channel, items_of(grocery_embeddings))
+    yield started, channel
+    channel.close()
+    started.stop(None)
+
+
+def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(vectors @ query), kind="stable")[:k]
+
+
+def recall(found: list[str], expected: list[str]) -> float:
+    return len(set(found) & set(expected)) / len(expected)
+
+
+def test_global_and_per_shard_recall_against_brute_force(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    data = grocery_embeddings
+    ids = np.array([image.item_id for image in data["catalogue"]])
+    categories = np.array([image.category for image in data["catalogue"]])
+    global_recalls, shard_recalls = [], []
+    for query in data["query_vectors"]:
+        hits = search(channel, query, data["model_id"]).hits
+        global_recalls.append(recall([h.id for h in hits], list(ids[exact_top_k(data["catalogue_vectors"], query, K)])))
+        category = categories[exact_top_k(data["catalogue_vectors"], query, 1)[0]]
+        members = np.flatnonzero(categories == category)
+        expected = list(ids[members[exact_top_k(data["catalogue_vectors"][members], query, min(K, len(members)))]])
+        shard_hits = search(channel, query, data["model_id"], routing=explicit(category)).hits
+        shard_recalls.append(recall([h.id for h in shard_hits], expected))
+    assert np.mean(global_recalls) >= 0.95, np.mean(global_recalls)
+    assert np.mean(shard_recalls) >= 0.95, np.mean(shard_recalls)
+
+
+def test_hits_are_sorted_unique_and_carry_attributes(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    response = search(channel, grocery_embeddings["query_vectors"][0], grocery_embeddings["model_id"], k=25)
+    scores = [h.score for h in response.hits]
+    assert len(response.hits) == 25 and scores == sorted(scores, reverse=True)
+    assert len({h.id for h in response.hits}) == 25
+    assert all(h.attributes["label"] and h.similarity == pytest.approx(h.score) for h in response.hits)
+    assert len(response.probes) == len(set(i.category for i in grocery_embeddings["catalogue"]))
+
+
+def test_explicit_routing_never_returns_another_category(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    query = grocery_embeddings["query_vectors"][1]
+    response = search(channel, query, grocery_embeddings["model_id"], k=30, routing=explicit("Milk", "Juice", "Nope"))
+    assert response.hits and {h.category for h in response.hits} <= {"Milk", "Juice"}
+    assert [p.category for p in response.probes] == ["Milk", "Juice"]
+    assert list(response.unknown_categories) == ["Nope"]
+    unknown_only = search(channel, query, grocery_embeddings["model_id"], routing=explicit("Nope"))
+    assert not unknown_only.hits and list(unknown_only.unknown_categories) == ["Nope"]
+
+
+def test_probability_routing_probes_what_the_rule_says(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    data = grocery_embeddings
+    for row in range(10):
+        probabilities = data["query_probabilities"][row]
+        order = np.argsort(-probabilities, kind="stable")
+        expected, covered = [], 0.0
+        for index in order:
+            if covered >= 0.9 or len(expected) == 3:
+                break
+            covered += probabilities[index]
+            expected.append(data["labels"][index])
+        response = search(channel, data["query_vectors"][row], data["model_id"],
+                          routing=by_probability(data, row, threshold=0.9, max_shards=3))
+        assert [p.category for p in response.probes] == expected
+        assert {h.category for h in response.hits} <= set(expected)
+        assert response.probes[0].ef == 64
+
+
+def test_prior_weight_ranks_the_likely_category_first(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    data = grocery_embeddings
+    routing = by_probability(data, 2, threshold=1.0, max_shards=3)
+    routing.probabilities.prior_weight = 10.0
+    response = search(channel, data["query_vectors"][2], data["model_id"], routing=routing)
+    top = response.probes[0].category
+    assert response.hits[0].category == top
+    probability = {p.category: p.probability for p in response.probes}
+    for hit in response.hits:
+        assert hit.score == pytest.approx(hit.similarity + 10.0 * np.log(probability[hit.category]), abs=1e-4)
+
+
+def test_search_with_another_model_is_refused(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    with pytest.raises(grpc.RpcError) as error:
+        search(channel, grocery_embeddings["query_vectors"][0], "other-model@123")
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "other-model@123" in error.value.details() and grocery_embeddings["model_id"] in error.value.details()
+    with pytest.raises(grpc.RpcError) as wrong_dim:
+        search(channel, grocery_embeddings["query_vectors"][0][:256], grocery_embeddings["model_id"])
+    assert wrong_dim.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "256-d" in wrong_dim.value.details() and "1280-d" in wrong_dim.value.details()
+
+
+def test_results_survive_snapshot_and_restart(tmp_path: Path, grocery_embeddings: dict) -> None:
+    data = grocery_embeddings
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    upsert(channel, items_of(data, range(0, 2640, 3)))
+    before = [[(h.id, round(h.score, 5)) for h in search(channel, q, data["model_id"]).hits]
+              for q in data["query_vectors"][:20]]
+    assert started.catalogue.snapshot() > 0
+    started.stop(None)
+    # Restart from the snapshots alone.
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    after = [[(h.id, round(h.score, 5)) for h in search(channel, q, data["model_id"]).hits]
+             for q in data["query_vectors"][:20]]
+    assert after == before
+    stats = stub(channel).GetStats(pb.GetStatsRequest(), timeout=5)
+    assert stats.items == len(range(0, 2640, 3))
+    assert all(s.snapshot_sequence > 0 and s.snapshot_age_seconds >= 0 for s in stats.shards)
+    started.stop(None)
+
+
+def test_replace_move_delete_and_slot_reuse(tmp_path: Path) -> None:
+    started, channel = start_searcher(tmp_path, initial_capacity=8, snapshot_interval=0)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 16)).astype(np.float32)
+    make = lambda i, category, v: pb.Item(id=f"sku{i}", category=category, vector=pack_vector(v), model_id="m")  # noqa: E731
+    upsert(channel, [make(i, "a", vectors[i]) for i in range(20)])
+    stats = {s.category: s for s in stub(channel).GetStats(pb.GetStatsRequest()).shards}
+    assert stats["a"].items == 20 and stats["a"].capacity >= 20, "the shard grew past its initial capacity"
+    # Replace sku0's vector; move sku1 to another category.
+    upsert(channel, [make(0, "a", vectors[25]), make(1, "b", vectors[1])])
+    hit = search(channel, vectors[25], "m", k=1, routing=explicit("a")).hits[0]
+    assert hit.id == "sku0" and hit.similarity == pytest.approx(1.0, abs=1e-5)
+    assert "sku1" not in {h.id for h in search(channel, vectors[1], "m", k=30, routing=explicit("a")).hits}
+    assert search(channel, vectors[1], "m", k=1, routing=explicit("b")).hits[0].id == "sku1"
+    deleted = stub(channel).Delete(pb.DeleteRequest(ids=["sku2", "sku3", "ghost"]))
+    assert deleted.deleted == 2 and list(deleted.missing) == ["ghost"]
+    remaining = {h.id for h in search(channel, vectors[2], "m", k=100, routing=explicit("a")).hits}
+    assert remaining.isdisjoint({"sku1", "sku2", "sku3"}) and len(remaining) == 17
+    stats = {s.category: s for s in stub(channel).GetStats(pb.GetStatsRequest()).shards}
+    assert (stats["a"].items, stats["a"].deleted) == (17, 3)
+    upsert(channel, [make(i, "a", vectors[i]) for i in range(20, 23)])
+    stats = {s.category: s for s in stub(channel).GetStats(pb.GetStatsRequest()).shards}
+    assert (stats["a"].items, stats["a"].deleted) == (20, 0), "deleted slots are reused"
+    started.stop(None)
+
+
+def test_health_reports_serving_with_per_shard_names(tmp_path: Path) -> None:
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    upsert(channel, [pb.Item(id="x", category="shoes", vector=pack_vector(np.ones(4, np.float32)), model_id="m")])
+    started.stop(None)
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "lookalike.v1.Searcher", "lookalike.v1.Searcher/shoes"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+    started.stop(None)
+
+
+class TestBadInput:
+    """Each bad request gets a clear status naming the field; the server keeps serving; data stays intact."""
+
+    @pytest.fixture()
+    def server(self, tmp_path: Path) -> Iterator[grpc.Channel]:
+        started, channel = start_searcher(tmp_path, max_k=50, max_batch=10, max_message_bytes=1 << 20,
+                                          snapshot_interval=0)
+        rng = np.random.default_rng(1)
+        self.vectors = rng.normal(size=(5, 8)).astype(np.float32)
+        upsert(channel, [pb.Item(id=f"k{i}", category="c", vector=pack_vector(v), model_id="m")
+                         for i, v in enumerate(self.vectors)])
+        self.before = self.state(channel)
+        yield channel
+        after = self.state(channel)
+        assert after == self.before, "a refused request changed stored data"
+        started.stop(None)
+
+    @staticmethod
+    def state(channel: grpc.Channel) -> tuple:
+        stats = stub(channel).GetStats(pb.GetStatsRequest())
+        hits = search(channel, np.ones(8, np.float32), "m", k=50).hits
+        return stats.items, stats.sequence, tuple((h.id, round(h.score, 6)) for h in hits)
+
+    def refused(self, call, *args) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as error:
+            call(*args)
+        return error.value
+
+    def item(self, **fields) -> pb.Item:
+        values = dict(id="new", category="c", vector=pack_vector(np.ones(8, np.float32)), model_id="m")
+        values.update(fields)
+        return pb.Item(**values)
+
+    def upsert_status(self, channel: grpc.Channel, item: pb.Item) -> common_pb2.ItemStatus:
+        return stub(channel).Upsert(pb.UpsertRequest(items=[item])).statuses[0]
+
+    def test_wrong_dimension(self, server: grpc.Channel) -> None:
+        status = self.upsert_status(server, self.item(vector=pack_vector(np.ones(12, np.float32))))
+        assert status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "items[0] is a 12-d vector" in status.message and "holds 8-d vectors" in status.message
+        torn = common_pb2.Vector(values=np.ones(8, np.float32).tobytes(), dimension=7)
+        status = self.upsert_status(server, self.item(vector=torn))
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "items[0].vector.values holds 8 float32 values but items[0].vector.dimension says 7" in status.message
+
+    def test_other_model(self, server: grpc.Channel) -> None:
+        status = self.upsert_status(server, self.item(model_id="m2"))
+        assert status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "'m2'" in status.message
+
+    @pytest.mark.parametrize("value", [np.nan, np.inf])
+    def test_nan_or_infinite(self, server: grpc.Channel, value: float) -> None:
+        vector = np.ones(8, np.float32)
+        vector[3] = value
+        status = self.upsert_status(server, self.item(vector=pack_vector(vector)))
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "NaN or infinite" in status.message
+        error = self.refused(search, server, vector, "m")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "vector contains NaN" in error.details()
+
+    def test_empty_id_and_zero_vector_fail_alone(self, server: grpc.Channel) -> None:
+        response = stub(server).Upsert(pb.UpsertRequest(items=[
+            self.item(id=""), self.item(vector=pack_vector(np.zeros(8, np.float32))), self.item(id="k0")]))
+        assert [s.code for s in response.statuses] == [3, 3, 0]
+        assert "items[0].id is empty" in response.statuses[0].message
+        assert "items[1].vector is all zeros" in response.statuses[1].message
+        # The valid item was stored (it replaced k0 with the same vector as "new" would have).
+        self.before = self.state(server)
+
+    def test_k_zero_and_above_limit(self, server: grpc.Channel) -> None:
+        for k in (0, 51):
+            error = self.refused(search, server, np.ones(8, np.float32), "m", k)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and f"k is {k}, expected 1 to 50" in error.details()
+
+    def test_oversized_batch_and_message(self, server: grpc.Channel) -> None:
+        error = self.refused(stub(server).Upsert, pb.UpsertRequest(items=[self.item(id=f"n{i}") for i in range(11)]))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "items has 11 entries, limit is 10" in error.details()
+        error = self.refused(stub(server).Delete, pb.DeleteRequest(ids=[f"n{i}" for i in range(11)]))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "ids has 11 entries" in error.details()
+        big = self.item(attributes={"blob": "x" * (2 << 20)})
+        error = self.refused(stub(server).Upsert, pb.UpsertRequest(items=[big]))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def test_empty_requests(self, server: grpc.Channel) -> None:
+        assert "items is empty" in self.refused(stub(server).Upsert, pb.UpsertRequest()).details()
+        assert "ids is empty" in self.refused(stub(server).Delete, pb.DeleteRequest()).details()
+        assert "ids[1] is empty" in self.refused(stub(server).Delete, pb.DeleteRequest(ids=["k0", ""])).details()
+
+    def test_bad_routing(self, server: grpc.Channel) -> None:
+        vector = np.ones(8, np.float32)
+        error = self.refused(search, server, vector, "m", 5, pb.Routing(explicit=pb.ExplicitRouting()))
+        assert "routing.explicit.categories is empty" in error.details()
+        bad_probability = pb.Routing(probabilities=pb.ProbabilityRouting(
+            categories=[common_pb2.CategoryProbability(category="c", probability=1.5)]))
+        error = self.refused(search, server, vector, "m", 5, bad_probability)
+        assert "routing.probabilities.categories[0].probability is 1.5" in error.details()
+        error = self.refused(search, server, vector, "", 5)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_id is empty" in error.details()
