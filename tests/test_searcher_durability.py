@@ -1,0 +1,193 @@
+"""Durability and concurrency: SIGKILL at random moments, and parallel search/upsert/delete."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.processes import running_service
+from lookalike.codec import pack_vector
+from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
+from tests.conftest import start_searcher
+
+DIM = 24
+CATEGORIES = ["bags", "boots", "coats", "hats", "shirts"]
+MODEL = "test-model@0"
+
+State = tuple[str, bytes] | None  # (category, vector bytes), or None when deleted / never stored
+
+
+def random_vector(rng: np.random.Generator) -> np.ndarray:
+    vector = rng.normal(size=DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def listing(stub: searcher_pb2_grpc.SearcherStub) -> dict[str, str]:
+    """id -> category of every stored item (k above every shard's size makes hnswlib visit all of it)."""
+    found: dict[str, str] = {}
+    probe = pack_vector(np.ones(DIM, np.float32))
+    for category in CATEGORIES:
+        response = stub.Search(pb.SearchRequest(vector=probe, model_id=MODEL, k=1000,
+                                                routing=pb.Routing(explicit=pb.ExplicitRouting(categories=[category]))),
+                               timeout=30)
+        for hit in response.hits:
+            assert hit.id not in found, f"{hit.id} is stored twice"
+            found[hit.id] = hit.category
+    return found
+
+
+def holds(stub: searcher_pb2_grpc.SearcherStub, item_id: str, state: State) -> bool:
+    """True when the searcher's item `item_id` is exactly `state` (its category and its latest vector)."""
+    if state is None:
+        return False
+    category, vector = state
+    response = stub.Search(pb.SearchRequest(vector=common_pb2.Vector(values=vector, dimension=DIM), model_id=MODEL, k=1,
+                                            routing=pb.Routing(explicit=pb.ExplicitRouting(categories=[category]))),
+                           timeout=30)
+    return bool(response.hits) and response.hits[0].id == item_id and response.hits[0].similarity > 0.9999
+
+
+def check_state(stub: searcher_pb2_grpc.SearcherStub, acked: dict[str, State],
+                uncertain: dict[str, tuple[State, State]]) -> dict[str, State]:
+    """Every acknowledged state is served exactly; in-flight ids are in one of their two states.
+
+    Returns the observed state of every id, to be the next round's acknowledged baseline.
+    """
+    stored = listing(stub)
+    observed: dict[str, State] = {}
+    for item_id in set(acked) | set(uncertain):
+        options = uncertain.get(item_id, (acked.get(item_id),))
+        present = [state for state in options if state is not None and holds(stub, item_id, state)]
+        if item_id in stored:
+            assert present, f"{item_id} is stored but matches none of {len(options)} acceptable states"
+            observed[item_id] = present[0]
+        else:
+            assert None in options, f"acknowledged item {item_id} was lost"
+            observed[item_id] = None
+    unexpected = set(stored) - {i for i, s in observed.items() if s is not None}
+    assert not unexpected, f"items that should not exist came back: {sorted(unexpected)[:5]}"
+    return observed
+
+
+def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    pick = random.Random(7)
+    ids = [f"sku-{n}" for n in range(240)]
+    acked: dict[str, State] = {}
+    uncertain: dict[str, tuple[State, State]] = {}
+    rounds, acknowledged_writes = 6, 0
+    for round_number in range(rounds):
+        args = ["--data", str(tmp_path), "--snapshot-interval", "0.25", "--initial-capacity", "16"]
+        with running_service("searcher", args) as (process, port):
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            stub = searcher_pb2_grpc.SearcherStub(channel)
+            acked = check_state(stub, acked, uncertain)
+            uncertain = {}
+            stop = threading.Event()
+
+            def write_until_killed() -> None:
+                nonlocal acknowledged_writes
+                while not stop.is_set():
+                    chosen = pick.sample(ids, pick.randint(1, 12))
+                    if pick.random() < 0.7:
+                        new = {i: (pick.choice(CATEGORIES), random_vector(rng).tobytes()) for i in chosen}
+                        request = pb.UpsertRequest(items=[
+                            pb.Item(id=i, category=c, vector=common_pb2.Vector(values=v, dimension=DIM), model_id=MODEL)
+                            for i, (c, v) in new.items()])
+                        call = lambda: stub.Upsert(request, timeout=10)  # noqa: E731
+                    else:
+                        new = {i: None for i in chosen}
+                        call = lambda: stub.Delete(pb.DeleteRequest(ids=chosen), timeout=10)  # noqa: E731
+                    for item_id, state in new.items():
+                        uncertain[item_id] = (acked.get(item_id), state)
+                    try:
+                        response = call()
+                    except grpc.RpcError:
+                        return  # killed mid-request: these ids stay uncertain
+                    if isinstance(response, pb.UpsertResponse):
+                        assert all(s.code == 0 for s in response.statuses)
+                    for item_id, state in new.items():
+                        acked[item_id] = state
+                        del uncertain[item_id]
+                    acknowledged_writes += 1
+
+            writer = threading.Thread(target=write_until_killed)
+            writer.start()
+            time.sleep(pick.uniform(0.4, 1.6))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            stop.set()
+            writer.join(30)
+            channel.close()
+    with running_service("searcher", ["--data", str(tmp_path)]) as (_, port):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            final = check_state(searcher_pb2_grpc.SearcherStub(channel), acked, uncertain)
+    assert acknowledged_writes > 50, "too few writes happened between kills to prove anything"
+    assert sum(state is not None for state in final.values()) > 20
+
+
+@pytest.mark.timeout(120)
+def test_parallel_search_upsert_delete_end_in_the_acknowledged_state(tmp_path: Path) -> None:
+    started, channel = start_searcher(tmp_path, snapshot_interval=0.2, initial_capacity=16)
+    stub = searcher_pb2_grpc.SearcherStub(channel)
+    deadline = time.monotonic() + 4.0
+    errors: list[BaseException] = []
+    final: dict[str, State] = {}
+    lock = threading.Lock()
+
+    def writer(worker: int) -> None:
+        rng, pick = np.random.default_rng(worker), random.Random(worker)
+        own = [f"w{worker}-{n}" for n in range(80)]
+        try:
+            while time.monotonic() < deadline:
+                chosen = pick.sample(own, pick.randint(1, 10))
+                if pick.random() < 0.75:
+                    new = {i: (pick.choice(CATEGORIES), random_vector(rng).tobytes()) for i in chosen}
+                    response = stub.Upsert(pb.UpsertRequest(items=[
+                        pb.Item(id=i, category=c, vector=common_pb2.Vector(values=v, dimension=DIM), model_id=MODEL)
+                        for i, (c, v) in new.items()]), timeout=10)
+                    assert all(s.code == 0 for s in response.statuses)
+                else:
+                    new = {i: None for i in chosen}
+                    stub.Delete(pb.DeleteRequest(ids=chosen), timeout=10)
+                with lock:
+                    final.update(new)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def reader(worker: int) -> None:
+        rng = np.random.default_rng(100 + worker)
+        try:
+            while time.monotonic() < deadline:
+                routing = None if worker % 2 else pb.Routing(explicit=pb.ExplicitRouting(categories=CATEGORIES[:2]))
+                response = stub.Search(pb.SearchRequest(vector=pack_vector(random_vector(rng)), model_id=MODEL, k=10,
+                                                        routing=routing), timeout=10)
+                assert len({h.id for h in response.hits}) == len(response.hits), "duplicate ids in one answer"
+                scores = [h.score for h in response.hits]
+                assert scores == sorted(scores, reverse=True)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.OK:
+                errors.append(error)
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    threads += [threading.Thread(target=reader, args=(r,)) for r in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    check_state(stub, final, {})
+    started.stop(None)
+    # And the same after a restart from the final snapshot.
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    check_state(searcher_pb2_grpc.SearcherStub(channel), final, {})
+    started.stop(None)
