@@ -34,7 +34,8 @@ demo: setup
 	$(PY) -m clients.cli demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 bench: setup
-	$(PY) -m clients.cli bench --workdir $(DEMO_DIR) $(BENCH_ARGS)
+	$(PY) -m clients.cli bench embedder --workdir $(DEMO_DIR) $(BENCH_ARGS)
+	$(PY) -m clients.cli bench searcher $(BENCH_ARGS)
 
 # Regenerates the checked-in stubs (tests/test_protos.py fails when they are stale).
 protos: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `lookalike` command line: export, serve, embed, demo and bench.
+"""The `lookalike` command line: export, serve, embed, index, search, demo and bench.
 
 Heavy imports (torch, onnxruntime, hnswlib) happen inside the commands that need them, so the client
 alone (`pip install lookalike[client]`) can run `embed` against remote servers.
@@ -28,7 +28,9 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
         from embedder.__main__ import main as embedder_main
 
         return embedder_main(rest)
-    raise AssertionError(args.service)
+    from searcher.__main__ import main as searcher_main
+
+    return searcher_main(rest)
 
 
 def _embed(args: argparse.Namespace, rest: list[str]) -> int:
@@ -52,15 +54,60 @@ def _embed(args: argparse.Namespace, rest: list[str]) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _index(args: argparse.Namespace, rest: list[str]) -> int:
+    from clients.catalog import read_catalog
+    from clients.indexing import index_catalogue
+    from clients.lookalike import Lookalike
+
+    images = read_catalog(args.catalog)
+    with Lookalike(args.embedder, args.searcher) as lookalike:
+        summary = index_catalogue(lookalike, images, journal=args.journal, use_labels=not args.predict_categories,
+                                  batch_size=args.batch_size, concurrency=args.concurrency,
+                                  progress=None if args.json else sys.stderr)
+    if args.json:
+        print(json.dumps({"indexed": summary.indexed, "skipped": summary.skipped, "seconds": round(summary.seconds, 2),
+                          "failed": [{"id": i, "reason": r} for i, r in summary.failed]}))
+    else:
+        print(summary.describe())
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _search(args: argparse.Namespace, rest: list[str]) -> int:
+    from clients.lookalike import Lookalike
+
+    routing = args.routing if args.routing in ("adaptive", "top1", "all") else args.routing.split(",")
+    with Lookalike(args.embedder, args.searcher, prior_weight=args.prior_weight) as lookalike:
+        result = lookalike.search(Path(args.image), k=args.k, routing=routing)
+    if args.json:
+        print(json.dumps({
+            "categories": [{"category": c, "probability": round(p, 6)} for c, p in result.categories[:5]],
+            "probes": [{"category": p.category, "probability": round(p.probability, 6), "items": p.items,
+                        "ms": round(p.seconds * 1000, 3)} for p in result.probes],
+            "matches": [{"id": m.id, "score": round(m.score, 6), "category": m.category, "attributes": m.attributes}
+                        for m in result.matches],
+            "embed_ms": round(result.embed_seconds * 1000, 2), "search_ms": round(result.search_seconds * 1000, 2)}))
+        return EXIT_OK
+    print("predicted: " + ", ".join(f"{c} {p:.3f}" for c, p in result.categories[:3]))
+    print("probed: " + ", ".join(f"{p.category} ({p.items} items)" for p in result.probes))
+    for rank, match in enumerate(result.matches, start=1):
+        print(f"{rank:>3}. {match.id}  {match.score:.4f}  {match.category}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from clients.demo import run_demo
 
-    return run_demo(Path(args.workdir), catalog=args.catalog, queries=args.queries, per_category=args.per_category,
-                    query_count=args.query_count, as_json=args.json)
+    return run_demo(Path(args.workdir), catalog=args.catalog, queries=args.queries,
+                    catalog_size=60_000 if args.full else args.catalog_size, query_count=args.query_count,
+                    head_per_category=args.head_per_category, as_json=args.json)
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from clients.bench import run_embedder_bench
+    if args.service == "searcher":
+        from clients.bench_searcher import run_searcher_bench
+
+        return run_searcher_bench(count=args.items, dimension=args.dimension, seconds=args.seconds, as_json=args.json)
+    from clients.bench_embedder import run_embedder_bench
 
     return run_embedder_bench(Path(args.workdir), seconds=args.seconds, images_dir=args.images, as_json=args.json)
 
@@ -77,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     serve = commands.add_parser("serve", help="run a service in the foreground (options: lookalike serve embedder --help)")
-    serve.add_argument("service", choices=["embedder"], help="which service")
+    serve.add_argument("service", choices=["embedder", "searcher"], help="which service")
     serve.set_defaults(run=_serve)
 
     embed = commands.add_parser("embed", help="embed image files with a running embedder and print their categories")
@@ -89,22 +136,52 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--json", action="store_true", help="one JSON object per image")
     embed.set_defaults(run=_embed)
 
-    demo = commands.add_parser("demo", help="end to end on a real labelled catalogue: build the model, start the "
-                                            "embedder, embed held-out photos, report")
-    demo.add_argument("--workdir", default="var/demo", help="where models and data are kept between runs")
-    demo.add_argument("--catalog", type=Path, help="labelled training images (default: Fashion-MNIST train)")
+    index = commands.add_parser("index", help="embed a labelled image folder (or list file) and store it in the "
+                                              "searcher; resumable")
+    index.add_argument("catalog", type=Path, help="ROOT/<category>/*.jpg, or a list file like grocery's train.txt")
+    index.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
+    index.add_argument("--searcher", default="localhost:50052", help="searcher address host:port")
+    index.add_argument("--journal", type=Path, help="file recording stored ids, so a rerun skips them")
+    index.add_argument("--predict-categories", action="store_true",
+                       help="store each image in its predicted category instead of its folder's")
+    index.add_argument("--batch-size", type=int, default=32, help="images per request")
+    index.add_argument("--concurrency", type=int, default=2, help="requests in flight")
+    index.add_argument("--json", action="store_true", help="print the summary as JSON")
+    index.set_defaults(run=_index)
+
+    search = commands.add_parser("search", help="find the catalogue items that look most like a photo")
+    search.add_argument("image", help="the query photo")
+    search.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
+    search.add_argument("--searcher", default="localhost:50052", help="searcher address host:port")
+    search.add_argument("-k", type=int, default=10, help="how many matches")
+    search.add_argument("--routing", default="adaptive",
+                        help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")
+    search.add_argument("--prior-weight", type=float, default=0.0, help="merge by cosine + w * ln p(category)")
+    search.add_argument("--json", action="store_true", help="print the result as JSON")
+    search.set_defaults(run=_search)
+
+    demo = commands.add_parser("demo", help="end to end on a real labelled catalogue: build the model, start both "
+                                            "services, index, search with held-out photos, report")
+    demo.add_argument("--workdir", default="var/demo", help="where models, index and data are kept between runs")
+    demo.add_argument("--catalog", type=Path, help="labelled catalogue images (default: Fashion-MNIST train)")
     demo.add_argument("--queries", type=Path, help="labelled query images (default: Fashion-MNIST test)")
-    demo.add_argument("--per-category", type=int, default=200, help="catalogue images per category for the head")
-    demo.add_argument("--query-count", type=int, default=200, help="query images to embed")
+    demo.add_argument("--catalog-size", type=int, default=10_000, help="catalogue images to index")
+    demo.add_argument("--full", action="store_true", help="index the whole Fashion-MNIST train set (60,000)")
+    demo.add_argument("--query-count", type=int, default=200, help="query photos to search with")
+    demo.add_argument("--head-per-category", type=int, default=200,
+                      help="catalogue images per category the category head is fitted on")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="embedder throughput and latency through gRPC against in-process "
-                                              "ONNX Runtime, fp32 and int8")
+    bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
+                                              "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib)")
+    bench.add_argument("service", choices=["embedder", "searcher"], help="which service to measure")
+    bench.add_argument("--items", type=int, default=100_000, help="searcher: catalogue size")
+    bench.add_argument("--dimension", type=int, default=256, help="searcher: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
                                                    "else Fashion-MNIST test)")
-    bench.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
+    bench.add_argument("--seconds", type=float, default=6.0, help="duration of each measurement")
     bench.add_argument("--json", action="store_true", help="print results as JSON")
     bench.set_defaults(run=_bench)
     return parser

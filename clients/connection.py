@@ -1,6 +1,7 @@
 """The one place that builds channels and makes calls: TLS, auth metadata, limits, deadlines, retries, errors."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -27,24 +28,39 @@ class ChannelSettings:
     metadata: tuple[tuple[str, str], ...] = ()
     max_message_bytes: int = 64 * 1024 * 1024
     timeout: float = 30.0
-    # Attempts after the first, on UNAVAILABLE only, with exponential backoff and full jitter.
-    retries: int = 5
+    # Attempts after the first, on UNAVAILABLE only, with exponential backoff and jitter, all within
+    # the call's deadline.
+    retries: int = 8
     backoff_initial: float = 0.1
     backoff_max: float = 3.0
     keepalive_seconds: int = 60
 
-    def open(self) -> grpc.Channel:
-        options = [
+    def _options(self) -> list[tuple[str, int]]:
+        return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", self.keepalive_seconds * 1000),
             ("grpc.keepalive_permit_without_calls", 0),
+            # Reconnect soon after a server (re)starts instead of gRPC's default of up to 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def open(self) -> grpc.Channel:
+        """A blocking channel for the sync clients."""
         if self.tls:
-            credentials = grpc.ssl_channel_credentials(self.root_certificates, self.private_key,
-                                                       self.certificate_chain)
-            return grpc.secure_channel(self.target, credentials, options=options)
-        return grpc.insecure_channel(self.target, options=options)
+            return grpc.secure_channel(self.target, self._credentials(), options=self._options())
+        return grpc.insecure_channel(self.target, options=self._options())
+
+    def open_aio(self) -> grpc.aio.Channel:
+        """An asyncio channel for the async clients (same options)."""
+        if self.tls:
+            return grpc.aio.secure_channel(self.target, self._credentials(), options=self._options())
+        return grpc.aio.insecure_channel(self.target, options=self._options())
 
 
 class LookalikeError(Exception):
@@ -92,29 +108,60 @@ _ERRORS: dict[grpc.StatusCode, type[LookalikeError]] = {
 }
 
 
+def library_error(code: grpc.StatusCode, details: str, method: str = "") -> LookalikeError:
+    """The library's exception for a status code."""
+    return _ERRORS.get(code, LookalikeError)(code, details, method)
+
+
 def as_library_error(error: grpc.RpcError, method: str = "") -> LookalikeError:
     """A grpc.RpcError as the library's exception for its status code."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return _ERRORS.get(code, LookalikeError)(code, details or "", method)
+    return library_error(code, details or "", method)
 
 
 def backoff_delays(settings: ChannelSettings) -> list[float]:
-    """Sleep before each retry: full jitter over an exponentially growing cap."""
-    return [random.uniform(0, min(settings.backoff_max, settings.backoff_initial * 2 ** attempt))
-            for attempt in range(settings.retries)]
+    """Sleep before each retry: an exponentially growing cap, half of it fixed and half jitter."""
+    caps = [min(settings.backoff_max, settings.backoff_initial * 2 ** attempt) for attempt in range(settings.retries)]
+    return [cap / 2 + random.uniform(0, cap / 2) for cap in caps]
+
+
+def _next_delay(error: grpc.RpcError, attempt: int, delays: list[float], deadline: float, name: str) -> float:
+    """The sleep before the next attempt; raises the library error when there is none (not UNAVAILABLE,
+    retries used up, or the call's deadline would pass first)."""
+    if (error.code() != grpc.StatusCode.UNAVAILABLE or attempt == len(delays)
+            or time.monotonic() + delays[attempt] >= deadline):
+        raise as_library_error(error, name) from None
+    log.debug("%s unavailable (%s), retry %d in %.2fs", name, error.details(), attempt + 1, delays[attempt])
+    return delays[attempt]
 
 
 def call_with_retries(method: Callable[..., Response], request: Any, settings: ChannelSettings,
                       timeout: float | None = None, name: str = "") -> Response:
-    """Calls a unary stub method with a deadline and the settings' metadata, retrying UNAVAILABLE only."""
+    """Calls a unary stub method with the settings' metadata, retrying UNAVAILABLE only.
+
+    `timeout` (default settings.timeout) is the deadline for the whole call, retries included.
+    """
+    deadline = time.monotonic() + (timeout or settings.timeout)
     delays = backoff_delays(settings)
     for attempt in range(len(delays) + 1):
         try:
-            return method(request, timeout=timeout or settings.timeout, metadata=settings.metadata or None)
+            return method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                          metadata=settings.metadata or None)
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == len(delays):
-                raise as_library_error(error, name) from None
-            log.debug("%s unavailable (%s), retry %d in %.2fs", name, error.details(), attempt + 1, delays[attempt])
-            time.sleep(delays[attempt])
+            time.sleep(_next_delay(error, attempt, delays, deadline, name))
+    raise AssertionError("unreachable")
+
+
+async def call_with_retries_async(method: Callable[..., Any], request: Any, settings: ChannelSettings,
+                                  timeout: float | None = None, name: str = "") -> Any:
+    """call_with_retries for grpc.aio stubs."""
+    deadline = time.monotonic() + (timeout or settings.timeout)
+    delays = backoff_delays(settings)
+    for attempt in range(len(delays) + 1):
+        try:
+            return await method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                                metadata=settings.metadata or None)
+        except grpc.RpcError as error:
+            await asyncio.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")

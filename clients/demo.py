@@ -1,8 +1,9 @@
-"""`lookalike demo`: a real catalogue end to end on this machine, with nothing prepared beforehand.
+"""`lookalike demo`: visual search end to end on a real catalogue, with nothing prepared beforehand.
 
 Builds the default model (EfficientNet-Lite0 ImageNet + a category head fitted on the catalogue's
-labels) once, starts the embedder on a free local port, embeds held-out photos over gRPC through the
-client library and reports what it predicted, how accurately and how fast.
+labels) once, starts the embedder and the searcher on free local ports, indexes the catalogue (resuming
+where a previous run stopped), searches with held-out photos routed on the predicted categories, and
+reports what it found, mAP@10 and latency; it also draws a contact sheet (each query beside its hits).
 """
 from __future__ import annotations
 
@@ -11,16 +12,23 @@ import logging
 import math
 import random
 import re
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from clients.catalog import LabelledImage, read_catalog
-from clients.embedder_client import EmbedderClient
+from clients.indexing import index_catalogue
+from clients.lookalike import Lookalike, SearchResult
+from clients.metrics import average_precision, average_precision_seed001, hit_at, precision_at
 from clients.processes import running_service
 
 log = logging.getLogger(__name__)
+
+HEAD_PER_CATEGORY = 200
+SHEET_QUERIES, SHEET_HITS, THUMB = 12, 6, 96
 
 
 def _slug(path: Path) -> str:
@@ -50,52 +58,90 @@ def ensure_model(workdir: Path, catalog: Path, per_category: int) -> Path:
     return model_dir
 
 
-def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = None, per_category: int = 200,
-             query_count: int = 200, as_json: bool = False) -> int:
+def contact_sheet(rows: list[tuple[LabelledImage, SearchResult]], path: Path) -> Path:
+    """Each query (left, blue frame) beside its top hits (green frame: same label, red: not)."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    cell = THUMB + 8
+    sheet = Image.new("RGB", ((SHEET_HITS + 1) * cell + 8, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    def paste(file: str, column: int, row: int, colour: str) -> None:
+        with Image.open(file) as image:
+            thumb = ImageOps.pad(ImageOps.exif_transpose(image).convert("RGB"), (THUMB, THUMB), color="white")
+        x = column * cell + (8 if column else 0)
+        draw.rectangle([x, row * cell, x + cell - 3, row * cell + cell - 3], fill=colour)
+        sheet.paste(thumb, (x + 3, row * cell + 3))
+
+    for row, (query, result) in enumerate(rows):
+        paste(str(query.path), 0, row, "#1f5fbf")
+        for column, match in enumerate(result.matches[:SHEET_HITS], start=1):
+            paste(match.attributes["path"], column, row, "#2e9e44" if match.attributes.get("label") == query.label
+                  else "#d23c3c")
+    sheet.save(path)
+    return path
+
+
+def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = None, catalog_size: int = 10_000,
+             query_count: int = 200, head_per_category: int = HEAD_PER_CATEGORY, k: int = 10,
+             as_json: bool = False) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if catalog is None or queries is None:
         from clients.fashion_mnist import materialize
 
-        catalog = catalog or materialize(workdir / "fashion-mnist", "train", per_category)
+        catalog = catalog or materialize(workdir / "fashion-mnist", "train", math.ceil(catalog_size / 10))
         queries = queries or materialize(workdir / "fashion-mnist", "test", math.ceil(query_count / 10))
     started = time.perf_counter()
-    model_dir = ensure_model(workdir, catalog, per_category)
-    query_images = stratified(read_catalog(queries), query_count)
+    model_dir = ensure_model(workdir, catalog, head_per_category)
+    catalogue = stratified(read_catalog(catalog), catalog_size)
+    query_images = stratified(read_catalog(queries), query_count, seed=1)
+    relevant_total = Counter(image.label for image in catalogue)
+    name = f"{_slug(catalog)}-{len(catalogue)}"
 
-    with running_service("embedder", ["--model", str(model_dir)]) as (_, port):
-        with EmbedderClient(f"127.0.0.1:{port}") as client:
-            info = client.model_info()
-            latencies, results = [], []
-            for start in range(0, len(query_images), 16):
-                chunk = query_images[start:start + 16]
-                sent = time.perf_counter()
-                results.extend(client.embed([image.path for image in chunk], ids=[image.item_id for image in chunk],
-                                            top_categories=3))
-                latencies.append(time.perf_counter() - sent)
+    with running_service("embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
+            running_service("searcher", ["--data", str(workdir / "searcher" / name)]) as (_, searcher_port), \
+            Lookalike(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}") as lookalike:
+        print(f"indexing {len(catalogue)} catalogue images from {catalog} ...", flush=True)
+        summary = index_catalogue(lookalike, catalogue, journal=workdir / f"index-journal-{name}.txt",
+                                  progress=sys.stderr)
+        print(summary.describe(), flush=True)
+        results = []
+        for query in query_images:
+            results.append((query, lookalike.search(query.path, k=k, routing="adaptive")))
+        model_id = lookalike.model_id
 
-    correct = [r.ok and r.top_category == q.category for q, r in zip(query_images, results)]
-    summary = {
-        "model_id": info.model_id,
-        "providers": list(info.providers),
-        "catalog": str(catalog),
-        "queries": len(query_images),
-        "category_top1_accuracy": round(float(np.mean(correct)), 4),
-        "images_per_second": round(len(query_images) / sum(latencies), 1),
-        "request_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
-        "request_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 1),
-        "images_per_request": 16,
-        "total_seconds": round(time.perf_counter() - started, 1),
+    relevance = [[m.attributes.get("label") == q.label for m in r.matches] for q, r in results]
+    latency = [r.embed_seconds + r.search_seconds for _, r in results]
+    report = {
+        "model_id": model_id,
+        "catalog": str(catalog), "catalogue_items": len(catalogue), "queries": len(results),
+        "indexed_now": summary.indexed, "already_indexed": summary.skipped, "failed": len(summary.failed),
+        f"mAP@{k}": round(float(np.mean([average_precision(rel, k, relevant_total[q.label])
+                                          for rel, (q, _) in zip(relevance, results)])), 4),
+        f"mAP@{k} (seed 001 formula)": round(float(np.mean([average_precision_seed001(rel, k) for rel in relevance])), 4),
+        f"P@{k}": round(float(np.mean([precision_at(rel, k) for rel in relevance])), 4),
+        "R@1": round(float(np.mean([hit_at(rel, 1) for rel in relevance])), 4),
+        "category_top1_accuracy": round(float(np.mean([r.categories[0][0] == q.category for q, r in results])), 4),
+        "routing_recall": round(float(np.mean([q.category in {p.category for p in r.probes} for q, r in results])), 4),
+        "mean_shards_probed": round(float(np.mean([len(r.probes) for _, r in results])), 2),
+        "query_p50_ms": round(float(np.percentile(latency, 50)) * 1000, 1),
+        "query_p99_ms": round(float(np.percentile(latency, 99)) * 1000, 1),
+        "search_p50_ms": round(float(np.percentile([r.search_seconds for _, r in results], 50)) * 1000, 2),
     }
+    sheet = contact_sheet(results[:SHEET_QUERIES], workdir / "contact-sheet.png")
+    report["contact_sheet"] = str(sheet)
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(report, indent=2))
         return 0
-    print(f"\nmodel {info.model_id} on {', '.join(info.providers)}; {len(info.labels)} categories\n")
-    print(f"{'query':<34} {'true':<12} {'predicted (probability)':<52} ok")
-    for query, result in list(zip(query_images, results))[:12]:
-        predicted = ", ".join(f"{c} {p:.2f}" for c, p in result.categories) if result.ok else result.error
-        print(f"{query.item_id[-34:]:<34} {query.category:<12} {predicted:<52} {'yes' if result.top_category == query.category else 'no'}")
-    print(f"\n{summary['queries']} held-out photos: category top-1 accuracy {summary['category_top1_accuracy']:.3f}")
-    print(f"throughput {summary['images_per_second']} images/s through gRPC, {summary['images_per_request']} images per "
-          f"request: p50 {summary['request_p50_ms']} ms, p99 {summary['request_p99_ms']} ms per request")
-    print(f"demo finished in {summary['total_seconds']} s")
+    for query, result in results[:6]:
+        predicted = ", ".join(f"{c} {p:.2f}" for c, p in result.categories[:3])
+        probed = ", ".join(p.category for p in result.probes)
+        print(f"\nquery {query.item_id} (true: {query.label}) predicted: {predicted}; probed: {probed}")
+        for rank, match in enumerate(result.matches[:5], start=1):
+            verdict = "match" if match.attributes.get("label") == query.label else "-"
+            print(f"  {rank}. {match.id:<34} {match.score:.3f}  {match.category:<12} {verdict}")
+    print()
+    for key, value in report.items():
+        print(f"{key}: {value}")
     return 0

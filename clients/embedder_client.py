@@ -43,6 +43,24 @@ def read_image(image: ImageInput) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
+def embed_requests(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
+                   max_images: int) -> list[embedder_pb2.EmbedRequest]:
+    """The Embed requests for a list of images, each within the server's per-request limit."""
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
+    return [embedder_pb2.EmbedRequest(top_categories=top_categories, images=[
+        embedder_pb2.Image(data=read_image(image), id=image_id)
+        for image, image_id in zip(images[start:start + max_images], ids[start:start + max_images])])
+        for start in range(0, len(images), max_images)]
+
+
+def embedded_image(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
+    """One EmbedResult as an EmbeddedImage."""
+    if result.HasField("error"):
+        return EmbeddedImage(result.id, error=result.error.message, error_code=_status_code(result.error.code))
+    return EmbeddedImage(result.id, vector=unpack_vector(result.embedding.vector),
+                         categories=[(c.category, c.probability) for c in result.embedding.categories])
+
+
 class EmbedderClient:
     """Synchronous client for the Embedder service. Use as a context manager to close the channel."""
 
@@ -62,23 +80,11 @@ class EmbedderClient:
         """Embeds images (bytes or paths), split into requests the server accepts; one result per image."""
         if self._max_images is None:
             self._max_images = self.model_info(timeout).max_images_per_request or 64
-        ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
         results: list[EmbeddedImage] = []
-        for start in range(0, len(images), self._max_images):
-            request = embedder_pb2.EmbedRequest(top_categories=top_categories, images=[
-                embedder_pb2.Image(data=read_image(image), id=image_id)
-                for image, image_id in zip(images[start:start + self._max_images], ids[start:start + self._max_images])
-            ])
+        for request in embed_requests(images, ids, top_categories, self._max_images):
             response = call_with_retries(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
-            results.extend(self._convert(result) for result in response.results)
+            results.extend(embedded_image(result) for result in response.results)
         return results
-
-    @staticmethod
-    def _convert(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
-        if result.HasField("error"):
-            return EmbeddedImage(result.id, error=result.error.message, error_code=_status_code(result.error.code))
-        return EmbeddedImage(result.id, vector=unpack_vector(result.embedding.vector),
-                             categories=[(c.category, c.probability) for c in result.embedding.categories])
 
     def close(self) -> None:
         self.channel.close()

@@ -238,6 +238,10 @@ class Catalogue:
             probes = plan_probability_routing(query.probabilities, shards,
                                               query.threshold or self.config.routing_threshold,
                                               query.max_shards or self.config.routing_max_shards, query.k, ef)
+            if not probes:
+                # None of the likely categories has a shard (a model trained on other labels, say):
+                # fall back to every shard rather than answer nothing.
+                probes = plan_all(shards, ef)
         elif query.mode == "all":
             probes = plan_all(shards, ef)
         else:

@@ -1,13 +1,14 @@
 """Which shards a search probes, and with how much effort.
 
 Probability routing probes categories in order of the classifier's probability until the probed mass
-reaches the threshold or the shard cap; the most probable shard searches with the full ef and each
-other shard with ef scaled by its probability relative to the top one (never below k, which hnswlib
-enforces anyway). Categories without a shard hold no items: their probability counts as covered.
+reaches the threshold or the shard cap. Each probed shard returns its own top k and the merge keeps the
+best k, so a shard's share of the final answer follows its scores (and its prior, when prior_weight is
+set). Every probed shard searches with the full ef: scaling ef down by relative probability was
+measured to cost recall@10 0.954 -> 0.894 (30k synthetic items, 20 shards) for no gain in throughput
+through gRPC. Categories without a shard hold no items: their probability counts as covered.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Collection, Sequence
 
@@ -25,16 +26,12 @@ def plan_probability_routing(probabilities: Sequence[tuple[str, float]], existin
     ranked = sorted(probabilities, key=lambda pair: (-pair[1], pair[0]))
     probes: list[Probe] = []
     covered = 0.0
-    top = None
     for category, probability in ranked:
         if covered >= threshold or len(probes) >= max_shards:
             break
         covered += probability
-        if category not in existing:
-            continue
-        top = top if top is not None else probability
-        share = probability / top if top > 0 else 1.0
-        probes.append(Probe(category, probability, max(k, math.ceil(ef * share))))
+        if category in existing:
+            probes.append(Probe(category, probability, max(k, ef)))
     return probes
 
 

@@ -109,7 +109,10 @@ class Shard:
             for row, label in zip(fresh, labels):
                 self.label_of[ids[row]] = label
                 self.id_of[label] = ids[row]
-            self.index.add_items(vectors[fresh], np.asarray(labels, dtype=np.int64), num_threads=1,
+            # Large batches (bulk indexing, start-up replay) insert on every core; hnswlib's own
+            # parallel insert is safe while we hold the write lock.
+            threads = -1 if len(fresh) >= 256 else 1
+            self.index.add_items(vectors[fresh], np.asarray(labels, dtype=np.int64), num_threads=threads,
                                  replace_deleted=True)
         for item_id, attrs in zip(ids, attributes):
             self.attributes[item_id] = dict(attrs)

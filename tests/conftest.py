@@ -85,11 +85,11 @@ def grocery_embeddings(model_dir: Path, grocery_train: list, grocery_val: list) 
             "query_probabilities": query_probabilities}
 
 
-def start_searcher(data_dir: Path, **overrides: object) -> tuple[object, grpc.Channel]:
-    """A real searcher server on port 0 over `data_dir`, and a channel to it."""
+def start_searcher(data_dir: Path, address_override: str = "127.0.0.1:0", **overrides: object) -> tuple[object, grpc.Channel]:
+    """A real searcher server on port 0 (or the given address) over `data_dir`, and a channel to it."""
     from searcher.config import SearcherConfig
     from searcher.server import create_server
 
-    config = SearcherConfig(data_dir=data_dir, address="127.0.0.1:0", **overrides)
+    config = SearcherConfig(data_dir=data_dir, address=address_override, **overrides)
     started, port = create_server(config)
     return started, grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])

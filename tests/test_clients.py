@@ -60,7 +60,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("export", "serve", "embed", "demo", "bench"):
+    for command in ("export", "serve", "embed", "index", "search", "demo", "bench"):
         assert command in result.stdout
     export_help = run_cli("export", "--help")
     assert export_help.returncode == 0 and "--catalog" in export_help.stdout and "--int8" in export_help.stdout
@@ -88,3 +88,24 @@ def test_cli_serve_embedder_starts_and_answers(model_dir: Path, grocery_val: lis
     with running_service("clients.cli", ["serve", "embedder", "--model", str(model_dir)]) as (_, port):
         result = run_cli("embed", "--embedder", f"127.0.0.1:{port}", str(grocery_val[1].path))
     assert result.returncode == 0 and "1280-d" in result.stdout
+
+
+def test_searcher_client_round_trip_and_cli_serve(tmp_path: Path) -> None:
+    from clients.processes import running_service
+    from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(6, 32)).astype(np.float32)
+    with running_service("clients.cli", ["serve", "searcher", "--data", str(tmp_path)]) as (_, port):
+        with SearcherClient(f"127.0.0.1:{port}") as searcher:
+            statuses = searcher.upsert([CatalogueItem(f"s{i}", "ab"[i % 2], v, "m", {"n": str(i)})
+                                        for i, v in enumerate(vectors)]).statuses
+            assert [s.code for s in statuses] == [0] * 6
+            hits = searcher.search(vectors[4], "m", k=2, routing=routing_for(categories=["a"])).hits
+            assert hits[0].id == "s4" and hits[0].attributes["n"] == "4" and all(h.category == "a" for h in hits)
+            routed = searcher.search(vectors[1], "m", k=3, routing=routing_for(probabilities=[("b", 0.95), ("a", 0.05)]))
+            assert [p.category for p in routed.probes] == ["b"] and routed.hits[0].id == "s1"
+            assert searcher.delete(["s4"]).deleted == 1 and searcher.stats().items == 5
+            with pytest.raises(Exception) as refused:
+                searcher.search(vectors[0], "m", k=0)
+            assert "k is 0" in str(refused.value)

@@ -305,3 +305,22 @@ class TestBadInput:
         assert "routing.probabilities.categories[0].probability is 1.5" in error.details()
         error = self.refused(search, server, vector, "", 5)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_id is empty" in error.details()
+
+
+def test_request_ef_is_used_and_never_below_k(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    data = grocery_embeddings
+    wide = search(channel, data["query_vectors"][3], data["model_id"], k=5, ef=200, routing=explicit("Apple"))
+    assert wide.probes[0].ef == 200
+    narrow = search(channel, data["query_vectors"][3], data["model_id"], k=40, ef=8, routing=explicit("Apple"))
+    assert narrow.probes[0].ef == 40 and len(narrow.hits) == min(40, narrow.probes[0].items)
+
+
+def test_probability_routing_with_no_known_category_falls_back_to_all_shards(loaded, grocery_embeddings: dict) -> None:
+    _, channel = loaded
+    routing = pb.Routing(probabilities=pb.ProbabilityRouting(categories=[
+        common_pb2.CategoryProbability(category="dress", probability=0.7),
+        common_pb2.CategoryProbability(category="hat", probability=0.3)]))
+    response = search(channel, grocery_embeddings["query_vectors"][0], grocery_embeddings["model_id"], routing=routing)
+    assert len(response.probes) == len({i.category for i in grocery_embeddings["catalogue"]})
+    assert len(response.hits) == K

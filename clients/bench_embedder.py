@@ -12,14 +12,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
+from clients.benchmarking import measure, p50_p99_ms
 from clients.catalog import read_catalog
 from clients.demo import ensure_model
 from clients.embedder_client import EmbedderClient
@@ -38,33 +35,9 @@ class Measurement:
     ratio_to_in_process: float = 0.0
 
 
-def _measure(call: Callable[[], int], seconds: float, clients: int) -> tuple[float, list[float]]:
-    """Runs `call` (which returns the number of images it handled) from `clients` threads for `seconds`."""
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    counts = [0] * clients
-    stop = time.perf_counter() + seconds
-
-    def worker(index: int) -> None:
-        while time.perf_counter() < stop:
-            started = time.perf_counter()
-            counts[index] += call()
-            latencies[index].append(time.perf_counter() - started)
-
-    began = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    return sum(counts) / elapsed, [value for values in latencies for value in values]
-
-
 def _row(precision: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
     rate, latencies = result
-    return Measurement(precision, scenario, clients, per_call, round(rate, 1),
-                       round(float(np.percentile(latencies, 50)) * 1000, 2),
-                       round(float(np.percentile(latencies, 99)) * 1000, 2))
+    return Measurement(precision, scenario, clients, per_call, round(rate, 1), *p50_p99_ms(latencies))
 
 
 def _default_images(workdir: Path) -> Path:
@@ -86,7 +59,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
     batch = np.stack([decode_image(photo, size) for photo in photos[:32]])
     model.warm_up((1, 32))
     rows = [_row(precision, "in-process ONNX Runtime, pre-decoded batches", 1, 32,
-                 _measure(lambda: len(model.run(batch)[0]), seconds, 1))]
+                 measure(lambda: len(model.run(batch)[0]), seconds, 1))]
     cycle = iter(range(1 << 62))
 
     def naive() -> int:
@@ -94,7 +67,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
         return 1
 
     rows.append(_row(precision, "in-process decode + ONNX Runtime, one image at a time", 1, 1,
-                     _measure(naive, seconds, 1)))
+                     measure(naive, seconds, 1)))
     del model
     servers = [("gRPC embedder, micro-batching", {}, [(1, 1), (8, 1), (8, 8)]),
                ("gRPC embedder, batching off (max_batch 1)", {"LOOKALIKE_EMBEDDER_MAX_BATCH": "1"}, [(8, 1)])]
@@ -109,7 +82,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
                         start = next(counter) * per_call % (len(photos) - per_call)
                         return len(client.embed(photos[start:start + per_call], top_categories=5))
 
-                    rows.append(_row(precision, scenario, clients, per_call, _measure(remote, seconds, clients)))
+                    rows.append(_row(precision, scenario, clients, per_call, measure(remote, seconds, clients)))
     ceiling = rows[0].images_per_second
     for row in rows:
         row.ratio_to_in_process = round(row.images_per_second / ceiling, 3)

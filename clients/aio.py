@@ -1,0 +1,133 @@
+"""asyncio clients: the same API as the sync ones, for services written with asyncio."""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from clients.connection import ChannelSettings, call_with_retries_async, library_error
+from clients.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
+from clients.lookalike import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, catalogue_items,
+                               record_upserts, routing_request, search_result)
+from clients.searcher_client import CatalogueItem, search_request
+from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
+
+
+def _settings(target: str | ChannelSettings) -> ChannelSettings:
+    return target if isinstance(target, ChannelSettings) else ChannelSettings(target)
+
+
+class AsyncEmbedderClient:
+    def __init__(self, target: str | ChannelSettings) -> None:
+        self.settings = _settings(target)
+        self.channel = self.settings.open_aio()
+        self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
+        self._max_images: int | None = None
+
+    async def model_info(self, timeout: float | None = None) -> embedder_pb2.GetModelInfoResponse:
+        return await call_with_retries_async(self.stub.GetModelInfo, embedder_pb2.GetModelInfoRequest(),
+                                             self.settings, timeout, "Embedder.GetModelInfo")
+
+    async def embed(self, images: Sequence[ImageInput], ids: Sequence[str] | None = None, top_categories: int = 0,
+                    timeout: float | None = None) -> list[EmbeddedImage]:
+        if self._max_images is None:
+            self._max_images = (await self.model_info(timeout)).max_images_per_request or 64
+        results: list[EmbeddedImage] = []
+        for request in embed_requests(images, ids, top_categories, self._max_images):
+            response = await call_with_retries_async(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
+            results.extend(embedded_image(result) for result in response.results)
+        return results
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncEmbedderClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSearcherClient:
+    def __init__(self, target: str | ChannelSettings) -> None:
+        self.settings = _settings(target)
+        self.channel = self.settings.open_aio()
+        self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
+
+    async def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
+        request = searcher_pb2.UpsertRequest(items=[item.to_proto() for item in items])
+        return await call_with_retries_async(self.stub.Upsert, request, self.settings, timeout, "Searcher.Upsert")
+
+    async def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
+        return await call_with_retries_async(self.stub.Delete, searcher_pb2.DeleteRequest(ids=list(ids)),
+                                             self.settings, timeout, "Searcher.Delete")
+
+    async def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
+                     ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
+        return await call_with_retries_async(self.stub.Search, search_request(vector, model_id, k, routing, ef),
+                                             self.settings, timeout, "Searcher.Search")
+
+    async def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
+        return await call_with_retries_async(self.stub.GetStats, searcher_pb2.GetStatsRequest(), self.settings,
+                                             timeout, "Searcher.GetStats")
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncSearcherClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncLookalike:
+    """clients.lookalike.Lookalike for asyncio: the same methods, awaited."""
+
+    def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings, *, threshold: float = 0.0,
+                 max_shards: int = 0, prior_weight: float = 0.0) -> None:
+        self.embedder = AsyncEmbedderClient(embedder)
+        self.searcher = AsyncSearcherClient(searcher)
+        self.threshold, self.max_shards, self.prior_weight = threshold, max_shards, prior_weight
+        self._model_id: str | None = None
+
+    async def model_id(self) -> str:
+        if self._model_id is None:
+            self._model_id = (await self.embedder.model_info()).model_id
+        return self._model_id
+
+    async def index(self, images: Sequence[ImageInput], ids: Sequence[str],
+                    categories: Sequence[str | None] | None = None,
+                    attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None) -> IndexResult:
+        embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
+        items, result = catalogue_items(embedded, await self.model_id(), categories, attributes)
+        for start in range(0, len(items), UPSERT_BATCH):
+            batch = items[start:start + UPSERT_BATCH]
+            record_upserts(batch, await self.searcher.upsert(batch, timeout=timeout), result)
+        return result
+
+    async def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
+                     timeout: float | None = None) -> SearchResult:
+        started = time.perf_counter()
+        embedded = (await self.embedder.embed([image], ids=["query"], timeout=timeout))[0]
+        if not embedded.ok:
+            raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
+        embedded_at = time.perf_counter()
+        response = await self.searcher.search(embedded.vector, await self.model_id(), k,
+                                              routing_request(routing, embedded, self.threshold, self.max_shards,
+                                                              self.prior_weight), ef=ef, timeout=timeout)
+        return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
+
+    async def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
+        return await self.searcher.delete(ids, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.embedder.close()
+        await self.searcher.close()
+
+    async def __aenter__(self) -> "AsyncLookalike":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,238 @@
+"""`lookalike bench searcher`: the searcher through gRPC against in-process hnswlib on the same shards.
+
+The catalogue is synthetic (no 100k-item real catalogue exists on these machines): unit vectors drawn
+around one random centre per category, so categories are real clusters whose neighbourhoods overlap.
+A simulated classifier gives each query probabilities (softmax of its similarity to the centres) for
+probability routing. Measured in one run: build rate, memory per item, restart time, and queries/s
+with p50/p99 for one shard, adaptive routing and all shards, at 1 and 8 concurrent clients, each
+against a plain in-process hnswlib loop over the same shards, with recall@10 against exact search.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from clients.benchmarking import measure, p50_p99_ms
+from clients.processes import running_service
+from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+
+MODEL = "synthetic@bench"
+K = 10
+
+
+@dataclass
+class QueryRow:
+    routing: str
+    path: str
+    clients: int
+    queries_per_second: float
+    p50_ms: float
+    p99_ms: float
+    # Against exact search over the shards this query probed (the index's own accuracy) ...
+    recall_probed: float
+    # ... and against exact search over the whole catalogue (what routing gives up).
+    recall_global: float
+    mean_shards: float
+    ratio: float = 0.0
+
+
+def synthetic(count: int, dimension: int, categories: int, offset: float, spread: float,
+              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit vectors, category index per vector, unit category centres).
+
+    Centres share a common direction (`offset` sets how far apart they are) and items scatter around
+    them (`spread`), so nearest neighbours often cross categories, as they do in real catalogues.
+    """
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=dimension).astype(np.float32)
+    common /= np.linalg.norm(common)
+    centres = common + offset * rng.normal(size=(categories, dimension)).astype(np.float32) / np.sqrt(dimension)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, categories, size=count)
+    vectors = centres[labels] + spread * rng.normal(size=(count, dimension)).astype(np.float32) / np.sqrt(dimension)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32), labels, centres
+
+
+def simulated_probabilities(queries: np.ndarray, centres: np.ndarray, temperature: float) -> np.ndarray:
+    logits = queries @ centres.T / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: int = 20, queries: int = 1000,
+                       seconds: float = 5.0, as_json: bool = False) -> int:
+    from searcher.config import SearcherConfig
+    from searcher.routing import plan_probability_routing
+
+    config = SearcherConfig(data_dir=Path("."))
+    vectors, labels, centres = synthetic(count + queries, dimension, categories, offset=0.35, spread=1.1, seed=0)
+    query_vectors, query_labels = vectors[count:], labels[count:]
+    vectors, labels = vectors[:count], labels[:count]
+    names = [f"category-{i:02d}" for i in range(categories)]
+    probabilities = simulated_probabilities(query_vectors, centres, temperature=0.02)
+    similarities = query_vectors @ vectors.T
+    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                    "items": count, "dimension": dimension, "categories": categories, "queries": queries,
+                    "M": config.m, "ef_construction": config.ef_construction,
+                    "classifier_top1_accuracy": round(float((probabilities.argmax(1) == query_labels).mean()), 4),
+                    "exact_top10_in_true_category": round(float(
+                        (labels[np.argsort(-similarities, axis=1)[:, :K]] == query_labels[:, None]).mean()), 4)}
+
+    # In-process hnswlib on the same shards, same parameters: the baseline.
+    members = [np.flatnonzero(labels == c) for c in range(categories)]
+    started = time.perf_counter()
+    indexes = []
+    for c in range(categories):
+        index = hnswlib.Index(space="ip", dim=dimension)
+        index.init_index(max_elements=len(members[c]), ef_construction=config.ef_construction, M=config.m)
+        index.add_items(vectors[members[c]], members[c], num_threads=-1)
+        indexes.append(index)
+    report["hnswlib_build_items_per_second"] = round(count / (time.perf_counter() - started), 1)
+    ef = _smallest_ef_for_recall(indexes, members, query_vectors, similarities, probabilities.argmax(1), target=0.95)
+    for index in indexes:
+        index.set_ef(ef)
+    report["ef"] = ef
+    report["hnswlib_formula_bytes_per_item"] = dimension * 4 + config.m * 2 * 4  # hnswlib README's estimate
+
+    data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
+    try:
+        args = ["--data", str(data_dir), "--snapshot-interval", "0", "--ef", str(ef)]
+        with running_service("searcher", args) as (process, port), SearcherClient(f"127.0.0.1:{port}") as client:
+            idle_rss = _rss_bytes(process.pid)
+            started = time.perf_counter()
+            for start in range(0, count, 1000):
+                client.upsert([CatalogueItem(f"item-{i}", names[labels[i]], vectors[i], MODEL)
+                               for i in range(start, min(start + 1000, count))], timeout=120)
+            report["grpc_build_items_per_second"] = round(count / (time.perf_counter() - started), 1)
+            stats = client.stats()
+            report["searcher_estimate_bytes_per_item"] = round(sum(s.memory_bytes for s in stats.shards) / count, 1)
+            report["searcher_rss_bytes_per_item"] = round((_rss_bytes(process.pid) - idle_rss) / count, 1)
+            report["rows"] = [asdict(row) for row in _query_rows(client, indexes, query_vectors, probabilities, names,
+                                                                 labels, similarities, seconds, config, ef)]
+            stop_started = time.perf_counter()
+        report["shutdown_with_snapshot_seconds"] = round(time.perf_counter() - stop_started, 2)
+        for label, prepare in [("restart_from_snapshots_seconds", lambda: None),
+                               ("restart_rebuilding_from_sqlite_seconds",
+                                lambda: shutil.rmtree(data_dir / "snapshots", ignore_errors=True))]:
+            prepare()
+            started = time.perf_counter()
+            with running_service("searcher", ["--data", str(data_dir), "--snapshot-interval", "0"]) as (_, port):
+                report[label] = round(time.perf_counter() - started, 2)
+                with SearcherClient(f"127.0.0.1:{port}") as client:
+                    assert client.stats().items == count
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+def _smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: np.ndarray, similarities: np.ndarray,
+                            top_shard: np.ndarray, target: float) -> int:
+    """The smallest ef (64, 128, ...) at which in-process hnswlib reaches `target` recall@10 both over all
+    shards and within each query's most probable shard (each against exact search over the same items)."""
+    exact = np.argsort(-similarities, axis=1)[:, :K]
+    exact_in_shard = [set(members[s][np.argsort(-similarities[i, members[s]])[:K]].tolist())
+                      for i, s in enumerate(top_shard)]
+    for ef in (64, 128, 256, 512, 1024):
+        found = []
+        for index in indexes:
+            index.set_ef(ef)
+            found.append(index.knn_query(queries, k=K))
+        ids = np.concatenate([f[0] for f in found], axis=1)
+        distances = np.concatenate([f[1] for f in found], axis=1)
+        best = np.take_along_axis(ids, np.argsort(distances, axis=1)[:, :K], axis=1)
+        global_recall = np.mean([len(set(best[i]) & set(exact[i])) / K for i in range(len(queries))])
+        shard_recall = np.mean([len(set(found[s][0][i].tolist()) & exact_in_shard[i]) / K
+                                for i, s in enumerate(top_shard)])
+        if min(global_recall, shard_recall) >= target:
+            return ef
+    return 1024
+
+
+def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, probabilities: np.ndarray,
+                names: list[str], labels: np.ndarray, similarities: np.ndarray, seconds: float, config,
+                ef: int) -> list[QueryRow]:
+    from searcher.routing import plan_probability_routing as plan
+
+    count = len(query_vectors)
+    exact_global = np.argsort(-similarities, axis=1)[:, :K]
+    index_of = {name: i for i, name in enumerate(names)}
+    plans = {
+        "one shard (top-1 category)": [[names[int(p.argmax())]] for p in probabilities],
+        "adaptive (threshold 0.9, at most 4 shards)": [
+            [probe.category for probe in plan(list(zip(names, map(float, p))), set(names), config.routing_threshold,
+                                              config.routing_max_shards, K, ef)] for p in probabilities],
+        "all shards": [names for _ in range(count)],
+    }
+    routings = {
+        "one shard (top-1 category)": [routing_for(categories=shards) for shards in plans["one shard (top-1 category)"]],
+        "adaptive (threshold 0.9, at most 4 shards)": [routing_for(probabilities=list(zip(names, map(float, p))))
+                                                       for p in probabilities],
+        "all shards": [routing_for() for _ in range(count)],
+    }
+    rows = []
+    for mode, shard_lists in plans.items():
+        def local(i: int) -> list[int]:
+            found: list[tuple[float, int]] = []
+            for name in shard_lists[i]:
+                ids, distances = indexes[index_of[name]].knn_query(query_vectors[i][None], k=K, num_threads=1)
+                found.extend(zip(distances[0].tolist(), ids[0].tolist()))
+            return [item for _, item in sorted(found)[:K]]
+
+        def remote(i: int) -> list[int]:
+            hits = client.search(query_vectors[i], MODEL, K, routings[mode][i]).hits
+            return [int(hit.id.split("-")[1]) for hit in hits]
+
+        exact_probed = []
+        for i in range(count):
+            allowed = np.flatnonzero(np.isin(labels, [index_of[name] for name in shard_lists[i]]))
+            exact_probed.append(set(allowed[np.argsort(-similarities[i, allowed])[:K]].tolist()))
+        recalls = {}
+        for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
+            answers = [set(fn(i)) for i in range(count)]
+            recalls[path] = (np.mean([len(a & exact_probed[i]) / K for i, a in enumerate(answers)]),
+                             np.mean([len(a & set(exact_global[i].tolist())) / K for i, a in enumerate(answers)]))
+        mean_shards = float(np.mean([len(s) for s in shard_lists]))
+        for clients in (1, 8):
+            baseline = None
+            for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
+                counter = iter(range(1 << 62))
+                rate, latencies = measure(lambda: (fn(next(counter) % count), 1)[1], seconds, clients)
+                row = QueryRow(mode, path, clients, round(rate, 1), *p50_p99_ms(latencies),
+                               round(float(recalls[path][0]), 4), round(float(recalls[path][1]), 4), round(mean_shards, 2))
+                baseline = baseline or rate
+                row.ratio = round(rate / baseline, 3)
+                rows.append(row)
+    return rows
+
+
+def _print(report: dict) -> None:
+    rows = report.pop("rows")
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    print(f"\n{'routing':<44} {'path':<20} {'clients':>7} {'q/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'R@10 probed':>11} "
+          f"{'R@10 global':>11} {'shards':>6} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['routing']:<44} {r['path']:<20} {r['clients']:>7} {r['queries_per_second']:>9} {r['p50_ms']:>8} "
+              f"{r['p99_ms']:>8} {r['recall_probed']:>11} {r['recall_global']:>11} {r['mean_shards']:>6} {r['ratio']:>6}")

@@ -1,0 +1,37 @@
+"""Timing helpers shared by the benchmark commands."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def measure(call: Callable[[], int], seconds: float, clients: int) -> tuple[float, list[float]]:
+    """Runs `call` (which returns how many units of work it did) from `clients` threads for `seconds`.
+
+    Returns (units per second over the whole run, every call's latency in seconds).
+    """
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    counts = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def worker(index: int) -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            counts[index] += call()
+            latencies[index].append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    return sum(counts) / elapsed, [value for values in latencies for value in values]
+
+
+def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    return (round(float(np.percentile(latencies, 50)) * 1000, 3), round(float(np.percentile(latencies, 99)) * 1000, 3))

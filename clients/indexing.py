@@ -1,0 +1,114 @@
+"""Indexing a large labelled catalogue: batches, bounded concurrency, progress, resumable, with a summary."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from clients.catalog import LabelledImage
+from clients.lookalike import IndexResult, Lookalike
+
+
+@dataclass
+class IndexSummary:
+    indexed: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        lines = [f"indexed {self.indexed}, already indexed (skipped) {self.skipped}, failed {len(self.failed)} "
+                 f"in {self.seconds:.1f} s"]
+        lines += [f"  failed {item_id}: {reason}" for item_id, reason in self.failed[:20]]
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more")
+        return "\n".join(lines)
+
+
+class Journal:
+    """Ids acknowledged by the searcher, one per line, keyed by file size and mtime so a changed file is redone."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.done: set[str] = set()
+        if path is not None and path.is_file():
+            self.done = set(path.read_text(encoding="utf-8").splitlines())
+
+    @staticmethod
+    def key(image: LabelledImage) -> str:
+        stat = image.path.stat()
+        return f"{image.item_id}\t{stat.st_size}\t{stat.st_mtime_ns}"
+
+    def record(self, keys: Sequence[str]) -> None:
+        if self.path is None or not keys:
+            return
+        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(key + "\n" for key in keys))
+        self.done.update(keys)
+
+
+class _Progress:
+    def __init__(self, total: int, stream: TextIO | None) -> None:
+        self.total, self.stream, self.done, self.failed = total, stream, 0, 0
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def advance(self, done: int, failed: int) -> None:
+        with self._lock:
+            self.done += done
+            self.failed += failed
+            now = time.perf_counter()
+            if self.stream is None or (now - self._last < 0.5 and self.done < self.total):
+                return
+            self._last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            end = "\r" if self.stream.isatty() and self.done < self.total else "\n"
+            self.stream.write(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                              f"{rate:.0f} img/s, {self.failed} failed{end}")
+            self.stream.flush()
+
+
+def index_catalogue(lookalike: Lookalike, images: Sequence[LabelledImage], *, journal: Path | None = None,
+                    use_labels: bool = True, batch_size: int = 32, concurrency: int = 2,
+                    progress: TextIO | None = sys.stderr) -> IndexSummary:
+    """Embeds and stores every image not yet in the journal, `concurrency` batches at a time.
+
+    Idempotent: ids are upserted, and ids the journal records as stored (same file size and mtime) are
+    skipped, so an interrupted run resumes where it stopped. use_labels=False stores each image in its
+    predicted category instead of its folder's.
+    """
+    started = time.perf_counter()
+    record = Journal(journal)
+    if record.done and lookalike.searcher.stats().items == 0:
+        record.done.clear()  # the searcher was emptied since: the journal no longer says what is stored
+    keys = {image.item_id: Journal.key(image) for image in images}
+    pending = [image for image in images if keys[image.item_id] not in record.done]
+    summary = IndexSummary(skipped=len(images) - len(pending))
+    meter = _Progress(len(pending), progress)
+    batches = [pending[start:start + batch_size] for start in range(0, len(pending), batch_size)]
+
+    def run(batch: list[LabelledImage]) -> IndexResult:
+        try:
+            result = lookalike.index([image.path for image in batch], [image.item_id for image in batch],
+                                     categories=[image.category for image in batch] if use_labels else None,
+                                     attributes=[{"label": image.label, "path": str(image.path)} for image in batch])
+        except Exception as error:  # noqa: BLE001 - one failed batch must not stop the catalogue
+            result = IndexResult(failed=[(image.item_id, f"{type(error).__name__}: {error}") for image in batch])
+        record.record([keys[item_id] for item_id in result.indexed])
+        meter.advance(len(result.indexed), len(result.failed))
+        return result
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for result in pool.map(run, batches):
+            summary.indexed += len(result.indexed)
+            summary.failed.extend(result.failed)
+    summary.seconds = time.perf_counter() - started
+    return summary

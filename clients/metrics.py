@@ -1,0 +1,47 @@
+"""Retrieval metrics: AP@k (standard and seed 001's), precision@k, recall@k.
+
+`relevant` flags are the ranked hits' relevance (True where the hit matches the query's label);
+`total_relevant` is how many relevant items the catalogue holds for that query.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def average_precision(relevant: Sequence[bool], k: int, total_relevant: int) -> float:
+    """Standard AP@k: the sum of precision@i at each relevant rank i <= k, over min(k, total_relevant)."""
+    hits, total = 0, 0.0
+    for rank, is_relevant in enumerate(relevant[:k], start=1):
+        if is_relevant:
+            hits += 1
+            total += hits / rank
+    denominator = min(k, total_relevant)
+    return total / denominator if denominator else 0.0
+
+
+def average_precision_seed001(relevant: Sequence[bool], k: int) -> float:
+    """Seed 001's AP@k: the same sum divided by the number of relevant hits retrieved in the top k.
+
+    One relevant hit at rank 1 and nothing else scores 1.0, so it reads higher than standard AP.
+    """
+    hits, total = 0, 0.0
+    for rank, is_relevant in enumerate(relevant[:k], start=1):
+        if is_relevant:
+            hits += 1
+            total += hits / rank
+    return total / hits if hits else 0.0
+
+
+def precision_at(relevant: Sequence[bool], k: int) -> float:
+    """Relevant hits in the top k, over k."""
+    return sum(bool(r) for r in relevant[:k]) / k
+
+
+def recall_at(relevant: Sequence[bool], k: int, total_relevant: int) -> float:
+    """Relevant hits in the top k, over all relevant items in the catalogue."""
+    return sum(bool(r) for r in relevant[:k]) / total_relevant if total_relevant else 0.0
+
+
+def hit_at(relevant: Sequence[bool], k: int) -> float:
+    """1.0 when a relevant item is in the top k (the R@1 / top-k accuracy of the papers)."""
+    return 1.0 if any(relevant[:k]) else 0.0

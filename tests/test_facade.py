@@ -1,0 +1,169 @@
+"""The Lookalike facade, its asyncio twin, catalogue indexing and the CLI against real servers on port 0."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from clients.aio import AsyncLookalike
+from clients.catalog import LabelledImage
+from clients.connection import ChannelSettings
+from clients.indexing import index_catalogue
+from clients.lookalike import Lookalike
+from clients.searcher_client import SearcherClient
+from tests.conftest import ROOT, start_searcher
+from tests.test_clients import free_port
+
+
+@pytest.fixture()
+def services(embedder, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    started_embedder, _ = embedder
+    searcher, channel = start_searcher(tmp_path / "searcher", snapshot_interval=0)
+    yield f"127.0.0.1:{started_embedder.port}", f"127.0.0.1:{searcher.port}"
+    channel.close()
+    searcher.stop(None)
+
+
+def test_index_search_delete_search(services: tuple[str, str], grocery_val: list) -> None:
+    photos = grocery_val[:24]
+    with Lookalike(*services) as lookalike:
+        result = lookalike.index([p.path for p in photos], [p.item_id for p in photos], [p.category for p in photos],
+                                 [{"label": p.label} for p in photos])
+        assert sorted(result.indexed) == sorted(p.item_id for p in photos) and not result.failed
+        query = photos[5]
+        found = lookalike.search(query.path, k=5)
+        assert found.matches[0].id == query.item_id and found.matches[0].similarity > 0.9999
+        assert found.matches[0].attributes == {"label": query.label}
+        assert found.probes and found.categories[0][1] >= found.categories[1][1]
+        assert {m.category for m in found.matches} <= {p.category for p in found.probes}
+        everywhere = lookalike.search(query.path, k=5, routing="all")
+        assert len(everywhere.probes) == len({p.category for p in photos})
+        assert lookalike.delete([query.item_id]).deleted == 1
+        after = lookalike.search(query.path, k=24, routing="all")
+        assert query.item_id not in {m.id for m in after.matches} and len(after.matches) == 23
+
+
+def test_predicted_categories_and_bad_images(services: tuple[str, str], grocery_val: list, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with Lookalike(*services) as lookalike:
+        result = lookalike.index([grocery_val[0].path, bad], ["good", "bad"])
+        assert result.indexed == ["good"]
+        assert result.failed[0][0] == "bad" and "INVALID_ARGUMENT" in result.failed[0][1]
+        predicted = lookalike.embedder.embed([grocery_val[0].path], top_categories=1)[0].top_category
+        assert lookalike.search(grocery_val[0].path, k=1, routing="top1").matches[0].category == predicted
+
+
+def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list) -> None:
+    photos = grocery_val[30:46]
+    with Lookalike(*services) as lookalike:
+        lookalike.index([p.path for p in photos], [p.item_id for p in photos], [p.category for p in photos])
+        expected = [[(m.id, round(m.score, 5)) for m in lookalike.search(p.path, k=6).matches] for p in photos[:4]]
+
+    async def run() -> list:
+        async with AsyncLookalike(*services) as lookalike:
+            results = await asyncio.gather(*(lookalike.search(p.path, k=6) for p in photos[:4]))
+            return [[(m.id, round(m.score, 5)) for m in r.matches] for r in results]
+
+    assert asyncio.run(run()) == expected
+
+
+def test_client_started_before_its_server_succeeds_once_it_is_up(tmp_path: Path) -> None:
+    port = free_port()
+    settings = ChannelSettings(f"127.0.0.1:{port}", retries=10, backoff_initial=0.1, backoff_max=0.5, timeout=5)
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            with SearcherClient(settings) as client:
+                outcome["items"] = client.stats().items
+        except Exception as error:  # noqa: BLE001 - asserted below
+            outcome["error"] = error
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(1.0)
+    assert caller.is_alive(), "the call should still be retrying while no server listens"
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, address_override=f"127.0.0.1:{port}")
+    caller.join(20)
+    channel.close()
+    started.stop(None)
+    assert outcome == {"items": 0}
+
+
+def test_catalogue_indexing_resumes_and_reports_failures(services: tuple[str, str], grocery_val: list,
+                                                         tmp_path: Path) -> None:
+    bad = tmp_path / "Milk" / "corrupt.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image")
+    images = list(grocery_val[:40]) + [LabelledImage("Milk/corrupt", bad, "Milk", "Milk")]
+    journal = tmp_path / "journal.txt"
+    with Lookalike(*services) as lookalike:
+        first = index_catalogue(lookalike, images[:25], journal=journal, batch_size=8, progress=None)
+        assert (first.indexed, first.skipped, first.failed) == (25, 0, [])
+        second = index_catalogue(lookalike, images, journal=journal, batch_size=8, progress=None)
+        assert (second.indexed, second.skipped) == (15, 25)
+        assert [item_id for item_id, _ in second.failed] == ["Milk/corrupt"]
+        assert "not a readable image" in second.failed[0][1]
+        assert lookalike.searcher.stats().items == 40
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None:
+    from tests.conftest import CLOTHING
+
+    if not CLOTHING.is_dir():
+        pytest.skip("clothing-small not found (../shared/datasets is absent)")
+    embedder_address, searcher_address = services
+    catalogue = tmp_path / "catalogue"
+    for category in ("hat", "shoes"):
+        (catalogue / category).mkdir(parents=True)
+        for photo in sorted((CLOTHING / "validation" / category).glob("*.jpg"))[:6]:
+            (catalogue / category / photo.name).write_bytes(photo.read_bytes())
+    indexed = run_cli("index", str(catalogue), "--embedder", embedder_address, "--searcher", searcher_address,
+                      "--journal", str(tmp_path / "journal"), "--json")
+    assert indexed.returncode == 0, indexed.stderr
+    assert json.loads(indexed.stdout)["indexed"] == 12
+    query = next((catalogue / "shoes").glob("*.jpg"))
+    found = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address, "-k", "3",
+                    "--routing", "all", "--json")
+    assert found.returncode == 0, found.stderr
+    matches = json.loads(found.stdout)["matches"]
+    assert matches[0]["id"] == f"shoes/{query.stem}" and len(matches) == 3
+    text = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address)
+    assert text.returncode == 0 and "probed:" in text.stdout and f"shoes/{query.stem}" in text.stdout
+    unreachable = run_cli("search", str(query), "--embedder", f"127.0.0.1:{free_port()}", "--searcher",
+                          searcher_address, timeout=120)
+    assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+
+
+@pytest.mark.slow
+def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
+    """What `make demo` runs, on 300 Fashion-MNIST images, twice (the second run reuses model and index)."""
+    from clients.fashion_mnist import DEBIAN_DIR
+
+    if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed (make setup installs it)")
+    args = ["demo", "--workdir", str(tmp_path), "--catalog-size", "300", "--query-count", "20",
+            "--head-per-category", "20"]
+    first = run_cli(*args, "--json")
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads(first.stdout[first.stdout.index("{"):])
+    assert report["catalogue_items"] == 300 and report["indexed_now"] == 300 and report["queries"] == 20
+    assert 0.0 < report["mAP@10"] <= 1.0 and report["routing_recall"] > 0.5
+    assert Path(report["contact_sheet"]).is_file()
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "already_indexed: 300" in second.stdout and "query " in second.stdout and "mAP@10:" in second.stdout

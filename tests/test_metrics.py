@@ -1,0 +1,31 @@
+"""Retrieval metrics against hand-computed cases."""
+from __future__ import annotations
+
+import pytest
+
+from clients.metrics import average_precision, average_precision_seed001, hit_at, precision_at, recall_at
+
+
+def test_standard_average_precision() -> None:
+    # Relevant at ranks 1, 3 and 6; 4 relevant items exist; k = 5 counts ranks 1 and 3 only.
+    ranked = [True, False, True, False, False, True]
+    assert average_precision(ranked, 5, total_relevant=4) == pytest.approx((1 / 1 + 2 / 3) / 4)
+    assert average_precision(ranked, 10, total_relevant=4) == pytest.approx((1 + 2 / 3 + 3 / 6) / 4)
+    # Fewer relevant items than k: divide by what exists, so a perfect ranking scores 1.
+    assert average_precision([True, True, False], 10, total_relevant=2) == pytest.approx(1.0)
+    assert average_precision([False, False], 10, total_relevant=0) == 0.0
+
+
+def test_seed001_average_precision_divides_by_hits_retrieved() -> None:
+    assert average_precision_seed001([True] + [False] * 9, 10) == 1.0
+    assert average_precision([True] + [False] * 9, 10, total_relevant=50) == pytest.approx(0.1)
+    assert average_precision_seed001([False, True, True], 10) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert average_precision_seed001([False] * 5, 10) == 0.0
+
+
+def test_precision_recall_and_hit() -> None:
+    ranked = [False, True, True, False]
+    assert precision_at(ranked, 4) == 0.5
+    assert precision_at(ranked, 10) == pytest.approx(0.2), "missing ranks count as misses"
+    assert recall_at(ranked, 2, total_relevant=4) == 0.25
+    assert hit_at(ranked, 1) == 0.0 and hit_at(ranked, 2) == 1.0
