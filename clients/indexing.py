@@ -58,19 +58,25 @@ class _Progress:
         self.started = time.perf_counter()
         self._lock = threading.Lock()
         self._last = 0.0
+        self._last_tenth = 0
+        self._tty = stream is not None and stream.isatty()
 
     def advance(self, done: int, failed: int) -> None:
         with self._lock:
             self.done += done
             self.failed += failed
             now = time.perf_counter()
-            if self.stream is None or (now - self._last < 0.5 and self.done < self.total):
+            finished = self.done + self.failed >= self.total
+            tenth = int(10 * (self.done + self.failed) / max(self.total, 1))
+            # A terminal gets a live bar; a log file a line per tenth of the work.
+            due = (now - self._last >= 0.5) if self._tty else tenth > self._last_tenth
+            if self.stream is None or not (due or finished):
                 return
-            self._last = now
+            self._last, self._last_tenth = now, tenth
             rate = self.done / max(now - self.started, 1e-9)
             width = 30
             filled = int(width * self.done / max(self.total, 1))
-            end = "\r" if self.stream.isatty() and self.done < self.total else "\n"
+            end = "\r" if self._tty and not finished else "\n"
             self.stream.write(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
                               f"{rate:.0f} img/s, {self.failed} failed{end}")
             self.stream.flush()

@@ -167,3 +167,26 @@ def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "already_indexed: 300" in second.stdout and "query " in second.stdout and "mAP@10:" in second.stdout
+
+
+def test_cli_export_builds_a_verified_model(tmp_path: Path) -> None:
+    from tests.conftest import CLOTHING
+
+    if not CLOTHING.is_dir():
+        pytest.skip("clothing-small not found (../shared/datasets is absent)")
+    result = run_cli("export", "--catalog", str(CLOTHING / "train"), "--max-per-category", "3", "--out",
+                     str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "10 categories" in result.stdout
+    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and len(manifest["labels"]) == 10
+
+
+def test_cli_bench_searcher_prints_ratios() -> None:
+    result = run_cli("bench", "searcher", "--items", "3000", "--dimension", "32", "--seconds", "0.3", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["items"] == 3000 and report["restart_from_snapshots_seconds"] > 0
+    assert {row["routing"] for row in report["rows"]} == {"one shard (top-1 category)",
+                                                         "adaptive (threshold 0.9, at most 4 shards)", "all shards"}
+    assert all(row["ratio"] > 0 and row["recall_probed"] >= 0.9 for row in report["rows"])
