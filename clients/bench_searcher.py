@@ -80,7 +80,7 @@ def _rss_bytes(pid: int) -> int:
 def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: int = 20, queries: int = 1000,
                        seconds: float = 5.0, as_json: bool = False) -> int:
     from searcher.config import SearcherConfig
-    from searcher.routing import plan_probability_routing
+    from lookalike.routing import plan_probability_routing
 
     config = SearcherConfig(data_dir=Path("."))
     vectors, labels, centres = synthetic(count + queries, dimension, categories, offset=0.35, spread=1.1, seed=0)
@@ -173,7 +173,7 @@ def _smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: n
 def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, probabilities: np.ndarray,
                 names: list[str], labels: np.ndarray, similarities: np.ndarray, seconds: float, config,
                 ef: int) -> list[QueryRow]:
-    from searcher.routing import plan_probability_routing as plan
+    from lookalike.routing import plan_probability_routing as plan
 
     count = len(query_vectors)
     exact_global = np.argsort(-similarities, axis=1)[:, :K]

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence, Union
 from clients.connection import ChannelSettings, library_error
 from clients.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
 from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+from clients.sharded import ShardedSearcherClient
 from lookalike.v1 import searcher_pb2
 
 # "adaptive": probe shards by the embedder's probabilities; "top1": only the most probable category;
@@ -108,11 +109,14 @@ def search_result(embedded: EmbeddedImage, response: searcher_pb2.SearchResponse
 class Lookalike:
     """Sync facade over an embedder and a searcher. Use as a context manager to close both channels."""
 
-    def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings, *, threshold: float = 0.0,
-                 max_shards: int = 0, prior_weight: float = 0.0) -> None:
-        """threshold / max_shards 0 take the searcher's defaults; prior_weight 0 merges by cosine alone."""
+    def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings | Sequence[str],
+                 *, threshold: float = 0.0, max_shards: int = 0, prior_weight: float = 0.0) -> None:
+        """`searcher` is one address, or a list of searcher pods in StatefulSet ordinal order (sharded by
+        category, see clients.sharded). threshold / max_shards 0 take the searcher's defaults;
+        prior_weight 0 merges by cosine alone."""
         self.embedder = EmbedderClient(embedder)
-        self.searcher = SearcherClient(searcher)
+        self.searcher = (ShardedSearcherClient(searcher) if isinstance(searcher, (list, tuple))
+                         else SearcherClient(searcher))
         self.threshold, self.max_shards, self.prior_weight = threshold, max_shards, prior_weight
         self._model_id: str | None = None
 

@@ -15,12 +15,21 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from prometheus_client import Gauge, Histogram
 
 from lookalike.service import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 Inference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+BATCH_IMAGES = Histogram("lookalike_embedder_batch_images", "Images per inference batch",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+QUEUE_DELAY = Histogram("lookalike_embedder_queue_delay_seconds", "Wait of a batch's oldest job before inference",
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1))
+INFERENCE = Histogram("lookalike_embedder_inference_seconds", "Model time per batch",
+                      buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+QUEUED_IMAGES = Gauge("lookalike_embedder_queued_images", "Images waiting for inference")
 
 
 @dataclass
@@ -71,6 +80,7 @@ class MicroBatcher:
                     f"exceed the limit of {self._max_queued}; retry later or add replicas")
             self._jobs.extend(jobs)
             self._queued_images += len(images)
+            QUEUED_IMAGES.set(self._queued_images)
             self._condition.notify()
         results = [job.future.result(timeout) for job in jobs]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
@@ -100,6 +110,7 @@ class MicroBatcher:
                 batch.append(job)
                 size += len(job.images)
             self._queued_images -= size
+            QUEUED_IMAGES.set(self._queued_images)
             return batch
 
     def _loop(self) -> None:
@@ -120,6 +131,9 @@ class MicroBatcher:
             self.stats.batches += 1
             self.stats.images += len(images)
             self.stats.queue_delay_seconds += delay
+            BATCH_IMAGES.observe(len(images))
+            QUEUE_DELAY.observe(delay)
+            INFERENCE.observe(time.monotonic() - started)
             offset = 0
             for job in batch:
                 count = len(job.images)

@@ -1,11 +1,11 @@
 """The embedder's settings: one frozen dataclass, from command-line flags with LOOKALIKE_EMBEDDER_* env fallbacks."""
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from lookalike.settings import parse_config
 
 ENV_PREFIX = "LOOKALIKE_EMBEDDER_"
 PROVIDERS = ("tensorrt", "cuda", "cpu")
@@ -36,6 +36,12 @@ class EmbedderConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 16
     grace_seconds: float = 5.0
+    # Prometheus /metrics HTTP port; 0 serves none.
+    metrics_port: int = 0
+    # TLS for the gRPC port, and a plaintext health-only port (kubelet's grpc probes speak no TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    health_address: str = ""
     # TensorRT engine cache, so a restart does not rebuild engines (minutes on big models).
     tensorrt_cache_dir: Path | None = None
     tensorrt_fp16: bool = True
@@ -52,35 +58,29 @@ class EmbedderConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "EmbedderConfig":
         """Flags override LOOKALIKE_EMBEDDER_<FLAG> environment variables, which override defaults."""
-        defaults = cls(model_dir=Path("."))
-        env = lambda name, default: os.environ.get(ENV_PREFIX + name.upper(), default)  # noqa: E731
-        parser = argparse.ArgumentParser(prog="python -m embedder", description="Serve the Lookalike Embedder over gRPC.")
-        parser.add_argument("--model", dest="model_dir", type=Path, default=env("model", None),
-                            required=env("model", None) is None, help="model folder (model.onnx + manifest.json)")
-        parser.add_argument("--address", default=env("address", defaults.address), help="host:port to listen on")
-        parser.add_argument("--providers", default=env("providers", ",".join(defaults.providers)),
-                            help="comma-separated execution providers in priority order: tensorrt,cuda,cpu")
-        for name, kind, text in [
-            ("threads", int, "ONNX Runtime intra-op threads (0: one per core)"),
-            ("max_batch", int, "largest inference batch"),
-            ("max_delay_ms", float, "longest wait for a batch to fill, in ms"),
-            ("max_queued_images", int, "images waiting beyond which requests are refused"),
-            ("decode_workers", int, "image decoding threads"),
-            ("max_images_per_request", int, "images per Embed request"),
-            ("max_image_bytes", int, "bytes per encoded image"),
-            ("max_image_pixels", int, "pixels per image (decompression-bomb guard)"),
-            ("max_message_bytes", int, "largest gRPC message"),
-            ("grpc_workers", int, "gRPC handler threads"),
-            ("grace_seconds", float, "drain time on SIGTERM"),
-        ]:
-            flag = "--" + name.replace("_", "-")
-            parser.add_argument(flag, dest=name, type=kind, default=kind(env(name, getattr(defaults, name))), help=text)
-        parser.add_argument("--tensorrt-cache-dir", type=Path, default=env("tensorrt_cache_dir", None),
-                            help="where TensorRT keeps built engines between restarts")
-        parser.add_argument("--tensorrt-fp16", action=argparse.BooleanOptionalAction,
-                            default=env("tensorrt_fp16", "1") not in ("0", "false", "no"),
-                            help="let TensorRT run layers in fp16")
-        args = parser.parse_args(argv)
-        values = vars(args)
-        values["providers"] = tuple(p.strip().lower() for p in values["providers"].split(",") if p.strip())
-        return cls(**values)
+        return parse_config(cls, argv, prog="python -m embedder", description="Serve the Lookalike Embedder over gRPC.",
+                            env_prefix=ENV_PREFIX, flags={"model_dir": "model"}, helps=HELP)
+
+
+HELP = {
+    "model_dir": "model folder (model.onnx + manifest.json)",
+    "address": "host:port to listen on (port 0 picks one, printed at start)",
+    "providers": "comma-separated execution providers in priority order: tensorrt,cuda,cpu",
+    "threads": "ONNX Runtime intra-op threads (0: one per core)",
+    "max_batch": "largest inference batch",
+    "max_delay_ms": "extra wait for a batch to fill, in ms",
+    "max_queued_images": "images waiting beyond which requests are refused",
+    "decode_workers": "image decoding threads",
+    "max_images_per_request": "images per Embed request",
+    "max_image_bytes": "bytes per encoded image",
+    "max_image_pixels": "pixels per image (decompression-bomb guard)",
+    "max_message_bytes": "largest gRPC message",
+    "grpc_workers": "gRPC handler threads",
+    "grace_seconds": "drain time on SIGTERM",
+    "tensorrt_cache_dir": "where TensorRT keeps built engines between restarts",
+    "tensorrt_fp16": "let TensorRT run layers in fp16",
+    "metrics_port": "Prometheus /metrics port (0: none)",
+    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
+    "tls_key": "PEM private key for --tls-cert",
+    "health_address": "extra plaintext host:port serving only grpc.health.v1 (for kubelet probes under TLS)",
+}

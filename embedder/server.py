@@ -11,7 +11,8 @@ from embedder.config import EmbedderConfig
 from embedder.model import OnnxModel
 from embedder.pipeline import EmbeddingPipeline
 from embedder.servicer import EmbedderServicer
-from lookalike.service import bind, build_server
+from lookalike.metrics import serve_metrics
+from lookalike.service import bind, build_server, start_health_server
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class EmbedderServer:
     port: int
     health: health.HealthServicer
     pipeline: EmbeddingPipeline
+    health_server: grpc.Server | None = None
 
     @property
     def serving(self) -> bool:
@@ -35,6 +37,8 @@ class EmbedderServer:
     def stop(self, grace: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None)
         self.pipeline.close()
 
 
@@ -49,7 +53,7 @@ def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
                                            service_names=[SERVICE_NAME])
     servicer = EmbedderServicer(config)
     embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
-    port = bind(server, config.address)
+    port = bind(server, config.address, config.tls_cert, config.tls_key)
     server.start()
     try:
         model = OnnxModel(config)
@@ -59,7 +63,9 @@ def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
         raise
     pipeline = EmbeddingPipeline(model, config)
     servicer.attach(pipeline)
-    started = EmbedderServer(server, port, health_servicer, pipeline)
+    serve_metrics(config.metrics_port)
+    health_server = start_health_server(health_servicer, config.health_address)[0] if config.health_address else None
+    started = EmbedderServer(server, port, health_servicer, pipeline, health_server)
     if started.serving:
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

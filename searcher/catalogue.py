@@ -20,7 +20,8 @@ import numpy as np
 
 from lookalike.service import FailedPrecondition, InvalidArgument
 from searcher.config import SearcherConfig
-from searcher.routing import Probe, plan_all, plan_explicit, plan_probability_routing
+from searcher.metrics import SHARD_PROBES
+from lookalike.routing import Probe, plan_all, plan_explicit, plan_probability_routing
 from searcher.shard import IndexSettings, Shard
 from searcher.store import ItemWrite, Store
 
@@ -267,6 +268,7 @@ class Catalogue:
         prior = 0.0
         if query.mode == "probabilities" and query.prior_weight:
             prior = query.prior_weight * math.log(max(probe.probability, _MIN_PROBABILITY))
+        SHARD_PROBES.labels(shard.category).inc()
         started = time.perf_counter()
         found = shard.search(query.vector, query.k, probe.ef)
         outcome.probes.append(ProbeReport(probe.category, probe.probability, query.k, max(probe.ef, query.k),

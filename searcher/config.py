@@ -1,11 +1,11 @@
 """The searcher's settings: one frozen dataclass, from command-line flags with LOOKALIKE_SEARCHER_* env fallbacks."""
 from __future__ import annotations
 
-import argparse
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from lookalike.settings import parse_config
 
 ENV_PREFIX = "LOOKALIKE_SEARCHER_"
 
@@ -34,6 +34,12 @@ class SearcherConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 16
     grace_seconds: float = 10.0
+    # Prometheus /metrics HTTP port; 0 serves none.
+    metrics_port: int = 0
+    # TLS for the gRPC port, and a plaintext health-only port (kubelet's grpc probes speak no TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    health_address: str = ""
 
     def __post_init__(self) -> None:
         for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
@@ -46,18 +52,9 @@ class SearcherConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "SearcherConfig":
         """Flags override LOOKALIKE_SEARCHER_<FLAG> environment variables, which override defaults."""
-        parser = argparse.ArgumentParser(prog="python -m searcher", description="Serve the Lookalike Searcher over gRPC.")
-        data_env = os.environ.get(ENV_PREFIX + "DATA")
-        parser.add_argument("--data", dest="data_dir", type=Path, default=data_env, required=data_env is None,
-                            help="data folder: the SQLite database and the index snapshots")
-        defaults = cls(data_dir=Path("."))
-        for field in fields(cls):
-            if field.name == "data_dir":
-                continue
-            default = getattr(defaults, field.name)
-            kind = type(default)
-            env_value = os.environ.get(ENV_PREFIX + field.name.upper())
-            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                                default=kind(env_value) if env_value is not None else default,
-                                help=f"(default {default}; env {ENV_PREFIX}{field.name.upper()})")
-        return cls(**vars(parser.parse_args(argv)))
+        return parse_config(cls, argv, prog="python -m searcher", description="Serve the Lookalike Searcher over gRPC.",
+                            env_prefix=ENV_PREFIX, flags={"data_dir": "data"},
+                            helps={"data_dir": "data folder: the SQLite database and the index snapshots",
+                                   "tls_cert": "PEM certificate chain: serve gRPC over TLS",
+                                   "tls_key": "PEM private key for --tls-cert",
+                                   "health_address": "extra plaintext host:port serving only grpc.health.v1"})

@@ -1,7 +1,7 @@
 """Shard planning: the probed set is exactly what the routing rule says."""
 from __future__ import annotations
 
-from searcher.routing import Probe, plan_all, plan_explicit, plan_probability_routing
+from lookalike.routing import Probe, plan_all, plan_explicit, plan_probability_routing
 
 SHARDS = {"apple", "pear", "milk", "juice"}
 

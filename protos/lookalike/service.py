@@ -6,11 +6,14 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from lookalike.metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,8 @@ def build_server(
     max_message_bytes: int,
     service_names: Iterable[str],
 ) -> tuple[grpc.Server, health.HealthServicer]:
-    """A gRPC server with message-size limits, grpc.health.v1 (NOT_SERVING for now) and reflection.
+    """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now)
+    and reflection.
 
     The caller adds its servicers, binds a port and flips health to SERVING once it is ready.
     """
@@ -78,7 +82,8 @@ def build_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                         interceptors=[MetricsInterceptor()])
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
@@ -88,12 +93,30 @@ def build_server(
     return server, health_servicer
 
 
-def bind(server: grpc.Server, address: str) -> int:
-    """Binds an insecure port ("host:0" picks a free one) and returns the port number."""
-    port = server.add_insecure_port(address)
+def bind(server: grpc.Server, address: str, tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
+    """Binds a port ("host:0" picks a free one), with TLS when a certificate and key are given."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both or neither")
+    if tls_cert is not None and tls_key is not None:
+        credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     return port
+
+
+def start_health_server(health_servicer: health.HealthServicer, address: str) -> tuple[grpc.Server, int]:
+    """A plaintext server answering only grpc.health.v1 from the main server's health servicer.
+
+    Kubelet's native grpc probes speak no TLS, so a TLS server needs this beside it for its probes.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = bind(server, address)
+    server.start()
+    return server, port
 
 
 def serve_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, grace_seconds: float,

@@ -1,4 +1,4 @@
-"""Which shards a search probes, and with how much effort.
+"""The routing rule, shared by the searcher and the sharded client: which shards a search probes.
 
 Probability routing probes categories in order of the classifier's probability until the probed mass
 reaches the threshold or the shard cap. Each probed shard returns its own top k and the merge keeps the

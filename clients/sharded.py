@@ -1,0 +1,154 @@
+"""Several searcher pods as one searcher: categories are assigned to pods by rendezvous hashing.
+
+When one pod cannot hold the catalogue, the searcher runs as a StatefulSet of n pods and category c
+lives on pod argmax_i sha256(c, i) (highest-random-weight hashing over the ordinals 0..n-1): every client
+computes the same owner with no coordination, and growing from n to n+1 pods moves only the ~1/(n+1)
+of categories the new pod wins. This client routes writes to owners and fans searches out, planning
+probability routing exactly as a single searcher does (lookalike.routing) and merging by score, so the
+answers equal those of one searcher holding everything.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+
+from clients.connection import ChannelSettings
+from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.routing import plan_all, plan_probability_routing
+from lookalike.v1 import common_pb2, searcher_pb2
+
+DEFAULT_THRESHOLD, DEFAULT_MAX_SHARDS = 0.9, 4  # the searcher's defaults (searcher/config.py)
+
+
+def owner_of(category: str, pods: int) -> int:
+    """The ordinal of the pod that owns `category` (rendezvous hashing)."""
+    return max(range(pods), key=lambda ordinal: hashlib.sha256(f"{category}\0{ordinal}".encode()).digest())
+
+
+def statefulset_targets(name: str, replicas: int, port: int = 50052, namespace: str = "default",
+                        service: str | None = None) -> list[str]:
+    """Stable per-pod DNS names behind a StatefulSet's headless service: NAME-i.SERVICE.NAMESPACE.svc:PORT."""
+    return [f"{name}-{i}.{service or name}.{namespace}.svc:{port}" for i in range(replicas)]
+
+
+class ShardedSearcherClient:
+    """SearcherClient's API over several pods (targets in StatefulSet ordinal order)."""
+
+    def __init__(self, targets: Sequence[str | ChannelSettings], threshold: float = DEFAULT_THRESHOLD,
+                 max_shards: int = DEFAULT_MAX_SHARDS) -> None:
+        if not targets:
+            raise ValueError("targets is empty, expected one address per searcher pod")
+        self.pods = [SearcherClient(target) for target in targets]
+        self.threshold, self.max_shards = threshold, max_shards
+        self._pool = ThreadPoolExecutor(max_workers=len(self.pods), thread_name_prefix="pods")
+        self._categories: set[str] | None = None
+
+    def owner(self, category: str) -> SearcherClient:
+        return self.pods[owner_of(category, len(self.pods))]
+
+    def _fan_out(self, calls: dict[int, object]) -> dict[int, object]:
+        futures = {pod: self._pool.submit(call) for pod, call in calls.items()}
+        return {pod: future.result() for pod, future in futures.items()}
+
+    def categories(self, refresh: bool = False) -> set[str]:
+        """Categories that have a shard on some pod (cached; writes through this client keep it current)."""
+        if self._categories is None or refresh:
+            stats = self._fan_out({i: pod.stats for i, pod in enumerate(self.pods)})
+            self._categories = {shard.category for response in stats.values() for shard in response.shards}
+        return self._categories
+
+    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
+        """Each item goes to its category's owner; its id is removed from every other pod, so an item whose
+        new category lives elsewhere moves instead of being duplicated."""
+        positions: dict[int, list[int]] = defaultdict(list)
+        for position, item in enumerate(items):
+            positions[owner_of(item.category, len(self.pods))].append(position)
+        responses = self._fan_out({pod: (lambda pod=pod, members=members: self.pods[pod].upsert(
+            [items[i] for i in members], timeout)) for pod, members in positions.items()})
+        statuses: list[common_pb2.ItemStatus] = [common_pb2.ItemStatus()] * len(items)
+        for pod, members in positions.items():
+            for position, status in zip(members, responses[pod].statuses):
+                statuses[position] = status
+        stored = {pod: [items[i].id for i, status in zip(members, responses[pod].statuses) if status.code == 0]
+                  for pod, members in positions.items()}
+        strays = {other: ids for other in range(len(self.pods))
+                  if (ids := [i for pod, owned in stored.items() if pod != other for i in owned])}
+        self._fan_out({pod: (lambda pod=pod, ids=ids: self.pods[pod].delete(ids, timeout))
+                       for pod, ids in strays.items()})
+        self.categories().update(items[i].category for members in positions.values() for i in members)
+        return searcher_pb2.UpsertResponse(statuses=statuses, sequence=max(r.sequence for r in responses.values()))
+
+    def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
+        """Deletes on every pod (an id's category, and so its pod, is not known here)."""
+        responses = self._fan_out({i: (lambda pod=pod: pod.delete(ids, timeout)) for i, pod in enumerate(self.pods)})
+        missing_everywhere = set.intersection(*(set(r.missing) for r in responses.values()))
+        return searcher_pb2.DeleteResponse(deleted=sum(r.deleted for r in responses.values()),
+                                           missing=[i for i in dict.fromkeys(ids) if i in missing_everywhere],
+                                           sequence=max(r.sequence for r in responses.values()))
+
+    def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
+               ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
+        routing = routing or routing_for()
+        mode = routing.WhichOneof("mode") or "all"
+        existing = self.categories()
+        prior_weight = 0.0
+        if mode == "explicit":
+            wanted = list(dict.fromkeys(routing.explicit.categories))
+            probes = [(c, 1.0) for c in wanted if c in existing]
+            unknown = [c for c in wanted if c not in existing]
+        else:
+            unknown = []
+            if mode == "probabilities":
+                spec = routing.probabilities
+                prior_weight = spec.prior_weight
+                plan = plan_probability_routing([(c.category, c.probability) for c in spec.categories], existing,
+                                                spec.threshold or self.threshold, spec.max_shards or self.max_shards,
+                                                k, 1)
+                probes = [(p.category, p.probability) for p in plan] or [(c, 0.0) for c in sorted(existing)]
+            else:
+                probes = [(p.category, 0.0) for p in plan_all(existing, 1)]
+        per_pod: dict[int, list[tuple[str, float]]] = defaultdict(list)
+        for category, probability in probes:
+            per_pod[owner_of(category, len(self.pods))].append((category, probability))
+
+        def pod_routing(entries: list[tuple[str, float]]) -> searcher_pb2.Routing:
+            if mode == "probabilities" and any(p > 0 for _, p in entries):
+                # The plan is made: the pod probes exactly these (threshold 1 and a cap of their number).
+                return routing_for(probabilities=entries, threshold=1.0, max_shards=len(entries),
+                                   prior_weight=prior_weight)
+            return routing_for(categories=[c for c, _ in entries])
+
+        responses = self._fan_out({pod: (lambda pod=pod, entries=entries: self.pods[pod].search(
+            vector, model_id, k, pod_routing(entries), ef, timeout)) for pod, entries in per_pod.items()})
+        hits = sorted((hit for r in responses.values() for hit in r.hits), key=lambda hit: -hit.score)
+        order = {category: rank for rank, (category, _) in enumerate(probes)}
+        merged = searcher_pb2.SearchResponse(unknown_categories=unknown)
+        seen: set[str] = set()
+        for hit in hits:
+            if hit.id not in seen and len(merged.hits) < k:
+                seen.add(hit.id)
+                merged.hits.append(hit)
+        merged.probes.extend(sorted((p for r in responses.values() for p in r.probes), key=lambda p: order[p.category]))
+        return merged
+
+    def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
+        responses = self._fan_out({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)})
+        merged = searcher_pb2.GetStatsResponse(items=sum(r.items for r in responses.values()),
+                                               sequence=max(r.sequence for r in responses.values()))
+        merged.shards.extend(sorted((s for r in responses.values() for s in r.shards), key=lambda s: s.category))
+        return merged
+
+    def close(self) -> None:
+        for pod in self.pods:
+            pod.close()
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> "ShardedSearcherClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,27 @@
+# Embedder, GPU: onnxruntime-gpu (CUDA and TensorRT execution providers) on a CUDA + cuDNN runtime.
+# Build from the repository root: docker build -f deploy/docker/embedder-gpu.Dockerfile -t lookalike-embedder-gpu:0.1.0 .
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12.3-1ubuntu0.8 python3.12-venv=3.12.3-1ubuntu0.8 \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3.12 -m venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY protos /src/protos
+COPY embedder /src/embedder
+COPY searcher /src/searcher
+COPY exporter /src/exporter
+COPY clients /src/clients
+# The embedder-gpu extra names onnxruntime-gpu instead of onnxruntime: they share one module.
+RUN /opt/venv/bin/pip install "/src[embedder-gpu]"
+
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12.3-1ubuntu0.8 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOOKALIKE_EMBEDDER_MODEL=/models/current \
+    LOOKALIKE_EMBEDDER_PROVIDERS=tensorrt,cuda,cpu LOOKALIKE_EMBEDDER_TENSORRT_CACHE_DIR=/cache/tensorrt
+USER 10001:10001
+EXPOSE 50051 9100
+ENTRYPOINT ["python", "-m", "embedder"]

@@ -1,0 +1,21 @@
+# Embedder, CPU: ONNX Runtime on the CPU execution provider.
+# Build from the repository root: docker build -f deploy/docker/embedder.Dockerfile -t lookalike-embedder:0.1.0 .
+FROM python:3.11.7-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY protos /src/protos
+COPY embedder /src/embedder
+COPY searcher /src/searcher
+COPY exporter /src/exporter
+COPY clients /src/clients
+RUN /opt/venv/bin/pip install "/src[embedder]"
+
+FROM python:3.11.7-slim-bookworm
+RUN groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOOKALIKE_EMBEDDER_MODEL=/models/current
+USER 10001:10001
+# 50051: gRPC (Embedder, grpc.health.v1, reflection); 9100: Prometheus /metrics.
+EXPOSE 50051 9100
+ENTRYPOINT ["python", "-m", "embedder"]

@@ -1,0 +1,25 @@
+# Searcher: hnswlib shards over SQLite. hnswlib compiles from source; HNSWLIB_NO_NATIVE=1 keeps it off
+# -march=native so the image runs on any x86-64 node, not only on CPUs like the build machine's.
+# Build from the repository root: docker build -f deploy/docker/searcher.Dockerfile -t lookalike-searcher:0.1.0 .
+FROM python:3.11.7-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HNSWLIB_NO_NATIVE=1
+RUN apt-get update && apt-get install -y --no-install-recommends g++=4:12.2.0-3 && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY protos /src/protos
+COPY embedder /src/embedder
+COPY searcher /src/searcher
+COPY exporter /src/exporter
+COPY clients /src/clients
+RUN /opt/venv/bin/pip install "/src[searcher]"
+
+FROM python:3.11.7-slim-bookworm
+RUN groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike \
+    && mkdir /data && chown 10001:10001 /data
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOOKALIKE_SEARCHER_DATA=/data
+USER 10001:10001
+VOLUME /data
+# 50052: gRPC (Searcher, grpc.health.v1, reflection); 9100: Prometheus /metrics.
+EXPOSE 50052 9100
+ENTRYPOINT ["python", "-m", "searcher"]

@@ -1,0 +1,49 @@
+"""Prometheus metrics shared by both servers: per-RPC counts and latency by status, and the HTTP exporter."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import grpc
+from prometheus_client import Counter, Histogram, start_http_server
+
+RPC_REQUESTS = Counter("lookalike_rpc_requests_total", "RPCs handled, by method and status code",
+                       ["method", "code"])
+RPC_LATENCY = Histogram("lookalike_rpc_latency_seconds", "RPC handling time, by method and status code",
+                        ["method", "code"],
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every unary RPC, labelled with the status code it ended with."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return inner(request, context)
+            except Exception:
+                code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            finally:
+                if code == "OK" and context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code().name
+                RPC_REQUESTS.labels(method, code).inc()
+                RPC_LATENCY.labels(method, code).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+def serve_metrics(port: int) -> int:
+    """Starts the /metrics HTTP endpoint (port 0: none); returns the port."""
+    if port:
+        start_http_server(port)
+    return port

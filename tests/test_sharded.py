@@ -1,0 +1,91 @@
+"""Scale-out: three real searcher processes behind the sharded client answer exactly like one searcher."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.processes import running_service
+from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+from clients.sharded import ShardedSearcherClient, owner_of, statefulset_targets
+from tests.conftest import start_searcher
+
+EXHAUSTIVE_EF = 400  # above every grocery shard's size: both sides search exactly, so answers must match
+
+
+def test_rendezvous_hashing_is_stable_and_moves_little() -> None:
+    categories = [f"category-{i}" for i in range(400)]
+    three = [owner_of(c, 3) for c in categories]
+    assert three == [owner_of(c, 3) for c in categories]
+    assert set(three) == {0, 1, 2} and min(three.count(i) for i in range(3)) > 100
+    four = [owner_of(c, 4) for c in categories]
+    moved = [c for c, a, b in zip(categories, three, four) if a != b]
+    assert all(owner_of(c, 4) == 3 for c in moved), "growing only moves categories to the new pod"
+    assert 60 < len(moved) < 140
+    assert statefulset_targets("searcher", 2, namespace="shop") == [
+        "searcher-0.searcher.shop.svc:50052", "searcher-1.searcher.shop.svc:50052"]
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory, grocery_embeddings: dict):
+    data = grocery_embeddings
+    items = [CatalogueItem(image.item_id, image.category, vector, data["model_id"], {"label": image.label})
+             for image, vector in zip(data["catalogue"], data["catalogue_vectors"])]
+    with ExitStack() as stack:
+        ports = [stack.enter_context(running_service("searcher", ["--data", str(tmp_path_factory.mktemp(f"pod{i}"))]))[1]
+                 for i in range(3)]
+        single_server, channel = start_searcher(tmp_path_factory.mktemp("single"), snapshot_interval=0)
+        stack.callback(single_server.stop, None)
+        stack.callback(channel.close)
+        single = stack.enter_context(SearcherClient(f"127.0.0.1:{single_server.port}"))
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{port}" for port in ports]))
+        for start in range(0, len(items), 500):
+            assert all(s.code == 0 for s in single.upsert(items[start:start + 500]).statuses)
+            assert all(s.code == 0 for s in sharded.upsert(items[start:start + 500]).statuses)
+        yield single, sharded
+
+
+def test_each_pod_holds_only_the_categories_it_owns(clusters) -> None:
+    single, sharded = clusters
+    for ordinal, pod in enumerate(sharded.pods):
+        assert all(owner_of(shard.category, 3) == ordinal for shard in pod.stats().shards)
+    assert sharded.stats().items == single.stats().items == 2640
+    assert [s.category for s in sharded.stats().shards] == [s.category for s in single.stats().shards]
+
+
+def answer(client, vector: np.ndarray, model_id: str, routing) -> tuple:
+    response = client.search(vector, model_id, k=15, routing=routing, ef=EXHAUSTIVE_EF)
+    return ([(h.id, round(h.score, 4), h.category) for h in response.hits], [p.category for p in response.probes],
+            list(response.unknown_categories))
+
+
+def test_sharded_answers_equal_a_single_searcher(clusters, grocery_embeddings: dict) -> None:
+    single, sharded = clusters
+    data = grocery_embeddings
+    for row in range(20):
+        vector = data["query_vectors"][row]
+        pairs = list(zip(data["labels"], map(float, data["query_probabilities"][row])))
+        routings = [routing_for(), routing_for(categories=["Apple", "Milk", "Juice", "Nope"]),
+                    routing_for(probabilities=pairs), routing_for(probabilities=pairs, threshold=0.99, max_shards=6),
+                    routing_for(probabilities=pairs, prior_weight=0.05)]
+        for routing in routings:
+            expected = answer(single, vector, data["model_id"], routing)
+            assert answer(sharded, vector, data["model_id"], routing) == expected
+            assert expected[0], "every routing finds something"
+
+
+def test_moving_an_item_to_a_category_on_another_pod_and_deleting_it(clusters, grocery_embeddings: dict) -> None:
+    _, sharded = clusters
+    data = grocery_embeddings
+    image, vector = data["catalogue"][0], data["catalogue_vectors"][0]
+    target = next(c for c in sorted({i.category for i in data["catalogue"]})
+                  if owner_of(c, 3) != owner_of(image.category, 3))
+    sharded.upsert([CatalogueItem(image.item_id, target, vector, data["model_id"])])
+    everywhere = sharded.search(vector, data["model_id"], k=3, ef=EXHAUSTIVE_EF)
+    assert everywhere.hits[0].id == image.item_id and everywhere.hits[0].category == target
+    assert [h.id for h in everywhere.hits].count(image.item_id) == 1, "the old copy was removed"
+    deleted = sharded.delete([image.item_id, "never-stored"])
+    assert deleted.deleted == 1 and list(deleted.missing) == ["never-stored"]
+    assert image.item_id not in {h.id for h in sharded.search(vector, data["model_id"], k=5).hits}
