@@ -54,13 +54,19 @@ def _embed(args: argparse.Namespace, rest: list[str]) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _searcher_target(text: str) -> str | list[str]:
+    """One address, or comma-separated pod addresses in StatefulSet ordinal order (sharded by category)."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    return targets if len(targets) > 1 else targets[0]
+
+
 def _index(args: argparse.Namespace, rest: list[str]) -> int:
     from clients.catalog import read_catalog
     from clients.indexing import index_catalogue
     from clients.lookalike import Lookalike
 
     images = read_catalog(args.catalog)
-    with Lookalike(args.embedder, args.searcher) as lookalike:
+    with Lookalike(args.embedder, _searcher_target(args.searcher)) as lookalike:
         summary = index_catalogue(lookalike, images, journal=args.journal, use_labels=not args.predict_categories,
                                   batch_size=args.batch_size, concurrency=args.concurrency,
                                   progress=None if args.json else sys.stderr)
@@ -76,7 +82,7 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
     from clients.lookalike import Lookalike
 
     routing = args.routing if args.routing in ("adaptive", "top1", "all") else args.routing.split(",")
-    with Lookalike(args.embedder, args.searcher, prior_weight=args.prior_weight) as lookalike:
+    with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight) as lookalike:
         result = lookalike.search(Path(args.image), k=args.k, routing=routing)
     if args.json:
         print(json.dumps({
@@ -140,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "searcher; resumable")
     index.add_argument("catalog", type=Path, help="ROOT/<category>/*.jpg, or a list file like grocery's train.txt")
     index.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
-    index.add_argument("--searcher", default="localhost:50052", help="searcher address host:port")
+    index.add_argument("--searcher", default="localhost:50052",
+                       help="searcher address host:port, or comma-separated pod addresses (sharded)")
     index.add_argument("--journal", type=Path, help="file recording stored ids, so a rerun skips them")
     index.add_argument("--predict-categories", action="store_true",
                        help="store each image in its predicted category instead of its folder's")
@@ -152,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="find the catalogue items that look most like a photo")
     search.add_argument("image", help="the query photo")
     search.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
-    search.add_argument("--searcher", default="localhost:50052", help="searcher address host:port")
+    search.add_argument("--searcher", default="localhost:50052",
+                        help="searcher address host:port, or comma-separated pod addresses (sharded)")
     search.add_argument("-k", type=int, default=10, help="how many matches")
     search.add_argument("--routing", default="adaptive",
                         help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")
