@@ -29,11 +29,14 @@ def read_catalog(source: Path) -> list[LabelledImage]:
 
     `source` is either a folder laid out as ROOT/<category>/**/<image>, or a list file whose lines are
     `relative/path.jpg, fine_id, coarse_id` (grocery's format): then the category is the coarse class,
-    the label the fine class, named by a classes.csv beside the list when there is one.
+    the label the fine class, named by a classes.csv beside the list when there is one. grocery's
+    classes.csv itself reads as the iconic catalogue: one clean product image per fine class.
     """
     source = Path(source)
     if source.is_dir():
         return _read_folder(source)
+    if source.is_file() and source.suffix == ".csv":
+        return _read_iconic(source)
     if source.is_file():
         return _read_list_file(source)
     raise FileNotFoundError(f"catalogue {source} is neither a folder nor a list file")
@@ -69,6 +72,20 @@ def _read_list_file(list_file: Path) -> list[LabelledImage]:
                 category=coarse_names.get(coarse_id, coarse_id),
                 label=fine_names.get(fine_id, fine_id),
             ))
+    return sorted(images, key=lambda image: image.item_id)
+
+
+def _read_iconic(classes_csv: Path) -> list[LabelledImage]:
+    """grocery's classes.csv -> its iconic images (category = coarse class, label = fine class)."""
+    images = []
+    with classes_csv.open(encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle)
+        next(rows, None)
+        for row in rows:
+            if len(row) >= 5 and row[4].strip():
+                relative = row[4].strip().lstrip("/")
+                images.append(LabelledImage(Path(relative).with_suffix("").as_posix(), classes_csv.parent / relative,
+                                            category=row[2].strip(), label=row[0].strip()))
     return sorted(images, key=lambda image: image.item_id)
 
 

@@ -1,4 +1,4 @@
-"""The `lookalike` command line: export, serve, embed, index, search, demo and bench.
+"""The `lookalike` command line: export, serve, embed, index, search, eval, demo and bench.
 
 Heavy imports (torch, onnxruntime, hnswlib) happen inside the commands that need them, so the client
 alone (`pip install lookalike[client]`) can run `embed` against remote servers.
@@ -100,6 +100,14 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
     return EXIT_OK
 
 
+def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from clients.catalog import read_catalog
+    from clients.evaluate import run_eval
+
+    prior = None if args.prior_weight == "fit" else float(args.prior_weight)
+    return run_eval(args.model, read_catalog(args.catalog), read_catalog(args.queries), prior, args.json, args.output)
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from clients.demo import run_demo
 
@@ -167,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--prior-weight", type=float, default=0.0, help="merge by cosine + w * ln p(category)")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     search.set_defaults(run=_search)
+
+    evaluate = commands.add_parser("eval", help="retrieval quality (mAP@k, recall, routing, latency) of a model "
+                                                "through the real services, for every routing mode")
+    evaluate.add_argument("--model", type=Path, required=True, help="model folder to serve")
+    evaluate.add_argument("--catalog", type=Path, required=True,
+                          help="labelled catalogue: folder, list file (grocery train.txt) or grocery classes.csv (iconic)")
+    evaluate.add_argument("--queries", type=Path, required=True, help="labelled query photos (a validation split)")
+    evaluate.add_argument("--prior-weight", default="fit",
+                          help="λ in cosine + λ·ln p for the prior-weighted mode; 'fit' picks the best on the queries")
+    evaluate.add_argument("--output", type=Path, help="also write the JSON report here")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="end to end on a real labelled catalogue: build the model, start both "
                                             "services, index, search with held-out photos, report")

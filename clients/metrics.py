@@ -1,4 +1,4 @@
-"""Retrieval metrics: AP@k (standard and seed 001's), precision@k, recall@k.
+"""Retrieval metrics: AP@k (standard and seed 001's), precision@k, recall@k; and calibration error.
 
 `relevant` flags are the ranked hits' relevance (True where the hit matches the query's label);
 `total_relevant` is how many relevant items the catalogue holds for that query.
@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 from typing import Sequence
+
+import numpy as np
 
 
 def average_precision(relevant: Sequence[bool], k: int, total_relevant: int) -> float:
@@ -45,3 +47,16 @@ def recall_at(relevant: Sequence[bool], k: int, total_relevant: int) -> float:
 def hit_at(relevant: Sequence[bool], k: int) -> float:
     """1.0 when a relevant item is in the top k (the R@1 / top-k accuracy of the papers)."""
     return 1.0 if any(relevant[:k]) else 0.0
+
+
+def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 probability: mean |accuracy - confidence| over equal-width confidence bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == truth
+    edges = np.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        members = (confidence > low) & (confidence <= high)
+        if members.any():
+            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)

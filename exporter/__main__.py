@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int8", type=Path, metavar="DIR",
                         help="also write a static int8 (QDQ, per-channel) model to DIR with its drift recorded")
     parser.add_argument("--calibration-images", type=int, default=128, help="images used to calibrate int8")
+    parser.add_argument("--train-embedding", choices=["cosface", "triplet"],
+                        help="also train a 256-d embedding head on the labels with this loss (needs --val)")
+    parser.add_argument("--epochs", type=int, default=200, help="most epochs for --train-embedding")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -52,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train = per_category_sample(read_catalog(args.catalog), args.max_per_category, args.seed)
     validation = read_catalog(args.val) if args.val else []
-    manifest = export_default_model(train, args.out, ExportSettings(name=args.name, seed=args.seed),
+    from exporter.train import TrainSettings
+
+    embedding = TrainSettings(loss=args.train_embedding, epochs=args.epochs, seed=args.seed) if args.train_embedding else None
+    manifest = export_default_model(train, args.out, ExportSettings(name=args.name, seed=args.seed, embedding=embedding),
                                     validation=validation, trained_on=str(args.catalog))
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
           f"parity max diff {manifest.parity.max_abs_diff:.2e}")

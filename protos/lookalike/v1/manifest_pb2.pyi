@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelManifest(_message.Message):
-    __slots__ = ("model_id", "version", "onnx_file", "sha256", "input", "output", "embedding_dim", "metric", "labels", "backbone", "precision", "parity", "quantization", "temperature", "trained_on", "created_at")
+    __slots__ = ("model_id", "version", "onnx_file", "sha256", "input", "output", "embedding_dim", "metric", "labels", "backbone", "precision", "parity", "quantization", "temperature", "trained_on", "created_at", "calibration")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNX_FILE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class ModelManifest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TRAINED_ON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: str
     onnx_file: str
@@ -40,7 +41,20 @@ class ModelManifest(_message.Message):
     temperature: float
     trained_on: str
     created_at: str
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., onnx_file: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., metric: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., precision: _Optional[str] = ..., parity: _Optional[_Union[ParityCheck, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationDrift, _Mapping]] = ..., temperature: _Optional[float] = ..., trained_on: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+    calibration: Calibration
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., onnx_file: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., metric: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., precision: _Optional[str] = ..., parity: _Optional[_Union[ParityCheck, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationDrift, _Mapping]] = ..., temperature: _Optional[float] = ..., trained_on: _Optional[str] = ..., created_at: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("images", "temperature", "ece_before", "ece_after")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ECE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ECE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    temperature: float
+    ece_before: float
+    ece_after: float
+    def __init__(self, images: _Optional[int] = ..., temperature: _Optional[float] = ..., ece_before: _Optional[float] = ..., ece_after: _Optional[float] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("name", "layout", "dtype", "height", "width", "channels", "resize", "normalization")

@@ -1,0 +1,166 @@
+"""`lookalike eval`: retrieval quality through the real services, for each routing mode side by side.
+
+The catalogue is embedded and stored in a fresh searcher (category = its partition label); each query
+photo is embedded once and searched with every routing mode. Relevance is the query's `label` (the
+fine class for grocery, where the partition is the coarse class). Reported per mode, overall and per
+query category: mAP@10 and mAP@100 (standard and seed 001's formula), P@10, R@1, R@10, NN-recall@10
+against exact global search, the share of catalogue vectors scanned, routing recall, shards probed and
+latency; plus top-1 category accuracy, a confusion matrix and the calibration error of the probabilities.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clients.catalog import LabelledImage
+from clients.embedder_client import EmbedderClient
+from clients.metrics import (average_precision, average_precision_seed001, expected_calibration_error, hit_at,
+                             precision_at, recall_at)
+from clients.processes import running_service
+from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+
+K_VALUES = (10, 100)
+PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def _embed(client: EmbedderClient, images: Sequence[LabelledImage]) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
+    vectors, categories = [], []
+    for start in range(0, len(images), 64):
+        for result in client.embed([i.path for i in images[start:start + 64]], top_categories=0):
+            if not result.ok:
+                raise ValueError(f"{result.id}: {result.error}")
+            vectors.append(result.vector)
+            categories.append(result.categories)
+    return np.stack(vectors), categories
+
+
+def _mode_metrics(rows: list[dict]) -> dict:
+    def mean(key: str) -> float:
+        return round(float(np.mean([row[key] for row in rows])), 4)
+
+    keys = [key for key in rows[0] if key not in ("category", "latency")]
+    latencies = [row["latency"] for row in rows]
+    return {**{key: mean(key) for key in keys}, "queries": len(rows),
+            "latency_mean_ms": round(float(np.mean(latencies)) * 1000, 3),
+            "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 3)}
+
+
+def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
+             prior_weight: float | None = None, threshold: float = 0.0, max_shards: int = 0) -> dict:
+    """The full report (see the module docstring); prior_weight None fits it on these queries."""
+    with EmbedderClient(embedder) as embedder_client, SearcherClient(searcher) as searcher_client:
+        model_id = embedder_client.model_info().model_id
+        catalogue_vectors, _ = _embed(embedder_client, catalogue)
+        for start in range(0, len(catalogue), 500):
+            response = searcher_client.upsert([
+                CatalogueItem(image.item_id, image.category, vector, model_id, {"label": image.label})
+                for image, vector in zip(catalogue[start:start + 500], catalogue_vectors[start:start + 500])])
+            failed = [s.message for s in response.statuses if s.code]
+            if failed:
+                raise ValueError(f"upsert refused: {failed[:3]}")
+        embed_started = time.perf_counter()
+        query_vectors, query_categories = _embed(embedder_client, queries)
+        embed_seconds = (time.perf_counter() - embed_started) / len(queries)
+
+        shard_sizes = Counter(image.category for image in catalogue)
+        relevant_total = Counter(image.label for image in catalogue)
+        exact = np.argsort(-(query_vectors @ catalogue_vectors.T), axis=1)[:, :10]
+        ids = [image.item_id for image in catalogue]
+
+        def run(mode: str, weight: float = 0.0) -> list[dict]:
+            rows = []
+            for query, vector, categories, exact_row in zip(queries, query_vectors, query_categories, exact):
+                routing = {"global": routing_for(), "top-1 shard": routing_for(categories=[categories[0][0]]),
+                           "adaptive": routing_for(probabilities=categories, threshold=threshold,
+                                                   max_shards=max_shards, prior_weight=weight)}[mode]
+                started = time.perf_counter()
+                response = searcher_client.search(vector, model_id, k=max(K_VALUES), routing=routing)
+                latency = time.perf_counter() - started
+                relevant = [hit.attributes["label"] == query.label for hit in response.hits]
+                probed = {p.category for p in response.probes}
+                row = {"category": query.category, "latency": latency}
+                for k in K_VALUES:
+                    row[f"mAP@{k}"] = average_precision(relevant, k, relevant_total[query.label])
+                    row[f"mAP@{k} (seed 001)"] = average_precision_seed001(relevant, k)
+                row["P@10"] = precision_at(relevant, 10)
+                row["R@1"] = hit_at(relevant, 1)
+                row["R@10"] = recall_at(relevant, 10, relevant_total[query.label])
+                row["NN-recall@10"] = len({hit.id for hit in response.hits[:10]} & {ids[i] for i in exact_row}) / 10
+                row["scanned_share"] = sum(shard_sizes[c] for c in probed) / len(catalogue)
+                row["routing_recall"] = float(query.category in probed)
+                row["shards_probed"] = float(len(probed))
+                rows.append(row)
+            return rows
+
+        fitted = None
+        if prior_weight is None:
+            scores = {w: _mode_metrics(run("adaptive", w))["mAP@10"] for w in PRIOR_WEIGHTS}
+            prior_weight = max(scores, key=lambda w: (scores[w], -w))
+            fitted = {str(w): s for w, s in scores.items()}
+        results = {"global": run("global"), "top-1 shard": run("top-1 shard"), "adaptive": run("adaptive"),
+                   f"adaptive + prior {prior_weight:g}": run("adaptive", prior_weight)}
+
+    labels = sorted({image.category for image in catalogue} | {image.category for image in queries})
+    index = {label: i for i, label in enumerate(labels)}
+    predicted = [categories[0][0] for categories in query_categories]
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for query, guess in zip(queries, predicted):
+        if guess in index:
+            confusion[index[query.category], index[guess]] += 1
+    probability_matrix = np.array([[dict(categories).get(label, 0.0) for label in labels]
+                                   for categories in query_categories])
+    truth = np.array([index[query.category] for query in queries])
+    report = {
+        "model_id": model_id, "catalogue_items": len(catalogue), "queries": len(queries),
+        "category_top1_accuracy": round(float(np.mean([g == q.category for g, q in zip(predicted, queries)])), 4),
+        "expected_calibration_error": round(expected_calibration_error(probability_matrix, truth), 4),
+        "embed_ms_per_query": round(embed_seconds * 1000, 2),
+        "prior_weight": prior_weight, "prior_weight_fit_mAP@10": fitted,
+        "modes": {mode: _mode_metrics(rows) for mode, rows in results.items()},
+        "per_category": {mode: {category: _mode_metrics(members) for category, members in sorted(
+            _group(rows).items())} for mode, rows in results.items()},
+        "confusion": {"labels": labels, "matrix": confusion.tolist()},
+    }
+    return report
+
+
+def _group(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["category"]].append(row)
+    return groups
+
+
+def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
+             prior_weight: float | None, as_json: bool, output: Path | None = None) -> int:
+    """Starts an embedder on `model_dir` and an empty searcher, evaluates, prints the report."""
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as data, \
+            running_service("embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
+            running_service("searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):
+        report = evaluate(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}", catalogue, queries, prior_weight)
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model {report['model_id']}: {report['catalogue_items']} catalogue items, {report['queries']} queries")
+    print(f"category top-1 accuracy {report['category_top1_accuracy']}, expected calibration error "
+          f"{report['expected_calibration_error']}, prior weight {report['prior_weight']:g}")
+    columns = ["mAP@10", "mAP@10 (seed 001)", "mAP@100", "P@10", "R@1", "R@10", "NN-recall@10", "scanned_share",
+               "routing_recall", "shards_probed", "latency_mean_ms", "latency_p99_ms"]
+    print(f"\n{'routing':<24}" + "".join(f"{c:>19}" for c in columns))
+    for mode, metrics in report["modes"].items():
+        print(f"{mode:<24}" + "".join(f"{metrics[c]:>19}" for c in columns))
+    labels, matrix = report["confusion"]["labels"], report["confusion"]["matrix"]
+    print("\nconfusion (rows: true category, columns: predicted; only categories with queries)")
+    for label, row in zip(labels, matrix):
+        if sum(row):
+            top = sorted(((count, labels[j]) for j, count in enumerate(row) if count), reverse=True)[:4]
+            print(f"  {label:<18} " + ", ".join(f"{name} {count}" for count, name in top))
+    return 0
