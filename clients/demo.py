@@ -24,6 +24,7 @@ from clients.indexing import index_catalogue
 from clients.lookalike import Lookalike, SearchResult
 from clients.metrics import average_precision, average_precision_seed001, hit_at, precision_at
 from clients.processes import running_service
+from lookalike.codec import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = 
     catalogue = stratified(read_catalog(catalog), catalog_size)
     query_images = stratified(read_catalog(queries), query_count, seed=1)
     relevant_total = Counter(image.label for image in catalogue)
-    name = f"{_slug(catalog)}-{len(catalogue)}"
+    # The index belongs to one model (shards are locked to its id): a rebuilt model gets a fresh index.
+    model_id = read_manifest(model_dir).model_id
+    name = f"{_slug(catalog)}-{len(catalogue)}-{model_id.split('@')[-1]}"
 
     with running_service("embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
             running_service("searcher", ["--data", str(workdir / "searcher" / name)]) as (_, searcher_port), \
@@ -108,7 +111,6 @@ def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = 
         results = []
         for query in query_images:
             results.append((query, lookalike.search(query.path, k=k, routing="adaptive")))
-        model_id = lookalike.model_id
 
     relevance = [[m.attributes.get("label") == q.label for m in r.matches] for q, r in results]
     latency = [r.embed_seconds + r.search_seconds for _, r in results]

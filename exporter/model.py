@@ -17,11 +17,13 @@ class LookalikeNet(nn.Module):
     """
 
     def __init__(self, backbone: EfficientNetLite0, head: nn.Linear, projection: nn.Module | None = None,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, head_on_embedding: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection = projection
         self.head = head
+        # The category head reads the backbone features, or (when that classified better) the trained embedding.
+        self.head_on_embedding = head_on_embedding
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,5 +31,6 @@ class LookalikeNet(nn.Module):
         x = (x - PIXEL_MEAN) / PIXEL_STD
         features = F.normalize(self.backbone.features(x), dim=1)
         embedding = features if self.projection is None else F.normalize(self.projection(features), dim=1)
-        probabilities = torch.softmax(self.head(features) / self.temperature, dim=1)
+        logits = self.head(embedding if self.head_on_embedding else features)
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
         return embedding, probabilities

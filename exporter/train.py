@@ -53,6 +53,12 @@ def retrieval_map(queries: np.ndarray, query_labels: Sequence[str], catalogue: n
                           for row, label in zip(ranked, query_labels)]))
 
 
+def project(head: nn.Module, features: np.ndarray) -> np.ndarray:
+    """Unit-length embeddings of backbone features through a trained head."""
+    with torch.no_grad():
+        return F.normalize(head(torch.from_numpy(np.asarray(features, dtype=np.float32))), dim=1).numpy()
+
+
 def _batch_hard_triplet(embeddings: torch.Tensor, targets: torch.Tensor, margin: float) -> torch.Tensor:
     distance = torch.cdist(embeddings, embeddings)
     same = targets[:, None] == targets[None, :]
@@ -77,8 +83,7 @@ def train_embedding_head(train_features: np.ndarray, train_labels: Sequence[str]
 
     def embed(features: np.ndarray) -> np.ndarray:
         head.eval()
-        with torch.no_grad():
-            return F.normalize(head(torch.from_numpy(np.asarray(features, dtype=np.float32))), dim=1).numpy()
+        return project(head, features)
 
     baseline = retrieval_map(val_features, val_labels, catalogue_features, catalogue_labels)
     best = (-1.0, 0, {k: v.clone() for k, v in head.state_dict().items()})

@@ -53,7 +53,7 @@ def test_onnx_matches_torch_on_other_real_photos(model_dir: Path, grocery_train:
     head = nn.Linear(head_weight.shape[1], head_weight.shape[0])
     head.weight.data = torch.from_numpy(head_weight.copy())
     head.bias.data = torch.from_numpy(head_bias.copy())
-    net = LookalikeNet(load_imagenet_model(), head).eval()
+    net = LookalikeNet(load_imagenet_model(), head, temperature=manifest.temperature).eval()
     photos = random.Random(7).sample(grocery_train, 6)
     parity = check_parity(net, model_dir / manifest.onnx_file, decode_files(photos, 224), tolerance=1e-4)
     assert parity.passed and parity.max_abs_diff < 1e-4
