@@ -54,8 +54,13 @@ def ensure_model(workdir: Path, catalog: Path, per_category: int) -> Path:
     if (model_dir / "manifest.json").is_file():
         return model_dir
     print(f"building the model: EfficientNet-Lite0 (ImageNet) + category head on {catalog} ...", flush=True)
-    train = per_category_sample(read_catalog(catalog), per_category, seed=0)
-    export_default_model(train, model_dir, ExportSettings(), trained_on=f"{catalog} ({len(train)} images)")
+    everything = read_catalog(catalog)
+    train = per_category_sample(everything, per_category, seed=0)
+    # Other catalogue images (never the queries) calibrate the head's probabilities, which routing relies on.
+    chosen = {image.item_id for image in train}
+    held_out = per_category_sample([i for i in everything if i.item_id not in chosen], max(per_category // 4, 5), 1)
+    export_default_model(train, model_dir, ExportSettings(), validation=held_out,
+                         trained_on=f"{catalog} ({len(train)} images; {len(held_out)} held out for calibration)")
     return model_dir
 
 
