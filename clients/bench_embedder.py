@@ -68,7 +68,6 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
 
     rows.append(_row(precision, "in-process decode + ONNX Runtime, one image at a time", 1, 1,
                      measure(naive, seconds, 1)))
-    del model
     servers = [("gRPC embedder, micro-batching", {}, [(1, 1), (8, 1), (8, 8)]),
                ("gRPC embedder, batching off (max_batch 1)", {"LOOKALIKE_EMBEDDER_MAX_BATCH": "1"}, [(8, 1)])]
     for scenario, env, loads in servers:

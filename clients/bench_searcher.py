@@ -80,7 +80,6 @@ def _rss_bytes(pid: int) -> int:
 def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: int = 20, queries: int = 1000,
                        seconds: float = 5.0, as_json: bool = False) -> int:
     from searcher.config import SearcherConfig
-    from lookalike.routing import plan_probability_routing
 
     config = SearcherConfig(data_dir=Path("."))
     vectors, labels, centres = synthetic(count + queries, dimension, categories, offset=0.35, spread=1.1, seed=0)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import grpc
 import pytest
 
 from clients.aio import AsyncLookalike

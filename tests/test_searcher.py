@@ -1,7 +1,6 @@
 """The searcher over real gRPC channels with real hnswlib indexes, real SQLite files and real embeddings."""
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 

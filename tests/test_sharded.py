@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 import pytest
