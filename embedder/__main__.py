@@ -15,7 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = EmbedderConfig.from_args(argv)
     started, port = create_server(config)
     print(f"embedder listening on port {port}", flush=True)
-    serve_until_signalled(started.server, started.health, config.grace_seconds, on_stop=started.pipeline.close)
+    serve_until_signalled(started, config.grace_seconds)
     return 0
 
 

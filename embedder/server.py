@@ -4,15 +4,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from embedder.config import EmbedderConfig
 from embedder.model import OnnxModel
 from embedder.pipeline import EmbeddingPipeline
 from embedder.servicer import EmbedderServicer
 from lookalike.metrics import serve_metrics
-from lookalike.service import bind, build_server, start_health_server
+from lookalike.service import RunningServer, bind, build_server, start_health_server
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,24 +20,16 @@ SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 
 
 @dataclass
-class EmbedderServer:
-    """A started server and what must be closed with it."""
+class EmbedderServer(RunningServer):
+    """The started embedder; stopping it also stops the inference thread and decoders."""
 
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
     pipeline: EmbeddingPipeline
-    health_server: grpc.Server | None = None
 
     @property
     def serving(self) -> bool:
         return not self.pipeline.model.missing_gpu_providers
 
-    def stop(self, grace: float | None = None) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        if self.health_server is not None:
-            self.health_server.stop(None)
+    def release(self) -> None:
         self.pipeline.close()
 
 
@@ -65,7 +56,8 @@ def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
     servicer.attach(pipeline)
     serve_metrics(config.metrics_port)
     health_server = start_health_server(health_servicer, config.health_address)[0] if config.health_address else None
-    started = EmbedderServer(server, port, health_servicer, pipeline, health_server)
+    started = EmbedderServer(server=server, port=port, health=health_servicer, health_server=health_server,
+                             pipeline=pipeline)
     if started.serving:
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from lookalike.metrics import serve_metrics
-from lookalike.service import bind, build_server, start_health_server
+from lookalike.service import RunningServer, bind, build_server, start_health_server
 from lookalike.v1 import searcher_pb2, searcher_pb2_grpc
 from searcher.catalogue import Catalogue
 from searcher.config import SearcherConfig
@@ -22,22 +21,13 @@ SERVICE_NAME = searcher_pb2.DESCRIPTOR.services_by_name["Searcher"].full_name
 
 
 @dataclass
-class SearcherServer:
-    """A started server and what must be closed with it."""
+class SearcherServer(RunningServer):
+    """The started searcher; stopping it snapshots every changed shard and closes the database."""
 
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
     catalogue: Catalogue
-    collector: CatalogueCollector | None = None
-    health_server: grpc.Server | None = None
+    collector: CatalogueCollector | None
 
-    def stop(self, grace: float | None = None) -> None:
-        """Drains requests, then snapshots every changed shard and closes the database."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        if self.health_server is not None:
-            self.health_server.stop(None)
+    def release(self) -> None:
         if self.collector is not None:
             REGISTRY.unregister(self.collector)
         self.catalogue.close()
@@ -73,4 +63,5 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
         serve_metrics(config.metrics_port)
     log.info("searcher serving %d shards on port %d", len(catalogue.shards), port)
     health_server = start_health_server(health_servicer, config.health_address)[0] if config.health_address else None
-    return SearcherServer(server, port, health_servicer, catalogue, collector, health_server), port
+    return SearcherServer(server=server, port=port, health=health_servicer, health_server=health_server,
+                          catalogue=catalogue, collector=collector), port

@@ -44,16 +44,6 @@ CREATE TABLE IF NOT EXISTS counters (
 
 
 @dataclass(frozen=True)
-class StoredItem:
-    id: str
-    category: str
-    vector: np.ndarray
-    attributes: dict[str, str]
-    model_id: str
-    seq: int
-
-
-@dataclass(frozen=True)
 class ItemWrite:
     """A validated item to store: unit-length float32 vector."""
 
@@ -62,6 +52,13 @@ class ItemWrite:
     vector: np.ndarray
     attributes: dict[str, str]
     model_id: str
+
+
+@dataclass(frozen=True)
+class StoredItem(ItemWrite):
+    """An item as stored, with the sequence number of its last write."""
+
+    seq: int
 
 
 class Store:

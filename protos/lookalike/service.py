@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -119,9 +120,30 @@ def start_health_server(health_servicer: health.HealthServicer, address: str) ->
     return server, port
 
 
-def serve_until_signalled(server: grpc.Server, health_servicer: health.HealthServicer, grace_seconds: float,
-                          on_stop: Callable[[], None] | None = None) -> None:
-    """Blocks until SIGTERM/SIGINT, then reports NOT_SERVING, drains for `grace_seconds` and stops."""
+@dataclass
+class RunningServer:
+    """A started gRPC server with its health servicer; subclasses free their service in `release`."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    # The plaintext health-only server beside a TLS port, if any.
+    health_server: grpc.Server | None
+
+    def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, drains requests for `grace` seconds, stops, then releases the service."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None)
+        self.release()
+
+    def release(self) -> None:
+        """What the service frees once no request runs any more."""
+
+
+def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
+    """Blocks until SIGTERM/SIGINT, then stops the server gracefully (see RunningServer.stop)."""
     stopping = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -131,7 +153,4 @@ def serve_until_signalled(server: grpc.Server, health_servicer: health.HealthSer
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     stopping.wait()
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace_seconds).wait()
-    if on_stop is not None:
-        on_stop()
+    running.stop(grace_seconds)
