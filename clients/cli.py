@@ -105,7 +105,8 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     from clients.evaluate import run_eval
 
     prior = None if args.prior_weight == "fit" else float(args.prior_weight)
-    return run_eval(args.model, read_catalog(args.catalog), read_catalog(args.queries), prior, args.json, args.output)
+    return run_eval(args.model, read_catalog(args.catalog), read_catalog(args.queries), prior, args.json, args.output,
+                    args.threshold, args.max_shards)
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--queries", type=Path, required=True, help="labelled query photos (a validation split)")
     evaluate.add_argument("--prior-weight", default="fit",
                           help="λ in cosine + λ·ln p for the prior-weighted mode; 'fit' picks the best on the queries")
+    evaluate.add_argument("--threshold", type=float, default=0.0,
+                          help="probability the adaptive modes cover before they stop (0: the searcher's default, 0.9)")
+    evaluate.add_argument("--max-shards", type=int, default=0,
+                          help="most shards the adaptive modes probe (0: the searcher's default, 4)")
     evaluate.add_argument("--output", type=Path, help="also write the JSON report here")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(run=_eval)

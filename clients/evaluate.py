@@ -5,7 +5,9 @@ photo is embedded once and searched with every routing mode. Relevance is the qu
 fine class for grocery, where the partition is the coarse class). Reported per mode, overall and per
 query category: mAP@10 and mAP@100 (standard and seed 001's formula), P@10, R@1, R@10, NN-recall@10
 against exact global search, the share of catalogue vectors scanned, routing recall, shards probed and
-latency; plus top-1 category accuracy, a confusion matrix and the calibration error of the probabilities.
+latency; plus top-1 category accuracy, a confusion matrix, the calibration error of the probabilities, and
+the routing curve: routing recall and mean shards probed at each probability threshold, planned from the
+query probabilities by the searcher's own routing rule (lookalike.routing).
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ from clients.metrics import (average_precision, average_precision_seed001, expec
                              precision_at, recall_at)
 from clients.processes import running_service
 from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.routing import plan_probability_routing
 
 K_VALUES = (10, 100)
 PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+ROUTING_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
 def _embed(client: EmbedderClient, images: Sequence[LabelledImage]) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
@@ -49,6 +53,20 @@ def _mode_metrics(rows: list[dict]) -> dict:
     return {**{key: mean(key) for key in keys}, "queries": len(rows),
             "latency_mean_ms": round(float(np.mean(latencies)) * 1000, 3),
             "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 3)}
+
+
+def routing_curve(query_categories: Sequence[Sequence[tuple[str, float]]], truths: Sequence[str],
+                  shards: Sequence[str], max_shards: int) -> list[dict]:
+    """Routing recall and mean shards probed per threshold, by the searcher's rule (no cap when max_shards is 0)."""
+    cap = max_shards or len(shards)
+    curve = []
+    for threshold in ROUTING_THRESHOLDS:
+        probed = [{probe.category for probe in plan_probability_routing(categories, shards, threshold, cap, 1, 1)}
+                  for categories in query_categories]
+        curve.append({"threshold": threshold, "max_shards": cap,
+                      "routing_recall": round(float(np.mean([t in p for t, p in zip(truths, probed)])), 4),
+                      "shards_probed": round(float(np.mean([len(p) for p in probed])), 3)})
+    return curve
 
 
 def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
@@ -126,6 +144,9 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         "per_category": {mode: {category: _mode_metrics(members) for category, members in sorted(
             _group(rows).items())} for mode, rows in results.items()},
         "confusion": {"labels": labels, "matrix": confusion.tolist()},
+        "routing_threshold": threshold or None, "routing_max_shards": max_shards or None,
+        "routing_curve": routing_curve(query_categories, [query.category for query in queries], sorted(shard_sizes),
+                                       max_shards),
     }
     return report
 
@@ -138,12 +159,14 @@ def _group(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
-             prior_weight: float | None, as_json: bool, output: Path | None = None) -> int:
+             prior_weight: float | None, as_json: bool, output: Path | None = None, threshold: float = 0.0,
+             max_shards: int = 0) -> int:
     """Starts an embedder on `model_dir` and an empty searcher, evaluates, prints the report."""
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as data, \
             running_service("embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
             running_service("searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):
-        report = evaluate(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}", catalogue, queries, prior_weight)
+        report = evaluate(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}", catalogue, queries, prior_weight,
+                          threshold, max_shards)
     if output is not None:
         output.write_text(json.dumps(report, indent=2))
     if as_json:
@@ -157,6 +180,12 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
     print(f"\n{'routing':<24}" + "".join(f"{c:>19}" for c in columns))
     for mode, metrics in report["modes"].items():
         print(f"{mode:<24}" + "".join(f"{metrics[c]:>19}" for c in columns))
+    cap = report["routing_curve"][0]["max_shards"]
+    print(f"\nrouting curve (the searcher's rule on these queries' probabilities, at most {cap} shards; adaptive "
+          f"above used threshold {report['routing_threshold'] or 'server default'})")
+    for point in report["routing_curve"]:
+        print(f"  threshold {point['threshold']:<6} routing recall {point['routing_recall']:.4f}  "
+              f"shards probed {point['shards_probed']:.3f}")
     labels, matrix = report["confusion"]["labels"], report["confusion"]["matrix"]
     print("\nconfusion (rows: true category, columns: predicted; only categories with queries)")
     for label, row in zip(labels, matrix):

@@ -42,3 +42,15 @@ def test_expected_calibration_error() -> None:
     # Bin (0.8, 0.87]: none; 0.9 bin: accuracy 1 vs confidence 0.9 -> 0.1 * 2/4; 0.6 bin: accuracy 0.5 vs 0.6 -> 0.1 * 2/4.
     assert expected_calibration_error(probabilities, truth, bins=10) == pytest.approx(0.1)
     assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
+
+
+def test_routing_curve_follows_the_searchers_rule() -> None:
+    from clients.evaluate import routing_curve
+
+    queries = [[("a", 0.6), ("b", 0.3), ("c", 0.1)], [("c", 0.97), ("a", 0.02), ("b", 0.01)]]
+    curve = {point["threshold"]: point for point in routing_curve(queries, ["b", "c"], ["a", "b", "c"], 0)}
+    assert (curve[0.5]["routing_recall"], curve[0.5]["shards_probed"]) == (0.5, 1.0)  # a | c
+    assert (curve[0.8]["routing_recall"], curve[0.8]["shards_probed"]) == (1.0, 1.5)  # a, b | c
+    assert (curve[0.98]["routing_recall"], curve[0.98]["shards_probed"]) == (1.0, 2.5)  # a, b, c | c, a
+    capped = {point["threshold"]: point for point in routing_curve(queries, ["b", "c"], ["a", "b", "c"], 1)}
+    assert capped[0.98]["shards_probed"] == 1.0 and capped[0.98]["routing_recall"] == 0.5
