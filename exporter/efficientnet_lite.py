@@ -77,11 +77,26 @@ class EfficientNetLite0(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float NCHW images -> pooled features [N, 1280]."""
+        return self.top(self.trunk(x, len(self._blocks)), len(self._blocks))
+
+    def trunk(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """The stem and blocks before `split`: the frozen part whose activations fine-tuning caches."""
         x = self._relu(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:split]:
+            x = block(x)
+        return x
+
+    def top(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """Blocks from `split` on and the head conv, pooled: `top(trunk(x, s), s) == features(x)`."""
+        for block in self._blocks[split:]:
             x = block(x)
         x = self._relu(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))
+
+    def top_parameters(self, split: int) -> list[nn.Parameter]:
+        """What fine-tuning from block `split` trains."""
+        modules = [*self._blocks[split:], self._conv_head, self._bn1]
+        return [parameter for module in modules for parameter in module.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x))

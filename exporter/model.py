@@ -8,6 +8,11 @@ from torch.nn import functional as F
 from exporter.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, EfficientNetLite0
 
 
+def scaled_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC RGB -> the checkpoint's float NCHW input scaling."""
+    return (images.permute(0, 3, 1, 2).float() - PIXEL_MEAN) / PIXEL_STD
+
+
 class LookalikeNet(nn.Module):
     """Backbone + optional embedding projection + category head, with the input scaling inside.
 
@@ -27,10 +32,24 @@ class LookalikeNet(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float()
-        x = (x - PIXEL_MEAN) / PIXEL_STD
-        features = F.normalize(self.backbone.features(x), dim=1)
+        features = F.normalize(self.backbone.features(scaled_input(images)), dim=1)
         embedding = features if self.projection is None else F.normalize(self.projection(features), dim=1)
         logits = self.head(embedding if self.head_on_embedding else features)
         probabilities = torch.softmax(logits / self.temperature, dim=1)
         return embedding, probabilities
+
+
+class TrunkNet(nn.Module):
+    """uint8 images -> what fine-tuning caches: the activations entering block `split`, or (split=None)
+    the pooled, normalised features of the whole backbone."""
+
+    def __init__(self, backbone: EfficientNetLite0, split: int | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.split = split
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = scaled_input(images)
+        if self.split is None:
+            return F.normalize(self.backbone.features(x), dim=1)
+        return self.backbone.trunk(x, self.split)

@@ -1,14 +1,19 @@
-"""Metric learning on the catalogue: an embedding head trained on frozen, cached backbone features.
+"""Metric learning on the catalogue: an embedding head, optionally with the backbone's last blocks.
 
-The backbone stays frozen (2 CPU cores cannot fine-tune it in reasonable time here); its pooled features
-for every training photo and its mirror image are computed once with ONNX Runtime and cached, so an
-epoch costs milliseconds. The head is seed 004's Linear-ReLU-Linear to 256-d, trained on the relevance
-labels (grocery: fine classes) with either a CosFace-style proxy loss (normalised softmax with an
-additive margin) or a batch-hard triplet loss, with early stopping on validation mAP@10.
+The frozen part of the backbone runs once per training view with ONNX Runtime and its output is cached
+(exporter/export.py, `cache_activations`), so an epoch only runs what is trained. Frozen backbone: the
+cache holds pooled features and an epoch costs milliseconds. Fine-tuning from block `finetune_from`: the
+cache holds that block's input activations, and the blocks from there on, the head conv, seed 004's
+Linear-ReLU-Linear embedding head to 256-d and a category layer train together; BatchNorm statistics stay
+frozen (small batches, few photos). Losses: a CosFace-style proxy loss (normalised softmax with an additive
+margin) or a batch-hard triplet loss on the relevance labels (grocery: fine classes), plus cross-entropy on
+the categories when the backbone trains. Early stopping on validation mAP@10; seeded.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.metrics import average_precision
+from exporter.efficientnet_lite import EfficientNetLite0
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +33,46 @@ class TrainSettings:
     loss: str = "cosface"  # or "triplet"
     dimension: int = 256
     hidden: int = 1024
-    epochs: int = 200
-    batch_size: int = 256
+    # The heads first train on the frozen backbone's cached features: cheap epochs, many of them.
+    head_epochs: int = 200
+    head_batch_size: int = 256
+    head_patience: int = 25
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     scale: float = 16.0
     margin: float = 0.2
-    patience: int = 25
     seed: int = 0
+    # Blocks from this one on train with the heads; None keeps the whole backbone frozen.
+    finetune_from: int | None = None
+    # Cached views per training photo: 0 as served, 1 mirrored, 2+ random crops with colour jitter.
+    views: int = 2
+    # Fine-tuning (heads and blocks together, from the fitted heads) runs at one lower learning rate.
+    epochs: int = 15
+    batch_size: int = 64
+    patience: int = 4
+    backbone_learning_rate: float = 1e-4
+    category_weight: float = 1.0
+
+
+# Fine-tuning's defaults: block 13 on is the trade-off measured on 2 CPU cores (BENCHMARKS.md).
+FINETUNE_DEFAULTS = {"finetune_from": 13, "views": 4}
+
+
+class Tower(nn.Module):
+    """Cached trunk output -> unit-length backbone features (identity when the backbone is frozen)."""
+
+    def __init__(self, backbone: EfficientNetLite0, split: int | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.split = split
+
+    def forward(self, cached: torch.Tensor) -> torch.Tensor:
+        if self.split is None:
+            return cached
+        return F.normalize(self.backbone.top(cached, self.split), dim=1)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [] if self.split is None else self.backbone.top_parameters(self.split)
 
 
 def projection_head(features: int, hidden: int, dimension: int) -> nn.Sequential:
@@ -53,10 +91,24 @@ def retrieval_map(queries: np.ndarray, query_labels: Sequence[str], catalogue: n
                           for row, label in zip(ranked, query_labels)]))
 
 
+def run_batched(module: nn.Module, inputs: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """module(inputs) in eval mode without gradients, batch by batch (inputs may be float16)."""
+    module.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            outputs.append(module(torch.from_numpy(np.asarray(inputs[start:start + batch_size], dtype=np.float32))))
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+
+
 def project(head: nn.Module, features: np.ndarray) -> np.ndarray:
     """Unit-length embeddings of backbone features through a trained head."""
-    with torch.no_grad():
-        return F.normalize(head(torch.from_numpy(np.asarray(features, dtype=np.float32))), dim=1).numpy()
+    return run_batched(nn.Sequential(head, _Normalize()), features)
+
+
+class _Normalize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
 
 
 def _batch_hard_triplet(embeddings: torch.Tensor, targets: torch.Tensor, margin: float) -> torch.Tensor:
@@ -67,52 +119,124 @@ def _batch_hard_triplet(embeddings: torch.Tensor, targets: torch.Tensor, margin:
     return F.relu(hardest_positive - hardest_negative + margin).mean()
 
 
-def train_embedding_head(train_features: np.ndarray, train_labels: Sequence[str], val_features: np.ndarray,
-                         val_labels: Sequence[str], catalogue_features: np.ndarray, catalogue_labels: Sequence[str],
-                         settings: TrainSettings = TrainSettings()) -> tuple[nn.Module, dict]:
-    """The head with the best validation mAP@10 (val photos searched against the catalogue's features)."""
-    torch.manual_seed(settings.seed)
+@dataclass
+class _Heads:
+    """What trains on top of the tower: the embedding head, its class proxies and the category layer."""
+
+    embedding: nn.Module
+    proxies: nn.Parameter
+    category: nn.Linear
+
+    def state(self) -> dict:
+        return copy.deepcopy({"embedding": self.embedding.state_dict(), "proxies": self.proxies.detach().clone(),
+                              "category": self.category.state_dict()})
+
+    def restore(self, state: dict) -> None:
+        self.embedding.load_state_dict(state["embedding"])
+        self.category.load_state_dict(state["category"])
+        with torch.no_grad():
+            self.proxies.copy_(state["proxies"])
+
+
+def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories: torch.Tensor, heads: _Heads,
+         val_cached: np.ndarray, val_labels: Sequence[str], catalogue_labels: Sequence[str], settings: TrainSettings,
+         epochs: int, patience: int, batch_size: int, learning_rate: float,
+         score_to_beat: float = -1.0) -> tuple[float, int, list[float]]:
+    """One training phase with early stopping on its own best validation mAP@10; leaves tower and heads at
+    that best, or, when no epoch beat `score_to_beat`, as they came in (reported as best epoch 0).
+    Patience counts from the phase's own best: fine-tuning often dips below the fitted heads first."""
     rng = np.random.default_rng(settings.seed)
-    classes = {label: i for i, label in enumerate(sorted(set(train_labels)))}
-    x = torch.from_numpy(np.asarray(train_features, dtype=np.float32))
-    y = torch.tensor([classes[label] for label in train_labels])
-    head = projection_head(x.shape[1], settings.hidden, settings.dimension)
-    proxies = nn.Parameter(torch.randn(len(classes), settings.dimension) * 0.01)
-    parameters = list(head.parameters()) + ([proxies] if settings.loss == "cosface" else [])
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    groups = [{"params": [*heads.embedding.parameters(), heads.proxies, *heads.category.parameters()],
+               "lr": learning_rate}]
+    if tower.trainable():
+        groups.append({"params": tower.trainable(), "lr": learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    classes = len(heads.proxies)
+    embed = nn.Sequential(tower, heads.embedding, _Normalize())
 
-    def embed(features: np.ndarray) -> np.ndarray:
-        head.eval()
-        return project(head, features)
+    def validation_map() -> float:
+        return retrieval_map(run_batched(embed, val_cached), val_labels, run_batched(embed, train_views[0]),
+                             catalogue_labels)
 
-    baseline = retrieval_map(val_features, val_labels, catalogue_features, catalogue_labels)
-    best = (-1.0, 0, {k: v.clone() for k, v in head.state_dict().items()})
-    history = []
-    for epoch in range(1, settings.epochs + 1):
-        head.train()
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), settings.batch_size):
-            batch = order[start:start + settings.batch_size]
-            embeddings = F.normalize(head(x[batch]), dim=1)
+    entry = (score_to_beat, 0, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None)
+    best = (-1.0, *entry[1:])
+    history: list[float] = []
+    views, count = train_views.shape[0], train_views.shape[1]
+    for epoch in range(1, epochs + 1):
+        started = time.monotonic()
+        tower.eval()  # BatchNorm statistics stay frozen; only weights train
+        heads.embedding.train()
+        order = rng.permutation(count)
+        chosen_view = rng.integers(0, views, size=count)
+        for start in range(0, count, batch_size):
+            batch = order[start:start + batch_size]
+            features = tower(torch.from_numpy(np.asarray(train_views[chosen_view[batch], batch], dtype=np.float32)))
+            embeddings = F.normalize(heads.embedding(features), dim=1)
+            targets = labels[batch]
             if settings.loss == "cosface":
-                cosine = embeddings @ F.normalize(proxies, dim=1).T
-                logits = settings.scale * (cosine - settings.margin * F.one_hot(y[batch], len(classes)))
-                loss = F.cross_entropy(logits, y[batch])
+                cosine = embeddings @ F.normalize(heads.proxies, dim=1).T
+                logits = settings.scale * (cosine - settings.margin * F.one_hot(targets, classes))
+                loss = F.cross_entropy(logits, targets)
             else:
-                loss = _batch_hard_triplet(embeddings, y[batch], settings.margin)
+                loss = _batch_hard_triplet(embeddings, targets, settings.margin)
+            loss = loss + settings.category_weight * F.cross_entropy(heads.category(features), categories[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        score = retrieval_map(embed(val_features), val_labels, embed(catalogue_features), catalogue_labels)
+        score = validation_map()
         history.append(round(score, 4))
+        if tower.trainable():
+            log.info("epoch %d: validation mAP@10 %.4f (%.0f s)", epoch, score, time.monotonic() - started)
         if score > best[0]:
-            best = (score, epoch, {k: v.clone() for k, v in head.state_dict().items()})
-        elif epoch - best[1] >= settings.patience:
+            best = (score, epoch, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None)
+        elif epoch - best[1] >= patience:
             break
-    head.load_state_dict(best[2])
-    head.eval()
-    report = {"loss": settings.loss, "frozen_val_mAP@10": round(baseline, 4), "best_val_mAP@10": round(best[0], 4),
-              "best_epoch": best[1], "epochs_run": len(history)}
-    log.info("embedding head (%s): validation mAP@10 %.4f -> %.4f at epoch %d", settings.loss, baseline, best[0],
-             best[1])
-    return head, report
+    if best[0] < score_to_beat:
+        best = entry
+    heads.restore(best[2])
+    if best[3] is not None:
+        tower.load_state_dict(best[3])
+    heads.embedding.eval()
+    tower.eval()
+    return best[0], best[1], history
+
+
+def train_embedding(tower: Tower, train_views: np.ndarray, train_labels: Sequence[str],
+                    train_categories: Sequence[int], val_cached: np.ndarray, val_labels: Sequence[str],
+                    settings: TrainSettings = TrainSettings()) -> tuple[nn.Module, dict]:
+    """Trains the embedding head (and the tower's top when it has one) on cached trunk outputs.
+
+    train_views: [views, N, ...], view 0 the photos as served, which also form the validation catalogue;
+    val_cached: [M, ...] validation photos, searched against that catalogue for early stopping. When the
+    tower trains, the heads are first fitted on its frozen output (fast, cached) so that the backbone's
+    first gradients come from a sensible head rather than a random one. Leaves the tower at its best
+    epoch and returns (embedding head, report).
+    """
+    torch.manual_seed(settings.seed)
+    classes = {label: i for i, label in enumerate(sorted(set(train_labels)))}
+    labels = torch.tensor([classes[label] for label in train_labels])
+    categories = torch.as_tensor(np.asarray(train_categories, dtype=np.int64))
+    frozen_tower = Tower(tower.backbone, None)
+    frozen_views = train_views if not tower.trainable() else np.stack([run_batched(tower, v) for v in train_views])
+    frozen_val = val_cached if not tower.trainable() else run_batched(tower, val_cached)
+    feature_dim = frozen_views.shape[-1]
+    heads = _Heads(projection_head(feature_dim, settings.hidden, settings.dimension),
+                   nn.Parameter(torch.randn(len(classes), settings.dimension) * 0.01),
+                   nn.Linear(feature_dim, int(categories.max()) + 1))
+    baseline = retrieval_map(frozen_val, val_labels, frozen_views[0], train_labels)
+    score, epoch, history = _fit(frozen_tower, frozen_views, labels, categories, heads, frozen_val, val_labels,
+                                 train_labels, settings, settings.head_epochs, settings.head_patience,
+                                 settings.head_batch_size, settings.learning_rate)
+    report = {"loss": settings.loss, "views": len(train_views), "frozen_val_mAP@10": round(baseline, 4),
+              "head_val_mAP@10": round(score, 4), "head_best_epoch": epoch, "head_epochs_run": len(history)}
+    log.info("embedding head (%s) on frozen features: validation mAP@10 %.4f -> %.4f at epoch %d", settings.loss,
+             baseline, score, epoch)
+    del frozen_views, frozen_val
+    if tower.trainable():
+        score, epoch, history = _fit(tower, train_views, labels, categories, heads, val_cached, val_labels,
+                                     train_labels, settings, settings.epochs, settings.patience, settings.batch_size,
+                                     settings.backbone_learning_rate, score_to_beat=score)
+        report.update({"finetune_from": settings.finetune_from, "finetuned_val_mAP@10": round(score, 4),
+                       "finetune_best_epoch": epoch, "finetune_epochs_run": len(history)})
+        log.info("fine-tuned from block %d: validation mAP@10 %.4f at epoch %d", settings.finetune_from, score, epoch)
+    return heads.embedding, report

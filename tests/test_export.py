@@ -112,7 +112,7 @@ def test_temperature_is_fitted_on_validation_and_folded_into_the_graph(model_dir
 
 @pytest.mark.slow
 def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
-    """A tiny run on real photos: trains an embedding head, exports, evaluates through the services.
+    """A tiny run on real photos: fine-tunes the last blocks with the heads, exports, evaluates through the services.
     It checks that the pipeline works, not the quality it reaches."""
     import json
     import subprocess
@@ -131,10 +131,12 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     run = lambda *args: subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT,  # noqa: E731
                                        capture_output=True, text=True, timeout=600)
     exported = run("export", "--catalog", str(small / "train"), "--val", str(small / "validation"), "--out",
-                   str(tmp_path / "model"), "--train-embedding", "cosface", "--epochs", "5")
+                   str(tmp_path / "model"), "--train-embedding", "cosface", "--finetune-from", "14", "--views", "2",
+                   "--epochs", "2")
     assert exported.returncode == 0, exported.stderr
     manifest = read_manifest(tmp_path / "model")
-    assert manifest.embedding_dim == 256 and "cosface" in manifest.backbone and manifest.parity.passed
+    assert manifest.embedding_dim == 256 and manifest.parity.passed
+    assert "cosface" in manifest.backbone and "blocks 14+ fine-tuned" in manifest.backbone
     evaluated = run("eval", "--model", str(tmp_path / "model"), "--catalog", str(small / "train"), "--queries",
                     str(small / "validation"), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -145,3 +147,5 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
         assert 0 <= metrics["mAP@10"] <= 1 and 0 <= metrics["NN-recall@10"] <= 1
     assert report["modes"]["global"]["NN-recall@10"] == 1.0 and report["modes"]["global"]["scanned_share"] == 1.0
     assert len(report["confusion"]["matrix"]) == 4
+    shards = [point["shards_probed"] for point in report["routing_curve"]]
+    assert shards == sorted(shards) and all(1 <= count <= 4 for count in shards)
