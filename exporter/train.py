@@ -7,7 +7,8 @@ cache holds that block's input activations, and the blocks from there on, the he
 Linear-ReLU-Linear embedding head to 256-d and a category layer train together; BatchNorm statistics stay
 frozen (small batches, few photos). Losses: a CosFace-style proxy loss (normalised softmax with an additive
 margin) or a batch-hard triplet loss on the relevance labels (grocery: fine classes), plus cross-entropy on
-the categories when the backbone trains. Early stopping on validation mAP@10; seeded.
+the categories through a category layer that exists for its gradient on the blocks (the served category
+head is fitted afterwards by exporter/head.py). Early stopping on validation mAP@10; seeded.
 """
 from __future__ import annotations
 
@@ -146,11 +147,8 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
     that best, or, when no epoch beat `score_to_beat`, as they came in (reported as best epoch 0).
     Patience counts from the phase's own best: fine-tuning often dips below the fitted heads first."""
     rng = np.random.default_rng(settings.seed)
-    groups = [{"params": [*heads.embedding.parameters(), heads.proxies, *heads.category.parameters()],
-               "lr": learning_rate}]
-    if tower.trainable():
-        groups.append({"params": tower.trainable(), "lr": learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    parameters = [*heads.embedding.parameters(), heads.proxies, *heads.category.parameters(), *tower.trainable()]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
     classes = len(heads.proxies)
     embed = nn.Sequential(tower, heads.embedding, _Normalize())
 

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from exporter.augment import random_view, training_views
 from exporter.efficientnet_lite import load_imagenet_model
-from exporter.export import cache_activations, decode_files
+from exporter.export import cache_activations, decode_files, trunk_session
 from exporter.model import scaled_input
 from exporter.train import Tower, TrainSettings, run_batched, train_embedding
 
@@ -26,12 +26,12 @@ def test_cached_onnx_activations_feed_the_torch_top(grocery_val: list, tmp_path)
     """The fp16 activations ONNX Runtime caches give the same features as the whole model in Torch."""
     backbone = load_imagenet_model()
     images = grocery_val[:4]
-    cached = cache_activations(backbone, 13, images, 224, tmp_path)
+    cached = cache_activations(trunk_session(backbone, 13, 224, tmp_path), images, 224)
     assert cached.shape == (1, 4, 192, 7, 7) and cached.dtype == np.float16
     with torch.no_grad():
         expected = F.normalize(backbone.features(scaled_input(torch.from_numpy(decode_files(images, 224)))), dim=1)
     assert np.abs(run_batched(Tower(backbone, 13), cached[0]) - expected.numpy()).max() < 2e-3
-    frozen = cache_activations(backbone, None, images, 224, tmp_path)[0]
+    frozen = cache_activations(trunk_session(backbone, None, 224, tmp_path), images, 224)[0]
     assert np.abs(frozen - expected.numpy()).max() < 1e-4
 
 
@@ -55,8 +55,9 @@ def test_finetuning_trains_only_the_blocks_after_the_split(grocery_train: list, 
     validation = [image for image in grocery_val if image.label in labels][:6]
     backbone = load_imagenet_model()
     before = {name: value.clone() for name, value in backbone.state_dict().items()}
-    views = cache_activations(backbone, 14, train, 224, tmp_path, views=2)
-    val_cached = cache_activations(backbone, 14, validation, 224, tmp_path)[0]
+    trunk = trunk_session(backbone, 14, 224, tmp_path)
+    views = cache_activations(trunk, train, 224, views=2)
+    val_cached = cache_activations(trunk, validation, 224)[0]
     categories = sorted({image.category for image in train})
     settings = TrainSettings(finetune_from=14, views=2, head_epochs=3, epochs=2, patience=2, batch_size=6,
                              backbone_learning_rate=1e-3)
