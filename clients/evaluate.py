@@ -30,7 +30,7 @@ from lookalike.routing import plan_probability_routing
 
 K_VALUES = (10, 100)
 PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-ROUTING_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+ROUTING_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 
 def _embed(client: EmbedderClient, images: Sequence[LabelledImage]) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
