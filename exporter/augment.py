@@ -1,7 +1,7 @@
 """Training views of decoded photos: mirror, random resized crop and colour jitter, seeded.
 
-Views are made on the embedder's own decoded 224x224 pixels, so augmentation never sees a preprocessing
-path that serving does not use.
+Views are made on the embedder's own decoded pixels at the model's input size, so augmentation never sees
+a preprocessing path that serving does not use.
 """
 from __future__ import annotations
 

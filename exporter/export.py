@@ -209,8 +209,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
     calibration, head_on_embedding = None, False
     if known:
-        log.info("category head: validation accuracy %.3f on %d images",
-                 accuracy(head, val_features, val_targets), len(known))
+        feature_accuracy = accuracy(head, val_features, val_targets)
+        log.info("category head: validation accuracy %.3f on %d images", feature_accuracy, len(known))
         if projection is not None:
             # A head on the trained embedding may classify better than one on the raw features: keep the better.
             train_embedded, val_embedded = project(projection, features), project(projection, val_features)
@@ -218,7 +218,7 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                                             seed=settings.seed)
             embedded_accuracy = accuracy(embedded_head, val_embedded, val_targets)
             log.info("category head on the embedding: validation accuracy %.3f", embedded_accuracy)
-            if embedded_accuracy > accuracy(head, val_features, val_targets):
+            if embedded_accuracy > feature_accuracy:
                 head, val_features, head_on_embedding = embedded_head, val_embedded, True
         calibration = calibrate(head, val_features, val_targets)
 

@@ -156,7 +156,10 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
         return retrieval_map(run_batched(embed, val_cached), val_labels, run_batched(embed, train_views[0]),
                              catalogue_labels)
 
-    entry = (score_to_beat, 0, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None)
+    def snapshot(score: float, epoch: int) -> tuple[float, int, dict, dict | None]:
+        return score, epoch, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None
+
+    entry = snapshot(score_to_beat, 0)
     best = (-1.0, *entry[1:])
     history: list[float] = []
     views, count = train_views.shape[0], train_views.shape[1]
@@ -186,7 +189,7 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
         if tower.trainable():
             log.info("epoch %d: validation mAP@10 %.4f (%.0f s)", epoch, score, time.monotonic() - started)
         if score > best[0]:
-            best = (score, epoch, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None)
+            best = snapshot(score, epoch)
         elif epoch - best[1] >= patience:
             break
     if best[0] < score_to_beat:
