@@ -46,13 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also train a 256-d embedding head on the labels with this loss (needs --val)")
     parser.add_argument("--finetune-from", type=int, metavar="BLOCK",
                         help="with --train-embedding, also fine-tune the backbone from this block (0-15) on; "
-                             "13 is the default trade-off on 2 CPU cores")
-    parser.add_argument("--views", type=int, help="cached training views per photo (default 2, 4 when fine-tuning)")
+                             "13 is the default trade-off on 2 CPU cores, 0 trains the whole network on the "
+                             "photos with fresh augmentation every epoch (for --device cuda)")
+    parser.add_argument("--views", type=int,
+                        help="cached training views per photo (default 2, 4 when fine-tuning; unused from block 0)")
     parser.add_argument("--backbone-learning-rate", type=float, help="learning rate while fine-tuning (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, help="batch size while fine-tuning (default 64)")
     parser.add_argument("--epochs", type=int,
                         help="most epochs of fine-tuning (default 15), or of the head alone on a frozen backbone (200)")
     parser.add_argument("--input-size", type=int, default=224,
                         help="square input the graph takes (the embedder resizes photos to it)")
+    parser.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (a GPU)")
+    parser.add_argument("--train-batchnorm", action="store_true",
+                        help="while fine-tuning, update BatchNorm statistics from the training batches")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -61,10 +67,11 @@ def training_settings(args: argparse.Namespace) -> TrainSettings:
     from exporter.train import FINETUNE_DEFAULTS, TrainSettings
 
     chosen: dict = dict(FINETUNE_DEFAULTS, finetune_from=args.finetune_from) if args.finetune_from is not None else {}
-    given = {"views": args.views, "backbone_learning_rate": args.backbone_learning_rate,
+    given = {"views": args.views, "backbone_learning_rate": args.backbone_learning_rate, "batch_size": args.batch_size,
              "epochs" if args.finetune_from is not None else "head_epochs": args.epochs}
     chosen.update({name: value for name, value in given.items() if value is not None})
-    return TrainSettings(loss=args.train_embedding, seed=args.seed, **chosen)
+    return TrainSettings(loss=args.train_embedding, seed=args.seed, device=args.device,
+                         train_batchnorm=args.train_batchnorm, **chosen)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

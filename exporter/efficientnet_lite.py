@@ -94,8 +94,9 @@ class EfficientNetLite0(nn.Module):
         return x.mean(dim=(2, 3))
 
     def top_parameters(self, split: int) -> list[nn.Parameter]:
-        """What fine-tuning from block `split` trains."""
-        modules = [*self._blocks[split:], self._conv_head, self._bn1]
+        """What fine-tuning from block `split` trains; from block 0, the stem as well (the whole network)."""
+        stem = [self._conv_stem, self._bn0] if split == 0 else []
+        modules = [*stem, *self._blocks[split:], self._conv_head, self._bn1]
         return [parameter for module in modules for parameter in module.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

