@@ -23,7 +23,7 @@ import numpy as np
 from clients.catalog import LabelledImage
 from clients.embedder_client import EmbedderClient
 from clients.metrics import (average_precision, average_precision_seed001, expected_calibration_error, hit_at,
-                             precision_at, recall_at)
+                             precision_at, recall_at, top_k_accuracy)
 from clients.processes import running_service
 from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
 from lookalike.routing import plan_probability_routing
@@ -137,6 +137,7 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
     report = {
         "model_id": model_id, "catalogue_items": len(catalogue), "queries": len(queries),
         "category_top1_accuracy": round(float(np.mean([g == q.category for g, q in zip(predicted, queries)])), 4),
+        "category_top_k_accuracy": {str(k): round(top_k_accuracy(probability_matrix, truth, k), 4) for k in (2, 3)},
         "expected_calibration_error": round(expected_calibration_error(probability_matrix, truth), 4),
         "embed_ms_per_query": round(embed_seconds * 1000, 2),
         "prior_weight": prior_weight, "prior_weight_fit_mAP@10": fitted,
@@ -173,8 +174,9 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
         print(json.dumps(report, indent=2))
         return 0
     print(f"model {report['model_id']}: {report['catalogue_items']} catalogue items, {report['queries']} queries")
-    print(f"category top-1 accuracy {report['category_top1_accuracy']}, expected calibration error "
-          f"{report['expected_calibration_error']}, prior weight {report['prior_weight']:g}")
+    top_k = report["category_top_k_accuracy"]
+    print(f"category top-1 accuracy {report['category_top1_accuracy']} (top-2 {top_k['2']}, top-3 {top_k['3']}), "
+          f"expected calibration error {report['expected_calibration_error']}, prior weight {report['prior_weight']:g}")
     columns = ["mAP@10", "mAP@10 (seed 001)", "mAP@100", "P@10", "R@1", "R@10", "NN-recall@10", "scanned_share",
                "routing_recall", "shards_probed", "latency_mean_ms", "latency_p99_ms"]
     print(f"\n{'routing':<24}" + "".join(f"{c:>19}" for c in columns))

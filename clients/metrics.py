@@ -49,6 +49,14 @@ def hit_at(relevant: Sequence[bool], k: int) -> float:
     return 1.0 if any(relevant[:k]) else 0.0
 
 
+def top_k_accuracy(probabilities: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the k most probable: routing recall with exactly k shards."""
+    if len(truth) == 0:
+        return 0.0
+    top = np.argsort(-np.asarray(probabilities), axis=1, kind="stable")[:, :k]
+    return float(np.mean([label in row for label, row in zip(truth, top)]))
+
+
 def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
     """ECE of the top-1 probability: mean |accuracy - confidence| over equal-width confidence bins."""
     confidence = probabilities.max(axis=1)

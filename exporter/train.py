@@ -1,4 +1,4 @@
-"""Metric learning on the catalogue: an embedding head, optionally with the backbone's last blocks.
+"""Metric learning on the catalogue: an embedding head, optionally with the backbone's last blocks or all of it.
 
 The frozen part of the backbone runs once per training view with ONNX Runtime and its output is cached
 (exporter/export.py, `cache_activations`), so an epoch only runs what is trained. Frozen backbone: the
@@ -7,10 +7,11 @@ cache holds that block's input activations, and the blocks from there on, the he
 Linear-ReLU-Linear embedding head to 256-d and a category layer train together; BatchNorm statistics stay
 frozen (small batches, few photos). Fine-tuning from block 0 is the whole network, meant for a GPU: the
 cache holds the decoded photos and each epoch sees a fresh random view of each (augmented on the device);
-BatchNorm statistics can train there too (`train_batchnorm`, batches of 128 on a GPU). Losses: a CosFace-style proxy loss (normalised softmax with an additive
-margin) or a batch-hard triplet loss on the relevance labels (grocery: fine classes), plus cross-entropy on
-the categories through a category layer that exists for its gradient on the blocks (the served category
-head is fitted afterwards by exporter/head.py). Early stopping on validation mAP@10; seeded.
+BatchNorm statistics can train there too (`train_batchnorm`, batches of 128 on a GPU). Losses: a
+CosFace-style proxy loss (normalised softmax with an additive margin) or a batch-hard triplet loss on the
+relevance labels (grocery: fine classes), plus cross-entropy on the categories through a category layer
+that exists for its gradient on the blocks (the served category head is fitted afterwards by
+exporter/head.py). Early stopping on validation mAP@10; seeded.
 """
 from __future__ import annotations
 

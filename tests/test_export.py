@@ -142,6 +142,8 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     assert report["queries"] == 8 and report["catalogue_items"] == 16
+    assert report["category_top1_accuracy"] <= report["category_top_k_accuracy"]["2"] \
+        <= report["category_top_k_accuracy"]["3"] <= 1
     assert set(report["modes"]) >= {"global", "top-1 shard", "adaptive"}
     for metrics in report["modes"].values():
         assert 0 <= metrics["mAP@10"] <= 1 and 0 <= metrics["NN-recall@10"] <= 1

@@ -44,6 +44,17 @@ def test_expected_calibration_error() -> None:
     assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
 
 
+def test_top_k_accuracy() -> None:
+    import numpy as np
+
+    from clients.metrics import top_k_accuracy
+
+    probabilities = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.1, 0.3]])
+    truth = np.array([1, 2, 1])  # ranks 2, 1 and 3
+    assert [top_k_accuracy(probabilities, truth, k) for k in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert top_k_accuracy(np.zeros((0, 3)), np.array([], dtype=int), 2) == 0.0
+
+
 def test_routing_curve_follows_the_searchers_rule() -> None:
     from clients.evaluate import routing_curve
 
