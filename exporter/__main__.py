@@ -75,7 +75,14 @@ def training_settings(args: argparse.Namespace) -> TrainSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: expected cpu, or cuda on a machine where torch sees a GPU "
+                         f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("exporter").setLevel(logging.INFO)

@@ -131,3 +131,16 @@ def test_whole_network_export_from_photos(grocery_train: list, grocery_val: list
     assert manifest.parity.passed and manifest.embedding_dim == 256 and manifest.input.height == 96
     assert "whole network fine-tuned" in manifest.backbone and "'views': 'fresh each epoch'" in manifest.backbone
     assert read_manifest(tmp_path).model_id == manifest.model_id
+
+
+def test_exporter_refuses_a_device_it_cannot_use(capsys) -> None:
+    """--device cuda without a usable GPU stops before any photo is read, naming the flag and what it expects."""
+    from exporter.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so --device cuda is valid here")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--catalog", "no-such-folder", "--out", "unused", "--train-embedding", "cosface",
+              "--finetune-from", "0", "--device", "cuda"])
+    assert stopped.value.code == 2
+    assert "--device cuda: expected cpu, or cuda on a machine where torch sees a GPU" in capsys.readouterr().err
