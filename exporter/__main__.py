@@ -30,6 +30,19 @@ def per_category_sample(images: Sequence[LabelledImage], limit: int, seed: int) 
     return sorted(sample, key=lambda image: image.item_id)
 
 
+def head_l2_value(text: str) -> float | None:
+    """--head-l2: a non-negative penalty, or 'auto' (None: chosen on the validation photos)."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number or 'auto'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number or 'auto'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m exporter", description=__doc__)
     parser.add_argument("--catalog", type=Path, required=True,
@@ -56,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most epochs of fine-tuning (default 15), or of the head alone on a frozen backbone (200)")
     parser.add_argument("--input-size", type=int, default=224,
                         help="square input the graph takes (the embedder resizes photos to it)")
+    parser.add_argument("--head-l2", type=head_l2_value, default=1e-3,
+                        help="L2 penalty of the category head (default 0.001), or 'auto' to choose it by the "
+                             "validation photos' log-likelihood (needs --val)")
     parser.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (a GPU)")
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="while fine-tuning, update BatchNorm statistics from the training batches")
@@ -91,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = per_category_sample(read_catalog(args.catalog), args.max_per_category, args.seed)
     validation = read_catalog(args.val) if args.val else []
     embedding = training_settings(args) if args.train_embedding else None
-    settings = ExportSettings(name=args.name, seed=args.seed, input_size=args.input_size, embedding=embedding)
+    settings = ExportSettings(name=args.name, seed=args.seed, input_size=args.input_size, embedding=embedding,
+                              head_l2=args.head_l2)
     manifest = export_default_model(train, args.out, settings, validation=validation, trained_on=str(args.catalog))
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
           f"parity max diff {manifest.parity.max_abs_diff:.2e}")

@@ -22,7 +22,7 @@ from embedder.preprocess import decode_image
 from clients.metrics import expected_calibration_error
 from exporter.augment import training_views
 from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite0, load_imagenet_model
-from exporter.head import accuracy, fit_linear_head, fit_temperature, probabilities
+from exporter.head import accuracy, fit_head_on_validation, fit_linear_head, fit_temperature, probabilities
 from exporter.model import LookalikeNet, TrunkNet
 from exporter.train import Tower, TrainSettings, project, run_batched, train_embedding
 from lookalike.codec import write_manifest
@@ -52,7 +52,8 @@ class ExportSettings:
     input_size: int = INPUT_SIZE
     tolerance: float = FP32_TOLERANCE
     parity_images: int = 16
-    head_l2: float = 1e-3
+    # L2 penalty of the category head; None chooses it on the validation photos (exporter.head.HEAD_L2_GRID).
+    head_l2: float | None = 1e-3
     seed: int = 0
     # When set, an embedding head is trained on the relevance labels (exporter/train.py).
     embedding: TrainSettings | None = None
@@ -191,6 +192,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     known_rows = [row for row, image in enumerate(validation) if image.category in index]
     known = [validation[row] for row in known_rows]
     val_targets = np.array([index[image.category] for image in known])
+    if settings.head_l2 is None and not known:
+        raise ValueError("choosing the category head's L2 penalty needs validation images of known categories")
 
     projection, training = None, None
     if split == 0:
@@ -213,8 +216,15 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     val_features = run_batched(tower, val_cached, device=device)[known_rows]
     del train_views, val_cached
 
-    head = fit_linear_head(features, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
-    log.info("category head: train accuracy %.3f over %d categories", accuracy(head, features, targets), len(labels))
+    def fit_head(train_x: np.ndarray, val_x: np.ndarray) -> tuple[nn.Linear, float]:
+        if settings.head_l2 is not None:
+            fixed = fit_linear_head(train_x, targets, len(labels), l2=settings.head_l2, seed=settings.seed)
+            return fixed, settings.head_l2
+        return fit_head_on_validation(train_x, targets, len(labels), val_x, val_targets, seed=settings.seed)
+
+    head, head_l2 = fit_head(features, val_features)
+    log.info("category head (L2 %g): train accuracy %.3f over %d categories", head_l2,
+             accuracy(head, features, targets), len(labels))
     calibration, head_on_embedding = None, False
     if known:
         feature_accuracy = accuracy(head, val_features, val_targets)
@@ -222,12 +232,12 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         if projection is not None:
             # A head on the trained embedding may classify better than one on the raw features: keep the better.
             train_embedded, val_embedded = project(projection, features), project(projection, val_features)
-            embedded_head = fit_linear_head(train_embedded, targets, len(labels), l2=settings.head_l2,
-                                            seed=settings.seed)
+            embedded_head, embedded_l2 = fit_head(train_embedded, val_embedded)
             embedded_accuracy = accuracy(embedded_head, val_embedded, val_targets)
-            log.info("category head on the embedding: validation accuracy %.3f", embedded_accuracy)
+            log.info("category head on the embedding (L2 %g): validation accuracy %.3f", embedded_l2,
+                     embedded_accuracy)
             if embedded_accuracy > feature_accuracy:
-                head, val_features, head_on_embedding = embedded_head, val_embedded, True
+                head, head_l2, val_features, head_on_embedding = embedded_head, embedded_l2, val_embedded, True
         calibration = calibrate(head, val_features, val_targets)
 
     temperature = calibration.temperature if calibration is not None else 1.0
@@ -255,7 +265,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                  + (" (frozen)" if split is None else " (whole network fine-tuned)" if split == 0
                     else f" (blocks {split}+ fine-tuned)")
                  + ("" if training is None else f"; embedding head: {training}")
-                 + ("; category head on the embedding" if head_on_embedding else ""),
+                 + ("; category head on the embedding" if head_on_embedding else "")
+                 + (f"; category head L2 {head_l2:g}, chosen on validation" if settings.head_l2 is None else ""),
         precision="fp32",
         parity=parity,
         temperature=temperature,

@@ -151,3 +151,35 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert len(report["confusion"]["matrix"]) == 4
     shards = [point["shards_probed"] for point in report["routing_curve"]]
     assert shards == sorted(shards) and all(1 <= count <= 4 for count in shards)
+
+
+def test_head_l2_chosen_on_validation_has_the_lowest_validation_loss(grocery_embeddings: dict,
+                                                                    tmp_path: Path) -> None:
+    """Real backbone features: the head kept by fit_head_on_validation beats every other penalty of the grid on
+    validation negative log-likelihood at its own temperature; without validation photos the choice is refused."""
+    import numpy as np
+    import torch
+    from torch.nn import functional as F
+
+    from exporter.export import ExportSettings, export_default_model
+    from exporter.head import HEAD_L2_GRID, fit_head_on_validation, fit_linear_head, fit_temperature
+
+    labels = grocery_embeddings["labels"]
+    train_x = grocery_embeddings["catalogue_vectors"]
+    train_y = np.array([labels.index(image.category) for image in grocery_embeddings["catalogue"]])
+    known = [row for row, image in enumerate(grocery_embeddings["queries"]) if image.category in labels]
+    val_x = grocery_embeddings["query_vectors"][known]
+    val_y = np.array([labels.index(grocery_embeddings["queries"][row].category) for row in known])
+
+    def validation_loss(head: torch.nn.Linear) -> float:
+        with torch.no_grad():
+            logits = head(torch.from_numpy(val_x)) / fit_temperature(head, val_x, val_y)
+            return float(F.cross_entropy(logits, torch.from_numpy(val_y)))
+
+    head, l2 = fit_head_on_validation(train_x, train_y, len(labels), val_x, val_y)
+    assert l2 in HEAD_L2_GRID
+    losses = {penalty: validation_loss(fit_linear_head(train_x, train_y, len(labels), l2=penalty))
+              for penalty in HEAD_L2_GRID}
+    assert validation_loss(head) == pytest.approx(min(losses.values()), rel=1e-5)
+    with pytest.raises(ValueError, match="needs validation images"):
+        export_default_model(grocery_embeddings["catalogue"][:4], tmp_path, ExportSettings(head_l2=None))
