@@ -173,9 +173,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
 
     With `settings.embedding`, an embedding head (and, with `finetune_from`, the backbone's last blocks, or
     from block 0 the whole network on the decoded photos) is trained first on cached trunk outputs
-    (exporter/train.py). The final graph is then checked against
-    Torch on real images before the manifest is written, so a folder with a manifest always holds a
-    verified model.
+    (exporter/train.py). The final graph is then checked against Torch on real images before the manifest
+    is written, so a folder with a manifest always holds a verified model.
     """
     torch.manual_seed(settings.seed)
     labels = categories_of(list(train))

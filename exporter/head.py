@@ -52,10 +52,7 @@ def fit_head_on_validation(features: np.ndarray, labels: np.ndarray, num_classes
     best: tuple[float, float, nn.Linear] | None = None
     for l2 in grid:
         head = fit_linear_head(features, labels, num_classes, l2=l2, seed=seed)
-        temperature = fit_temperature(head, val_features, val_labels)
-        with torch.no_grad():
-            logits = head(torch.from_numpy(np.asarray(val_features, dtype=np.float32))) / temperature
-            loss = float(F.cross_entropy(logits, torch.from_numpy(np.asarray(val_labels, dtype=np.int64))))
+        _, loss = _best_temperature(head, val_features, val_labels)
         if best is None or loss < best[0]:
             best = (loss, l2, head)
     assert best is not None, "the L2 grid is empty"
@@ -71,12 +68,18 @@ def accuracy(head: nn.Linear, features: np.ndarray, labels: np.ndarray) -> float
 
 def fit_temperature(head: nn.Linear, features: np.ndarray, labels: np.ndarray) -> float:
     """The softmax temperature minimising validation negative log-likelihood (log-spaced search, 0.05-20)."""
+    return _best_temperature(head, features, labels)[0]
+
+
+def _best_temperature(head: nn.Linear, features: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(temperature, the negative log-likelihood it gives) of `fit_temperature`'s search."""
     with torch.no_grad():
         logits = head(torch.from_numpy(np.asarray(features, dtype=np.float32)))
         targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 400))
         losses = [float(F.cross_entropy(logits / t, targets)) for t in candidates]
-    return float(candidates[int(np.argmin(losses))])
+    best = int(np.argmin(losses))
+    return float(candidates[best]), losses[best]
 
 
 def probabilities(head: nn.Linear, features: np.ndarray, temperature: float = 1.0) -> np.ndarray:
