@@ -8,16 +8,22 @@ DATASETS ?= ../shared/datasets
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= var/demo
 
-.PHONY: setup test demo bench protos clean
+.PHONY: setup test demo bench protos lock clean
 
 setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 
-# One install step for everything: the package with every extra plus the test tools.
-$(STAMP): pyproject.toml
+# One install step for everything: the package with every extra plus the test tools, at the versions
+# requirements.lock pins (pyproject.toml declares ranges; the lock is what we test and ship).
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[all,dev]'
+	$(PY) -m pip install --quiet --constraint requirements.lock -e '.[all,dev]'
 	touch $(STAMP)
+
+# Re-resolves requirements.lock from pyproject.toml's ranges (newest versions that fit).
+lock: $(STAMP)
+	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package lookalike \
+	  --extra serving --extra embedder --extra searcher --extra exporter --extra dev -o requirements.lock pyproject.toml
 
 # Fashion-MNIST comes from Debian, so a fresh machine has a real catalogue without downloads.
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
@@ -31,11 +37,11 @@ test: setup
 	$(PY) -m pytest -q -ra
 
 demo: setup
-	$(PY) -m clients.cli demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
+	$(PY) -m lookalike.tools.cli demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 bench: setup
-	$(PY) -m clients.cli bench embedder --workdir $(DEMO_DIR) $(BENCH_ARGS)
-	$(PY) -m clients.cli bench searcher $(BENCH_ARGS)
+	$(PY) -m lookalike.tools.cli bench embedder --workdir $(DEMO_DIR) $(BENCH_ARGS)
+	$(PY) -m lookalike.tools.cli bench searcher $(BENCH_ARGS)
 
 # Regenerates the checked-in stubs (tests/test_protos.py fails when they are stale).
 protos: $(STAMP)

@@ -1,1 +1,4 @@
-"""Lookalike's Python client library and the `lookalike` command line."""
+"""Lookalike's Python client library: channels, typed clients, the facade, asyncio, sharding, indexing.
+
+Imports only the contracts (lookalike.v1, lookalike.codec, lookalike.routing) and its own modules.
+"""

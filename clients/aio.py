@@ -6,11 +6,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from clients.connection import ChannelSettings, call_with_retries_async, library_error
-from clients.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
-from clients.lookalike import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, catalogue_items,
+from lookalike.client.connection import ChannelSettings, call_with_retries_async, library_error
+from lookalike.client.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
+from lookalike.client.facade import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, catalogue_items,
                                record_upserts, routing_request, search_result)
-from clients.searcher_client import CatalogueItem, search_request
+from lookalike.client.searcher_client import CatalogueItem, search_request
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
 
@@ -83,7 +83,7 @@ class AsyncSearcherClient:
 
 
 class AsyncLookalike:
-    """clients.lookalike.Lookalike for asyncio: the same methods, awaited."""
+    """lookalike.client.facade.Lookalike for asyncio: the same methods, awaited."""
 
     def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings, *, threshold: float = 0.0,
                  max_shards: int = 0, prior_weight: float = 0.0) -> None:

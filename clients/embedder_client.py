@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import grpc
 import numpy as np
 
-from clients.connection import ChannelSettings, call_with_retries
+from lookalike.client.connection import ChannelSettings, call_with_retries
 from lookalike.codec import unpack_vector
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 

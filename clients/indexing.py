@@ -7,10 +7,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Protocol, Sequence, TextIO
 
-from clients.catalog import LabelledImage
-from clients.lookalike import IndexResult, Lookalike
+from lookalike.client.facade import IndexResult, Lookalike
+
+
+class CatalogueImage(Protocol):
+    """An image file to index with its category and relevance label (lookalike.quality's LabelledImage is one)."""
+
+    @property
+    def item_id(self) -> str: ...
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def category(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
 
 
 @dataclass
@@ -40,7 +55,7 @@ class Journal:
             self.done = set(path.read_text(encoding="utf-8").splitlines())
 
     @staticmethod
-    def key(image: LabelledImage) -> str:
+    def key(image: CatalogueImage) -> str:
         stat = image.path.stat()
         return f"{image.item_id}\t{stat.st_size}\t{stat.st_mtime_ns}"
 
@@ -82,7 +97,7 @@ class _Progress:
             self.stream.flush()
 
 
-def index_catalogue(lookalike: Lookalike, images: Sequence[LabelledImage], *, journal: Path | None = None,
+def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, journal: Path | None = None,
                     use_labels: bool = True, batch_size: int = 32, concurrency: int = 2,
                     progress: TextIO | None = sys.stderr) -> IndexSummary:
     """Embeds and stores every image not yet in the journal, `concurrency` batches at a time.
@@ -101,7 +116,7 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[LabelledImage], *, jo
     meter = _Progress(len(pending), progress)
     batches = [pending[start:start + batch_size] for start in range(0, len(pending), batch_size)]
 
-    def run(batch: list[LabelledImage]) -> IndexResult:
+    def run(batch: list[CatalogueImage]) -> IndexResult:
         try:
             result = lookalike.index([image.path for image in batch], [image.item_id for image in batch],
                                      categories=[image.category for image in batch] if use_labels else None,

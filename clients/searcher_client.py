@@ -6,9 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
-from clients.connection import ChannelSettings, call_with_retries
+from lookalike.client.connection import ChannelSettings, call_with_retries
 from lookalike.codec import pack_vector
-from lookalike.v1 import common_pb2, searcher_pb2, searcher_pb2_grpc
+from lookalike.routing import Routing
+from lookalike.v1 import searcher_pb2, searcher_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,10 @@ def routing_for(categories: Sequence[str] | None = None,
     if categories is not None and probabilities is not None:
         raise ValueError("give categories or probabilities, not both")
     if categories is not None:
-        return searcher_pb2.Routing(explicit=searcher_pb2.ExplicitRouting(categories=list(categories)))
+        return Routing.explicit(categories).to_message()
     if probabilities is not None:
-        return searcher_pb2.Routing(probabilities=searcher_pb2.ProbabilityRouting(
-            categories=[common_pb2.CategoryProbability(category=c, probability=p) for c, p in probabilities],
-            threshold=threshold, max_shards=max_shards, prior_weight=prior_weight))
-    return searcher_pb2.Routing(all=searcher_pb2.AllShards())
+        return Routing.by_probability(probabilities, threshold, max_shards, prior_weight).to_message()
+    return Routing.all_shards().to_message()
 
 
 def search_request(vector: np.ndarray, model_id: str, k: int, routing: searcher_pb2.Routing | None,

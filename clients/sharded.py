@@ -4,8 +4,8 @@ When one pod cannot hold the catalogue, the searcher runs as a StatefulSet of n 
 lives on pod argmax_i sha256(c, i) (highest-random-weight hashing over the ordinals 0..n-1): every client
 computes the same owner with no coordination, and growing from n to n+1 pods moves only the ~1/(n+1)
 of categories the new pod wins. This client routes writes to owners and fans searches out, planning
-probability routing exactly as a single searcher does (lookalike.routing) and merging by score, so the
-answers equal those of one searcher holding everything.
+and merging with the searcher's own rule (lookalike.routing), so the answers equal those of one
+searcher holding everything.
 """
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
-from clients.connection import ChannelSettings
-from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
-from lookalike.routing import plan_all, plan_probability_routing
+from lookalike.client.connection import ChannelSettings
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, merge_hits, plan
 from lookalike.v1 import common_pb2, searcher_pb2
-
-DEFAULT_THRESHOLD, DEFAULT_MAX_SHARDS = 0.9, 4  # the searcher's defaults (searcher/config.py)
 
 
 def owner_of(category: str, pods: int) -> int:
@@ -92,46 +90,16 @@ class ShardedSearcherClient:
 
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
-        routing = routing or routing_for()
-        mode = routing.WhichOneof("mode") or "all"
-        existing = self.categories()
-        prior_weight = 0.0
-        if mode == "explicit":
-            wanted = list(dict.fromkeys(routing.explicit.categories))
-            probes = [(c, 1.0) for c in wanted if c in existing]
-            unknown = [c for c in wanted if c not in existing]
-        else:
-            unknown = []
-            if mode == "probabilities":
-                spec = routing.probabilities
-                prior_weight = spec.prior_weight
-                plan = plan_probability_routing([(c.category, c.probability) for c in spec.categories], existing,
-                                                spec.threshold or self.threshold, spec.max_shards or self.max_shards,
-                                                k, 1)
-                probes = [(p.category, p.probability) for p in plan] or [(c, 0.0) for c in sorted(existing)]
-            else:
-                probes = [(p.category, 0.0) for p in plan_all(existing, 1)]
-        per_pod: dict[int, list[tuple[str, float]]] = defaultdict(list)
-        for category, probability in probes:
-            per_pod[owner_of(category, len(self.pods))].append((category, probability))
-
-        def pod_routing(entries: list[tuple[str, float]]) -> searcher_pb2.Routing:
-            if mode == "probabilities" and any(p > 0 for _, p in entries):
-                # The plan is made: the pod probes exactly these (threshold 1 and a cap of their number).
-                return routing_for(probabilities=entries, threshold=1.0, max_shards=len(entries),
-                                   prior_weight=prior_weight)
-            return routing_for(categories=[c for c, _ in entries])
-
-        responses = self._fan_out({pod: (lambda pod=pod, entries=entries: self.pods[pod].search(
-            vector, model_id, k, pod_routing(entries), ef, timeout)) for pod, entries in per_pod.items()})
-        hits = sorted((hit for r in responses.values() for hit in r.hits), key=lambda hit: -hit.score)
-        order = {category: rank for rank, (category, _) in enumerate(probes)}
-        merged = searcher_pb2.SearchResponse(unknown_categories=unknown)
-        seen: set[str] = set()
-        for hit in hits:
-            if hit.id not in seen and len(merged.hits) < k:
-                seen.add(hit.id)
-                merged.hits.append(hit)
+        routed = plan(Routing.from_message(routing), self.categories(), self.threshold, self.max_shards)
+        per_pod: dict[int, list[str]] = defaultdict(list)
+        for category in routed.categories:
+            per_pod[owner_of(category, len(self.pods))].append(category)
+        responses = self._fan_out({pod: (lambda pod=pod, owned=owned: self.pods[pod].search(
+            vector, model_id, k, routed.routing_for(owned).to_message(), ef, timeout))
+            for pod, owned in per_pod.items()})
+        order = {category: rank for rank, category in enumerate(routed.categories)}
+        merged = searcher_pb2.SearchResponse(unknown_categories=routed.unknown_categories)
+        merged.hits.extend(merge_hits((hit for r in responses.values() for hit in r.hits), k))
         merged.probes.extend(sorted((p for r in responses.values() for p in r.probes), key=lambda p: order[p.category]))
         return merged
 

@@ -1,13 +1,13 @@
-"""`python -m embedder --model DIR`: serve the Lookalike Embedder over gRPC until SIGTERM."""
+"""`python -m lookalike.embedder --model DIR`: serve the Lookalike Embedder over gRPC until SIGTERM."""
 from __future__ import annotations
 
 import logging
 import sys
 from typing import Sequence
 
-from embedder.config import EmbedderConfig
-from embedder.server import create_server
-from lookalike.service import serve_until_signalled
+from lookalike.embedder.config import EmbedderConfig
+from lookalike.embedder.server import create_server
+from lookalike.serving.server import serve_until_signalled
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from prometheus_client import Gauge, Histogram
 
-from lookalike.service import ResourceExhausted, Unavailable
+from lookalike.serving.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lookalike.settings import parse_config
+from lookalike.serving.settings import parse_config
 
 ENV_PREFIX = "LOOKALIKE_EMBEDDER_"
 PROVIDERS = ("tensorrt", "cuda", "cpu")
@@ -58,7 +58,7 @@ class EmbedderConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "EmbedderConfig":
         """Flags override LOOKALIKE_EMBEDDER_<FLAG> environment variables, which override defaults."""
-        return parse_config(cls, argv, prog="python -m embedder", description="Serve the Lookalike Embedder over gRPC.",
+        return parse_config(cls, argv, prog="python -m lookalike.embedder", description="Serve the Lookalike Embedder over gRPC.",
                             env_prefix=ENV_PREFIX, flags={"model_dir": "model"}, helps=HELP)
 
 

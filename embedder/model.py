@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from embedder.config import EmbedderConfig
+from lookalike.embedder.config import EmbedderConfig
 from lookalike.codec import read_manifest
 from lookalike.v1 import manifest_pb2
 

@@ -8,11 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-from embedder.batcher import MicroBatcher
-from embedder.config import EmbedderConfig
-from embedder.model import OnnxModel
-from embedder.preprocess import ImageLimits, decode_image
-from lookalike.service import ServiceError
+from lookalike.embedder.batcher import MicroBatcher
+from lookalike.embedder.config import EmbedderConfig
+from lookalike.embedder.model import OnnxModel
+from lookalike.embedder.preprocess import ImageLimits, decode_image
+from lookalike.serving.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from lookalike.service import InvalidArgument, ResourceExhausted
+from lookalike.serving.errors import InvalidArgument, ResourceExhausted
 
 # Our own pixel limit (ImageLimits.max_pixels) is checked from the header before decoding, with a
 # message naming the limit; Pillow's global bomb check would pre-empt it with a different text.

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
 
-from embedder.config import EmbedderConfig
-from embedder.model import OnnxModel
-from embedder.pipeline import EmbeddingPipeline
-from embedder.servicer import EmbedderServicer
-from lookalike.metrics import serve_metrics
-from lookalike.service import RunningServer, bind, build_server, start_health_server
+from lookalike.embedder.config import EmbedderConfig
+from lookalike.embedder.model import OnnxModel
+from lookalike.embedder.pipeline import EmbeddingPipeline
+from lookalike.embedder.servicer import EmbedderServicer
+from lookalike.serving.rpc_metrics import serve_metrics
+from lookalike.serving.server import RunningServer, bind, build_server, start_health_server
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from embedder.config import EmbedderConfig
-from embedder.pipeline import EmbeddingPipeline
+from lookalike.embedder.config import EmbedderConfig
+from lookalike.embedder.pipeline import EmbeddingPipeline
 from lookalike.codec import pack_vector
-from lookalike.service import InvalidArgument, Unavailable, rpc_method
+from lookalike.serving.errors import InvalidArgument, Unavailable, rpc_method
 from lookalike.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 
 

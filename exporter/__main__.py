@@ -1,4 +1,4 @@
-"""`python -m exporter`: build the default model (EfficientNet-Lite0 + category head) as ONNX + manifest."""
+"""`lookalike export` (or `python -m lookalike.exporter`): build the default model (EfficientNet-Lite0 + category head) as ONNX + manifest."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from clients.catalog import LabelledImage, read_catalog
+from lookalike.quality.labelled_images import LabelledImage, read_labelled_images
 
 if TYPE_CHECKING:
-    from exporter.train import TrainSettings
+    from lookalike.exporter.train import TrainSettings
 
 
 def per_category_sample(images: Sequence[LabelledImage], limit: int, seed: int) -> list[LabelledImage]:
@@ -44,7 +44,7 @@ def head_l2_value(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m exporter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lookalike export", description=__doc__)
     parser.add_argument("--catalog", type=Path, required=True,
                         help="labelled training images: ROOT/<category>/*.jpg or a list file like grocery's train.txt")
     parser.add_argument("--val", type=Path, help="labelled validation images (head accuracy, int8 drift, parity)")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def training_settings(args: argparse.Namespace) -> TrainSettings:
-    from exporter.train import FINETUNE_DEFAULTS, TrainSettings
+    from lookalike.exporter.train import FINETUNE_DEFAULTS, TrainSettings
 
     chosen: dict = dict(FINETUNE_DEFAULTS, finetune_from=args.finetune_from) if args.finetune_from is not None else {}
     given = {"views": args.views, "backbone_learning_rate": args.backbone_learning_rate, "batch_size": args.batch_size,
@@ -102,10 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("exporter").setLevel(logging.INFO)
-    from exporter.export import ExportSettings, export_default_model
+    from lookalike.exporter.export import ExportSettings, export_default_model
 
-    train = per_category_sample(read_catalog(args.catalog), args.max_per_category, args.seed)
-    validation = read_catalog(args.val) if args.val else []
+    train = per_category_sample(read_labelled_images(args.catalog), args.max_per_category, args.seed)
+    validation = read_labelled_images(args.val) if args.val else []
     embedding = training_settings(args) if args.train_embedding else None
     settings = ExportSettings(name=args.name, seed=args.seed, input_size=args.input_size, embedding=embedding,
                               head_l2=args.head_l2)
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
           f"parity max diff {manifest.parity.max_abs_diff:.2e}")
     if args.int8:
-        from exporter.quantize import quantize_model
+        from lookalike.exporter.quantize import quantize_model
 
         calibration = random.Random(args.seed).sample(train, min(args.calibration_images, len(train)))
         drift_set = validation or train[: 256]

@@ -17,14 +17,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from clients.catalog import LabelledImage, categories_of
-from embedder.preprocess import decode_image
-from clients.metrics import expected_calibration_error
-from exporter.augment import training_views
-from exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite0, load_imagenet_model
-from exporter.head import accuracy, fit_head_on_validation, fit_linear_head, fit_temperature, probabilities
-from exporter.model import LookalikeNet, TrunkNet
-from exporter.train import Tower, TrainSettings, project, run_batched, train_embedding
+from lookalike.quality.labelled_images import LabelledImage, categories_of
+from lookalike.embedder.preprocess import decode_image
+from lookalike.quality.retrieval_metrics import expected_calibration_error
+from lookalike.exporter.augment import training_views
+from lookalike.exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite0, load_imagenet_model
+from lookalike.exporter.head import accuracy, fit_head_on_validation, fit_linear_head, fit_temperature, probabilities
+from lookalike.exporter.model import LookalikeNet, TrunkNet
+from lookalike.exporter.train import Tower, TrainSettings, project, run_batched, train_embedding
 from lookalike.codec import write_manifest
 from lookalike.v1 import manifest_pb2
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from exporter.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, EfficientNetLite0
+from lookalike.exporter.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, EfficientNetLite0
 
 
 def scaled_input(images: torch.Tensor) -> torch.Tensor:

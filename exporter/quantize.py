@@ -17,8 +17,8 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from clients.catalog import LabelledImage
-from exporter.export import ONNX_FILE, decode_files, embed_files, sha256_of
+from lookalike.quality.labelled_images import LabelledImage
+from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, sha256_of
 from lookalike.codec import read_manifest, write_manifest
 from lookalike.v1 import manifest_pb2
 

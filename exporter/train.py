@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.metrics import average_precision
-from exporter.augment import random_views_batch
-from exporter.efficientnet_lite import EfficientNetLite0
-from exporter.model import scaled_input
+from lookalike.quality.retrieval_metrics import average_precision
+from lookalike.exporter.augment import random_views_batch
+from lookalike.exporter.efficientnet_lite import EfficientNetLite0
+from lookalike.exporter.model import scaled_input
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
-"""`python -m searcher --data DIR`: serve the Lookalike Searcher over gRPC until SIGTERM (then snapshot)."""
+"""`python -m lookalike.searcher --data DIR`: serve the Lookalike Searcher over gRPC until SIGTERM (then snapshot)."""
 from __future__ import annotations
 
 import logging
 import sys
 from typing import Sequence
 
-from lookalike.service import serve_until_signalled
-from searcher.config import SearcherConfig
-from searcher.server import create_server
+from lookalike.serving.server import serve_until_signalled
+from lookalike.searcher.config import SearcherConfig
+from lookalike.searcher.server import create_server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

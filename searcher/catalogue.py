@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections import defaultdict
@@ -18,34 +17,28 @@ from typing import Sequence
 
 import numpy as np
 
-from lookalike.service import FailedPrecondition, InvalidArgument
-from searcher.config import SearcherConfig
-from searcher.metrics import SHARD_PROBES
-from lookalike.routing import Probe, plan_all, plan_explicit, plan_probability_routing
-from searcher.shard import IndexSettings, Shard
-from searcher.store import ItemWrite, Store
+from lookalike.routing import PlannedProbe, Routing, merge_hits, plan
+from lookalike.serving.errors import FailedPrecondition
+from lookalike.searcher.config import SearcherConfig
+from lookalike.searcher.shard_metrics import SHARD_PROBES
+from lookalike.searcher.shard import IndexSettings, Shard
+from lookalike.searcher.store import ItemWrite, Store
 
 log = logging.getLogger(__name__)
 
 DATABASE = "catalogue.sqlite3"
 SNAPSHOTS = "snapshots"
-_MIN_PROBABILITY = 1e-9  # floor inside ln(p) for the prior-weighted merge
 
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """A validated search. mode is "explicit", "probabilities" or "all"."""
+    """A validated search."""
 
     vector: np.ndarray
     model_id: str
     k: int
     ef: int = 0
-    mode: str = "all"
-    categories: Sequence[str] = ()
-    probabilities: Sequence[tuple[str, float]] = ()
-    threshold: float = 0.0
-    max_shards: int = 0
-    prior_weight: float = 0.0
+    routing: Routing = Routing()
 
 
 @dataclass(frozen=True)
@@ -232,48 +225,29 @@ class Catalogue:
     def search(self, query: SearchQuery) -> SearchOutcome:
         shards = dict(self.shards)  # a consistent view while writers may add shards
         ef = query.ef or self.config.ef
-        outcome = SearchOutcome()
-        if query.mode == "explicit":
-            probes, outcome.unknown_categories = plan_explicit(query.categories, shards, ef)
-        elif query.mode == "probabilities":
-            probes = plan_probability_routing(query.probabilities, shards,
-                                              query.threshold or self.config.routing_threshold,
-                                              query.max_shards or self.config.routing_max_shards, query.k, ef)
-            if not probes:
-                # None of the likely categories has a shard (a model trained on other labels, say):
-                # fall back to every shard rather than answer nothing.
-                probes = plan_all(shards, ef)
-        elif query.mode == "all":
-            probes = plan_all(shards, ef)
-        else:
-            raise InvalidArgument(f"routing mode {query.mode!r} is unknown")
-        for probe in probes:
+        routed = plan(query.routing, shards, self.config.routing_threshold, self.config.routing_max_shards)
+        for probe in routed.probes:
             shard = shards[probe.category]
             if (shard.model_id, shard.dimension) != (query.model_id, query.vector.shape[0]):
                 raise FailedPrecondition(
                     f"the query is a {query.vector.shape[0]}-d vector from model {query.model_id!r}, but shard "
                     f"{probe.category!r} holds {shard.dimension}-d vectors from model {shard.model_id!r}")
+        outcome = SearchOutcome(unknown_categories=list(routed.unknown_categories))
         candidates: list[Hit] = []
-        for probe in probes:
-            candidates.extend(self._probe(shards[probe.category], probe, query, outcome))
-        candidates.sort(key=lambda hit: -hit.score)
-        seen: set[str] = set()
-        for hit in candidates:
-            if hit.id not in seen and len(outcome.hits) < query.k:
-                seen.add(hit.id)
-                outcome.hits.append(hit)
+        for probe in routed.probes:
+            candidates.extend(self._probe(shards[probe.category], probe, query, ef, outcome))
+        outcome.hits = merge_hits(candidates, query.k)
         return outcome
 
-    def _probe(self, shard: Shard, probe: Probe, query: SearchQuery, outcome: SearchOutcome) -> list[Hit]:
-        prior = 0.0
-        if query.mode == "probabilities" and query.prior_weight:
-            prior = query.prior_weight * math.log(max(probe.probability, _MIN_PROBABILITY))
+    def _probe(self, shard: Shard, probe: PlannedProbe, query: SearchQuery, ef: int,
+               outcome: SearchOutcome) -> list[Hit]:
         SHARD_PROBES.labels(shard.category).inc()
         started = time.perf_counter()
-        found = shard.search(query.vector, query.k, probe.ef)
-        outcome.probes.append(ProbeReport(probe.category, probe.probability, query.k, max(probe.ef, query.k),
+        found = shard.search(query.vector, query.k, ef)
+        # hnswlib never searches with an ef below k.
+        outcome.probes.append(ProbeReport(probe.category, probe.probability, query.k, max(ef, query.k),
                                           len(shard), time.perf_counter() - started))
-        return [Hit(item_id, similarity + prior, similarity, shard.category, attributes)
+        return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes)
                 for item_id, similarity, attributes in found]
 
     def stats(self) -> tuple[list[dict], int, int]:

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lookalike.settings import parse_config
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD
+from lookalike.serving.settings import parse_config
 
 ENV_PREFIX = "LOOKALIKE_SEARCHER_"
 
@@ -27,8 +28,8 @@ class SearcherConfig:
     max_batch: int = 1000
     max_dimension: int = 4096
     # Probability routing defaults: probe until this much probability is covered, at most max_shards.
-    routing_threshold: float = 0.9
-    routing_max_shards: int = 4
+    routing_threshold: float = DEFAULT_THRESHOLD
+    routing_max_shards: int = DEFAULT_MAX_SHARDS
     # Seconds between background snapshots of changed shards (0: only at shutdown).
     snapshot_interval: float = 60.0
     max_message_bytes: int = 64 * 1024 * 1024
@@ -52,7 +53,7 @@ class SearcherConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "SearcherConfig":
         """Flags override LOOKALIKE_SEARCHER_<FLAG> environment variables, which override defaults."""
-        return parse_config(cls, argv, prog="python -m searcher", description="Serve the Lookalike Searcher over gRPC.",
+        return parse_config(cls, argv, prog="python -m lookalike.searcher", description="Serve the Lookalike Searcher over gRPC.",
                             env_prefix=ENV_PREFIX, flags={"data_dir": "data"},
                             helps={"data_dir": "data folder: the SQLite database and the index snapshots",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
-from lookalike.metrics import serve_metrics
-from lookalike.service import RunningServer, bind, build_server, start_health_server
+from lookalike.serving.rpc_metrics import serve_metrics
+from lookalike.serving.server import RunningServer, bind, build_server, start_health_server
 from lookalike.v1 import searcher_pb2, searcher_pb2_grpc
-from searcher.catalogue import Catalogue
-from searcher.config import SearcherConfig
-from searcher.metrics import CatalogueCollector
-from searcher.servicer import SearcherServicer
+from lookalike.searcher.catalogue import Catalogue
+from lookalike.searcher.config import SearcherConfig
+from lookalike.searcher.shard_metrics import CatalogueCollector
+from lookalike.searcher.servicer import SearcherServicer
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,12 @@ import grpc
 import numpy as np
 
 from lookalike.codec import VectorError, unpack_vector
-from lookalike.service import InvalidArgument, ServiceError, Unavailable, rpc_method
+from lookalike.routing import Routing
+from lookalike.serving.errors import InvalidArgument, ServiceError, Unavailable, rpc_method
 from lookalike.v1 import common_pb2, searcher_pb2, searcher_pb2_grpc
-from searcher.catalogue import Catalogue, SearchQuery
-from searcher.config import SearcherConfig
-from searcher.store import ItemWrite
+from lookalike.searcher.catalogue import Catalogue, SearchQuery
+from lookalike.searcher.config import SearcherConfig
+from lookalike.searcher.store import ItemWrite
 
 MAX_KEY_BYTES = 256
 
@@ -113,13 +114,9 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             raise InvalidArgument(f"ef is {request.ef}, expected at most {10 * self._config.max_k}")
         vector = unit_vector(request.vector, "vector", self._config.max_dimension)
         model_id = _key(request.model_id, "model_id")
-        common = dict(vector=vector, model_id=model_id, k=request.k, ef=request.ef)
         mode = request.routing.WhichOneof("mode") if request.HasField("routing") else None
-        if mode == "explicit":
-            categories = list(request.routing.explicit.categories)
-            if not categories:
-                raise InvalidArgument("routing.explicit.categories is empty, expected at least one category")
-            return SearchQuery(**common, mode="explicit", categories=categories)
+        if mode == "explicit" and not request.routing.explicit.categories:
+            raise InvalidArgument("routing.explicit.categories is empty, expected at least one category")
         if mode == "probabilities":
             routing = request.routing.probabilities
             if not routing.categories:
@@ -134,11 +131,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                                       "(0, 1], or 0 for the server default")
             if not (math.isfinite(routing.prior_weight) and routing.prior_weight >= 0):
                 raise InvalidArgument(f"routing.probabilities.prior_weight is {routing.prior_weight}, expected >= 0")
-            return SearchQuery(**common, mode="probabilities",
-                               probabilities=[(c.category, c.probability) for c in routing.categories],
-                               threshold=routing.threshold, max_shards=routing.max_shards,
-                               prior_weight=routing.prior_weight)
-        return SearchQuery(**common, mode="all")
+        return SearchQuery(vector=vector, model_id=model_id, k=request.k, ef=request.ef,
+                           routing=Routing.from_message(request.routing if mode else None))
 
     @rpc_method
     def GetStats(self, request: searcher_pb2.GetStatsRequest, context: grpc.ServicerContext) -> searcher_pb2.GetStatsResponse:

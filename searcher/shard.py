@@ -18,7 +18,7 @@ from typing import Sequence
 import hnswlib
 import numpy as np
 
-from searcher.rwlock import ReadWriteLock
+from lookalike.searcher.rwlock import ReadWriteLock
 
 log = logging.getLogger(__name__)
 

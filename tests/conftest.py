@@ -21,25 +21,25 @@ needs_datasets = pytest.mark.skipif(
 def grocery_train() -> list:
     if not GROCERY.is_dir():
         pytest.skip(f"real photos not found at {DATASETS} (../shared/datasets is absent in a user's clone)")
-    from clients.catalog import read_catalog
+    from lookalike.quality.labelled_images import read_labelled_images
 
-    return read_catalog(GROCERY / "train.txt")
+    return read_labelled_images(GROCERY / "train.txt")
 
 
 @pytest.fixture(scope="session")
 def grocery_val() -> list:
     if not GROCERY.is_dir():
         pytest.skip(f"real photos not found at {DATASETS} (../shared/datasets is absent in a user's clone)")
-    from clients.catalog import read_catalog
+    from lookalike.quality.labelled_images import read_labelled_images
 
-    return read_catalog(GROCERY / "val.txt")
+    return read_labelled_images(GROCERY / "val.txt")
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, grocery_train: list, grocery_val: list) -> Path:
     """EfficientNet-Lite0 (real ImageNet weights) + a head fitted on 5 grocery photos per category, exported."""
-    from exporter.__main__ import per_category_sample
-    from exporter.export import ExportSettings, export_default_model
+    from lookalike.exporter.__main__ import per_category_sample
+    from lookalike.exporter.export import ExportSettings, export_default_model
 
     out = tmp_path_factory.mktemp("model")
     train = per_category_sample(grocery_train, 5, seed=0)
@@ -57,8 +57,8 @@ def image_bytes(grocery_val: list) -> list[bytes]:
 @pytest.fixture(scope="module")
 def embedder(model_dir: Path) -> Iterator[tuple[object, grpc.Channel]]:
     """A real embedder server on port 0 with small limits, and a channel to it."""
-    from embedder.config import EmbedderConfig
-    from embedder.server import create_server
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
 
     config = EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0", max_images_per_request=8,
                             max_message_bytes=4 * 1024 * 1024, max_image_bytes=2 * 1024 * 1024,
@@ -73,7 +73,7 @@ def embedder(model_dir: Path) -> Iterator[tuple[object, grpc.Channel]]:
 @pytest.fixture(scope="session")
 def grocery_embeddings(model_dir: Path, grocery_train: list, grocery_val: list) -> dict:
     """Real embeddings by the exported model: every grocery train photo (catalogue) and 60 val photos (queries)."""
-    from exporter.export import embed_files
+    from lookalike.exporter.export import embed_files
     from lookalike.codec import read_manifest
 
     manifest = read_manifest(model_dir)
@@ -87,8 +87,8 @@ def grocery_embeddings(model_dir: Path, grocery_train: list, grocery_val: list) 
 
 def start_searcher(data_dir: Path, address_override: str = "127.0.0.1:0", **overrides: object) -> tuple[object, grpc.Channel]:
     """A real searcher server on port 0 (or the given address) over `data_dir`, and a channel to it."""
-    from searcher.config import SearcherConfig
-    from searcher.server import create_server
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.server import create_server
 
     config = SearcherConfig(data_dir=data_dir, address=address_override, **overrides)
     started, port = create_server(config)

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from embedder.batcher import MicroBatcher
-from lookalike.service import ResourceExhausted
+from lookalike.embedder.batcher import MicroBatcher
+from lookalike.serving.errors import ResourceExhausted
 
 
 def tagged(count: int, tag: int) -> np.ndarray:

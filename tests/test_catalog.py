@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.catalog import categories_of, read_catalog
+from lookalike.quality.labelled_images import categories_of, read_labelled_images
 from tests.conftest import CLOTHING, GROCERY, needs_datasets
 
 
@@ -15,7 +15,7 @@ def test_folder_layout(tmp_path: Path) -> None:
             (tmp_path / category / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / category / name).write_bytes(b"x")
     (tmp_path / "hat" / "notes.txt").write_text("not an image")
-    images = read_catalog(tmp_path)
+    images = read_labelled_images(tmp_path)
     assert [(i.item_id, i.category, i.label) for i in images] == [
         ("hat/a", "hat", "hat"), ("hat/b", "hat", "hat"), ("shoes/nested/c", "shoes", "shoes")]
 
@@ -24,7 +24,7 @@ def test_list_file_with_class_names(tmp_path: Path) -> None:
     (tmp_path / "classes.csv").write_text("Class Name,Class ID,Coarse Class Name,Coarse Class ID,Iconic,Desc\n"
                                           "Granny-Smith,1,Apple,0,/x.jpg,/x.txt\n")
     (tmp_path / "train.txt").write_text("train/Apple/g1.jpg, 1, 0\n\n")
-    (image,) = read_catalog(tmp_path / "train.txt")
+    (image,) = read_labelled_images(tmp_path / "train.txt")
     assert (image.item_id, image.category, image.label) == ("train/Apple/g1", "Apple", "Granny-Smith")
     assert image.path == tmp_path / "train" / "Apple" / "g1.jpg"
 
@@ -32,13 +32,13 @@ def test_list_file_with_class_names(tmp_path: Path) -> None:
 def test_malformed_list_line_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_text("a.jpg, 1, 0\nb.jpg 2\n")
     with pytest.raises(ValueError, match=r"bad.txt:2: expected 'path, fine_id, coarse_id'"):
-        read_catalog(tmp_path / "bad.txt")
+        read_labelled_images(tmp_path / "bad.txt")
 
 
 @needs_datasets
 def test_real_sets() -> None:
-    grocery = read_catalog(GROCERY / "train.txt")
+    grocery = read_labelled_images(GROCERY / "train.txt")
     assert len(grocery) == 2640 and len(categories_of(grocery)) == 43  # the README says 42; classes.csv has ids 0-42
     assert len({i.label for i in grocery}) == 81 and all(i.path.is_file() for i in grocery[:50])
-    clothing = read_catalog(CLOTHING / "validation")
+    clothing = read_labelled_images(CLOTHING / "validation")
     assert len(clothing) == 341 and len(categories_of(clothing)) == 10

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.connection import ChannelSettings, DeadlineExceededError, UnavailableError
-from clients.embedder_client import EmbedderClient
+from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError
+from lookalike.client.embedder_client import EmbedderClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_unreachable_server_is_unavailable_after_retries() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -83,20 +83,20 @@ def test_cli_embed_prints_categories_and_exit_codes(embedder, grocery_val: list,
 
 
 def test_cli_serve_embedder_starts_and_answers(model_dir: Path, grocery_val: list) -> None:
-    from clients.processes import running_service
+    from lookalike.tools.processes import running_service
 
-    with running_service("clients.cli", ["serve", "embedder", "--model", str(model_dir)]) as (_, port):
+    with running_service("lookalike.tools.cli", ["serve", "embedder", "--model", str(model_dir)]) as (_, port):
         result = run_cli("embed", "--embedder", f"127.0.0.1:{port}", str(grocery_val[1].path))
     assert result.returncode == 0 and "1280-d" in result.stdout
 
 
 def test_searcher_client_round_trip_and_cli_serve(tmp_path: Path) -> None:
-    from clients.processes import running_service
-    from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+    from lookalike.tools.processes import running_service
+    from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(6, 32)).astype(np.float32)
-    with running_service("clients.cli", ["serve", "searcher", "--data", str(tmp_path)]) as (_, port):
+    with running_service("lookalike.tools.cli", ["serve", "searcher", "--data", str(tmp_path)]) as (_, port):
         with SearcherClient(f"127.0.0.1:{port}") as searcher:
             statuses = searcher.upsert([CatalogueItem(f"s{i}", "ab"[i % 2], v, "m", {"n": str(i)})
                                         for i, v in enumerate(vectors)]).statuses

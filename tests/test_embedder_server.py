@@ -166,8 +166,8 @@ def test_requested_gpu_provider_that_is_not_active_keeps_health_not_serving(mode
     """Real ONNX Runtime falls back to CPU when CUDA is asked for and absent; we must not report SERVING."""
     import onnxruntime as ort
 
-    from embedder.config import EmbedderConfig
-    from embedder.server import create_server
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA, the fallback cannot be provoked")
@@ -186,8 +186,8 @@ def test_requested_gpu_provider_that_is_not_active_keeps_health_not_serving(mode
 def test_model_changed_after_export_is_refused(model_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from embedder.config import EmbedderConfig
-    from embedder.model import ModelError, OnnxModel
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.model import ModelError, OnnxModel
 
     copy = tmp_path / "tampered"
     shutil.copytree(model_dir, copy)
@@ -210,9 +210,9 @@ def test_cuda_provider_matches_cpu(model_dir: Path, image_bytes: list[bytes]) ->
     """On a GPU machine with onnxruntime-gpu: CUDA is active, health SERVING, vectors match the CPU's."""
     import onnxruntime as ort
 
-    from embedder.config import EmbedderConfig
-    from embedder.model import OnnxModel
-    from embedder.preprocess import decode_image
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.model import OnnxModel
+    from lookalike.embedder.preprocess import decode_image
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDA execution provider (CPU-only onnxruntime or no GPU)")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.efficientnet_lite import load_imagenet_model
-from exporter.export import check_parity, decode_files, export_onnx, onnx_session, sha256_of
+from lookalike.exporter.efficientnet_lite import load_imagenet_model
+from lookalike.exporter.export import check_parity, decode_files, export_onnx, onnx_session, sha256_of
 from lookalike.codec import read_manifest
 
 GRANNY_SMITH = 948  # ImageNet class index
@@ -48,7 +48,7 @@ def test_onnx_matches_torch_on_other_real_photos(model_dir: Path, grocery_train:
     head_bias = next(w for name, w in weights.items() if name.endswith("head.bias"))
     from torch import nn
 
-    from exporter.model import LookalikeNet
+    from lookalike.exporter.model import LookalikeNet
 
     head = nn.Linear(head_weight.shape[1], head_weight.shape[0])
     head.weight.data = torch.from_numpy(head_weight.copy())
@@ -73,8 +73,8 @@ def test_failed_parity_is_an_error(tmp_path: Path, grocery_val: list) -> None:
     """A graph that differs from its Torch model is refused (here: Torch model changed after export)."""
     from torch import nn
 
-    from exporter.export import ExportError
-    from exporter.model import LookalikeNet
+    from lookalike.exporter.export import ExportError
+    from lookalike.exporter.model import LookalikeNet
 
     net = LookalikeNet(load_imagenet_model(), nn.Linear(1280, 3)).eval()
     path = export_onnx(net, tmp_path / "m.onnx", 224)
@@ -87,7 +87,7 @@ def test_failed_parity_is_an_error(tmp_path: Path, grocery_val: list) -> None:
 @pytest.mark.slow
 def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_train: list,
                                       grocery_val: list) -> None:
-    from exporter.quantize import quantize_model
+    from lookalike.exporter.quantize import quantize_model
 
     int8 = quantize_model(model_dir, tmp_path / "int8", random.Random(1).sample(grocery_train, 32),
                           random.Random(2).sample(grocery_val, 40))
@@ -128,7 +128,7 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
             (small / split / category).mkdir(parents=True)
             for photo in sorted((CLOTHING / split / category).glob("*.jpg"))[:count]:
                 (small / split / category / photo.name).write_bytes(photo.read_bytes())
-    run = lambda *args: subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT,  # noqa: E731
+    run = lambda *args: subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT,  # noqa: E731
                                        capture_output=True, text=True, timeout=600)
     exported = run("export", "--catalog", str(small / "train"), "--val", str(small / "validation"), "--out",
                    str(tmp_path / "model"), "--train-embedding", "cosface", "--finetune-from", "14", "--views", "2",
@@ -161,8 +161,8 @@ def test_head_l2_chosen_on_validation_has_the_lowest_validation_loss(grocery_emb
     import torch
     from torch.nn import functional as F
 
-    from exporter.export import ExportSettings, export_default_model
-    from exporter.head import HEAD_L2_GRID, fit_head_on_validation, fit_linear_head, fit_temperature
+    from lookalike.exporter.export import ExportSettings, export_default_model
+    from lookalike.exporter.head import HEAD_L2_GRID, fit_head_on_validation, fit_linear_head, fit_temperature
 
     labels = grocery_embeddings["labels"]
     train_x = grocery_embeddings["catalogue_vectors"]

@@ -12,12 +12,12 @@ from typing import Iterator
 
 import pytest
 
-from clients.aio import AsyncLookalike
-from clients.catalog import LabelledImage
-from clients.connection import ChannelSettings
-from clients.indexing import index_catalogue
-from clients.lookalike import Lookalike
-from clients.searcher_client import SearcherClient
+from lookalike.client.aio import AsyncLookalike
+from lookalike.quality.labelled_images import LabelledImage
+from lookalike.client.connection import ChannelSettings
+from lookalike.client.indexing import index_catalogue
+from lookalike.client.facade import Lookalike
+from lookalike.client.searcher_client import SearcherClient
 from tests.conftest import ROOT, start_searcher
 from tests.test_clients import free_port
 
@@ -116,7 +116,7 @@ def test_catalogue_indexing_resumes_and_reports_failures(services: tuple[str, st
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -151,7 +151,7 @@ def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None
 @pytest.mark.slow
 def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
     """What `make demo` runs, on 300 Fashion-MNIST images, twice (the second run reuses model and index)."""
-    from clients.fashion_mnist import DEBIAN_DIR
+    from lookalike.quality.fashion_mnist import DEBIAN_DIR
 
     if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("dataset-fashion-mnist is not installed (make setup installs it)")

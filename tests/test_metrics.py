@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.metrics import average_precision, average_precision_seed001, hit_at, precision_at, recall_at
+from lookalike.quality.retrieval_metrics import average_precision, average_precision_over_hits, hit_at, precision_at, recall_at
 
 
 def test_standard_average_precision() -> None:
@@ -16,11 +16,11 @@ def test_standard_average_precision() -> None:
     assert average_precision([False, False], 10, total_relevant=0) == 0.0
 
 
-def test_seed001_average_precision_divides_by_hits_retrieved() -> None:
-    assert average_precision_seed001([True] + [False] * 9, 10) == 1.0
+def test_over_hits_average_precision_divides_by_hits_retrieved() -> None:
+    assert average_precision_over_hits([True] + [False] * 9, 10) == 1.0
     assert average_precision([True] + [False] * 9, 10, total_relevant=50) == pytest.approx(0.1)
-    assert average_precision_seed001([False, True, True], 10) == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert average_precision_seed001([False] * 5, 10) == 0.0
+    assert average_precision_over_hits([False, True, True], 10) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert average_precision_over_hits([False] * 5, 10) == 0.0
 
 
 def test_precision_recall_and_hit() -> None:
@@ -34,7 +34,7 @@ def test_precision_recall_and_hit() -> None:
 def test_expected_calibration_error() -> None:
     import numpy as np
 
-    from clients.metrics import expected_calibration_error
+    from lookalike.quality.retrieval_metrics import expected_calibration_error
 
     # Two confident right answers (0.9) and two hesitant ones (0.6), one of them wrong.
     probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
@@ -47,7 +47,7 @@ def test_expected_calibration_error() -> None:
 def test_top_k_accuracy() -> None:
     import numpy as np
 
-    from clients.metrics import top_k_accuracy
+    from lookalike.quality.retrieval_metrics import top_k_accuracy
 
     probabilities = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.1, 0.3]])
     truth = np.array([1, 2, 1])  # ranks 2, 1 and 3
@@ -56,7 +56,7 @@ def test_top_k_accuracy() -> None:
 
 
 def test_routing_curve_follows_the_searchers_rule() -> None:
-    from clients.evaluate import routing_curve
+    from lookalike.tools.evaluate import routing_curve
 
     queries = [[("a", 0.6), ("b", 0.3), ("c", 0.1)], [("c", 0.97), ("a", 0.02), ("b", 0.01)]]
     curve = {point["threshold"]: point for point in routing_curve(queries, ["b", "c"], ["a", "b", "c"], 0)}

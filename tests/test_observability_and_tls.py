@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.connection import ChannelSettings, UnavailableError
-from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.connection import ChannelSettings, UnavailableError
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from tests.conftest import start_searcher
 from tests.test_clients import free_port
 
@@ -22,9 +22,9 @@ def scrape(port: int) -> str:
 
 
 def test_embedder_metrics(model_dir: Path, image_bytes: list[bytes]) -> None:
-    from clients.embedder_client import EmbedderClient
-    from embedder.config import EmbedderConfig
-    from embedder.server import create_server
+    from lookalike.client.embedder_client import EmbedderClient
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
 
     metrics_port = free_port()
     started, port = create_server(EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0", metrics_port=metrics_port))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder.preprocess import ImageLimits, decode_image
-from lookalike.service import InvalidArgument, ResourceExhausted
+from lookalike.embedder.preprocess import ImageLimits, decode_image
+from lookalike.serving.errors import InvalidArgument, ResourceExhausted
 
 SIZE = (64, 48)
 

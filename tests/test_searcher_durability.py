@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.processes import running_service
+from lookalike.tools.processes import running_service
 from lookalike.codec import pack_vector
 from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
 from tests.conftest import start_searcher
@@ -85,7 +85,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
     rounds, acknowledged_writes = 6, 0
     for round_number in range(rounds):
         args = ["--data", str(tmp_path), "--snapshot-interval", "0.25", "--initial-capacity", "16"]
-        with running_service("searcher", args) as (process, port):
+        with running_service("lookalike.searcher", args) as (process, port):
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             stub = searcher_pb2_grpc.SearcherStub(channel)
             acked = check_state(stub, acked, uncertain)
@@ -126,7 +126,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
             stop.set()
             writer.join(30)
             channel.close()
-    with running_service("searcher", ["--data", str(tmp_path)]) as (_, port):
+    with running_service("lookalike.searcher", ["--data", str(tmp_path)]) as (_, port):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             final = check_state(searcher_pb2_grpc.SearcherStub(channel), acked, uncertain)
     assert acknowledged_writes > 50, "too few writes happened between kills to prove anything"

@@ -6,9 +6,9 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 
-from clients.processes import running_service
-from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
-from clients.sharded import ShardedSearcherClient, owner_of, statefulset_targets
+from lookalike.tools.processes import running_service
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.sharded import ShardedSearcherClient, owner_of, statefulset_targets
 from tests.conftest import start_searcher
 
 EXHAUSTIVE_EF = 400  # above every grocery shard's size: both sides search exactly, so answers must match
@@ -33,7 +33,7 @@ def clusters(tmp_path_factory: pytest.TempPathFactory, grocery_embeddings: dict)
     items = [CatalogueItem(image.item_id, image.category, vector, data["model_id"], {"label": image.label})
              for image, vector in zip(data["catalogue"], data["catalogue_vectors"])]
     with ExitStack() as stack:
-        ports = [stack.enter_context(running_service("searcher", ["--data", str(tmp_path_factory.mktemp(f"pod{i}"))]))[1]
+        ports = [stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path_factory.mktemp(f"pod{i}"))]))[1]
                  for i in range(3)]
         single_server, channel = start_searcher(tmp_path_factory.mktemp("single"), snapshot_interval=0)
         stack.callback(single_server.stop, None)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from exporter.augment import random_view, random_views_batch, training_views
-from exporter.efficientnet_lite import load_imagenet_model
-from exporter.export import ExportSettings, cache_activations, decode_files, export_default_model, trunk_session
-from exporter.model import scaled_input
-from exporter.train import Tower, TrainSettings, run_batched, train_embedding
+from lookalike.exporter.augment import random_view, random_views_batch, training_views
+from lookalike.exporter.efficientnet_lite import load_imagenet_model
+from lookalike.exporter.export import ExportSettings, cache_activations, decode_files, export_default_model, trunk_session
+from lookalike.exporter.model import scaled_input
+from lookalike.exporter.train import Tower, TrainSettings, run_batched, train_embedding
 from lookalike.codec import read_manifest
 
 
@@ -135,7 +135,7 @@ def test_whole_network_export_from_photos(grocery_train: list, grocery_val: list
 
 def test_exporter_refuses_a_device_it_cannot_use(capsys) -> None:
     """--device cuda without a usable GPU stops before any photo is read, naming the flag and what it expects."""
-    from exporter.__main__ import main
+    from lookalike.exporter.__main__ import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU, so --device cuda is valid here")

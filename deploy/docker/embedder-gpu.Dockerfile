@@ -5,14 +5,17 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=nonintera
 RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12.3-1ubuntu0.8 python3.12-venv=3.12.3-1ubuntu0.8 \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.12 -m venv /opt/venv
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md requirements.lock /src/
 COPY protos /src/protos
+COPY serving /src/serving
+COPY quality /src/quality
+COPY clients /src/clients
 COPY embedder /src/embedder
 COPY searcher /src/searcher
 COPY exporter /src/exporter
-COPY clients /src/clients
+COPY tools /src/tools
 # The embedder-gpu extra names onnxruntime-gpu instead of onnxruntime: they share one module.
-RUN /opt/venv/bin/pip install "/src[embedder-gpu]"
+RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder-gpu]"
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive
@@ -24,4 +27,4 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOOKALIKE_EMBEDDER_MODEL=/models
     LOOKALIKE_EMBEDDER_PROVIDERS=tensorrt,cuda,cpu LOOKALIKE_EMBEDDER_TENSORRT_CACHE_DIR=/cache/tensorrt
 USER 10001:10001
 EXPOSE 50051 9100
-ENTRYPOINT ["python", "-m", "embedder"]
+ENTRYPOINT ["python", "-m", "lookalike.embedder"]

@@ -3,13 +3,16 @@
 FROM python:3.11.7-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md requirements.lock /src/
 COPY protos /src/protos
+COPY serving /src/serving
+COPY quality /src/quality
+COPY clients /src/clients
 COPY embedder /src/embedder
 COPY searcher /src/searcher
 COPY exporter /src/exporter
-COPY clients /src/clients
-RUN /opt/venv/bin/pip install "/src[embedder]"
+COPY tools /src/tools
+RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder]"
 
 FROM python:3.11.7-slim-bookworm
 RUN groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike
@@ -18,4 +21,4 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOOKALIKE_EMBEDDER_MODEL=/models
 USER 10001:10001
 # 50051: gRPC (Embedder, grpc.health.v1, reflection); 9100: Prometheus /metrics.
 EXPOSE 50051 9100
-ENTRYPOINT ["python", "-m", "embedder"]
+ENTRYPOINT ["python", "-m", "lookalike.embedder"]

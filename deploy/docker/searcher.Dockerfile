@@ -5,13 +5,16 @@ FROM python:3.11.7-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HNSWLIB_NO_NATIVE=1
 RUN apt-get update && apt-get install -y --no-install-recommends g++=4:12.2.0-3 && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md requirements.lock /src/
 COPY protos /src/protos
+COPY serving /src/serving
+COPY quality /src/quality
+COPY clients /src/clients
 COPY embedder /src/embedder
 COPY searcher /src/searcher
 COPY exporter /src/exporter
-COPY clients /src/clients
-RUN /opt/venv/bin/pip install "/src[searcher]"
+COPY tools /src/tools
+RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[searcher]"
 
 FROM python:3.11.7-slim-bookworm
 RUN groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike \
@@ -22,4 +25,4 @@ USER 10001:10001
 VOLUME /data
 # 50052: gRPC (Searcher, grpc.health.v1, reflection); 9100: Prometheus /metrics.
 EXPOSE 50052 9100
-ENTRYPOINT ["python", "-m", "searcher"]
+ENTRYPOINT ["python", "-m", "lookalike.searcher"]

@@ -1,46 +1,177 @@
-"""The routing rule, shared by the searcher and the sharded client: which shards a search probes.
+"""The routing rule in one place: which shards a search probes, and how their hits merge.
 
-Probability routing probes categories in order of the classifier's probability until the probed mass
-reaches the threshold or the shard cap. Each probed shard returns its own top k and the merge keeps the
-best k, so a shard's share of the final answer follows its scores (and its prior, when prior_weight is
-set). Every probed shard searches with the full ef: scaling ef down by relative probability was
-measured to cost recall@10 0.954 -> 0.894 (30k synthetic items, 20 shards) for no gain in throughput
-through gRPC. Categories without a shard hold no items: their probability counts as covered.
+Shared by the searcher (one process holding every shard) and the sharded client (shards spread over
+pods), so both answer a query the same way. Probability routing probes categories in order of the
+classifier's probability until the probed mass reaches the threshold or the shard cap. Every probed
+shard returns its own top k with the full ef, and the merge keeps the best k by score, so a shard's
+share of the answer follows its scores (plus its prior, ln p times prior_weight, when that is set).
+Scaling ef down by relative probability was measured to cost recall@10 0.954 -> 0.894 (30k synthetic
+items, 20 shards) for no gain in throughput through gRPC, so it is not done. Categories without a
+shard hold no items: their probability counts as covered. When no likely category has a shard (a
+model trained on other labels, say), every shard is searched rather than none.
 """
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
-from typing import Collection, Sequence
+from typing import Collection, Iterable, Protocol, Sequence, TypeVar
+
+from lookalike.v1 import common_pb2, searcher_pb2
+
+# The searcher's defaults when a request leaves threshold / max_shards at 0 (its config can change them).
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_MAX_SHARDS = 4
+# Floor inside ln(p) for the prior, so a category the classifier gave 0 still gets a finite score.
+MIN_PROBABILITY = 1e-9
+
+
+class Mode(enum.Enum):
+    ALL = "all"
+    EXPLICIT = "explicit"
+    PROBABILITIES = "probabilities"
 
 
 @dataclass(frozen=True)
-class Probe:
+class Routing:
+    """How one search picks its shards: the typed form of the Routing message."""
+
+    mode: Mode = Mode.ALL
+    # Mode.EXPLICIT: the categories to search.
+    categories: tuple[str, ...] = ()
+    # Mode.PROBABILITIES: (category, probability) as the embedder returned them, any order.
+    probabilities: tuple[tuple[str, float], ...] = ()
+    # 0 and 0 take the searcher's defaults.
+    threshold: float = 0.0
+    max_shards: int = 0
+    # Score = cosine + prior_weight * ln p(category); 0 merges by cosine alone.
+    prior_weight: float = 0.0
+
+    @classmethod
+    def all_shards(cls) -> "Routing":
+        return cls()
+
+    @classmethod
+    def explicit(cls, categories: Sequence[str]) -> "Routing":
+        return cls(Mode.EXPLICIT, categories=tuple(categories))
+
+    @classmethod
+    def by_probability(cls, probabilities: Sequence[tuple[str, float]], threshold: float = 0.0,
+                       max_shards: int = 0, prior_weight: float = 0.0) -> "Routing":
+        return cls(Mode.PROBABILITIES, probabilities=tuple((c, float(p)) for c, p in probabilities),
+                   threshold=threshold, max_shards=max_shards, prior_weight=prior_weight)
+
+    @classmethod
+    def from_message(cls, message: searcher_pb2.Routing | None) -> "Routing":
+        """The request's routing (unset: all shards). Values are not validated here: the servicer does."""
+        which = message.WhichOneof("mode") if message is not None else None
+        if which == "explicit":
+            return cls.explicit(list(message.explicit.categories))
+        if which == "probabilities":
+            spec = message.probabilities
+            return cls.by_probability([(c.category, c.probability) for c in spec.categories], spec.threshold,
+                                      spec.max_shards, spec.prior_weight)
+        return cls.all_shards()
+
+    def to_message(self) -> searcher_pb2.Routing:
+        if self.mode is Mode.EXPLICIT:
+            return searcher_pb2.Routing(explicit=searcher_pb2.ExplicitRouting(categories=list(self.categories)))
+        if self.mode is Mode.PROBABILITIES:
+            return searcher_pb2.Routing(probabilities=searcher_pb2.ProbabilityRouting(
+                categories=[common_pb2.CategoryProbability(category=c, probability=p) for c, p in self.probabilities],
+                threshold=self.threshold, max_shards=self.max_shards, prior_weight=self.prior_weight))
+        return searcher_pb2.Routing(all=searcher_pb2.AllShards())
+
+
+@dataclass(frozen=True)
+class PlannedProbe:
+    """One shard a search will probe."""
+
     category: str
+    # What routed the query here: the classifier's probability, 1 for explicit routing, 0 for all shards.
     probability: float
-    ef: int
+    # Added to every similarity from this shard: prior_weight * ln p under probability routing, else 0.
+    prior: float = 0.0
 
 
-def plan_probability_routing(probabilities: Sequence[tuple[str, float]], existing: Collection[str],
-                             threshold: float, max_shards: int, k: int, ef: int) -> list[Probe]:
-    """The probes for one query under probability routing (see the module docstring)."""
-    ranked = sorted(probabilities, key=lambda pair: (-pair[1], pair[0]))
-    probes: list[Probe] = []
+@dataclass(frozen=True)
+class RoutingPlan:
+    probes: tuple[PlannedProbe, ...]
+    # Explicitly named categories that have no shard.
+    unknown_categories: tuple[str, ...] = ()
+    # PROBABILITIES only when the probes came from the probabilities (not the all-shards fallback).
+    mode: Mode = Mode.ALL
+    prior_weight: float = 0.0
+
+    @property
+    def categories(self) -> list[str]:
+        return [probe.category for probe in self.probes]
+
+    def routing_for(self, categories: Collection[str]) -> Routing:
+        """A routing that makes a searcher probe exactly these planned shards with the same priors.
+
+        The sharded client plans once over every pod's shards, then sends each pod its part.
+        """
+        part = [probe for probe in self.probes if probe.category in categories]
+        if self.mode is Mode.PROBABILITIES:
+            # Threshold 1 and a cap of their number: the pod re-plans exactly these probes (their
+            # probabilities sum to less than 1 before the last one, as they did in this plan).
+            return Routing.by_probability([(p.category, p.probability) for p in part], threshold=1.0,
+                                          max_shards=len(part), prior_weight=self.prior_weight)
+        return Routing.explicit([probe.category for probe in part])
+
+
+def plan(routing: Routing, existing: Collection[str], threshold: float = DEFAULT_THRESHOLD,
+         max_shards: int = DEFAULT_MAX_SHARDS) -> RoutingPlan:
+    """The shards one search probes, given the categories that have a shard.
+
+    `threshold` and `max_shards` are the defaults for a routing that leaves them at 0.
+    """
+    if routing.mode is Mode.EXPLICIT:
+        unique = list(dict.fromkeys(routing.categories))
+        return RoutingPlan(tuple(PlannedProbe(c, 1.0) for c in unique if c in existing),
+                           tuple(c for c in unique if c not in existing), Mode.EXPLICIT)
+    if routing.mode is Mode.PROBABILITIES:
+        probes = _by_probability(routing, existing, routing.threshold or threshold, routing.max_shards or max_shards)
+        if probes:
+            return RoutingPlan(tuple(probes), mode=Mode.PROBABILITIES, prior_weight=routing.prior_weight)
+    return RoutingPlan(tuple(PlannedProbe(c, 0.0) for c in sorted(existing)))
+
+
+def _by_probability(routing: Routing, existing: Collection[str], threshold: float,
+                    max_shards: int) -> list[PlannedProbe]:
+    ranked = sorted(routing.probabilities, key=lambda pair: (-pair[1], pair[0]))
+    probes: list[PlannedProbe] = []
     covered = 0.0
     for category, probability in ranked:
         if covered >= threshold or len(probes) >= max_shards:
             break
         covered += probability
         if category in existing:
-            probes.append(Probe(category, probability, max(k, ef)))
+            prior = routing.prior_weight * math.log(max(probability, MIN_PROBABILITY)) if routing.prior_weight else 0.0
+            probes.append(PlannedProbe(category, probability, prior))
     return probes
 
 
-def plan_explicit(categories: Sequence[str], existing: Collection[str], ef: int) -> tuple[list[Probe], list[str]]:
-    """Probes for explicitly named categories (each with the full ef), and the names that have no shard."""
-    unique = list(dict.fromkeys(categories))
-    return ([Probe(c, 1.0, ef) for c in unique if c in existing], [c for c in unique if c not in existing])
+class Scored(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
 
 
-def plan_all(existing: Collection[str], ef: int) -> list[Probe]:
-    """Every shard with the full ef."""
-    return [Probe(c, 0.0, ef) for c in sorted(existing)]
+Hit = TypeVar("Hit", bound=Scored)
+
+
+def merge_hits(hits: Iterable[Hit], k: int) -> list[Hit]:
+    """The best k hits by score, each id once (an id moving between shards can briefly be in two)."""
+    merged: list[Hit] = []
+    seen: set[str] = set()
+    for hit in sorted(hits, key=lambda hit: -hit.score):
+        if hit.id not in seen:
+            seen.add(hit.id)
+            merged.append(hit)
+            if len(merged) == k:
+                break
+    return merged

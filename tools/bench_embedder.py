@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
 
-from clients.benchmarking import measure, p50_p99_ms
-from clients.catalog import read_catalog
-from clients.demo import ensure_model
-from clients.embedder_client import EmbedderClient
-from clients.processes import running_service
+from lookalike.tools.benchmarking import measure, p50_p99_ms
+from lookalike.quality.labelled_images import read_labelled_images
+from lookalike.tools.demo import ensure_model
+from lookalike.client.embedder_client import EmbedderClient
+from lookalike.tools.processes import running_service
 
 
 @dataclass
@@ -44,15 +44,15 @@ def _default_images(workdir: Path) -> Path:
     grocery = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "grocery" / "val.txt"
     if grocery.is_file():
         return grocery
-    from clients.fashion_mnist import materialize
+    from lookalike.quality.fashion_mnist import materialize
 
     return materialize(workdir / "fashion-mnist", "test", 30)
 
 
 def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: float) -> list[Measurement]:
-    from embedder.config import EmbedderConfig
-    from embedder.model import OnnxModel
-    from embedder.preprocess import decode_image
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.model import OnnxModel
+    from lookalike.embedder.preprocess import decode_image
 
     model = OnnxModel(EmbedderConfig(model_dir=model_dir))
     size = model.input_size
@@ -71,7 +71,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
     servers = [("gRPC embedder, micro-batching", {}, [(1, 1), (8, 1), (8, 8)]),
                ("gRPC embedder, batching off (max_batch 1)", {"LOOKALIKE_EMBEDDER_MAX_BATCH": "1"}, [(8, 1)])]
     for scenario, env, loads in servers:
-        with running_service("embedder", ["--model", str(model_dir)], env=env) as (_, port):
+        with running_service("lookalike.embedder", ["--model", str(model_dir)], env=env) as (_, port):
             for clients, per_call in loads:
                 with EmbedderClient(f"127.0.0.1:{port}") as client:
                     client.embed(photos[:per_call])
@@ -89,26 +89,26 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
 
 
 def ensure_int8(model_dir: Path, catalog: Path) -> Path:
-    from clients.demo import stratified
-    from exporter.quantize import quantize_model
+    from lookalike.tools.demo import stratified
+    from lookalike.exporter.quantize import quantize_model
 
     int8_dir = model_dir.with_name(model_dir.name + "-int8")
     if not (int8_dir / "manifest.json").is_file():
-        images = read_catalog(catalog)
+        images = read_labelled_images(catalog)
         quantize_model(model_dir, int8_dir, stratified(images, 128, seed=1), stratified(images, 200, seed=2))
     return int8_dir
 
 
 def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | None = None,
                        as_json: bool = False) -> int:
-    from clients.fashion_mnist import materialize
+    from lookalike.quality.fashion_mnist import materialize
 
     workdir.mkdir(parents=True, exist_ok=True)
     catalog = materialize(workdir / "fashion-mnist", "train", 200)
     model_dir = ensure_model(workdir, catalog, 200)
     int8_dir = ensure_int8(model_dir, catalog)
     source = images_dir or _default_images(workdir)
-    photos = [image.read_bytes() for image in read_catalog(source)[:256]]
+    photos = [image.read_bytes() for image in read_labelled_images(source)[:256]]
     rows = bench_model(model_dir, "fp32", photos, seconds) + bench_model(int8_dir, "int8", photos, seconds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     if as_json:

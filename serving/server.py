@@ -1,70 +1,21 @@
-"""Server plumbing shared by the embedder and searcher: domain errors, gRPC server assembly, shutdown."""
+"""Server plumbing shared by the embedder and searcher: gRPC server assembly, health, TLS, graceful stop."""
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lookalike.metrics import MetricsInterceptor
+from lookalike.serving.rpc_metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-class ServiceError(Exception):
-    """A failure the caller can act on; carries the gRPC status code it maps to."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-def rpc_method(method: Method) -> Method:
-    """Maps ServiceError to its status and anything else to INTERNAL (logged with its traceback).
-
-    The one place where servicer exceptions become gRPC statuses.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except ServiceError as error:
-            context.abort(error.code, str(error))
-        except Exception as error:  # noqa: BLE001 - the server must keep serving
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(error).__name__}")
-
-    return wrapper  # type: ignore[return-value]
 
 
 def build_server(

@@ -1,4 +1,4 @@
-"""Retrieval metrics: AP@k (standard and seed 001's), precision@k, recall@k; and calibration error.
+"""Retrieval metrics: AP@k (standard, and over the hits retrieved), precision@k, recall@k; calibration error.
 
 `relevant` flags are the ranked hits' relevance (True where the hit matches the query's label);
 `total_relevant` is how many relevant items the catalogue holds for that query.
@@ -21,8 +21,8 @@ def average_precision(relevant: Sequence[bool], k: int, total_relevant: int) -> 
     return total / denominator if denominator else 0.0
 
 
-def average_precision_seed001(relevant: Sequence[bool], k: int) -> float:
-    """Seed 001's AP@k: the same sum divided by the number of relevant hits retrieved in the top k.
+def average_precision_over_hits(relevant: Sequence[bool], k: int) -> float:
+    """AP@k over the hits retrieved: the same sum divided by the relevant hits in the top k (seed paper 001's formula).
 
     One relevant hit at rank 1 and nothing else scores 1.0, so it reads higher than standard AP.
     """

@@ -21,9 +21,9 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from clients.benchmarking import measure, p50_p99_ms
-from clients.processes import running_service
-from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.tools.benchmarking import measure, p50_p99_ms
+from lookalike.tools.processes import running_service
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 
 MODEL = "synthetic@bench"
 K = 10
@@ -79,7 +79,7 @@ def _rss_bytes(pid: int) -> int:
 
 def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: int = 20, queries: int = 1000,
                        seconds: float = 5.0, as_json: bool = False) -> int:
-    from searcher.config import SearcherConfig
+    from lookalike.searcher.config import SearcherConfig
 
     config = SearcherConfig(data_dir=Path("."))
     vectors, labels, centres = synthetic(count + queries, dimension, categories, offset=0.35, spread=1.1, seed=0)
@@ -114,7 +114,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
     data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
     try:
         args = ["--data", str(data_dir), "--snapshot-interval", "0", "--ef", str(ef)]
-        with running_service("searcher", args) as (process, port), SearcherClient(f"127.0.0.1:{port}") as client:
+        with running_service("lookalike.searcher", args) as (process, port), SearcherClient(f"127.0.0.1:{port}") as client:
             idle_rss = _rss_bytes(process.pid)
             started = time.perf_counter()
             for start in range(0, count, 1000):
@@ -133,7 +133,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
                                 lambda: shutil.rmtree(data_dir / "snapshots", ignore_errors=True))]:
             prepare()
             started = time.perf_counter()
-            with running_service("searcher", ["--data", str(data_dir), "--snapshot-interval", "0"]) as (_, port):
+            with running_service("lookalike.searcher", ["--data", str(data_dir), "--snapshot-interval", "0"]) as (_, port):
                 report[label] = round(time.perf_counter() - started, 2)
                 with SearcherClient(f"127.0.0.1:{port}") as client:
                     assert client.stats().items == count
@@ -172,7 +172,7 @@ def _smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: n
 def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, probabilities: np.ndarray,
                 names: list[str], labels: np.ndarray, similarities: np.ndarray, seconds: float, config,
                 ef: int) -> list[QueryRow]:
-    from lookalike.routing import plan_probability_routing as plan
+    from lookalike.routing import Routing, plan
 
     count = len(query_vectors)
     exact_global = np.argsort(-similarities, axis=1)[:, :K]
@@ -180,8 +180,8 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
     plans = {
         "one shard (top-1 category)": [[names[int(p.argmax())]] for p in probabilities],
         "adaptive (threshold 0.9, at most 4 shards)": [
-            [probe.category for probe in plan(list(zip(names, map(float, p))), set(names), config.routing_threshold,
-                                              config.routing_max_shards, K, ef)] for p in probabilities],
+            plan(Routing.by_probability(list(zip(names, map(float, p)))), set(names), config.routing_threshold,
+                 config.routing_max_shards).categories for p in probabilities],
         "all shards": [names for _ in range(count)],
     }
     routings = {

@@ -1,7 +1,7 @@
 """The facade most callers need: index catalogue images and search with a shopper's photo.
 
 `Lookalike` embeds with the embedder, then upserts to or searches the searcher, routing each search on
-the category probabilities the embedder returned. `clients.aio.AsyncLookalike` has the same API.
+the category probabilities the embedder returned. `lookalike.client.aio.AsyncLookalike` has the same API.
 """
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from clients.connection import ChannelSettings, library_error
-from clients.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
-from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
-from clients.sharded import ShardedSearcherClient
+from lookalike.client.connection import ChannelSettings, library_error
+from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.sharded import ShardedSearcherClient
 from lookalike.v1 import searcher_pb2
 
 # "adaptive": probe shards by the embedder's probabilities; "top1": only the most probable category;
@@ -31,7 +31,9 @@ class Match:
 
 
 @dataclass(frozen=True)
-class Probe:
+class ProbedShard:
+    """What one probed shard did (the searcher's ShardProbe)."""
+
     category: str
     probability: float
     ef: int
@@ -45,7 +47,7 @@ class SearchResult:
 
     matches: list[Match]
     categories: list[tuple[str, float]]
-    probes: list[Probe]
+    probes: list[ProbedShard]
     unknown_categories: list[str]
     embed_seconds: float
     search_seconds: float
@@ -101,7 +103,7 @@ def search_result(embedded: EmbeddedImage, response: searcher_pb2.SearchResponse
     return SearchResult(
         matches=[Match(h.id, h.score, h.similarity, h.category, dict(h.attributes)) for h in response.hits],
         categories=embedded.categories,
-        probes=[Probe(p.category, p.probability, p.ef, p.items, p.seconds) for p in response.probes],
+        probes=[ProbedShard(p.category, p.probability, p.ef, p.items, p.seconds) for p in response.probes],
         unknown_categories=list(response.unknown_categories),
         embed_seconds=embed_seconds, search_seconds=search_seconds)
 
@@ -112,7 +114,7 @@ class Lookalike:
     def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings | Sequence[str],
                  *, threshold: float = 0.0, max_shards: int = 0, prior_weight: float = 0.0) -> None:
         """`searcher` is one address, or a list of searcher pods in StatefulSet ordinal order (sharded by
-        category, see clients.sharded). threshold / max_shards 0 take the searcher's defaults;
+        category, see lookalike.client.sharded). threshold / max_shards 0 take the searcher's defaults;
         prior_weight 0 merges by cosine alone."""
         self.embedder = EmbedderClient(embedder)
         self.searcher = (ShardedSearcherClient(searcher) if isinstance(searcher, (list, tuple))

@@ -3,7 +3,7 @@
 The catalogue is embedded and stored in a fresh searcher (category = its partition label); each query
 photo is embedded once and searched with every routing mode. Relevance is the query's `label` (the
 fine class for grocery, where the partition is the coarse class). Reported per mode, overall and per
-query category: mAP@10 and mAP@100 (standard and seed 001's formula), P@10, R@1, R@10, NN-recall@10
+query category: mAP@10 and mAP@100 (standard, and over the hits retrieved as seed paper 001 computed it), P@10, R@1, R@10, NN-recall@10
 against exact global search, the share of catalogue vectors scanned, routing recall, shards probed and
 latency; plus top-1 category accuracy, a confusion matrix, the calibration error of the probabilities, and
 the routing curve: routing recall and mean shards probed at each probability threshold, planned from the
@@ -20,13 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
-from clients.catalog import LabelledImage
-from clients.embedder_client import EmbedderClient
-from clients.metrics import (average_precision, average_precision_seed001, expected_calibration_error, hit_at,
+from lookalike.quality.labelled_images import LabelledImage
+from lookalike.client.embedder_client import EmbedderClient
+from lookalike.quality.retrieval_metrics import (average_precision, average_precision_over_hits, expected_calibration_error, hit_at,
                              precision_at, recall_at, top_k_accuracy)
-from clients.processes import running_service
-from clients.searcher_client import CatalogueItem, SearcherClient, routing_for
-from lookalike.routing import plan_probability_routing
+from lookalike.tools.processes import running_service
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.routing import Routing, plan
 
 K_VALUES = (10, 100)
 PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -61,7 +61,7 @@ def routing_curve(query_categories: Sequence[Sequence[tuple[str, float]]], truth
     cap = max_shards or len(shards)
     curve = []
     for threshold in ROUTING_THRESHOLDS:
-        probed = [{probe.category for probe in plan_probability_routing(categories, shards, threshold, cap, 1, 1)}
+        probed = [set(plan(Routing.by_probability(categories, threshold, cap), shards).categories)
                   for categories in query_categories]
         curve.append({"threshold": threshold, "max_shards": cap,
                       "routing_recall": round(float(np.mean([t in p for t, p in zip(truths, probed)])), 4),
@@ -105,7 +105,7 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
                 row = {"category": query.category, "latency": latency}
                 for k in K_VALUES:
                     row[f"mAP@{k}"] = average_precision(relevant, k, relevant_total[query.label])
-                    row[f"mAP@{k} (seed 001)"] = average_precision_seed001(relevant, k)
+                    row[f"mAP@{k} (over hits)"] = average_precision_over_hits(relevant, k)
                 row["P@10"] = precision_at(relevant, 10)
                 row["R@1"] = hit_at(relevant, 1)
                 row["R@10"] = recall_at(relevant, 10, relevant_total[query.label])
@@ -164,8 +164,8 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
              max_shards: int = 0) -> int:
     """Starts an embedder on `model_dir` and an empty searcher, evaluates, prints the report."""
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as data, \
-            running_service("embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
-            running_service("searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):
+            running_service("lookalike.embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
+            running_service("lookalike.searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):
         report = evaluate(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}", catalogue, queries, prior_weight,
                           threshold, max_shards)
     if output is not None:
@@ -177,7 +177,7 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
     top_k = report["category_top_k_accuracy"]
     print(f"category top-1 accuracy {report['category_top1_accuracy']} (top-2 {top_k['2']}, top-3 {top_k['3']}), "
           f"expected calibration error {report['expected_calibration_error']}, prior weight {report['prior_weight']:g}")
-    columns = ["mAP@10", "mAP@10 (seed 001)", "mAP@100", "P@10", "R@1", "R@10", "NN-recall@10", "scanned_share",
+    columns = ["mAP@10", "mAP@10 (over hits)", "mAP@100", "P@10", "R@1", "R@10", "NN-recall@10", "scanned_share",
                "routing_recall", "shards_probed", "latency_mean_ms", "latency_p99_ms"]
     print(f"\n{'routing':<24}" + "".join(f"{c:>19}" for c in columns))
     for mode, metrics in report["modes"].items():

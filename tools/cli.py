@@ -12,30 +12,30 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clients.connection import LookalikeError
+from lookalike.client.connection import LookalikeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> int:
-    from exporter.__main__ import main as export_main
+    from lookalike.exporter.__main__ import main as export_main
 
     return export_main(rest)
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     if args.service == "embedder":
-        from embedder.__main__ import main as embedder_main
+        from lookalike.embedder.__main__ import main as embedder_main
 
         return embedder_main(rest)
-    from searcher.__main__ import main as searcher_main
+    from lookalike.searcher.__main__ import main as searcher_main
 
     return searcher_main(rest)
 
 
 def _embed(args: argparse.Namespace, rest: list[str]) -> int:
-    from clients.connection import ChannelSettings
-    from clients.embedder_client import EmbedderClient
+    from lookalike.client.connection import ChannelSettings
+    from lookalike.client.embedder_client import EmbedderClient
 
     with EmbedderClient(ChannelSettings(args.embedder, timeout=args.timeout)) as client:
         results = client.embed([Path(p) for p in args.images], ids=args.images, top_categories=args.top)
@@ -61,11 +61,11 @@ def _searcher_target(text: str) -> str | list[str]:
 
 
 def _index(args: argparse.Namespace, rest: list[str]) -> int:
-    from clients.catalog import read_catalog
-    from clients.indexing import index_catalogue
-    from clients.lookalike import Lookalike
+    from lookalike.quality.labelled_images import read_labelled_images
+    from lookalike.client.indexing import index_catalogue
+    from lookalike.client.facade import Lookalike
 
-    images = read_catalog(args.catalog)
+    images = read_labelled_images(args.catalog)
     with Lookalike(args.embedder, _searcher_target(args.searcher)) as lookalike:
         summary = index_catalogue(lookalike, images, journal=args.journal, use_labels=not args.predict_categories,
                                   batch_size=args.batch_size, concurrency=args.concurrency,
@@ -79,7 +79,7 @@ def _index(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _search(args: argparse.Namespace, rest: list[str]) -> int:
-    from clients.lookalike import Lookalike
+    from lookalike.client.facade import Lookalike
 
     routing = args.routing if args.routing in ("adaptive", "top1", "all") else args.routing.split(",")
     with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight) as lookalike:
@@ -101,16 +101,16 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from clients.catalog import read_catalog
-    from clients.evaluate import run_eval
+    from lookalike.quality.labelled_images import read_labelled_images
+    from lookalike.tools.evaluate import run_eval
 
     prior = None if args.prior_weight == "fit" else float(args.prior_weight)
-    return run_eval(args.model, read_catalog(args.catalog), read_catalog(args.queries), prior, args.json, args.output,
+    return run_eval(args.model, read_labelled_images(args.catalog), read_labelled_images(args.queries), prior, args.json, args.output,
                     args.threshold, args.max_shards)
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from clients.demo import run_demo
+    from lookalike.tools.demo import run_demo
 
     return run_demo(Path(args.workdir), catalog=args.catalog, queries=args.queries,
                     catalog_size=60_000 if args.full else args.catalog_size, query_count=args.query_count,
@@ -119,10 +119,10 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.service == "searcher":
-        from clients.bench_searcher import run_searcher_bench
+        from lookalike.tools.bench_searcher import run_searcher_bench
 
         return run_searcher_bench(count=args.items, dimension=args.dimension, seconds=args.seconds, as_json=args.json)
-    from clients.bench_embedder import run_embedder_bench
+    from lookalike.tools.bench_embedder import run_embedder_bench
 
     return run_embedder_bench(Path(args.workdir), seconds=args.seconds, images_dir=args.images, as_json=args.json)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.catalog import LabelledImage, read_catalog
-from clients.indexing import index_catalogue
-from clients.lookalike import Lookalike, SearchResult
-from clients.metrics import average_precision, average_precision_seed001, hit_at, precision_at
-from clients.processes import running_service
+from lookalike.quality.labelled_images import LabelledImage, read_labelled_images
+from lookalike.client.indexing import index_catalogue
+from lookalike.client.facade import Lookalike, SearchResult
+from lookalike.quality.retrieval_metrics import average_precision, average_precision_over_hits, hit_at, precision_at
+from lookalike.tools.processes import running_service
 from lookalike.codec import read_manifest
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _slug(path: Path) -> str:
 
 def stratified(images: list[LabelledImage], count: int, seed: int = 0) -> list[LabelledImage]:
     """About `count` images spread evenly over categories, reproducibly."""
-    from exporter.__main__ import per_category_sample
+    from lookalike.exporter.__main__ import per_category_sample
 
     categories = {image.category for image in images}
     sample = per_category_sample(images, math.ceil(count / max(len(categories), 1)), seed)
@@ -47,14 +47,14 @@ def stratified(images: list[LabelledImage], count: int, seed: int = 0) -> list[L
 
 def ensure_model(workdir: Path, catalog: Path, per_category: int) -> Path:
     """The model folder for this catalogue, exported on the first run and reused after."""
-    from exporter.__main__ import per_category_sample
-    from exporter.export import ExportSettings, export_default_model
+    from lookalike.exporter.__main__ import per_category_sample
+    from lookalike.exporter.export import ExportSettings, export_default_model
 
     model_dir = workdir / "models" / f"{_slug(catalog)}-{per_category}"
     if (model_dir / "manifest.json").is_file():
         return model_dir
     print(f"building the model: EfficientNet-Lite0 (ImageNet) + category head on {catalog} ...", flush=True)
-    everything = read_catalog(catalog)
+    everything = read_labelled_images(catalog)
     train = per_category_sample(everything, per_category, seed=0)
     # Other catalogue images (never the queries) calibrate the head's probabilities, which routing relies on.
     chosen = {image.item_id for image in train}
@@ -93,21 +93,21 @@ def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = 
              as_json: bool = False) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if catalog is None or queries is None:
-        from clients.fashion_mnist import materialize
+        from lookalike.quality.fashion_mnist import materialize
 
         catalog = catalog or materialize(workdir / "fashion-mnist", "train", math.ceil(catalog_size / 10))
         queries = queries or materialize(workdir / "fashion-mnist", "test", math.ceil(query_count / 10))
     started = time.perf_counter()
     model_dir = ensure_model(workdir, catalog, head_per_category)
-    catalogue = stratified(read_catalog(catalog), catalog_size)
-    query_images = stratified(read_catalog(queries), query_count, seed=1)
+    catalogue = stratified(read_labelled_images(catalog), catalog_size)
+    query_images = stratified(read_labelled_images(queries), query_count, seed=1)
     relevant_total = Counter(image.label for image in catalogue)
     # The index belongs to one model (shards are locked to its id): a rebuilt model gets a fresh index.
     model_id = read_manifest(model_dir).model_id
     name = f"{_slug(catalog)}-{len(catalogue)}-{model_id.split('@')[-1]}"
 
-    with running_service("embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
-            running_service("searcher", ["--data", str(workdir / "searcher" / name)]) as (_, searcher_port), \
+    with running_service("lookalike.embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
+            running_service("lookalike.searcher", ["--data", str(workdir / "searcher" / name)]) as (_, searcher_port), \
             Lookalike(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}") as lookalike:
         print(f"indexing {len(catalogue)} catalogue images from {catalog} ...", flush=True)
         summary = index_catalogue(lookalike, catalogue, journal=workdir / f"index-journal-{name}.txt",
@@ -125,7 +125,7 @@ def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = 
         "indexed_now": summary.indexed, "already_indexed": summary.skipped, "failed": len(summary.failed),
         f"mAP@{k}": round(float(np.mean([average_precision(rel, k, relevant_total[q.label])
                                           for rel, (q, _) in zip(relevance, results)])), 4),
-        f"mAP@{k} (seed 001 formula)": round(float(np.mean([average_precision_seed001(rel, k) for rel in relevance])), 4),
+        f"mAP@{k} (over hits retrieved)": round(float(np.mean([average_precision_over_hits(rel, k) for rel in relevance])), 4),
         f"P@{k}": round(float(np.mean([precision_at(rel, k) for rel in relevance])), 4),
         "R@1": round(float(np.mean([hit_at(rel, 1) for rel in relevance])), 4),
         "category_top1_accuracy": round(float(np.mean([r.categories[0][0] == q.category for q, r in results])), 4),

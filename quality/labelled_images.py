@@ -24,7 +24,7 @@ class LabelledImage:
         return self.path.read_bytes()
 
 
-def read_catalog(source: Path) -> list[LabelledImage]:
+def read_labelled_images(source: Path) -> list[LabelledImage]:
     """All labelled images in `source`, sorted by id.
 
     `source` is either a folder laid out as ROOT/<category>/**/<image>, or a list file whose lines are

@@ -1,0 +1,70 @@
+"""Packaging and architecture: the wheel installs one import root, and import-linter's contracts hold.
+
+import-linter runs over the built wheel, not the checkout: it discovers subpackages by walking the root
+package's folder, and in the checkout lookalike.* is mapped from several folders (pyproject.toml).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True)
+    return next(out.glob("lookalike-*.whl"))
+
+
+def _unpack(wheel: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(dest)
+    return dest
+
+
+def _lint(site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", str(ROOT / "pyproject.toml")], cwd=site, text=True,
+                          capture_output=True, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+
+
+def test_the_wheel_installs_only_the_lookalike_import_root(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
+    assert top_level == {"lookalike"}
+    for package in ("v1", "client", "embedder", "searcher", "exporter", "tools", "serving", "quality"):
+        assert f"lookalike/{package}/__init__.py" in names
+
+
+def test_import_linter_contracts_hold(wheel: Path, tmp_path: Path) -> None:
+    result = _lint(_unpack(wheel, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Contracts: [1-9]\d* kept, 0 broken", result.stdout), result.stdout
+
+
+def test_a_client_import_of_server_code_breaks_a_contract(wheel: Path, tmp_path: Path) -> None:
+    site = _unpack(wheel, tmp_path)
+    facade = site / "lookalike" / "client" / "facade.py"
+    facade.write_text(facade.read_text() + "\nfrom lookalike.searcher.catalogue import Catalogue  # noqa\n")
+    result = _lint(site)
+    assert result.returncode != 0
+    assert "The client library imports only the contracts and its own code BROKEN" in result.stdout
+    assert "lookalike.client.facade -> lookalike.searcher.catalogue" in result.stdout
+
+
+def test_serving_importing_torch_breaks_a_contract(wheel: Path, tmp_path: Path) -> None:
+    site = _unpack(wheel, tmp_path)
+    (site / "lookalike" / "embedder" / "trained.py").write_text("import torch  # noqa\n")
+    result = _lint(site)
+    assert result.returncode != 0
+    assert "Serving never imports the exporter, the tools or torch BROKEN" in result.stdout
