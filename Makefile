@@ -8,7 +8,7 @@ DATASETS ?= ../shared/datasets
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= var/demo
 
-.PHONY: setup test demo bench protos lock clean
+.PHONY: setup test demo bench protos lock clean check-extras
 
 setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 
@@ -33,7 +33,8 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
-test: setup
+# The extras check first, so pytest's summary is the run's last word.
+test: setup check-extras
 	$(PY) -m pytest -q -ra
 
 demo: setup
@@ -46,6 +47,10 @@ bench: setup
 # Regenerates the checked-in stubs (tests/test_protos.py fails when they are stale).
 protos: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH scripts/generate_protos.sh
+
+# Each extra alone in a fresh virtualenv, its entry point doing real work (needs network for pip).
+check-extras: $(STAMP)
+	PYTHON=$(PYTHON) scripts/check_extras.sh
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -1,6 +1,7 @@
 """Prometheus metrics on both servers, and gRPC over TLS with a plaintext health port for probes."""
 from __future__ import annotations
 
+import re
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -58,7 +59,8 @@ def test_searcher_metrics(tmp_path: Path) -> None:
     assert 'lookalike_searcher_shard_items{category="hats"} 3.0' in text
     assert 'lookalike_searcher_shard_deleted_slots{category="hats"} 1.0' in text
     assert 'lookalike_searcher_shard_probes_total{category="hats"}' in text
-    assert 'lookalike_rpc_requests_total{code="INVALID_ARGUMENT",method="Search"} 1.0' in text
+    # The counter is process-wide: other tests in this process may have counted refused searches too.
+    assert re.search(r'lookalike_rpc_requests_total\{code="INVALID_ARGUMENT",method="Search"\} [1-9]', text)
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
