@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATASETS ?= ../shared/datasets
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+POSTGRES_BIN := /usr/lib/postgresql/15/bin
 DEMO_DIR ?= var/demo
 
 .PHONY: setup test demo bench protos lock clean check-extras
 
-setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz
+setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(POSTGRES_BIN)/initdb
 
 # One install step for everything: the package with every extra plus the test tools, at the versions
 # requirements.lock pins (pyproject.toml declares ranges; the lock is what we test and ship).
@@ -31,6 +32,15 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 	else \
 	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+# PostgreSQL from Debian (bookworm ships 15), so tests can start a real throwaway server (tests/postgres.py).
+# The package may also create and start a default cluster; the tests never use it.
+$(POSTGRES_BIN)/initdb:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq postgresql || (apt-get update -qq && apt-get install -y -qq postgresql)) >/dev/null; \
+	else \
+	  sudo apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
 # The extras check first, so pytest's summary is the run's last word.

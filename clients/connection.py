@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -15,9 +16,19 @@ log = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 
+# Spread calls over every address the target resolves to (ipv4:host:port,host:port,... or a DNS name
+# with several records, such as a Kubernetes headless Service), skipping the ones that are down.
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
 @dataclass(frozen=True)
 class ChannelSettings:
-    """How to reach one service. Every call gets `timeout` seconds unless the call says otherwise."""
+    """How to reach one service. Every call gets `timeout` seconds unless the call says otherwise.
+
+    `target` is one address (host:port) or several replicas of one service: `ipv4:a:1,b:2` or
+    `dns:///name:port`. Calls are spread over the replicas round-robin, and a call that meets an
+    unavailable replica is retried on another one within its deadline.
+    """
 
     target: str
     tls: bool = False
@@ -35,7 +46,7 @@ class ChannelSettings:
     backoff_max: float = 3.0
     keepalive_seconds: int = 60
 
-    def _options(self) -> list[tuple[str, int]]:
+    def _options(self) -> list[tuple[str, int | str]]:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -45,6 +56,7 @@ class ChannelSettings:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.service_config", _ROUND_ROBIN),
         ]
 
     def _credentials(self) -> grpc.ChannelCredentials:

@@ -8,12 +8,18 @@ from typing import Sequence
 from lookalike.serving.server import serve_until_signalled
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.server import create_server
+from lookalike.searcher.store import StoreUnavailable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = SearcherConfig.from_args(argv)
-    started, port = create_server(config)
+    try:
+        started, port = create_server(config)
+    except (StoreUnavailable, ValueError) as error:
+        # What an operator must fix (an unreachable database, a malformed --store): one line, no traceback.
+        logging.getLogger("lookalike.searcher").error("cannot start: %s", error)
+        return 1
     print(f"searcher listening on port {port}", flush=True)
     serve_until_signalled(started, config.grace_seconds)
     return 0

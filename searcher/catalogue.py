@@ -1,8 +1,12 @@
-"""The searcher's core: SQLite as the source of truth, one HNSW shard per category derived from it.
+"""The searcher's core: a store (SQLite or PostgreSQL) as the source of truth, one HNSW shard per
+category derived from its log.
 
-Writes are serialised: commit to SQLite (durable), then apply to the shards. Reads never touch SQLite.
-Start-up loads each shard's snapshot and replays the rows written after it, so a searcher killed at any
-moment comes back with every acknowledged write and nothing deleted.
+Shards change only by applying the store's log in order, so one path serves every case: a write is
+committed (durable), then this searcher applies the log up to it before acknowledging (it serves its
+own writes at once); a replica sharing a PostgreSQL store follows other replicas' commits the same way
+(woken by NOTIFY, polling when none comes); start-up loads each shard's snapshot and applies the log
+after it. A searcher killed at any moment comes back with every acknowledged write and nothing deleted.
+Searches never touch the store.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +26,7 @@ from lookalike.serving.errors import FailedPrecondition
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.shard_metrics import SHARD_PROBES
 from lookalike.searcher.shard import IndexSettings, Shard
-from lookalike.searcher.store import ItemWrite, Store
+from lookalike.searcher.store import ItemWrite, LogBatch, StoredItem, open_store
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,17 @@ class SearchOutcome:
 
 
 @dataclass(frozen=True)
+class CatalogueStats:
+    shards: list[dict]
+    items: int
+    # The last write this searcher has applied, the store's last committed write, and how long the
+    # oldest write this searcher has seen committed but not applied has waited (0 when caught up).
+    applied_sequence: int
+    store_sequence: int
+    lag_seconds: float
+
+
+@dataclass(frozen=True)
 class ItemOutcome:
     """None for stored, else the error for that item."""
 
@@ -80,11 +95,15 @@ class Catalogue:
         self.data_dir = Path(config.data_dir)
         self.settings = IndexSettings(m=config.m, ef_construction=config.ef_construction, ef=config.ef,
                                       initial_capacity=config.initial_capacity)
-        self.store = Store(self.data_dir / DATABASE)
+        self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
         self.shards: dict[str, Shard] = {}
-        self._write_mutex = threading.Lock()
+        self.applied_seq = 0
+        # One applier of the log at a time; searches never wait for it (shards have their own locks).
+        self._apply_mutex = threading.Lock()
+        # (sequence, when first seen committed) of writes not yet applied: what lag_seconds reports.
+        self._unapplied: deque[tuple[int, float]] = deque()
         self._stop = threading.Event()
-        self._snapshotter: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._load()
 
     # -- start-up and shutdown ---------------------------------------------------------------------
@@ -95,130 +114,176 @@ class Catalogue:
 
     def _load(self) -> None:
         started = time.perf_counter()
+        head = self.store.head()
+        pruned = self.store.pruned_to()
         replayed = 0
         for category, (model_id, dimension) in sorted(self.store.shard_locks().items()):
+            self.shards[category], rows = self._build(category, model_id, dimension, head, pruned.get(category, 0))
+            replayed += rows
+        self.applied_seq = head
+        log.info("loaded %d shards, %d items (%d rows replayed after snapshots) in %.2fs, at sequence %d",
+                 len(self.shards), sum(len(s) for s in self.shards.values()), replayed, time.perf_counter() - started,
+                 head)
+
+    def _build(self, category: str, model_id: str, dimension: int, up_to: int, pruned_to: int) -> tuple[Shard, int]:
+        """The shard as of log position `up_to`: its snapshot when usable, plus the log after it."""
+        shard = None
+        try:
+            shard = Shard.load(self._snapshot_dir(category), self.settings)
+        except Exception:  # noqa: BLE001 - a bad snapshot is rebuilt from the store
+            log.exception("snapshot of shard %r is unreadable; rebuilding it from the store", category)
+        if shard is not None and not (shard.model_id == model_id and shard.dimension == dimension
+                                      and pruned_to <= shard.applied_seq <= up_to):
+            # Another model's, older than the removals still on record, or newer than the store (a
+            # database restored from an older backup): the store is the truth, so rebuild from it.
+            log.info("snapshot of shard %r (sequence %d) does not fit the store (%d, pruned to %d); rebuilding",
+                     category, shard.applied_seq, up_to, pruned_to)
             shard = None
-            try:
-                shard = Shard.load(self._snapshot_dir(category), self.settings)
-            except Exception:  # noqa: BLE001 - a bad snapshot is rebuilt from the database
-                log.exception("snapshot of shard %r is unreadable; rebuilding it from the database", category)
-            if shard is None or shard.model_id != model_id or shard.dimension != dimension:
-                shard = Shard(category, model_id, dimension, self.settings)
-            since = shard.applied_seq
-            removals = self.store.removals_after(category, since)
-            if removals:
-                shard.apply(removals[-1][1], removed=[item_id for item_id, _ in removals])
-            batch: list = []
-            for item in self.store.items_after(category, since):
-                batch.append(item)
-                if len(batch) == 4096:
-                    self._apply_stored(shard, batch)
-                    replayed += len(batch)
-                    batch = []
-            self._apply_stored(shard, batch)
-            replayed += len(removals) + len(batch)
-            self.shards[category] = shard
-        log.info("loaded %d shards, %d items (%d rows replayed after snapshots) in %.2fs", len(self.shards),
-                 sum(len(s) for s in self.shards.values()), replayed, time.perf_counter() - started)
+        if shard is None:
+            shard = Shard(category, model_id, dimension, self.settings)
+        since = shard.applied_seq
+        removals = self.store.removals_after(category, since, up_to)
+        if removals:
+            shard.apply(removals[-1].seq, removed=[removal.id for removal in removals])
+        replayed = len(removals)
+        batch: list[StoredItem] = []
+        for item in self.store.items_after(category, since, up_to):
+            batch.append(item)
+            if len(batch) == 4096:
+                self._put(shard, batch)
+                replayed += len(batch)
+                batch = []
+        self._put(shard, batch)
+        shard.advance(up_to)
+        return shard, replayed + len(batch)
 
     @staticmethod
-    def _apply_stored(shard: Shard, items: list) -> None:
-        if items:
-            shard.apply(items[-1].seq, ids=[i.id for i in items], vectors=np.stack([i.vector for i in items]),
+    def _put(shard: Shard, items: list[StoredItem], removed: Sequence[str] = ()) -> None:
+        if items or removed:
+            shard.apply(max([i.seq for i in items], default=0), removed=removed, ids=[i.id for i in items],
+                        vectors=np.stack([i.vector for i in items]) if items else None,
                         attributes=[i.attributes for i in items])
 
-    def start_snapshots(self) -> None:
-        """Snapshots changed shards every config.snapshot_interval seconds in the background."""
-        if self.config.snapshot_interval <= 0 or self._snapshotter is not None:
+    def start_background(self) -> None:
+        """Snapshots changed shards every snapshot_interval seconds, and follows a shared store."""
+        if self._workers:
             return
+        if self.config.snapshot_interval > 0:
+            self._workers.append(threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True))
+        if self.store.shared:
+            self._workers.append(threading.Thread(target=self._follow_loop, name="follower", daemon=True))
+        for worker in self._workers:
+            worker.start()
 
-        def loop() -> None:
-            while not self._stop.wait(self.config.snapshot_interval):
-                try:
-                    self.snapshot()
-                except Exception:  # noqa: BLE001 - keep serving; the database still has everything
-                    log.exception("background snapshot failed")
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(self.config.snapshot_interval):
+            try:
+                self.snapshot()
+            except Exception:  # noqa: BLE001 - keep serving; the store still has everything
+                log.exception("background snapshot failed")
 
-        self._snapshotter = threading.Thread(target=loop, name="snapshots", daemon=True)
-        self._snapshotter.start()
+    def _follow_loop(self) -> None:
+        while not self._stop.is_set():
+            self.store.wait_for_commit(self.config.follow_interval)
+            try:
+                self.catch_up()
+            except Exception:  # noqa: BLE001 - keep serving what is applied; the next round retries
+                log.exception("following the store failed; retrying in %.1fs", self.config.follow_interval)
+                self._stop.wait(self.config.follow_interval)
 
     def snapshot(self) -> int:
         """Writes a snapshot of every shard changed since its last one; returns how many were written."""
         written = 0
+        # Replicas sharing a store may be behind this one: keep removals they may still need to read.
+        older_than = time.time() - self.config.tombstone_retention if self.store.shared else 0.0
         for category, shard in list(self.shards.items()):
-            if shard.snapshot_time is not None and shard.applied_seq == shard.snapshot_seq:
+            if not shard.needs_snapshot:
                 continue
             shard.save(self._snapshot_dir(category))
-            with self._write_mutex:
-                self.store.prune_tombstones(category, shard.snapshot_seq)
+            self.store.prune_tombstones(category, shard.snapshot_seq, older_than)
             written += 1
         return written
 
     def close(self) -> None:
-        """Stops background snapshots, takes a final one (fast restarts) and closes the database."""
+        """Stops the background work, takes a final snapshot (fast restarts) and closes the store."""
         self._stop.set()
-        if self._snapshotter is not None:
-            self._snapshotter.join()
+        for worker in self._workers:
+            worker.join(timeout=self.config.follow_interval + 5)
         self.snapshot()
         self.store.close()
 
+    # -- the log -----------------------------------------------------------------------------------
+
+    def catch_up(self, at_least: int = 0) -> int:
+        """Applies the store's log after applied_seq (at least up to `at_least`); returns applied_seq."""
+        with self._apply_mutex:
+            while True:
+                if at_least and self.applied_seq >= at_least:
+                    return self.applied_seq
+                batch = self.store.changes(self.applied_seq)
+                self._saw(batch.store_head)
+                self._apply(batch)
+                if batch.head >= batch.store_head:
+                    return self.applied_seq
+
+    def _saw(self, head: int) -> None:
+        if head > max(self.applied_seq, self._unapplied[-1][0] if self._unapplied else 0):
+            self._unapplied.append((head, time.time()))
+
+    def _apply(self, batch: LogBatch) -> None:
+        for category, pruned_to in batch.pruned.items():
+            shard = self.shards.get(category)
+            if shard is not None and shard.applied_seq < pruned_to:
+                # Removals this shard never saw were pruned (it fell behind the retention): rebuild.
+                log.warning("shard %r is behind pruned removals (%d < %d); rebuilding it from the store",
+                            category, shard.applied_seq, pruned_to)
+                self.shards[category], _ = self._build(category, shard.model_id, shard.dimension, batch.head,
+                                                       pruned_to)
+        removed: dict[str, list[str]] = defaultdict(list)
+        for removal in batch.removals:
+            removed[removal.category].append(removal.id)
+        placed: dict[str, list[StoredItem]] = defaultdict(list)
+        for item in batch.items:
+            placed[item.category].append(item)
+        # The items table holds each id's latest write, so within a batch a category's removals come
+        # before its puts: removals first, then puts, is the log's order.
+        for category in sorted(set(removed) | set(placed)):
+            shard = self.shards.get(category)
+            entries = placed.get(category, [])
+            if shard is None:
+                if not entries:
+                    continue
+                shard = Shard(category, entries[0].model_id, entries[0].vector.shape[0], self.settings)
+                self.shards[category] = shard
+            self._put(shard, entries, removed.get(category, []))
+        for shard in list(self.shards.values()):
+            shard.advance(batch.head)
+        self.applied_seq = max(self.applied_seq, batch.head)
+        while self._unapplied and self._unapplied[0][0] <= self.applied_seq:
+            self._unapplied.popleft()
+
     # -- writes ------------------------------------------------------------------------------------
 
-    def upsert(self, items: Sequence[ItemWrite]) -> tuple[list[ItemOutcome], int]:
-        """Stores valid items durably, then indexes them; items from another model are refused one by one."""
+    def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
+        """Stores items durably and serves them before returning; items whose shard is locked to another
+        model or dimension are refused one by one. `names` are the items' fields in error messages."""
+        outcome = self.store.upsert(items)
         outcomes = [ItemOutcome() for _ in items]
-        with self._write_mutex:
-            locks = {c: (s.model_id, s.dimension) for c, s in self.shards.items()}
-            new_shards: dict[str, tuple[str, int]] = {}
-            accepted = []
-            for position, item in enumerate(items):
-                wanted = (item.model_id, item.vector.shape[0])
-                lock = locks.get(item.category) or new_shards.get(item.category)
-                if lock is None:
-                    new_shards[item.category] = wanted
-                elif lock != wanted:
-                    outcomes[position] = ItemOutcome(FailedPrecondition(
-                        f"items[{position}] is a {wanted[1]}-d vector from model {wanted[0]!r}, but shard "
-                        f"{item.category!r} holds {lock[1]}-d vectors from model {lock[0]!r}; re-embed it with "
-                        f"{lock[0]!r} or use a separate searcher for the new model"))
-                    continue
-                accepted.append(item)
-            if not accepted:
-                return outcomes, self.store.seq
-            original = self.store.categories_of([item.id for item in accepted])
-            self.store.upsert(accepted, new_shards, dict(original))
-            for category, (model_id, dimension) in new_shards.items():
-                self.shards[category] = Shard(category, model_id, dimension, self.settings)
-            final = {item.id: item for item in accepted}  # the last write of an id in the request wins
-            moved: dict[str, list[str]] = defaultdict(list)
-            placed: dict[str, list[ItemWrite]] = defaultdict(list)
-            for item in final.values():
-                old = original.get(item.id)
-                if old is not None and old != item.category:
-                    moved[old].append(item.id)
-                placed[item.category].append(item)
-            for category in set(moved) | set(placed):
-                entries = placed.get(category, [])
-                self.shards[category].apply(
-                    self.store.seq, removed=moved.get(category, []), ids=[e.id for e in entries],
-                    vectors=np.stack([e.vector for e in entries]) if entries else None,
-                    attributes=[e.attributes for e in entries])
-            return outcomes, self.store.seq
+        for position, (category, (model_id, dimension)) in outcome.refused.items():
+            item = items[position]
+            name = names[position] if names else f"items[{position}]"
+            outcomes[position] = ItemOutcome(FailedPrecondition(
+                f"{name} is a {item.vector.shape[0]}-d vector from model {item.model_id!r}, but shard {category!r} "
+                f"holds {dimension}-d vectors from model {model_id!r}; re-embed it with {model_id!r} or use a "
+                f"separate searcher for the new model"))
+        self.catch_up(outcome.seq)
+        return outcomes, outcome.seq
 
     def delete(self, ids: Sequence[str]) -> tuple[int, list[str], int]:
         """Removes ids durably; returns (removed, ids that were not stored, sequence number)."""
-        with self._write_mutex:
-            found = self.store.categories_of(list(dict.fromkeys(ids)))
-            missing = [item_id for item_id in dict.fromkeys(ids) if item_id not in found]
-            if not found:
-                return 0, missing, self.store.seq
-            seq = self.store.delete(found)
-            by_category: dict[str, list[str]] = defaultdict(list)
-            for item_id, category in found.items():
-                by_category[category].append(item_id)
-            for category, members in by_category.items():
-                self.shards[category].apply(seq, removed=members)
-            return len(found), missing, seq
+        removed, seq = self.store.delete(ids)
+        self.catch_up(seq)
+        return len(removed), [item_id for item_id in dict.fromkeys(ids) if item_id not in removed], seq
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -250,8 +315,7 @@ class Catalogue:
         return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes)
                 for item_id, similarity, attributes in found]
 
-    def stats(self) -> tuple[list[dict], int, int]:
-        """(per-shard stats, total items, last sequence number)."""
+    def stats(self) -> CatalogueStats:
         rows = []
         now = time.time()
         for category, shard in sorted(self.shards.items()):
@@ -260,4 +324,9 @@ class Catalogue:
                          "snapshot_sequence": shard.snapshot_seq,
                          "snapshot_age_seconds": now - shard.snapshot_time if shard.snapshot_time else -1.0,
                          **stats})
-        return rows, sum(r["items"] for r in rows), self.store.seq
+        head = self.store.head()
+        with self._apply_mutex:
+            self._saw(head)
+            lag = now - self._unapplied[0][1] if self._unapplied else 0.0
+            applied = self.applied_seq
+        return CatalogueStats(rows, sum(r["items"] for r in rows), applied, head, max(lag, 0.0))

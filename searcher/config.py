@@ -17,6 +17,15 @@ class SearcherConfig:
 
     data_dir: Path
     address: str = "[::]:50052"
+    # Where items live: empty for the SQLite file in data_dir (one searcher), or a postgresql:// DSN
+    # that replicas share (data_dir then holds only this replica's index snapshots).
+    store: str = ""
+    # Seconds to wait for a PostgreSQL store at start-up (and for a pooled connection per request).
+    store_timeout: float = 30.0
+    # With a shared store: seconds between polls when no commit notification arrives (bounds the lag
+    # when one is lost), and how long removals are kept for replicas that are behind.
+    follow_interval: float = 1.0
+    tombstone_retention: float = 3600.0
     # HNSW graph degree and build breadth (hnswlib's M and ef_construction).
     m: int = 16
     ef_construction: int = 200
@@ -47,6 +56,9 @@ class SearcherConfig:
                      "routing_max_shards", "max_message_bytes", "grpc_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.follow_interval <= 0 or self.store_timeout <= 0:
+            raise ValueError(f"follow_interval and store_timeout must be positive, got {self.follow_interval} "
+                             f"and {self.store_timeout}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
 
@@ -56,6 +68,10 @@ class SearcherConfig:
         return parse_config(cls, argv, prog="python -m lookalike.searcher", description="Serve the Lookalike Searcher over gRPC.",
                             env_prefix=ENV_PREFIX, flags={"data_dir": "data"},
                             helps={"data_dir": "data folder: the SQLite database and the index snapshots",
+                                   "store": "empty: SQLite in --data; postgresql://user@host/db: PostgreSQL shared by replicas "
+                                            "(libpq PG* variables apply, e.g. PGPASSWORD from a Secret)",
+                                   "follow_interval": "shared store: seconds between polls without a notification",
+                                   "tombstone_retention": "shared store: seconds removals are kept for lagging replicas",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
                                    "tls_key": "PEM private key for --tls-cert",
                                    "health_address": "extra plaintext host:port serving only grpc.health.v1"})

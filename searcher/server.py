@@ -51,7 +51,7 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
         server.stop(None)
         raise
     servicer.attach(catalogue)
-    catalogue.start_snapshots()
+    catalogue.start_background()
     for category in catalogue.shards:
         health_servicer.set(f"{SERVICE_NAME}/{category}", health_pb2.HealthCheckResponse.SERVING)
     for name in ("", SERVICE_NAME):

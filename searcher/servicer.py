@@ -79,7 +79,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                 statuses.append(None)
             except ServiceError as error:
                 statuses.append(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
-        outcomes, seq = catalogue.upsert(valid) if valid else ([], catalogue.store.seq)
+        outcomes, seq = (catalogue.upsert(valid, [f"items[{p}]" for p in positions]) if valid
+                         else ([], catalogue.applied_seq))
         for position, outcome in zip(positions, outcomes):
             error = outcome.error
             statuses[position] = (common_pb2.ItemStatus(code=error.code.value[0], message=str(error))
@@ -136,6 +137,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
 
     @rpc_method
     def GetStats(self, request: searcher_pb2.GetStatsRequest, context: grpc.ServicerContext) -> searcher_pb2.GetStatsResponse:
-        rows, items, seq = self.catalogue.stats()
-        return searcher_pb2.GetStatsResponse(shards=[searcher_pb2.ShardStats(**row) for row in rows], items=items,
-                                             sequence=seq)
+        stats = self.catalogue.stats()
+        return searcher_pb2.GetStatsResponse(shards=[searcher_pb2.ShardStats(**row) for row in stats.shards],
+                                             items=stats.items, sequence=stats.applied_sequence,
+                                             store_sequence=stats.store_sequence, lag_seconds=stats.lag_seconds)

@@ -62,7 +62,9 @@ class Shard:
         self.id_of: dict[int, str] = {}
         self.attributes: dict[str, dict[str, str]] = {}
         self.next_label = 0
+        # The log position this shard reflects, and the last position that changed its items.
         self.applied_seq = 0
+        self.content_seq = 0
         self.snapshot_seq = 0
         self.snapshot_time: float | None = None
         if index is None:
@@ -91,6 +93,16 @@ class Shard:
             if len(ids):
                 self._add(ids, vectors, attributes)
             self.applied_seq = max(self.applied_seq, seq)
+            self.content_seq = max(self.content_seq, seq)
+
+    def advance(self, seq: int) -> None:
+        """Records that the log up to `seq` holds nothing more for this shard."""
+        with self.lock.writing():
+            self.applied_seq = max(self.applied_seq, seq)
+
+    @property
+    def needs_snapshot(self) -> bool:
+        return self.snapshot_time is None or self.content_seq > self.snapshot_seq
 
     def _add(self, ids: Sequence[str], vectors: np.ndarray, attributes: Sequence[dict[str, str]]) -> None:
         existing = [row for row, item_id in enumerate(ids) if item_id in self.label_of]
@@ -204,6 +216,6 @@ class Shard:
         shard.id_of = {label: item_id for item_id, label in shard.label_of.items()}
         shard.attributes = meta["attributes"]
         shard.next_label = meta["next_label"]
-        shard.applied_seq = shard.snapshot_seq = meta["seq"]
+        shard.applied_seq = shard.content_seq = shard.snapshot_seq = meta["seq"]
         shard.snapshot_time = meta["written_at"]
         return shard

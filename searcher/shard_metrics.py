@@ -16,7 +16,7 @@ class CatalogueCollector:
         self._catalogue = catalogue
 
     def collect(self) -> Iterator[Metric]:
-        rows, items, sequence = self._catalogue.stats()
+        stats = self._catalogue.stats()
         families = {
             "items": GaugeMetricFamily("lookalike_searcher_shard_items", "Live items per shard", labels=["category"]),
             "deleted": GaugeMetricFamily("lookalike_searcher_shard_deleted_slots",
@@ -29,10 +29,15 @@ class CatalogueCollector:
                                                       "Seconds since the shard's last snapshot (-1: none)",
                                                       labels=["category"]),
         }
-        for row in rows:
+        for row in stats.shards:
             for key, family in families.items():
                 family.add_metric([row["category"]], row[key])
         yield from families.values()
-        yield GaugeMetricFamily("lookalike_searcher_items", "Live items in all shards", value=items)
-        yield GaugeMetricFamily("lookalike_searcher_sequence", "Sequence number of the last durable write",
-                                value=sequence)
+        yield GaugeMetricFamily("lookalike_searcher_items", "Live items in all shards", value=stats.items)
+        yield GaugeMetricFamily("lookalike_searcher_sequence", "Sequence number of the last write this searcher applied",
+                                value=stats.applied_sequence)
+        yield GaugeMetricFamily("lookalike_searcher_store_sequence", "Sequence number of the store's last committed write",
+                                value=stats.store_sequence)
+        yield GaugeMetricFamily("lookalike_searcher_replication_lag_seconds",
+                                "How long the oldest committed write not yet applied here has waited",
+                                value=stats.lag_seconds)

@@ -1,46 +1,65 @@
-"""The source of truth: an embedded SQLite database (WAL, synchronous=FULL) of items and tombstones.
+"""The source of truth for items: SQLite (the embedded default) or PostgreSQL (replicas share it).
 
-Every write gets a sequence number. Index snapshots record the number they contain, and start-up
-replays only the rows after it: upserted items from `items`, removals from `tombstones` (a removal is
-a delete, or an item moving to another category).
+One schema and one log in both. Every write gets a sequence number under a writers' lock (SQLite:
+BEGIN IMMEDIATE; PostgreSQL: a transaction-level advisory lock), so numbers commit in order and a
+reader that sees number N committed has every write up to N. `items` holds each id's latest write,
+`tombstones` the removals (a delete, or an item moving category), `shards` each category's model lock.
+Index snapshots record the number they contain; every searcher applies the log after it, at start-up
+and then as it follows new commits (lookalike.searcher.catalogue).
 """
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from lookalike.serving.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
     category TEXT NOT NULL,
-    vector BLOB NOT NULL,
+    vector {blob} NOT NULL,
     attributes TEXT NOT NULL,
     model_id TEXT NOT NULL,
-    seq INTEGER NOT NULL
+    seq {integer} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS items_by_category_seq ON items (category, seq);
+CREATE INDEX IF NOT EXISTS items_by_seq ON items (seq);
 CREATE TABLE IF NOT EXISTS tombstones (
-    seq INTEGER PRIMARY KEY,
+    seq {integer} PRIMARY KEY,
     id TEXT NOT NULL,
-    category TEXT NOT NULL
+    category TEXT NOT NULL,
+    written_at DOUBLE PRECISION NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tombstones_by_category_seq ON tombstones (category, seq);
 CREATE TABLE IF NOT EXISTS shards (
     category TEXT PRIMARY KEY,
     model_id TEXT NOT NULL,
-    dimension INTEGER NOT NULL
+    dimension INTEGER NOT NULL,
+    pruned_to {integer} NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
+    value {integer} NOT NULL
 );
 """
+_CHUNK = 500  # ids per IN (...) list
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached; the request may succeed on a retry (UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -61,111 +80,370 @@ class StoredItem(ItemWrite):
     seq: int
 
 
-class Store:
-    """Single-writer access to the database; the caller serialises writes."""
+@dataclass(frozen=True)
+class Removal:
+    id: str
+    category: str
+    seq: int
+
+
+@dataclass
+class LogBatch:
+    """The log after a sequence number, up to `head`, read in one consistent snapshot."""
+
+    head: int
+    # The last committed write when it was read: past `head` when the batch was capped.
+    store_head: int
+    items: list[StoredItem] = field(default_factory=list)
+    removals: list[Removal] = field(default_factory=list)
+    # Categories whose tombstones were pruned past the reader's position: their shards must be rebuilt.
+    pruned: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpsertOutcome:
+    # Position in the request -> (category, (model_id, dimension) the shard is locked to) for refused items.
+    refused: dict[int, tuple[str, tuple[str, int]]]
+    seq: int
+
+
+class Store(ABC):
+    """The SQL both engines share; subclasses give the connection, the writers' lock and the dialect."""
+
+    blob, integer, placeholder = "BLOB", "INTEGER", "?"
+    # True where other searcher processes write to the same store (so this one must follow it).
+    shared = False
+
+    # -- what an engine provides -------------------------------------------------------------------
+
+    @abstractmethod
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """A connection inside a write transaction that holds the writers' lock; commits on exit."""
+
+    @abstractmethod
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """A connection inside a read transaction with one consistent snapshot."""
+
+    def _notify(self, conn: Any, seq: int) -> None:
+        """Wakes followers once the write commits (PostgreSQL only)."""
+
+    def wait_for_commit(self, timeout: float) -> bool:
+        """Blocks until another writer commits or `timeout` passes; False where the engine cannot tell."""
+        time.sleep(timeout)
+        return False
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- shared SQL --------------------------------------------------------------------------------
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.placeholder)
+
+    def _run(self, conn: Any, text: str, params: Sequence[Any] = ()) -> Any:
+        return conn.execute(self._sql(text), params)
+
+    def _create_schema(self, conn: Any) -> None:
+        for statement in _SCHEMA.format(blob=self.blob, integer=self.integer).split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        self._run(conn, "INSERT INTO counters (name, value) VALUES ('seq', 0) ON CONFLICT (name) DO NOTHING")
+
+    def head(self) -> int:
+        """The sequence number of the last committed write."""
+        with self._reading() as conn:
+            return self._head(conn)
+
+    def _head(self, conn: Any) -> int:
+        return int(self._run(conn, "SELECT value FROM counters WHERE name = 'seq'").fetchone()[0])
+
+    def shard_locks(self) -> dict[str, tuple[str, int]]:
+        """category -> (model_id, dimension) for every shard ever created."""
+        with self._reading() as conn:
+            return self._locks(conn)
+
+    def _locks(self, conn: Any) -> dict[str, tuple[str, int]]:
+        return {c: (m, int(d)) for c, m, d in self._run(conn, "SELECT category, model_id, dimension FROM shards")}
+
+    def pruned_to(self) -> dict[str, int]:
+        """category -> the last sequence number whose tombstones were pruned."""
+        with self._reading() as conn:
+            return {c: int(p) for c, p in self._run(conn, "SELECT category, pruned_to FROM shards")}
+
+    def _categories_of(self, conn: Any, ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start:start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            found.update(self._run(conn, f"SELECT id, category FROM items WHERE id IN ({marks})", chunk))
+        return found
+
+    @staticmethod
+    def _item(row: Sequence[Any]) -> StoredItem:
+        item_id, category, vector, attributes, model_id, seq = row
+        return StoredItem(item_id, category, np.frombuffer(bytes(vector), dtype="<f4"), json.loads(attributes),
+                          model_id, int(seq))
+
+    def items_after(self, category: str, after: int, up_to: int) -> Iterator[StoredItem]:
+        """A category's items written in (after, up_to], in write order."""
+        with self._reading() as conn:
+            rows = self._run(conn, "SELECT id, category, vector, attributes, model_id, seq FROM items "
+                                   "WHERE category = ? AND seq > ? AND seq <= ? ORDER BY seq", (category, after, up_to))
+            for row in rows:
+                yield self._item(row)
+
+    def removals_after(self, category: str, after: int, up_to: int) -> list[Removal]:
+        """A category's removals in (after, up_to], in write order."""
+        with self._reading() as conn:
+            return [Removal(i, category, int(s)) for i, s in self._run(
+                conn, "SELECT id, seq FROM tombstones WHERE category = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                (category, after, up_to))]
+
+    def changes(self, after: int, limit: int = 20_000) -> LogBatch:
+        """The log in (after, after + limit], capped at the last committed write."""
+        with self._reading() as conn:
+            head = self._head(conn)
+            up_to = min(head, after + limit)
+            batch = LogBatch(head=up_to, store_head=head)
+            if up_to > after:
+                batch.items = [self._item(row) for row in self._run(
+                    conn, "SELECT id, category, vector, attributes, model_id, seq FROM items "
+                          "WHERE seq > ? AND seq <= ? ORDER BY seq", (after, up_to))]
+                batch.removals = [Removal(i, c, int(s)) for i, c, s in self._run(
+                    conn, "SELECT id, category, seq FROM tombstones WHERE seq > ? AND seq <= ? ORDER BY seq",
+                    (after, up_to))]
+            batch.pruned = {c: int(p) for c, p in self._run(
+                conn, "SELECT category, pruned_to FROM shards WHERE pruned_to > ?", (after,))}
+            return batch
+
+    # -- writes (one transaction each, durable when they return) -----------------------------------
+
+    def upsert(self, items: Sequence[ItemWrite]) -> UpsertOutcome:
+        """Stores items (replacing by id) unless their shard is locked to another model or dimension.
+
+        An item that changes category leaves a tombstone in its old category. A repeated id in one
+        request: the last write wins.
+        """
+        with self._writing() as conn:
+            locks = self._locks(conn)
+            previous = self._categories_of(conn, list(dict.fromkeys(item.id for item in items)))
+            seq = self._head(conn)
+            refused: dict[int, tuple[str, tuple[str, int]]] = {}
+            new_shards, rows, tombstones = [], [], []
+            now = time.time()
+            for position, item in enumerate(items):
+                wanted = (item.model_id, int(item.vector.shape[0]))
+                lock = locks.get(item.category)
+                if lock is None:
+                    locks[item.category] = wanted
+                    new_shards.append((item.category, *wanted))
+                elif lock != wanted:
+                    refused[position] = (item.category, lock)
+                    continue
+                old_category = previous.get(item.id)
+                if old_category is not None and old_category != item.category:
+                    seq += 1
+                    tombstones.append((seq, item.id, old_category, now))
+                seq += 1
+                rows.append((item.id, item.category, item.vector.astype("<f4").tobytes(), json.dumps(item.attributes),
+                             item.model_id, seq))
+                previous[item.id] = item.category
+            if rows:
+                self._executemany(conn, "INSERT INTO shards (category, model_id, dimension) VALUES (?, ?, ?)",
+                                  new_shards)
+                self._executemany(conn, "INSERT INTO tombstones (seq, id, category, written_at) VALUES (?, ?, ?, ?)",
+                                  tombstones)
+                self._executemany(
+                    conn, "INSERT INTO items (id, category, vector, attributes, model_id, seq) VALUES (?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT (id) DO UPDATE SET category = excluded.category, vector = excluded.vector, "
+                          "attributes = excluded.attributes, model_id = excluded.model_id, seq = excluded.seq", rows)
+                self._save_seq(conn, seq)
+            return UpsertOutcome(refused, seq)
+
+    def delete(self, ids: Sequence[str]) -> tuple[dict[str, str], int]:
+        """Deletes the ids that are stored; returns (id -> category removed, last sequence number)."""
+        with self._writing() as conn:
+            found = self._categories_of(conn, list(dict.fromkeys(ids)))
+            seq = self._head(conn)
+            if not found:
+                return found, seq
+            now = time.time()
+            tombstones = []
+            for item_id, category in found.items():
+                seq += 1
+                tombstones.append((seq, item_id, category, now))
+            self._executemany(conn, "DELETE FROM items WHERE id = ?", [(item_id,) for item_id in found])
+            self._executemany(conn, "INSERT INTO tombstones (seq, id, category, written_at) VALUES (?, ?, ?, ?)",
+                              tombstones)
+            self._save_seq(conn, seq)
+            return found, seq
+
+    def prune_tombstones(self, category: str, up_to_seq: int, older_than: float = 0.0) -> None:
+        """Forgets a category's removals up to `up_to_seq` written before `older_than` (unix time; 0: any).
+
+        Records how far it pruned: a snapshot older than that is stale and its shard is rebuilt.
+        """
+        with self._writing() as conn:
+            clause = " AND written_at < ?" if older_than else ""
+            params = (category, up_to_seq, older_than) if older_than else (category, up_to_seq)
+            row = self._run(conn, f"SELECT MAX(seq) FROM tombstones WHERE category = ? AND seq <= ?{clause}",
+                            params).fetchone()
+            if row[0] is None:
+                return
+            self._run(conn, "DELETE FROM tombstones WHERE category = ? AND seq <= ?", (category, int(row[0])))
+            self._run(conn, "UPDATE shards SET pruned_to = ? WHERE category = ? AND pruned_to < ?",
+                      (int(row[0]), category, int(row[0])))
+
+    def _executemany(self, conn: Any, text: str, rows: list[tuple]) -> None:
+        if rows:
+            conn.cursor().executemany(self._sql(text), rows)
+
+    def _save_seq(self, conn: Any, seq: int) -> None:
+        # Persisted, not derived from MAX(seq): deleting the newest item must never let a number be reused.
+        self._run(conn, "UPDATE counters SET value = ? WHERE name = 'seq'", (seq,))
+        self._notify(conn, seq)
+
+
+class SqliteStore(Store):
+    """An embedded SQLite file (WAL, synchronous=FULL): one searcher process owns it."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the server's threads, so every use holds this lock.
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before Upsert/Delete acknowledge it, even if the machine dies.
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
-        self.seq = row[0] if row else 0
+        with self._writing() as conn:
+            self._create_schema(conn)
+            self._migrate(conn)
 
-    def close(self) -> None:
-        self._db.close()
-
-    # -- reads -------------------------------------------------------------------------------------
-
-    def shard_locks(self) -> dict[str, tuple[str, int]]:
-        """category -> (model_id, dimension) for every shard ever created."""
-        return {c: (m, d) for c, m, d in self._db.execute("SELECT category, model_id, dimension FROM shards")}
-
-    def categories_of(self, ids: Sequence[str]) -> dict[str, str]:
-        """id -> category for the ids that are stored."""
-        found: dict[str, str] = {}
-        for start in range(0, len(ids), 500):
-            chunk = list(ids[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            found.update(self._db.execute(f"SELECT id, category FROM items WHERE id IN ({marks})", chunk))
-        return found
-
-    def items_after(self, category: str, seq: int) -> Iterator[StoredItem]:
-        """Items of a category written after sequence number `seq`, in write order."""
-        rows = self._db.execute("SELECT id, category, vector, attributes, model_id, seq FROM items "
-                                "WHERE category = ? AND seq > ? ORDER BY seq", (category, seq))
-        for item_id, cat, vector, attributes, model_id, item_seq in rows:
-            yield StoredItem(item_id, cat, np.frombuffer(vector, dtype="<f4"), json.loads(attributes), model_id, item_seq)
-
-    def removals_after(self, category: str, seq: int) -> list[tuple[str, int]]:
-        """(id, seq) removed from a category after `seq`."""
-        return list(self._db.execute("SELECT id, seq FROM tombstones WHERE category = ? AND seq > ? ORDER BY seq",
-                                     (category, seq)))
-
-    # -- writes (one transaction each, durable when they return) -----------------------------------
-
-    def upsert(self, items: Sequence[ItemWrite], new_shards: dict[str, tuple[str, int]],
-               previous: dict[str, str]) -> int:
-        """Stores items (replacing by id) and returns the last sequence number.
-
-        `previous` maps ids already stored to their category (it is updated as items are written, so a
-        repeated id sees its earlier write). An item that changes category leaves a tombstone in its old
-        category.
-        """
-        seq = self.seq
-        with self._transaction():
-            for category, (model_id, dimension) in new_shards.items():
-                self._db.execute("INSERT INTO shards (category, model_id, dimension) VALUES (?, ?, ?)",
-                                 (category, model_id, dimension))
-            for item in items:
-                old_category = previous.get(item.id)
-                if old_category is not None and old_category != item.category:
-                    seq += 1
-                    self._db.execute("INSERT INTO tombstones (seq, id, category) VALUES (?, ?, ?)",
-                                     (seq, item.id, old_category))
-                seq += 1
-                self._db.execute(
-                    "INSERT INTO items (id, category, vector, attributes, model_id, seq) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET category = excluded.category, vector = excluded.vector, "
-                    "attributes = excluded.attributes, model_id = excluded.model_id, seq = excluded.seq",
-                    (item.id, item.category, item.vector.astype("<f4").tobytes(), json.dumps(item.attributes),
-                     item.model_id, seq))
-                previous[item.id] = item.category
-            self._save_seq(seq)
-        self.seq = seq
-        return seq
-
-    def delete(self, removals: dict[str, str]) -> int:
-        """Deletes id -> category pairs (all known to exist); returns the last sequence number."""
-        seq = self.seq
-        with self._transaction():
-            for item_id, category in removals.items():
-                seq += 1
-                self._db.execute("DELETE FROM items WHERE id = ?", (item_id,))
-                self._db.execute("INSERT INTO tombstones (seq, id, category) VALUES (?, ?, ?)", (seq, item_id, category))
-            self._save_seq(seq)
-        self.seq = seq
-        return seq
-
-    def prune_tombstones(self, category: str, up_to_seq: int) -> None:
-        """Forgets a category's removals that its snapshot already contains."""
-        with self._transaction():
-            self._db.execute("DELETE FROM tombstones WHERE category = ? AND seq <= ?", (category, up_to_seq))
-
-    def _save_seq(self, seq: int) -> None:
-        # Persisted, not derived from MAX(seq): deleting the newest item must never let a number be reused.
-        self._db.execute("INSERT INTO counters (name, value) VALUES ('seq', ?) "
-                         "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (seq,))
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        # Databases written before replication lack these columns; the defaults are what they meant.
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(shards)")}
+        if "pruned_to" not in columns:
+            conn.execute("ALTER TABLE shards ADD COLUMN pruned_to INTEGER NOT NULL DEFAULT 0")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(tombstones)")}
+        if "written_at" not in columns:
+            conn.execute("ALTER TABLE tombstones ADD COLUMN written_at DOUBLE PRECISION NOT NULL DEFAULT 0")
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database shared by every searcher replica (psycopg 3 with a connection pool)."""
+
+    blob, integer, placeholder = "BYTEA", "BIGINT", "%s"
+    shared = True
+    # pg_advisory_xact_lock key of the writers' lock (any constant; "lkal" in ASCII).
+    WRITERS_LOCK = 0x6C6B616C
+    CHANNEL = "lookalike_log"
+
+    def __init__(self, dsn: str, pool_size: int = 4, connect_timeout: float = 30.0) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self._psycopg = psycopg
+        self._failures = (psycopg.OperationalError, PoolTimeout)
+        self.dsn = dsn
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=pool_size, open=True, name="lookalike-store",
+                                    timeout=connect_timeout)
+        self._listener: Any = None
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._pool.wait(timeout=connect_timeout)
+        except PoolTimeout:
+            self._pool.close()
+            raise StoreUnavailable(f"could not connect to the PostgreSQL store at {_where(dsn)} within "
+                                   f"{connect_timeout:.0f}s") from None
+        with self._writing() as conn:
+            # Under the writers' lock: replicas starting together must not race to create the tables.
+            self._create_schema(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except self._failures as error:
+            # Not the caller's fault and possibly brief (a failover of the database): retryable.
+            raise StoreUnavailable(f"the PostgreSQL store at {_where(self.dsn)} is unreachable: "
+                                   f"{str(error).strip().splitlines()[0]}") from error
+
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.WRITERS_LOCK,))
+            yield conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        with self._connection() as conn, conn.transaction():
+            # One snapshot for the whole read: the head and the rows below it agree.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
+    def _notify(self, conn: Any, seq: int) -> None:
+        conn.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, str(seq)))
+
+    def wait_for_commit(self, timeout: float) -> bool:
+        """Waits for a NOTIFY from any replica's commit (LISTEN on its own connection)."""
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._psycopg.connect(self.dsn, autocommit=True)
+                self._listener.execute(f"LISTEN {self.CHANNEL}")
+            return any(True for _ in self._listener.notifies(timeout=timeout, stop_after=1))
+        except self._psycopg.Error as error:
+            # A lost notification only delays: the caller polls anyway after `timeout`.
+            log.warning("LISTEN connection failed (%s); polling until it is back", error)
+            self._listener = None
+            time.sleep(timeout)
+            return False
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        self._pool.close()
+
+
+def _where(dsn: str) -> str:
+    """host:port/database of a DSN, never its password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+def open_store(location: str, data_dir: Path, database_file: str, timeout: float = 30.0) -> Store:
+    """PostgreSQL for a postgresql:// DSN, else the SQLite file in the data folder."""
+    if location.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(location, connect_timeout=timeout)
+    if location:
+        raise ValueError(f"store {location!r}: expected a postgresql:// DSN, or nothing for SQLite in the data folder")
+    return SqliteStore(Path(data_dir) / database_file)

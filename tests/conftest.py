@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import random
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 import pytest
+
+from tests.postgres import postgres_available, running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(__import__("os").environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
@@ -93,3 +96,31 @@ def start_searcher(data_dir: Path, address_override: str = "127.0.0.1:0", **over
     config = SearcherConfig(data_dir=data_dir, address=address_override, **overrides)
     started, port = create_server(config)
     return started, grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real PostgreSQL server for the whole session (about 2 s to start): the DSN of its `lookalike` database."""
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as dsn:
+        yield dsn
+
+
+@pytest.fixture()
+def fresh_database(postgres_dsn: str) -> Iterator[str]:
+    """An empty database of its own for each test on the session's server, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    server = postgres_dsn.rsplit("/", 1)[0]
+    admin = f"{server}/postgres"
+    # CREATE/DROP DATABASE cannot run inside a transaction, hence autocommit.
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield f"{server}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        # FORCE: a connection the test leaked (a pool, a crashed client) must not keep the database alive.
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -55,7 +55,10 @@ def _embed(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _searcher_target(text: str) -> str | list[str]:
-    """One address, or comma-separated pod addresses in StatefulSet ordinal order (sharded by category)."""
+    """One address; replicas of one searcher as a gRPC target (ipv4:a,b or dns:///name); or comma-separated
+    pod addresses in StatefulSet ordinal order (sharded by category)."""
+    if text.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
+        return text
     targets = [t.strip() for t in text.split(",") if t.strip()]
     return targets if len(targets) > 1 else targets[0]
 
@@ -156,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("catalog", type=Path, help="ROOT/<category>/*.jpg, or a list file like grocery's train.txt")
     index.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
     index.add_argument("--searcher", default="localhost:50052",
-                       help="searcher address host:port, or comma-separated pod addresses (sharded)")
+                       help="searcher address host:port; replicas as ipv4:a:1,b:2 or dns:///name:port; or "
+                            "comma-separated pod addresses (sharded)")
     index.add_argument("--journal", type=Path, help="file recording stored ids, so a rerun skips them")
     index.add_argument("--predict-categories", action="store_true",
                        help="store each image in its predicted category instead of its folder's")
@@ -169,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("image", help="the query photo")
     search.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
     search.add_argument("--searcher", default="localhost:50052",
-                        help="searcher address host:port, or comma-separated pod addresses (sharded)")
+                        help="searcher address host:port; replicas as ipv4:a:1,b:2 or dns:///name:port; or "
+                            "comma-separated pod addresses (sharded)")
     search.add_argument("-k", type=int, default=10, help="how many matches")
     search.add_argument("--routing", default="adaptive",
                         help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")

@@ -14,12 +14,13 @@ _LISTENING = re.compile(r"listening on port (\d+)")
 
 @contextmanager
 def running_service(module: str, args: Sequence[str], startup_timeout: float = 180.0,
-                    env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
-    """Runs `python -m module args --address 127.0.0.1:0`, yields (process, port), terminates it after.
+                    env: dict[str, str] | None = None,
+                    address: str = "127.0.0.1:0") -> Iterator[tuple[subprocess.Popen, int]]:
+    """Runs `python -m module args --address ADDRESS`, yields (process, port), terminates it after.
 
     The port is read from the server's "listening on port N" line, printed once it is ready.
     """
-    command = [sys.executable, "-m", module, *args, "--address", "127.0.0.1:0"]
+    command = [sys.executable, "-m", module, *args, "--address", address]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     port: list[int] = []

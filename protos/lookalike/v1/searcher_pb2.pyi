@@ -178,11 +178,15 @@ class ShardStats(_message.Message):
     def __init__(self, category: _Optional[str] = ..., items: _Optional[int] = ..., deleted: _Optional[int] = ..., capacity: _Optional[int] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("shards", "items", "sequence")
+    __slots__ = ("shards", "items", "sequence", "store_sequence", "lag_seconds")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STORE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     items: int
     sequence: int
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    store_sequence: int
+    lag_seconds: float
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ..., store_sequence: _Optional[int] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
