@@ -11,15 +11,42 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Callable, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings
+from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, merge_hits, plan
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, RoutingPlan, merge_hits, plan
 from lookalike.v1 import common_pb2, searcher_pb2
+
+Owner = TypeVar("Owner", bound=Hashable)
+
+
+def search_owners(routed: RoutingPlan, owned: Mapping[Owner, list[str]],
+                  search: Callable[[Owner, Routing], searcher_pb2.SearchResponse], k: int, pool: Executor,
+                  strict: bool = True) -> searcher_pb2.SearchResponse:
+    """Asks each owner (a pod, a replica group) for its planned shards in parallel and merges the answers.
+
+    An owner that stays unreachable within the deadline makes the search fail when `strict`; otherwise
+    the answer is what the others found, and its shards are named in missing_shards.
+    """
+    futures = {owner: pool.submit(search, owner, routed.routing_for(categories)) for owner, categories in owned.items()}
+    responses, missing = [], []
+    for owner, future in futures.items():
+        try:
+            responses.append(future.result())
+        except (UnavailableError, DeadlineExceededError):
+            if strict:
+                raise
+            missing.extend(owned[owner])
+    order = {category: rank for rank, category in enumerate(routed.categories)}
+    merged = searcher_pb2.SearchResponse(unknown_categories=routed.unknown_categories,
+                                         missing_shards=sorted(missing, key=order.__getitem__))
+    merged.hits.extend(merge_hits((hit for r in responses for hit in r.hits), k))
+    merged.probes.extend(sorted((p for r in responses for p in r.probes), key=lambda p: order.get(p.category, -1)))
+    return merged
 
 
 def owner_of(category: str, pods: int) -> int:
@@ -94,14 +121,8 @@ class ShardedSearcherClient:
         per_pod: dict[int, list[str]] = defaultdict(list)
         for category in routed.categories:
             per_pod[owner_of(category, len(self.pods))].append(category)
-        responses = self._fan_out({pod: (lambda pod=pod, owned=owned: self.pods[pod].search(
-            vector, model_id, k, routed.routing_for(owned).to_message(), ef, timeout))
-            for pod, owned in per_pod.items()})
-        order = {category: rank for rank, category in enumerate(routed.categories)}
-        merged = searcher_pb2.SearchResponse(unknown_categories=routed.unknown_categories)
-        merged.hits.extend(merge_hits((hit for r in responses.values() for hit in r.hits), k))
-        merged.probes.extend(sorted((p for r in responses.values() for p in r.probes), key=lambda p: order[p.category]))
-        return merged
+        return search_owners(routed, per_pod, lambda pod, part: self.pods[pod].search(
+            vector, model_id, k, part.to_message(), ef, timeout), k, self._pool)
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         responses = self._fan_out({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)})

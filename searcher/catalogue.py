@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import socket
 import threading
+import uuid
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -22,11 +26,11 @@ from typing import Sequence
 import numpy as np
 
 from lookalike.routing import PlannedProbe, Routing, merge_hits, plan
-from lookalike.serving.errors import FailedPrecondition
+from lookalike.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.shard_metrics import SHARD_PROBES
 from lookalike.searcher.shard import IndexSettings, Shard
-from lookalike.searcher.store import ItemWrite, LogBatch, StoredItem, open_store
+from lookalike.searcher.store import ItemWrite, LogBatch, Placement, Replica, StoredItem, open_store
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,12 @@ class Catalogue:
         self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
         self.shards: dict[str, Shard] = {}
         self.applied_seq = 0
+        # Replica groups (a shared store only): this replica serves the categories placed on its group
+        # or moving to it, and keeps one that left for move_grace seconds (clients with the old map).
+        self.group = config.group
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.placements: dict[str, Placement] = {}
+        self._leaving: dict[str, float] = {}
         # One applier of the log at a time; searches never wait for it (shards have their own locks).
         self._apply_mutex = threading.Lock()
         # (sequence, when first seen committed) of writes not yet applied: what lag_seconds reports.
@@ -116,8 +126,11 @@ class Catalogue:
         started = time.perf_counter()
         head = self.store.head()
         pruned = self.store.pruned_to()
+        self.placements = self.store.placements()
         replayed = 0
         for category, (model_id, dimension) in sorted(self.store.shard_locks().items()):
+            if not self.serves(category):
+                continue
             self.shards[category], rows = self._build(category, model_id, dimension, head, pruned.get(category, 0))
             replayed += rows
         self.applied_seq = head
@@ -157,6 +170,12 @@ class Catalogue:
         shard.advance(up_to)
         return shard, replayed + len(batch)
 
+    def serves(self, category: str) -> bool:
+        """Whether this replica's group serves `category` (a single searcher over SQLite serves all)."""
+        placement = self.placements.get(category)
+        return (not self.store.shared or placement is None
+                or self.group in (placement.group, placement.moving_to) or category in self._leaving)
+
     @staticmethod
     def _put(shard: Shard, items: list[StoredItem], removed: Sequence[str] = ()) -> None:
         if items or removed:
@@ -168,6 +187,8 @@ class Catalogue:
         """Snapshots changed shards every snapshot_interval seconds, and follows a shared store."""
         if self._workers:
             return
+        if self.store.shared:
+            self.heartbeat()  # in the map (and a home for new categories) before serving
         if self.config.snapshot_interval > 0:
             self._workers.append(threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True))
         if self.store.shared:
@@ -183,13 +204,46 @@ class Catalogue:
                 log.exception("background snapshot failed")
 
     def _follow_loop(self) -> None:
+        next_heartbeat = 0.0
         while not self._stop.is_set():
             self.store.wait_for_commit(self.config.follow_interval)
             try:
                 self.catch_up()
+                if time.monotonic() >= next_heartbeat:
+                    self.heartbeat()
+                    next_heartbeat = time.monotonic() + self.config.follow_interval
             except Exception:  # noqa: BLE001 - keep serving what is applied; the next round retries
                 log.exception("following the store failed; retrying in %.1fs", self.config.follow_interval)
                 self._stop.wait(self.config.follow_interval)
+
+    def heartbeat(self) -> None:
+        """Reports this replica alive with what it serves, then takes up or lets go of moved categories."""
+        self.store.heartbeat(Replica(self.replica_id, self.group, self.config.advertise, time.time(),
+                                     tuple(sorted(self.shards))))
+        placements = self.store.placements()
+        locks = self.store.shard_locks()
+        pruned = self.store.pruned_to()
+        with self._apply_mutex:
+            self.placements = placements
+            now = time.time()
+            for category, placement in sorted(placements.items()):
+                mine = self.group in (placement.group, placement.moving_to)
+                if mine and category not in self.shards and category in locks:
+                    # Moving here: build it from the store up to where this replica is; the log after
+                    # that reaches it like any other shard's.
+                    log.info("category %r moves to group %r: building it from the store", category, self.group)
+                    self.shards[category], _ = self._build(category, *locks[category], self.applied_seq,
+                                                           pruned.get(category, 0))
+                    self._leaving.pop(category, None)
+                elif not mine and category in self.shards:
+                    left = self._leaving.setdefault(category, now)
+                    if now - left >= self.config.move_grace:
+                        log.info("category %r now lives in group %r: dropping it here", category, placement.group)
+                        del self.shards[category]
+                        del self._leaving[category]
+                        shutil.rmtree(self._snapshot_dir(category), ignore_errors=True)
+                elif mine:
+                    self._leaving.pop(category, None)
 
     def snapshot(self) -> int:
         """Writes a snapshot of every shard changed since its last one; returns how many were written."""
@@ -247,11 +301,13 @@ class Catalogue:
             placed[item.category].append(item)
         # The items table holds each id's latest write, so within a batch a category's removals come
         # before its puts: removals first, then puts, is the log's order.
+        if self.store.shared and any(c not in self.placements for c in placed):
+            self.placements = self.store.placements()  # new categories: placed in the same transaction
         for category in sorted(set(removed) | set(placed)):
             shard = self.shards.get(category)
             entries = placed.get(category, [])
             if shard is None:
-                if not entries:
+                if not entries or not self.serves(category):
                     continue
                 shard = Shard(category, entries[0].model_id, entries[0].vector.shape[0], self.settings)
                 self.shards[category] = shard
@@ -267,7 +323,7 @@ class Catalogue:
     def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
         """Stores items durably and serves them before returning; items whose shard is locked to another
         model or dimension are refused one by one. `names` are the items' fields in error messages."""
-        outcome = self.store.upsert(items)
+        outcome = self.store.upsert(items, self.group)
         outcomes = [ItemOutcome() for _ in items]
         for position, (category, (model_id, dimension)) in outcome.refused.items():
             item = items[position]
@@ -284,6 +340,35 @@ class Catalogue:
         removed, seq = self.store.delete(ids)
         self.catch_up(seq)
         return len(removed), [item_id for item_id in dict.fromkeys(ids) if item_id not in removed], seq
+
+    # -- the shard map -----------------------------------------------------------------------------
+
+    def shard_map(self) -> tuple[list[tuple[str, str, int]], dict[str, Placement], dict[str, tuple[str, int]]]:
+        """(groups as (name, target, live replicas), placements, shard locks)."""
+        locks = self.store.shard_locks()
+        if not self.store.shared:
+            return ([(self.group, self.config.advertise, 1)], {c: Placement(self.group) for c in locks}, locks)
+        groups: dict[str, list] = {}
+        for replica in self.store.live_replicas():
+            entry = groups.setdefault(replica.group, [replica.group, replica.target, 0])
+            entry[1] = entry[1] or replica.target
+            entry[2] += 1
+        placements = self.store.placements()
+        return [tuple(g) for _, g in sorted(groups.items())], placements, locks  # type: ignore[misc]
+
+    def move(self, category: str, group: str) -> Placement:
+        """Starts moving `category` to `group` (see the MoveCategory RPC)."""
+        if not category or not group:
+            raise InvalidArgument("category and group must both be non-empty")
+        if not self.store.shared:
+            raise FailedPrecondition("this searcher keeps its items in SQLite: there are no replica groups to move "
+                                     "a category between (use --store postgresql://...)")
+        if group not in {replica.group for replica in self.store.live_replicas()}:
+            raise NotFound(f"group {group!r} has no live replica")
+        placement = self.store.move(category, group)
+        if placement is None:
+            raise NotFound(f"category {category!r} has no shard")
+        return placement
 
     # -- reads -------------------------------------------------------------------------------------
 

@@ -26,6 +26,12 @@ class SearcherConfig:
     # when one is lost), and how long removals are kept for replicas that are behind.
     follow_interval: float = 1.0
     tombstone_retention: float = 3600.0
+    # Shared store: this replica's group (all replicas of a group serve the same categories), the gRPC
+    # target clients reach the group at (published in the shard map), and how long a category that moved
+    # away stays served here for clients still holding the old map.
+    group: str = "default"
+    advertise: str = ""
+    move_grace: float = 30.0
     # HNSW graph degree and build breadth (hnswlib's M and ef_construction).
     m: int = 16
     ef_construction: int = 200
@@ -72,6 +78,11 @@ class SearcherConfig:
                                             "(libpq PG* variables apply, e.g. PGPASSWORD from a Secret)",
                                    "follow_interval": "shared store: seconds between polls without a notification",
                                    "tombstone_retention": "shared store: seconds removals are kept for lagging replicas",
+                                   "group": "shared store: this replica's group (replicas of a group serve the same "
+                                            "categories)",
+                                   "advertise": "shared store: the gRPC target clients reach this group at, e.g. "
+                                                "dns:///searcher-a.ns.svc.cluster.local:50052",
+                                   "move_grace": "shared store: seconds a category that moved away is still served",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
                                    "tls_key": "PEM private key for --tls-cert",
                                    "health_address": "extra plaintext host:port serving only grpc.health.v1"})

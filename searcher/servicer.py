@@ -141,3 +141,24 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         return searcher_pb2.GetStatsResponse(shards=[searcher_pb2.ShardStats(**row) for row in stats.shards],
                                              items=stats.items, sequence=stats.applied_sequence,
                                              store_sequence=stats.store_sequence, lag_seconds=stats.lag_seconds)
+
+    @rpc_method
+    def GetShardMap(self, request: searcher_pb2.GetShardMapRequest,
+                    context: grpc.ServicerContext) -> searcher_pb2.GetShardMapResponse:
+        catalogue = self.catalogue
+        groups, placements, locks = catalogue.shard_map()
+        response = searcher_pb2.GetShardMapResponse(group=catalogue.group, sequence=catalogue.applied_seq)
+        for name, target, live in groups:
+            response.groups.add(name=name, target=target, live_replicas=live)
+        for category, placement in sorted(placements.items()):
+            model_id, dimension = locks.get(category, ("", 0))
+            response.placements.add(category=category, group=placement.group, moving_to=placement.moving_to,
+                                    model_id=model_id, dimension=dimension)
+        return response
+
+    @rpc_method
+    def MoveCategory(self, request: searcher_pb2.MoveCategoryRequest,
+                     context: grpc.ServicerContext) -> searcher_pb2.MoveCategoryResponse:
+        placement = self.catalogue.move(_key(request.category, "category"), _key(request.group, "group"))
+        return searcher_pb2.MoveCategoryResponse(placement=searcher_pb2.Placement(
+            category=request.category, group=placement.group, moving_to=placement.moving_to))

@@ -9,6 +9,7 @@ and then as it follows new commits (lookalike.searcher.catalogue).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -54,6 +55,18 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value {integer} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS placements (
+    category TEXT PRIMARY KEY,
+    group_name TEXT NOT NULL,
+    moving_to TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY,
+    group_name TEXT NOT NULL,
+    target TEXT NOT NULL,
+    seen_at DOUBLE PRECISION NOT NULL,
+    serving TEXT NOT NULL
+);
 """
 _CHUNK = 500  # ids per IN (...) list
 
@@ -98,6 +111,28 @@ class LogBatch:
     removals: list[Removal] = field(default_factory=list)
     # Categories whose tombstones were pruned past the reader's position: their shards must be rebuilt.
     pruned: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placement:
+    group: str
+    # The group the category is moving to, while a move is under way; empty otherwise.
+    moving_to: str = ""
+
+
+@dataclass(frozen=True)
+class Replica:
+    id: str
+    group: str
+    target: str
+    seen_at: float
+    # Categories it has built and serves.
+    serving: tuple[str, ...]
+
+
+def rendezvous_owner(key: str, owners: Sequence[str]) -> str:
+    """The owner of `key` by highest-random-weight hashing: stable, and adding an owner moves ~1/n keys."""
+    return max(sorted(owners), key=lambda owner: hashlib.sha256(f"{key}\0{owner}".encode()).digest())
 
 
 @dataclass(frozen=True)
@@ -220,11 +255,12 @@ class Store(ABC):
 
     # -- writes (one transaction each, durable when they return) -----------------------------------
 
-    def upsert(self, items: Sequence[ItemWrite]) -> UpsertOutcome:
+    def upsert(self, items: Sequence[ItemWrite], home_group: str = "default") -> UpsertOutcome:
         """Stores items (replacing by id) unless their shard is locked to another model or dimension.
 
         An item that changes category leaves a tombstone in its old category. A repeated id in one
-        request: the last write wins.
+        request: the last write wins. A new category is placed on a live replica group by rendezvous
+        hashing (on `home_group` when none is live), in the same transaction.
         """
         with self._writing() as conn:
             locks = self._locks(conn)
@@ -253,6 +289,10 @@ class Store(ABC):
             if rows:
                 self._executemany(conn, "INSERT INTO shards (category, model_id, dimension) VALUES (?, ?, ?)",
                                   new_shards)
+                groups = self._live_groups(conn) or [home_group]
+                self._executemany(conn, "INSERT INTO placements (category, group_name) VALUES (?, ?) "
+                                        "ON CONFLICT (category) DO NOTHING",
+                                  [(category, rendezvous_owner(category, groups)) for category, _, _ in new_shards])
                 self._executemany(conn, "INSERT INTO tombstones (seq, id, category, written_at) VALUES (?, ?, ?, ?)",
                                   tombstones)
                 self._executemany(
@@ -295,6 +335,55 @@ class Store(ABC):
             self._run(conn, "DELETE FROM tombstones WHERE category = ? AND seq <= ?", (category, int(row[0])))
             self._run(conn, "UPDATE shards SET pruned_to = ? WHERE category = ? AND pruned_to < ?",
                       (int(row[0]), category, int(row[0])))
+
+    # -- the shard map -----------------------------------------------------------------------------
+
+    # A replica that has not reported for this long is taken as gone.
+    LIVE_SECONDS = 15.0
+
+    def _live_groups(self, conn: Any) -> list[str]:
+        return [g for (g,) in self._run(conn, "SELECT DISTINCT group_name FROM replicas WHERE seen_at > ?",
+                                        (time.time() - self.LIVE_SECONDS,))]
+
+    def placements(self) -> dict[str, Placement]:
+        with self._reading() as conn:
+            return {c: Placement(g, m) for c, g, m in self._run(
+                conn, "SELECT category, group_name, moving_to FROM placements")}
+
+    def live_replicas(self) -> list[Replica]:
+        with self._reading() as conn:
+            return [Replica(i, g, t, float(s), tuple(json.loads(v))) for i, g, t, s, v in self._run(
+                conn, "SELECT id, group_name, target, seen_at, serving FROM replicas WHERE seen_at > ? ORDER BY id",
+                (time.time() - self.LIVE_SECONDS,))]
+
+    def heartbeat(self, replica: Replica) -> None:
+        """Records that a replica is alive, where its group is reached, and what it serves; completes
+        the moves into its group that every live replica of the group now serves."""
+        with self._writing() as conn:
+            self._run(conn, "INSERT INTO replicas (id, group_name, target, seen_at, serving) VALUES (?, ?, ?, ?, ?) "
+                            "ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, target = excluded.target, "
+                            "seen_at = excluded.seen_at, serving = excluded.serving",
+                      (replica.id, replica.group, replica.target, replica.seen_at, json.dumps(list(replica.serving))))
+            # Forget replicas long gone, so the table does not grow with every restart.
+            self._run(conn, "DELETE FROM replicas WHERE seen_at < ?", (time.time() - 100 * self.LIVE_SECONDS,))
+            members = [set(json.loads(v)) for (v,) in self._run(
+                conn, "SELECT serving FROM replicas WHERE group_name = ? AND seen_at > ?",
+                (replica.group, time.time() - self.LIVE_SECONDS))]
+            for (category,) in list(self._run(conn, "SELECT category FROM placements WHERE moving_to = ?",
+                                              (replica.group,))):
+                if members and all(category in serving for serving in members):
+                    self._run(conn, "UPDATE placements SET group_name = ?, moving_to = '' WHERE category = ? "
+                                    "AND moving_to = ?", (replica.group, category, replica.group))
+
+    def move(self, category: str, group: str) -> Placement | None:
+        """Starts moving a category to `group` (None: the category has no placement)."""
+        with self._writing() as conn:
+            row = self._run(conn, "SELECT group_name FROM placements WHERE category = ?", (category,)).fetchone()
+            if row is None:
+                return None
+            moving_to = "" if row[0] == group else group
+            self._run(conn, "UPDATE placements SET moving_to = ? WHERE category = ?", (moving_to, category))
+            return Placement(row[0], moving_to)
 
     def _executemany(self, conn: Any, text: str, rows: list[tuple]) -> None:
         if rows:

@@ -37,30 +37,66 @@ def workloads(objects: list[dict]) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
 
 
+# Overlays with replicated searchers over PostgreSQL (components/replicated-searchers): two replica groups
+# instead of the single `searcher` StatefulSet of the SQLite layout.
+REPLICATED = sorted(o for o in OVERLAYS if o.startswith("replicated"))
+GROUPS = ("a", "b")
+DSN_SECRET = "lookalike-postgres-app"
+# Custom resources kubernetes-validate has no schema for. It only warns about them and exits 0, so they
+# are kept out of the strict validation below (which then tolerates no warning at all, so no built-in
+# kind escapes it) and their essential fields are asserted by test_cnpg_cluster instead.
+CUSTOM_RESOURCES = {("postgresql.cnpg.io/v1", "Cluster")}
+
+
 def test_overlays_exist() -> None:
-    assert {"cpu", "gpu", "dev", "cpu-tls"} <= set(OVERLAYS)
+    assert {"cpu", "gpu", "dev", "cpu-tls", "replicated", "replicated-dev"} <= set(OVERLAYS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_passes_strict_schema_validation(overlay: str, tmp_path: Path) -> None:
+    built_in = [o for o in render(overlay) if (o["apiVersion"], o["kind"]) not in CUSTOM_RESOURCES]
     rendered = tmp_path / f"{overlay}.yaml"
-    rendered.write_text(yaml.safe_dump_all(render(overlay)))
+    rendered.write_text(yaml.safe_dump_all(built_in))
     result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", str(rendered)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    # A kind without a schema is only a warning: fail on it, so every built-in object is validated.
+    assert "Couldn't find schema" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def pod_labels(workload: dict) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def searchers(objects: list[dict]) -> dict[str, dict]:
+    return {n: w for n, w in workloads(objects).items() if pod_labels(w).get("app.kubernetes.io/name") == "searcher"}
+
+
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workload_invariants(overlay: str) -> None:
     objects = render(overlay)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
-    assert {("Deployment", "embedder"), ("StatefulSet", "searcher"), ("HorizontalPodAutoscaler", "embedder"),
-            ("PodDisruptionBudget", "embedder"), ("PodDisruptionBudget", "searcher"), ("Service", "embedder"),
-            ("Service", "searcher"), ("NetworkPolicy", "lookalike-servers"), ("ConfigMap", "embedder"),
-            ("ConfigMap", "searcher")} <= kinds
+    assert {("Deployment", "embedder"), ("HorizontalPodAutoscaler", "embedder"), ("PodDisruptionBudget", "embedder"),
+            ("Service", "embedder"), ("NetworkPolicy", "lookalike-servers"), ("ConfigMap", "embedder")} <= kinds
+    sqlite_searcher = {("StatefulSet", "searcher"), ("PodDisruptionBudget", "searcher"), ("Service", "searcher"),
+                       ("ConfigMap", "searcher")}
+    if overlay in REPLICATED:
+        assert not sqlite_searcher & kinds, "the replicated layout replaces the SQLite searcher entirely"
+        assert set(searchers(objects)) == {f"searcher-{g}" for g in GROUPS}
+    else:
+        assert sqlite_searcher <= kinds
+        assert set(searchers(objects)) == {"searcher"}
+    # Every workload, PostgreSQL's included: pinned images, non-root, locked-down containers with limits.
     for name, workload in workloads(objects).items():
         pod = workload["spec"]["template"]
-        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         assert pod["spec"]["securityContext"]["runAsUser"] != 0
         for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
@@ -69,6 +105,12 @@ def test_workload_invariants(overlay: str) -> None:
             assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
             assert security["capabilities"]["drop"] == ["ALL"]
             assert container["resources"]["requests"] and container["resources"]["limits"]
+    # Our gRPC servers: metrics, native grpc probes.
+    servers = {n: w for n, w in workloads(objects).items() if pod_labels(w).get("lookalike.io/role") == "server"}
+    assert set(servers) == {"embedder"} | set(searchers(objects))
+    for name, workload in servers.items():
+        pod = workload["spec"]["template"]
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         server = pod["spec"]["containers"][0]
         ports = {p["containerPort"] for p in server["ports"]}
         grpc_port = 50051 if name == "embedder" else 50052
@@ -77,15 +119,127 @@ def test_workload_invariants(overlay: str) -> None:
             assert "grpc" in server[probe], f"{name} {probe} must be a native grpc probe"
             port = server[probe]["grpc"]["port"]
             assert port == grpc_port or (overlay.endswith("tls") and port == grpc_port + 10)
-    searcher = workloads(objects)["searcher"]
-    assert searcher["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
-    mounts = {m["name"]: m["mountPath"] for m in searcher["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
-    assert mounts["data"] == "/data"
-    startup = searcher["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "long index loads must not be killed"
-    assert searcher["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60, "time to snapshot"
-    headless = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "searcher")
-    assert headless["spec"]["clusterIP"] == "None" and searcher["spec"]["serviceName"] == "searcher"
+        assert server["readinessProbe"]["grpc"]["service"] == ("lookalike.v1.Embedder" if name == "embedder"
+                                                                 else "lookalike.v1.Searcher")
+    for name, searcher in searchers(objects).items():
+        assert searcher["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        container = searcher["spec"]["template"]["spec"]["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["data"] == "/data"
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "long index loads must not be killed"
+        assert searcher["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60, "time to snapshot"
+        headless = named(objects, "Service", searcher["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
+
+
+@pytest.mark.parametrize("overlay", REPLICATED)
+def test_replicated_searcher_groups(overlay: str) -> None:
+    objects = render(overlay)
+    groups = searchers(objects)
+    all_pods = {n: pod_labels(w) for n, w in workloads(objects).items()}
+
+    def selected_by(selector: dict[str, str]) -> set[str]:
+        return {n for n, labels in all_pods.items() if selects(selector, labels)}
+
+    for group in GROUPS:
+        name = f"searcher-{group}"
+        statefulset = groups[name]
+        assert statefulset["spec"]["replicas"] >= 2, "a group survives the loss of one replica"
+        assert pod_labels(statefulset)["lookalike.io/searcher-group"] == group
+        assert selected_by(statefulset["spec"]["selector"]["matchLabels"]) == {name}
+        container = statefulset["spec"]["template"]["spec"]["containers"][0]
+        env = container["env"]
+        values = {e["name"]: e for e in env}
+        # The DSN holds a password: only ever from the Secret, and required (an empty one means SQLite).
+        store = values["LOOKALIKE_SEARCHER_STORE"]
+        assert "value" not in store
+        assert store["valueFrom"]["secretKeyRef"]["name"] == DSN_SECRET
+        assert store["valueFrom"]["secretKeyRef"]["key"] == "uri"
+        assert store["valueFrom"]["secretKeyRef"].get("optional", False) is False
+        assert "postgresql://" not in yaml.safe_dump(statefulset)
+        assert values["LOOKALIKE_SEARCHER_GROUP"]["value"] == group
+        # ADVERTISE names this group's headless Service, in the pod's own namespace.
+        advertise = re.fullmatch(r"dns:///([^.]+)\.([^.]+)\.svc\.cluster\.local:50052",
+                                 values["LOOKALIKE_SEARCHER_ADVERTISE"]["value"])
+        assert advertise, values["LOOKALIKE_SEARCHER_ADVERTISE"]
+        assert advertise[1] == statefulset["spec"]["serviceName"] == name
+        if advertise[2] == "$(POD_NAMESPACE)":
+            # Kubernetes expands $(VAR) only from variables defined earlier in the list.
+            names = [e["name"] for e in env]
+            assert names.index("POD_NAMESPACE") < names.index("LOOKALIKE_SEARCHER_ADVERTISE")
+            assert values["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        else:
+            assert advertise[2] == statefulset["metadata"]["namespace"]
+        # Its headless Service and its PDB select exactly its own pods.
+        service = named(objects, "Service", name)
+        assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is False
+        assert selected_by(service["spec"]["selector"]) == {name}
+        budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"
+                   and selected_by(o["spec"]["selector"]["matchLabels"]) & {name}]
+        assert len(budgets) == 1 and budgets[0]["metadata"]["name"] == name, budgets
+        assert selected_by(budgets[0]["spec"]["selector"]["matchLabels"]) == {name}
+        assert budgets[0]["spec"]["maxUnavailable"] == 1, "a drain keeps the other replica serving"
+        # The group's replicas are spread over nodes (a single-node dev cluster may only prefer it).
+        spread = [c for c in statefulset["spec"]["template"]["spec"]["topologySpreadConstraints"]
+                  if c["topologyKey"] == "kubernetes.io/hostname"]
+        assert len(spread) == 1 and selected_by(spread[0]["labelSelector"]["matchLabels"]) == {name}
+        expected = "ScheduleAnyway" if overlay.endswith("-dev") else "DoNotSchedule"
+        assert spread[0]["whenUnsatisfiable"] == expected and spread[0]["maxSkew"] == 1
+    # No ConfigMap carries a DSN or the store setting.
+    for config in (o for o in objects if o["kind"] == "ConfigMap"):
+        assert "postgresql://" not in yaml.safe_dump(config)
+        assert "LOOKALIKE_SEARCHER_STORE" not in config.get("data", {})
+    # The base policy restricts ingress only; if a policy ever restricts the searchers' egress, it must
+    # let them reach PostgreSQL.
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        if "Egress" in policy["spec"].get("policyTypes", []) and selected_by(policy["spec"]["podSelector"].get(
+                "matchLabels", {})) & set(groups):
+            ports = {p.get("port") for rule in policy["spec"].get("egress", []) for p in rule.get("ports", [])}
+            assert 5432 in ports, "searchers must reach PostgreSQL on 5432"
+
+
+def test_cnpg_cluster() -> None:
+    objects = render("replicated")
+    clusters = [o for o in objects if (o["apiVersion"], o["kind"]) == ("postgresql.cnpg.io/v1", "Cluster")]
+    assert len(clusters) == 1
+    cluster = clusters[0]
+    spec = cluster["spec"]
+    assert cluster["metadata"]["name"] == "lookalike-postgres"
+    assert cluster["metadata"]["namespace"] == named(objects, "StatefulSet", "searcher-a")["metadata"]["namespace"]
+    assert spec["instances"] == 3
+    image = spec["imageName"]
+    assert image.startswith("ghcr.io/cloudnative-pg/postgresql:") and re.fullmatch(r".*:\d+\.\d+.*", image), image
+    assert re.fullmatch(r"\d+(\.\d+)?[MGT]i", spec["storage"]["size"])
+    assert spec["bootstrap"]["initdb"] == {"database": "lookalike", "owner": "lookalike"}
+    assert spec.get("enablePDB", True) is True
+    assert spec["resources"]["requests"] and spec["resources"]["limits"]
+    # The operator writes lookalike-postgres-app (named after the cluster) itself; a rendered one would fight it.
+    assert DSN_SECRET == f"{cluster['metadata']['name']}-app"
+    assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+def test_dev_postgres_matches_the_searchers_dsn() -> None:
+    from urllib.parse import urlsplit
+
+    objects = render("replicated-dev")
+    secret = named(objects, "Secret", DSN_SECRET)["stringData"]
+    dsn = urlsplit(secret["uri"])
+    assert (dsn.scheme, dsn.hostname, dsn.port, dsn.path) == ("postgresql", "lookalike-postgres-rw", 5432,
+                                                              "/" + secret["POSTGRES_DB"])
+    assert (dsn.username, dsn.password) == (secret["POSTGRES_USER"], secret["POSTGRES_PASSWORD"])
+    postgres = named(objects, "StatefulSet", "lookalike-postgres")
+    assert postgres["spec"]["replicas"] == 1 and postgres["spec"]["volumeClaimTemplates"]
+    service = named(objects, "Service", "lookalike-postgres-rw")
+    assert service["spec"]["ports"][0]["port"] == 5432
+    assert selects(service["spec"]["selector"], pod_labels(postgres))
+    assert not selects(service["spec"]["selector"], pod_labels(searchers(objects)["searcher-a"]))
+    container = postgres["spec"]["template"]["spec"]["containers"][0]
+    assert re.fullmatch(r"postgres:\d+\.\d+.*", container["image"]), container["image"]
+    assert container["readinessProbe"]["exec"]["command"][0] == "pg_isready"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert env[key] == {"name": DSN_SECRET, "key": key}
 
 
 def test_gpu_overlay_requests_a_gpu_and_the_gpu_image() -> None:

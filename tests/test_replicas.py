@@ -20,12 +20,14 @@ import grpc
 import numpy as np
 import pytest
 
-from lookalike.client.connection import ChannelSettings
+from lookalike.client.connection import ChannelSettings, LookalikeError, UnavailableError, call_with_retries
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
+from lookalike.client.shard_map import ShardMapClient
 from lookalike.codec import pack_vector
+from lookalike.routing import Routing
 from lookalike.tools.processes import running_service
 from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
-from tests.test_searcher_durability import CATEGORIES, DIM, MODEL, State, check_state, random_vector
+from tests.test_searcher_durability import CATEGORIES, DIM, MODEL, State, check_state, listing, random_vector
 
 
 def free_port() -> int:
@@ -106,13 +108,64 @@ def test_concurrent_writers_through_different_replicas_end_in_the_acknowledged_s
             check_state(stub, expected, {})
 
 
-@pytest.mark.timeout(300)
-def test_sigkill_one_replica_at_a_time_no_failed_search_no_lost_write(fresh_database: str, tmp_path: Path) -> None:
-    """Searches and writes go through one round-robin channel over two replicas while one of them is
-    SIGKILLed at a random moment and restarted, for several rounds. The client's retry on UNAVAILABLE
-    moves a call to the other replica within its deadline (without it, about 1 in 500 searches failed)."""
-    ports = [free_port(), free_port()]
-    settings = ChannelSettings(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", timeout=15.0)
+class MapStub:
+    """The Search of a stub, through the shard-map client: check_state then sees every group's shards."""
+
+    def __init__(self, client: ShardMapClient) -> None:
+        self.client = client
+
+    def Search(self, request: pb.SearchRequest, timeout: float) -> pb.SearchResponse:  # noqa: N802 - a stub's name
+        return self.client.search(np.frombuffer(request.vector.values, "<f4"), request.model_id, request.k,
+                                  request.routing, request.ef, timeout)
+
+
+class Groups:
+    """Replica groups of real searcher processes on fixed ports (so a killed replica comes back where its
+    group's target says), sharing one PostgreSQL database."""
+
+    def __init__(self, dsn: str, root: Path, groups: dict[str, int], *extra: str) -> None:
+        self.dsn, self.root, self.extra = dsn, root, extra
+        self.ports = {name: [free_port() for _ in range(count)] for name, count in groups.items()}
+        self.processes: dict[tuple[str, int], tuple[ExitStack, subprocess.Popen]] = {}
+        for name, ports in self.ports.items():
+            for index in range(len(ports)):
+                self.start(name, index)
+
+    def target(self, name: str) -> str:
+        return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in self.ports[name])
+
+    @property
+    def seed(self) -> str:
+        return "ipv4:" + ",".join(f"127.0.0.1:{port}" for ports in self.ports.values() for port in ports)
+
+    def start(self, name: str, index: int) -> None:
+        stack = ExitStack()
+        process, _ = stack.enter_context(running_service("lookalike.searcher", replica_args(
+            self.root / f"{name}{index}", self.dsn, "--group", name, "--advertise", self.target(name),
+            "--move-grace", "1", *self.extra), address=f"127.0.0.1:{self.ports[name][index]}"))
+        self.processes[(name, index)] = (stack, process)
+
+    def kill(self, name: str, index: int) -> None:
+        stack, process = self.processes.pop((name, index))
+        os.kill(process.pid, signal.SIGKILL)
+        stack.close()
+
+    def stubs(self) -> list[searcher_pb2_grpc.SearcherStub]:
+        return [searcher_pb2_grpc.SearcherStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                for ports in self.ports.values() for port in ports]
+
+    def close(self) -> None:
+        for stack, _ in self.processes.values():
+            stack.close()
+
+
+@pytest.mark.timeout(400)
+def test_sigkill_one_replica_of_each_group_no_failed_search_no_lost_write(fresh_database: str, tmp_path: Path) -> None:
+    """Two groups of two replicas; searches and writes through the shard-map client while one replica of
+    each group is SIGKILLed at a random moment and restarted, for several rounds. The client's retry on
+    UNAVAILABLE moves a call to the group's other replica within its deadline (without the retry, about
+    1 in 500 searches failed)."""
+    groups = Groups(fresh_database, tmp_path, {"a": 2, "b": 2}, "--snapshot-interval", "0.5")
     rng, pick = np.random.default_rng(11), random.Random(11)
     ids = [f"sku-{n}" for n in range(200)]
     acked: dict[str, State] = {}
@@ -121,15 +174,7 @@ def test_sigkill_one_replica_at_a_time_no_failed_search_no_lost_write(fresh_data
     failed_searches: list[Exception] = []
     failed_writes: list[Exception] = []
     probe = random_vector(rng)
-
-    def start(index: int) -> tuple[ExitStack, subprocess.Popen]:
-        stack = ExitStack()
-        process, _ = stack.enter_context(running_service("lookalike.searcher", replica_args(
-            tmp_path / f"r{index}", fresh_database, "--snapshot-interval", "0.5"), address=f"127.0.0.1:{ports[index]}"))
-        return stack, process
-
-    replicas = [start(0), start(1)]
-    client = SearcherClient(settings)
+    client = ShardMapClient(ChannelSettings(groups.seed, timeout=15.0), strict=True, refresh_seconds=1.0)
     stop = threading.Event()
 
     def search_forever() -> None:
@@ -171,25 +216,33 @@ def test_sigkill_one_replica_at_a_time_no_failed_search_no_lost_write(fresh_data
     for worker in workers:
         worker.start()
     try:
-        for round_number in range(6):
+        for round_number in range(4):
             time.sleep(pick.uniform(0.5, 1.5))
-            victim = round_number % 2
-            stack, process = replicas[victim]
-            os.kill(process.pid, signal.SIGKILL)
-            time.sleep(pick.uniform(0.1, 0.8))
-            stack.close()
-            replicas[victim] = start(victim)
+            victims = [("a", pick.randrange(2)), ("b", pick.randrange(2))]
+            for victim in victims:
+                groups.kill(*victim)
+                time.sleep(pick.uniform(0.0, 0.4))
+            time.sleep(pick.uniform(0.1, 0.6))
+            for victim in victims:
+                groups.start(*victim)
     finally:
         stop.set()
         for worker in workers:
             worker.join(30)
-    stubs = [searcher_pb2_grpc.SearcherStub(grpc.insecure_channel(f"127.0.0.1:{port}")) for port in ports]
+    stubs = groups.stubs()
     wait_converged(stubs)
-    final = [check_state(stub, acked, uncertain) for stub in stubs]
-    assert final[0] == final[1], "the replicas disagree"
+    # Every replica serves exactly its group's categories; together they hold the acknowledged state.
+    placements = {p.category: p.group for p in stubs[0].GetShardMap(pb.GetShardMapRequest(), timeout=10).placements}
+    assert set(placements.values()) == {"a", "b"}, "both groups got categories"
+    for stub, group in zip(stubs, ["a", "a", "b", "b"]):
+        assert {s.category for s in stub.GetStats(pb.GetStatsRequest(), timeout=10).shards} == {
+            c for c, g in placements.items() if g == group}
+    final = check_state(MapStub(client), acked, uncertain)
+    for stub, group in zip(stubs, ["a", "a", "b", "b"]):
+        mine = {c for c, g in placements.items() if g == group}
+        assert listing(stub, sorted(mine)) == {i: s[0] for i, s in final.items() if s is not None and s[0] in mine}
     client.close()
-    for stack, _ in replicas:
-        stack.close()
+    groups.close()
     assert not failed_searches, f"{len(failed_searches)} of {searches} searches failed: {failed_searches[:3]}"
     assert not failed_writes, f"{len(failed_writes)} writes failed: {failed_writes[:3]}"
     assert searches > 100 and acknowledged_writes > 50
@@ -261,3 +314,107 @@ def test_a_malformed_store_is_refused(tmp_path: Path) -> None:
                              "127.0.0.1:0", "--store", "mysql://db/shop"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "store 'mysql://db/shop': expected a postgresql:// DSN" in result.stderr
+
+
+@pytest.fixture()
+def two_groups(fresh_database: str, tmp_path: Path):
+    """Groups a (2 replicas) and b (1) holding 1,500 items in 5 categories, and one SQLite searcher
+    holding the same items: the reference every grouped answer must equal."""
+    rng = np.random.default_rng(21)
+    items = [CatalogueItem(f"sku-{n}", CATEGORIES[n % len(CATEGORIES)], random_vector(rng), MODEL, {"n": str(n)})
+             for n in range(1500)]
+    groups = Groups(fresh_database, tmp_path, {"a": 2, "b": 1})
+    with ExitStack() as stack:
+        stack.callback(groups.close)
+        port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path / "single")]))[1]
+        single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
+        client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=0.5))
+        for start in range(0, len(items), 500):
+            assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
+            assert all(s.code == 0 for s in single.upsert(items[start:start + 500]).statuses)
+        wait_converged(groups.stubs())
+        yield groups, client, single, rng
+
+
+def answers(client, queries: list[np.ndarray]) -> list:
+    routings = [Routing.all_shards(), Routing.explicit(["bags", "hats", "nope"]),
+                Routing.by_probability([("bags", 0.5), ("coats", 0.3), ("hats", 0.2)], prior_weight=0.05)]
+    result = []
+    for query in queries:
+        for routing in routings:
+            response = client.search(query, MODEL, k=10, routing=routing.to_message(), ef=600)
+            result.append(([(h.id, h.category, round(h.score, 4)) for h in response.hits],
+                           sorted(p.category for p in response.probes), list(response.unknown_categories)))
+    return result
+
+
+def test_groups_found_through_the_shard_map_answer_like_one_searcher(two_groups) -> None:
+    groups, client, single, rng = two_groups
+    shard_map = client.shard_map(refresh=True)
+    assert {(g.name, g.target, g.live_replicas) for g in shard_map.groups} == {
+        ("a", groups.target("a"), 2), ("b", groups.target("b"), 1)}
+    assert {p.category for p in shard_map.placements} == set(CATEGORIES)
+    assert {p.group for p in shard_map.placements} == {"a", "b"}, "rendezvous hashing used both groups"
+    assert all(p.model_id == MODEL and p.dimension == DIM for p in shard_map.placements)
+    queries = [random_vector(rng) for _ in range(10)]
+    assert answers(client, queries) == answers(single, queries)
+    assert client.stats().items == single.stats().items == 1500
+
+
+def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_groups) -> None:
+    groups, client, _, rng = two_groups
+    placed_on_b = sorted(c for c, g in client.placements.items() if g == "b")
+    groups.kill("b", 0)
+    query = random_vector(rng)
+    response = client.search(query, MODEL, k=10, timeout=3)
+    assert sorted(response.missing_shards) == placed_on_b
+    assert response.hits and all(h.category not in placed_on_b for h in response.hits)
+    strict = ShardMapClient(groups.seed, strict=True)
+    with pytest.raises(UnavailableError):
+        strict.search(query, MODEL, k=10, timeout=3)
+    # Writes still succeed while any searcher is up, also for b's categories (the store is shared).
+    item = CatalogueItem("while-b-is-down", placed_on_b[0], query, MODEL)
+    assert client.upsert([item]).statuses[0].code == 0
+    strict.close()
+    groups.start("b", 0)
+    wait_converged(groups.stubs())
+    assert client.search(query, MODEL, k=1, routing=Routing.explicit([placed_on_b[0]]).to_message()).hits[0].id == item.id
+
+
+def test_moving_a_category_between_groups_keeps_every_answer(two_groups) -> None:
+    groups, client, single, rng = two_groups
+    queries = [random_vector(rng) for _ in range(6)]
+    before = answers(client, queries)
+    category, source = next((c, g) for c, g in sorted(client.placements.items()) if g == "a")
+    response = client.move(category, "b")
+    assert (response.placement.group, response.placement.moving_to) == ("a", "b")
+    deadline = time.monotonic() + 30
+    while {p.category: p.group for p in client.shard_map(refresh=True).placements}[category] != "b":
+        assert time.monotonic() < deadline, "the move did not complete"
+        # Meanwhile searches keep working and answer the same.
+        assert answers(client, queries[:1]) == before[:3]
+        time.sleep(0.2)
+    assert answers(client, queries) == before == answers(single, queries)
+    # The old group drops the category after the grace period; b's replica serves it.
+    stubs = groups.stubs()
+    deadline = time.monotonic() + 15
+    while any(category in {s.category for s in stub.GetStats(pb.GetStatsRequest(), timeout=5).shards}
+              for stub in stubs[:2]):
+        assert time.monotonic() < deadline, "group a kept the moved category"
+        time.sleep(0.2)
+    assert category in {s.category for s in stubs[2].GetStats(pb.GetStatsRequest(), timeout=5).shards}
+    assert answers(client, queries) == before
+
+
+def test_move_category_refuses_what_it_cannot_do(two_groups, tmp_path: Path) -> None:
+    _, client, single, _ = two_groups
+    for category, group, code in (("nope", "b", grpc.StatusCode.NOT_FOUND), ("bags", "z", grpc.StatusCode.NOT_FOUND),
+                                  ("", "b", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(LookalikeError) as refused:
+            client.move(category, group)
+        assert refused.value.code == code
+    with pytest.raises(LookalikeError) as refused:
+        call_with_retries(single.stub.MoveCategory, pb.MoveCategoryRequest(category="bags", group="b"),
+                          single.settings, 5)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "SQLite" in refused.value.details
+    assert client.search(random_vector(np.random.default_rng(0)), MODEL, k=3).hits, "still serving"

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 import numpy as np
@@ -29,11 +30,11 @@ def random_vector(rng: np.random.Generator) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def listing(stub: searcher_pb2_grpc.SearcherStub) -> dict[str, str]:
+def listing(stub: searcher_pb2_grpc.SearcherStub, categories: Sequence[str] = CATEGORIES) -> dict[str, str]:
     """id -> category of every stored item (k above every shard's size makes hnswlib visit all of it)."""
     found: dict[str, str] = {}
     probe = pack_vector(np.ones(DIM, np.float32))
-    for category in CATEGORIES:
+    for category in categories:
         response = stub.Search(pb.SearchRequest(vector=probe, model_id=MODEL, k=1000,
                                                 routing=pb.Routing(explicit=pb.ExplicitRouting(categories=[category]))),
                                timeout=30)

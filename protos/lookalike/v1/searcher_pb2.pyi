@@ -142,14 +142,16 @@ class ShardProbe(_message.Message):
     def __init__(self, category: _Optional[str] = ..., probability: _Optional[float] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., items: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "probes", "unknown_categories")
+    __slots__ = ("hits", "probes", "unknown_categories", "missing_shards")
     HITS_FIELD_NUMBER: _ClassVar[int]
     PROBES_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     probes: _containers.RepeatedCompositeFieldContainer[ShardProbe]
     unknown_categories: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[ShardProbe, _Mapping]]] = ..., unknown_categories: _Optional[_Iterable[str]] = ...) -> None: ...
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[ShardProbe, _Mapping]]] = ..., unknown_categories: _Optional[_Iterable[str]] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
@@ -190,3 +192,57 @@ class GetStatsResponse(_message.Message):
     store_sequence: int
     lag_seconds: float
     def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ..., store_sequence: _Optional[int] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
+
+class GetShardMapRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaGroup(_message.Message):
+    __slots__ = ("name", "target", "live_replicas")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LIVE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target: str
+    live_replicas: int
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., live_replicas: _Optional[int] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("category", "group", "moving_to", "model_id", "dimension")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MOVING_TO_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    group: str
+    moving_to: str
+    model_id: str
+    dimension: int
+    def __init__(self, category: _Optional[str] = ..., group: _Optional[str] = ..., moving_to: _Optional[str] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ...) -> None: ...
+
+class GetShardMapResponse(_message.Message):
+    __slots__ = ("groups", "placements", "group", "sequence")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[ReplicaGroup]
+    placements: _containers.RepeatedCompositeFieldContainer[Placement]
+    group: str
+    sequence: int
+    def __init__(self, groups: _Optional[_Iterable[_Union[ReplicaGroup, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., group: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class MoveCategoryRequest(_message.Message):
+    __slots__ = ("category", "group")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    group: str
+    def __init__(self, category: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class MoveCategoryResponse(_message.Message):
+    __slots__ = ("placement",)
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    placement: Placement
+    def __init__(self, placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...

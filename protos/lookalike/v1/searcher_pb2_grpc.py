@@ -55,6 +55,16 @@ class SearcherStub:
                 request_serializer=lookalike_dot_v1_dot_searcher__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=lookalike_dot_v1_dot_searcher__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.GetShardMap = channel.unary_unary(
+                '/lookalike.v1.Searcher/GetShardMap',
+                request_serializer=lookalike_dot_v1_dot_searcher__pb2.GetShardMapRequest.SerializeToString,
+                response_deserializer=lookalike_dot_v1_dot_searcher__pb2.GetShardMapResponse.FromString,
+                _registered_method=True)
+        self.MoveCategory = channel.unary_unary(
+                '/lookalike.v1.Searcher/MoveCategory',
+                request_serializer=lookalike_dot_v1_dot_searcher__pb2.MoveCategoryRequest.SerializeToString,
+                response_deserializer=lookalike_dot_v1_dot_searcher__pb2.MoveCategoryResponse.FromString,
+                _registered_method=True)
 
 
 class SearcherServicer:
@@ -120,6 +130,36 @@ class SearcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetShardMap(self, request, context):
+        """Which replica group serves which category, and how to reach each group: what clients read to
+        route searches and writes when the searchers share a PostgreSQL store. A single searcher over
+        SQLite answers with one group, "default", that serves every category.
+
+        Status codes:
+        OK                  always (once loaded).
+        UNAVAILABLE         still loading, or the store is unreachable; retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveCategory(self, request, context):
+        """Moves a category to another replica group without re-embedding: the new group's replicas build
+        the category from the store, the map switches once every live replica of the new group serves
+        it, and the old group drops it a grace period later (clients holding the old map still find it).
+
+        Status codes:
+        OK                  the move is recorded (or the category is already there); GetShardMap
+        shows its progress (moving_to) and its end.
+        INVALID_ARGUMENT    empty category or group.
+        NOT_FOUND           the category has no shard, or no live replica belongs to the group.
+        FAILED_PRECONDITION the store is not shared (SQLite): there are no groups to move between.
+        UNAVAILABLE         still loading, or the store is unreachable; retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +182,16 @@ def add_SearcherServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=lookalike_dot_v1_dot_searcher__pb2.GetStatsRequest.FromString,
                     response_serializer=lookalike_dot_v1_dot_searcher__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'GetShardMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShardMap,
+                    request_deserializer=lookalike_dot_v1_dot_searcher__pb2.GetShardMapRequest.FromString,
+                    response_serializer=lookalike_dot_v1_dot_searcher__pb2.GetShardMapResponse.SerializeToString,
+            ),
+            'MoveCategory': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveCategory,
+                    request_deserializer=lookalike_dot_v1_dot_searcher__pb2.MoveCategoryRequest.FromString,
+                    response_serializer=lookalike_dot_v1_dot_searcher__pb2.MoveCategoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -253,6 +303,60 @@ class Searcher:
             '/lookalike.v1.Searcher/GetStats',
             lookalike_dot_v1_dot_searcher__pb2.GetStatsRequest.SerializeToString,
             lookalike_dot_v1_dot_searcher__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShardMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Searcher/GetShardMap',
+            lookalike_dot_v1_dot_searcher__pb2.GetShardMapRequest.SerializeToString,
+            lookalike_dot_v1_dot_searcher__pb2.GetShardMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveCategory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Searcher/MoveCategory',
+            lookalike_dot_v1_dot_searcher__pb2.MoveCategoryRequest.SerializeToString,
+            lookalike_dot_v1_dot_searcher__pb2.MoveCategoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

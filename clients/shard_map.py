@@ -1,0 +1,179 @@
+"""Replica groups as one searcher, found through the searchers' own shard map (no hard-coded pod list).
+
+Searchers that share a PostgreSQL store run in replica groups; each category is placed on one group, and
+every searcher answers GetShardMap: the groups, the target each advertises (a headless Service per group
+in Kubernetes), and the placements. This client reads the map from a seed target, keeps one round-robin
+channel per group (a call that meets a dead replica is retried on another one within its deadline), plans
+each search with the searcher's routing rule over the mapped categories, asks each group for its part in
+parallel and merges. A group whose every replica stays unreachable is left out and named in
+missing_shards, unless the client is strict. Writes go to the group serving the item's category (so that
+group serves them at once), and to any other group when it is down: the store is shared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+
+from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError, call_with_retries
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient
+from lookalike.client.sharded import search_owners
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, plan
+from lookalike.v1 import common_pb2, searcher_pb2
+
+log = logging.getLogger(__name__)
+
+Response = TypeVar("Response")
+
+
+class ShardMapClient:
+    """SearcherClient's API over the replica groups a shard map describes. Use as a context manager."""
+
+    def __init__(self, seed: str | ChannelSettings, *, threshold: float = DEFAULT_THRESHOLD,
+                 max_shards: int = DEFAULT_MAX_SHARDS, strict: bool = False, refresh_seconds: float = 10.0) -> None:
+        """`seed` reaches any searcher (one group's target, or a Service over all of them). `strict`
+        makes a search fail when a group is unreachable instead of answering without its shards."""
+        self.settings = seed if isinstance(seed, ChannelSettings) else ChannelSettings(seed)
+        self.seed = SearcherClient(self.settings)
+        self.threshold, self.max_shards, self.strict = threshold, max_shards, strict
+        self.refresh_seconds = refresh_seconds
+        self.groups: dict[str, SearcherClient] = {}
+        self.placements: dict[str, str] = {}
+        self._map: searcher_pb2.GetShardMapResponse | None = None
+        self._fetched_at = float("-inf")
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="groups")
+
+    # -- the map -----------------------------------------------------------------------------------
+
+    def shard_map(self, refresh: bool = False, timeout: float | None = None) -> searcher_pb2.GetShardMapResponse:
+        """The map (cached for refresh_seconds). When no searcher answers, the last map is kept."""
+        with self._lock:
+            if self._map is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
+                return self._map
+            error: Exception | None = None
+            for client in [self.seed, *self.groups.values()]:
+                try:
+                    response = call_with_retries(client.stub.GetShardMap, searcher_pb2.GetShardMapRequest(),
+                                                 client.settings, timeout, "Searcher.GetShardMap")
+                    break
+                except (UnavailableError, DeadlineExceededError) as failure:
+                    error = failure
+            else:
+                if self._map is None:
+                    raise error  # type: ignore[misc]
+                log.warning("no searcher answered GetShardMap (%s); keeping the map from %.0fs ago", error,
+                            time.monotonic() - self._fetched_at)
+                return self._map
+            for group in response.groups:
+                if group.name not in self.groups:
+                    target = group.target or self.settings.target
+                    self.groups[group.name] = SearcherClient(dataclasses.replace(self.settings, target=target))
+            self.placements = {p.category: p.group for p in response.placements}
+            self._map, self._fetched_at = response, time.monotonic()
+            return response
+
+    def categories(self) -> set[str]:
+        self.shard_map()
+        return set(self.placements)
+
+    def _group(self, category: str) -> SearcherClient:
+        name = self.placements.get(category)
+        return self.groups.get(name, self.seed) if name is not None else self.seed
+
+    def _with_fallback(self, first: SearcherClient, call: Callable[[SearcherClient], Response]) -> Response:
+        """`call` on `first`, then on the other groups while they are unreachable (the store is shared)."""
+        candidates = [first] + [c for c in [self.seed, *self.groups.values()] if c is not first]
+        for client in candidates:
+            try:
+                return call(client)
+            except UnavailableError as error:
+                log.warning("searcher group at %s unavailable (%s); trying another", client.settings.target, error)
+                last = error
+        raise last
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
+        """Each item through the group that serves its category (a new category: any group)."""
+        self.shard_map()
+        positions: dict[int, list[int]] = defaultdict(list)
+        owners: dict[int, SearcherClient] = {}
+        for position, item in enumerate(items):
+            owner = self._group(item.category)
+            owners[id(owner)] = owner
+            positions[id(owner)].append(position)
+        futures = {key: self._pool.submit(self._with_fallback, owners[key], lambda c, members=members: c.upsert(
+            [items[i] for i in members], timeout)) for key, members in positions.items()}
+        statuses: list[common_pb2.ItemStatus] = [common_pb2.ItemStatus()] * len(items)
+        sequence = 0
+        for key, future in futures.items():
+            response = future.result()
+            sequence = max(sequence, response.sequence)
+            for position, status in zip(positions[key], response.statuses):
+                statuses[position] = status
+        if any(item.category not in self.placements for item in items):
+            self.shard_map(refresh=True)  # new categories were just placed
+        return searcher_pb2.UpsertResponse(statuses=statuses, sequence=sequence)
+
+    def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
+        """Through any group: the store knows each id's category, and every group follows it."""
+        return self._with_fallback(self.seed, lambda client: client.delete(ids, timeout))
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
+               ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
+        for attempt in range(2):
+            self.shard_map()
+            routed = plan(Routing.from_message(routing), self.placements, self.threshold, self.max_shards)
+            owned: dict[str, list[str]] = defaultdict(list)
+            for category in routed.categories:
+                owned[self.placements[category]].append(category)
+            response = search_owners(routed, owned, lambda group, part: self.groups[group].search(
+                vector, model_id, k, part.to_message(), ef, timeout), k, self._pool, self.strict)
+            unanswered = set(routed.categories) - {p.category for p in response.probes} - set(response.missing_shards)
+            if not unanswered or attempt:
+                return response
+            # A group no longer serves a category the map placed on it: it moved. Read the map again.
+            log.info("categories %s moved since the map was read; refreshing it", sorted(unanswered))
+            self.shard_map(refresh=True)
+        raise AssertionError("unreachable")
+
+    def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
+        """Every group's shards that the map places on it, summed; sequence is the lowest any group applied."""
+        self.shard_map()
+        names = sorted(self.groups)
+        futures = [self._pool.submit(self.groups[name].stats, timeout) for name in names]
+        merged = searcher_pb2.GetStatsResponse()
+        responses = [future.result() for future in futures]
+        for name, response in zip(names, responses):
+            merged.shards.extend(s for s in response.shards if self.placements.get(s.category) == name)
+        merged.shards.sort(key=lambda s: s.category)
+        merged.items = sum(s.items for s in merged.shards)
+        merged.sequence = min(r.sequence for r in responses)
+        merged.store_sequence = max(r.store_sequence for r in responses)
+        merged.lag_seconds = max(r.lag_seconds for r in responses)
+        return merged
+
+    def move(self, category: str, group: str, timeout: float | None = None) -> searcher_pb2.MoveCategoryResponse:
+        """Starts moving a category to another group (see the MoveCategory RPC)."""
+        return call_with_retries(self.seed.stub.MoveCategory, searcher_pb2.MoveCategoryRequest(
+            category=category, group=group), self.settings, timeout, "Searcher.MoveCategory")
+
+    def close(self) -> None:
+        for client in [self.seed, *self.groups.values()]:
+            client.close()
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> "ShardMapClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
