@@ -34,7 +34,7 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
-# PostgreSQL from Debian (bookworm ships 15), so tests can start a real throwaway server (tests/postgres.py).
+# PostgreSQL from Debian (bookworm ships 15), so tests and benchmarks can start a real throwaway server (tools/postgres.py).
 # The package may also create and start a default cluster; the tests never use it.
 $(POSTGRES_BIN)/initdb:
 	@if [ "$$(id -u)" = 0 ]; then \

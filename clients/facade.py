@@ -12,6 +12,7 @@ from typing import Mapping, Sequence, Union
 from lookalike.client.connection import ChannelSettings, library_error
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient
 from lookalike.v1 import searcher_pb2
 
@@ -51,6 +52,9 @@ class SearchResult:
     unknown_categories: list[str]
     embed_seconds: float
     search_seconds: float
+    # Shards that could not be searched (every replica of their group unreachable): the matches are
+    # then what the other groups found.
+    missing_shards: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -105,20 +109,28 @@ def search_result(embedded: EmbeddedImage, response: searcher_pb2.SearchResponse
         categories=embedded.categories,
         probes=[ProbedShard(p.category, p.probability, p.ef, p.items, p.seconds) for p in response.probes],
         unknown_categories=list(response.unknown_categories),
-        embed_seconds=embed_seconds, search_seconds=search_seconds)
+        embed_seconds=embed_seconds, search_seconds=search_seconds, missing_shards=list(response.missing_shards))
 
 
 class Lookalike:
     """Sync facade over an embedder and a searcher. Use as a context manager to close both channels."""
 
     def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings | Sequence[str],
-                 *, threshold: float = 0.0, max_shards: int = 0, prior_weight: float = 0.0) -> None:
-        """`searcher` is one address, or a list of searcher pods in StatefulSet ordinal order (sharded by
-        category, see lookalike.client.sharded). threshold / max_shards 0 take the searcher's defaults;
-        prior_weight 0 merges by cosine alone."""
+                 *, threshold: float = 0.0, max_shards: int = 0, prior_weight: float = 0.0,
+                 shard_map: bool = False) -> None:
+        """`searcher` is one target (one searcher, or replicas of one: ipv4:a,b or dns:///name); with
+        `shard_map`, any searcher of replica groups that share a PostgreSQL store (the groups are found
+        through their shard map, see lookalike.client.shard_map); or a list of searcher pods in
+        StatefulSet ordinal order (sharded by category, see lookalike.client.sharded). threshold /
+        max_shards 0 take the searcher's defaults; prior_weight 0 merges by cosine alone."""
         self.embedder = EmbedderClient(embedder)
-        self.searcher = (ShardedSearcherClient(searcher) if isinstance(searcher, (list, tuple))
-                         else SearcherClient(searcher))
+        self.searcher: SearcherClient | ShardedSearcherClient | ShardMapClient
+        if isinstance(searcher, (list, tuple)):
+            self.searcher = ShardedSearcherClient(searcher)
+        elif shard_map:
+            self.searcher = ShardMapClient(searcher)
+        else:
+            self.searcher = SearcherClient(searcher)
         self.threshold, self.max_shards, self.prior_weight = threshold, max_shards, prior_weight
         self._model_id: str | None = None
 

@@ -9,7 +9,7 @@ from typing import Iterator
 import grpc
 import pytest
 
-from tests.postgres import postgres_available, running_postgres
+from lookalike.tools.postgres import postgres_available, running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(__import__("os").environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))

@@ -418,3 +418,26 @@ def test_move_category_refuses_what_it_cannot_do(two_groups, tmp_path: Path) -> 
                           single.settings, 5)
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "SQLite" in refused.value.details
     assert client.search(random_vector(np.random.default_rng(0)), MODEL, k=3).hits, "still serving"
+
+
+def test_lookalike_shards_prints_the_map_and_moves(two_groups) -> None:
+    groups, client, _, _ = two_groups
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", "shards", "--searcher", groups.seed, *args],
+                              capture_output=True, text=True, timeout=60)
+
+    shown = cli("--json")
+    assert shown.returncode == 0, shown.stderr
+    import json
+
+    document = json.loads(shown.stdout)
+    assert {g["name"]: g["live_replicas"] for g in document["groups"]} == {"a": 2, "b": 1}
+    assert {p["category"] for p in document["placements"]} == set(CATEGORIES)
+    category = next(p["category"] for p in document["placements"] if p["group"] == "b")
+    moved = cli("--move", category, "a")
+    assert moved.returncode == 0 and moved.stdout.strip() == f"{category}: in group b, moving to a"
+    refused = cli("--move", category, "nowhere")
+    assert refused.returncode == 1 and "group 'nowhere' has no live replica" in refused.stderr
+    text = cli()
+    assert f"group a: 2 live replicas at {groups.target('a')}" in text.stdout

@@ -1,4 +1,4 @@
-"""The `lookalike` command line: export, serve, embed, index, search, eval, demo and bench.
+"""The `lookalike` command line: export, serve, embed, index, search, shards, eval, demo and bench.
 
 Heavy imports (torch, onnxruntime, hnswlib) happen inside the commands that need them, so the client
 alone (`pip install lookalike[client]`) can run `embed` against remote servers.
@@ -69,7 +69,7 @@ def _index(args: argparse.Namespace, rest: list[str]) -> int:
     from lookalike.client.facade import Lookalike
 
     images = read_labelled_images(args.catalog)
-    with Lookalike(args.embedder, _searcher_target(args.searcher)) as lookalike:
+    with Lookalike(args.embedder, _searcher_target(args.searcher), shard_map=args.shard_map) as lookalike:
         summary = index_catalogue(lookalike, images, journal=args.journal, use_labels=not args.predict_categories,
                                   batch_size=args.batch_size, concurrency=args.concurrency,
                                   progress=None if args.json else sys.stderr)
@@ -85,21 +85,51 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
     from lookalike.client.facade import Lookalike
 
     routing = args.routing if args.routing in ("adaptive", "top1", "all") else args.routing.split(",")
-    with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight) as lookalike:
+    with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight,
+                   shard_map=args.shard_map) as lookalike:
         result = lookalike.search(Path(args.image), k=args.k, routing=routing)
     if args.json:
         print(json.dumps({
             "categories": [{"category": c, "probability": round(p, 6)} for c, p in result.categories[:5]],
             "probes": [{"category": p.category, "probability": round(p.probability, 6), "items": p.items,
                         "ms": round(p.seconds * 1000, 3)} for p in result.probes],
+            "missing_shards": result.missing_shards,
             "matches": [{"id": m.id, "score": round(m.score, 6), "category": m.category, "attributes": m.attributes}
                         for m in result.matches],
             "embed_ms": round(result.embed_seconds * 1000, 2), "search_ms": round(result.search_seconds * 1000, 2)}))
         return EXIT_OK
     print("predicted: " + ", ".join(f"{c} {p:.3f}" for c, p in result.categories[:3]))
     print("probed: " + ", ".join(f"{p.category} ({p.items} items)" for p in result.probes))
+    if result.missing_shards:
+        print("NOT searched (their searchers are down): " + ", ".join(result.missing_shards))
     for rank, match in enumerate(result.matches, start=1):
         print(f"{rank:>3}. {match.id}  {match.score:.4f}  {match.category}")
+    return EXIT_OK
+
+
+def _shards(args: argparse.Namespace, rest: list[str]) -> int:
+    from lookalike.client.shard_map import ShardMapClient
+
+    with ShardMapClient(args.searcher) as client:
+        if args.move:
+            category, group = args.move
+            moved = client.move(category, group).placement
+            print(f"{category}: in group {moved.group}" + (f", moving to {moved.moving_to}" if moved.moving_to else ""))
+            return EXIT_OK
+        shard_map = client.shard_map()
+    if args.json:
+        print(json.dumps({"group": shard_map.group, "sequence": shard_map.sequence,
+                          "groups": [{"name": g.name, "target": g.target, "live_replicas": g.live_replicas}
+                                     for g in shard_map.groups],
+                          "placements": [{"category": p.category, "group": p.group, "moving_to": p.moving_to,
+                                          "model_id": p.model_id, "dimension": p.dimension}
+                                         for p in shard_map.placements]}))
+        return EXIT_OK
+    for group in shard_map.groups:
+        print(f"group {group.name}: {group.live_replicas} live replicas at {group.target or '(this address)'}")
+    for placement in shard_map.placements:
+        moving = f"  -> moving to {placement.moving_to}" if placement.moving_to else ""
+        print(f"  {placement.category}: {placement.group}{moving}")
     return EXIT_OK
 
 
@@ -121,6 +151,11 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.service == "replicas":
+        from lookalike.tools.bench_replicas import run_replicas_bench
+
+        return run_replicas_bench(items=args.items, dimension=args.dimension, store=args.store, seconds=args.seconds,
+                                  as_json=args.json)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -161,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--searcher", default="localhost:50052",
                        help="searcher address host:port; replicas as ipv4:a:1,b:2 or dns:///name:port; or "
                             "comma-separated pod addresses (sharded)")
+    index.add_argument("--shard-map", action="store_true",
+                       help="--searcher is any searcher of replica groups sharing PostgreSQL: find the groups "
+                            "through their shard map")
     index.add_argument("--journal", type=Path, help="file recording stored ids, so a rerun skips them")
     index.add_argument("--predict-categories", action="store_true",
                        help="store each image in its predicted category instead of its folder's")
@@ -175,12 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--searcher", default="localhost:50052",
                         help="searcher address host:port; replicas as ipv4:a:1,b:2 or dns:///name:port; or "
                             "comma-separated pod addresses (sharded)")
+    search.add_argument("--shard-map", action="store_true",
+                        help="--searcher is any searcher of replica groups sharing PostgreSQL: find the groups "
+                             "through their shard map")
     search.add_argument("-k", type=int, default=10, help="how many matches")
     search.add_argument("--routing", default="adaptive",
                         help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")
     search.add_argument("--prior-weight", type=float, default=0.0, help="merge by cosine + w * ln p(category)")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     search.set_defaults(run=_search)
+
+    shards = commands.add_parser("shards", help="the searchers' shard map: replica groups and where each category "
+                                                "lives; --move CATEGORY GROUP moves one")
+    shards.add_argument("--searcher", default="localhost:50052", help="any searcher's address (or target)")
+    shards.add_argument("--move", nargs=2, metavar=("CATEGORY", "GROUP"), help="move a category to another group")
+    shards.add_argument("--json", action="store_true", help="print the map as JSON")
+    shards.set_defaults(run=_shards)
 
     evaluate = commands.add_parser("eval", help="retrieval quality (mAP@k, recall, routing, latency) of a model "
                                                 "through the real services, for every routing mode")
@@ -213,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib)")
-    bench.add_argument("service", choices=["embedder", "searcher"], help="which service to measure")
+    bench.add_argument("service", choices=["embedder", "searcher", "replicas"],
+                       help="which service to measure (replicas: searchers over PostgreSQL against SQLite)")
+    bench.add_argument("--store", default="", help="replicas: a PostgreSQL DSN to measure against (default: a "
+                                                   "throwaway local server)")
     bench.add_argument("--items", type=int, default=100_000, help="searcher: catalogue size")
     bench.add_argument("--dimension", type=int, default=256, help="searcher: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")

@@ -1,4 +1,4 @@
-"""A real, throwaway PostgreSQL server for tests: initdb into a temporary folder, pg_ctl start, stop on exit."""
+"""A real, throwaway PostgreSQL server for tests and benchmarks: initdb into a temporary folder, pg_ctl start, stop on exit."""
 from __future__ import annotations
 
 import contextlib
