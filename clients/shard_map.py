@@ -24,7 +24,7 @@ import numpy as np
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError, call_with_retries
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
 from lookalike.client.sharded import search_owners
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, plan
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, part_of, plan
 from lookalike.v1 import common_pb2, searcher_pb2
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ class ShardMapClient:
         self.threshold, self.max_shards, self.strict = threshold, max_shards, strict
         self.refresh_seconds = refresh_seconds
         self.groups: dict[str, SearcherClient] = {}
-        self.placements: dict[str, str] = {}
+        # category -> the group serving each of its parts (one for a whole category), as the map says.
+        self.placements: dict[str, list[str]] = {}
         self._map: searcher_pb2.GetShardMapResponse | None = None
         self._fetched_at = float("-inf")
         self._lock = threading.Lock()
@@ -75,7 +76,11 @@ class ShardMapClient:
                 if group.name not in self.groups:
                     target = group.target or self.settings.target
                     self.groups[group.name] = SearcherClient(dataclasses.replace(self.settings, target=target))
-            self.placements = {p.category: p.group for p in response.placements}
+            placements: dict[str, list[str]] = {}
+            for placement in sorted(response.placements, key=lambda p: (p.category, p.part)):
+                if not placement.building:  # a split still being built is served by the old layout
+                    placements.setdefault(placement.category, []).append(placement.group)
+            self.placements = placements
             self._map, self._fetched_at = response, time.monotonic()
             return response
 
@@ -83,9 +88,10 @@ class ShardMapClient:
         self.shard_map()
         return set(self.placements)
 
-    def _group(self, category: str) -> SearcherClient:
-        name = self.placements.get(category)
-        return self.groups.get(name, self.seed) if name is not None else self.seed
+    def _group(self, category: str, item_id: str) -> SearcherClient:
+        """The group serving the part of `category` that `item_id` falls in (the seed for a new category)."""
+        parts = self.placements.get(category)
+        return self.groups.get(parts[part_of(item_id, len(parts))], self.seed) if parts else self.seed
 
     def _with_fallback(self, first: SearcherClient, call: Callable[[SearcherClient], Response]) -> Response:
         """`call` on `first`, then on the other groups while they are unreachable (the store is shared)."""
@@ -106,7 +112,7 @@ class ShardMapClient:
         positions: dict[int, list[int]] = defaultdict(list)
         owners: dict[int, SearcherClient] = {}
         for position, item in enumerate(items):
-            owner = self._group(item.category)
+            owner = self._group(item.category, item.id)
             owners[id(owner)] = owner
             positions[id(owner)].append(position)
         futures = {key: self._pool.submit(self._with_fallback, owners[key], lambda c, members=members: c.upsert(
@@ -135,13 +141,18 @@ class ShardMapClient:
             routed = plan(Routing.from_message(routing), self.placements, self.threshold, self.max_shards)
             owned: dict[str, list[str]] = defaultdict(list)
             for category in routed.categories:
-                owned[self.placements[category]].append(category)
+                for group in dict.fromkeys(self.placements[category]):  # each group searches its parts
+                    owned[group].append(category)
             response = search_owners(routed, owned, lambda group, part: self.groups[group].search(
                 vector, model_id, k, part.to_message(), ef, timeout), k, self._pool, self.strict)
-            unanswered = set(routed.categories) - {p.category for p in response.probes} - set(response.missing_shards)
+            answered = {(p.category, p.part) for p in response.probes
+                        if max(p.parts, 1) == len(self.placements.get(p.category, ()))}
+            unanswered = {c for c in routed.categories if c not in response.missing_shards
+                          and any((c, part) not in answered for part in range(len(self.placements[c])))}
             if not unanswered or attempt:
                 return response
-            # A group no longer serves a category the map placed on it: it moved. Read the map again.
+            # A group no longer serves a part the map placed on it (it moved, or its category was split):
+            # read the map again.
             log.info("categories %s moved since the map was read; refreshing it", sorted(unanswered))
             self.shard_map(refresh=True)
         raise AssertionError("unreachable")
@@ -154,8 +165,10 @@ class ShardMapClient:
         merged = searcher_pb2.GetStatsResponse()
         responses = [future.result() for future in futures]
         for name, response in zip(names, responses):
-            merged.shards.extend(s for s in response.shards if self.placements.get(s.category) == name)
-        merged.shards.sort(key=lambda s: s.category)
+            merged.shards.extend(s for s in response.shards
+                                 if max(s.parts, 1) == len(self.placements.get(s.category, ()))
+                                 and self.placements[s.category][s.part] == name)
+        merged.shards.sort(key=lambda s: (s.category, s.part))
         merged.items = sum(s.items for s in merged.shards)
         merged.sequence = min(r.sequence for r in responses)
         merged.store_sequence = max(r.store_sequence for r in responses)

@@ -1,5 +1,5 @@
 """The searcher's core: a store (SQLite or PostgreSQL) as the source of truth, one HNSW shard per
-category derived from its log.
+category (or per part of a category split by a hash of item id) derived from its log.
 
 Shards change only by applying the store's log in order, so one path serves every case: a write is
 committed (durable), then this searcher applies the log up to it before acknowledging (it serves its
@@ -7,17 +7,23 @@ own writes at once); a replica sharing a PostgreSQL store follows other replicas
 (woken by NOTIFY, polling when none comes); start-up loads each shard's snapshot and applies the log
 after it. A searcher killed at any moment comes back with every acknowledged write and nothing deleted.
 Searches never touch the store.
+
+With a shared store, replicas run in groups: the shard map (store placements) says which group serves
+each shard; a replica holds its group's shards, builds those moving to it or being split into it, and
+lets go of those that left after a grace period.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import shutil
 import socket
 import threading
-import uuid
 import time
+import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +31,12 @@ from typing import Sequence
 
 import numpy as np
 
-from lookalike.routing import PlannedProbe, Routing, merge_hits, plan
+from lookalike.routing import PlannedProbe, Routing, merge_hits, part_of, plan
 from lookalike.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.shard_metrics import SHARD_PROBES
 from lookalike.searcher.shard import IndexSettings, Shard
-from lookalike.searcher.store import ItemWrite, LogBatch, Placement, Replica, StoredItem, open_store
+from lookalike.searcher.store import ItemWrite, LogBatch, Placement, Replica, ShardKey, StoredItem, open_store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,8 @@ class ProbeReport:
     ef: int
     items: int
     seconds: float
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass
@@ -98,16 +106,18 @@ class Catalogue:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.settings = IndexSettings(m=config.m, ef_construction=config.ef_construction, ef=config.ef,
-                                      initial_capacity=config.initial_capacity)
+                                      initial_capacity=config.initial_capacity, exact_below=config.exact_below)
         self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
-        self.shards: dict[str, Shard] = {}
+        self.shards: dict[ShardKey, Shard] = {}
+        # Every category's model lock this replica knows of, served here or not: a category missing
+        # from it is new, so its first items need no earlier ones to be built from.
+        self.locks: dict[str, tuple[str, int]] = {}
         self.applied_seq = 0
-        # Replica groups (a shared store only): this replica serves the categories placed on its group
-        # or moving to it, and keeps one that left for move_grace seconds (clients with the old map).
         self.group = config.group
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.placements: dict[str, Placement] = {}
-        self._leaving: dict[str, float] = {}
+        self.placements: list[Placement] = []
+        # Shards no longer this group's, still served until move_grace passes (clients with an old map).
+        self._leaving: dict[ShardKey, float] = {}
         # One applier of the log at a time; searches never wait for it (shards have their own locks).
         self._apply_mutex = threading.Lock()
         # (sequence, when first seen committed) of writes not yet applied: what lag_seconds reports.
@@ -116,51 +126,78 @@ class Catalogue:
         self._workers: list[threading.Thread] = []
         self._load()
 
-    # -- start-up and shutdown ---------------------------------------------------------------------
+    # -- which shards are held here ----------------------------------------------------------------
 
-    def _snapshot_dir(self, category: str) -> Path:
-        # Category names are arbitrary strings; folder names must not be.
-        return self.data_dir / SNAPSHOTS / hashlib.sha256(category.encode()).hexdigest()[:24]
+    def _snapshot_dir(self, key: ShardKey) -> Path:
+        category, part, parts = key
+        # Names are arbitrary strings; folder names must not be. A whole category keeps its old folder.
+        name = category if parts == 1 else json.dumps([category, part, parts])
+        return self.data_dir / SNAPSHOTS / hashlib.sha256(name.encode()).hexdigest()[:24]
+
+    def _wanted(self) -> set[ShardKey]:
+        """The shards this replica should hold: all of them over SQLite; else its group's, and those
+        moving to it or being built in it (a category with no placement yet is held everywhere)."""
+        if not self.store.shared:
+            return {(category, 0, 1) for category in self.locks}
+        placed = {placement.category for placement in self.placements}
+        wanted = {p.key for p in self.placements if self.group in (p.group, p.moving_to)}
+        return wanted | {(category, 0, 1) for category in self.locks if category not in placed}
+
+    def _search_keys(self) -> dict[str, list[ShardKey]]:
+        """category -> the shards held here that a search of it probes: those of its serving layout
+        (the whole category, or the parts of a finished split), never parts still being built."""
+        serving = {p.category: p.parts for p in self.placements if not p.building}
+        keys: dict[str, list[ShardKey]] = defaultdict(list)
+        for key in sorted(self.shards):
+            if key[2] == serving.get(key[0], 1):
+                keys[key[0]].append(key)
+        return keys
+
+    # -- start-up and shutdown ---------------------------------------------------------------------
 
     def _load(self) -> None:
         started = time.perf_counter()
         head = self.store.head()
         pruned = self.store.pruned_to()
+        self.locks = self.store.shard_locks()
         self.placements = self.store.placements()
         replayed = 0
-        for category, (model_id, dimension) in sorted(self.store.shard_locks().items()):
-            if not self.serves(category):
-                continue
-            self.shards[category], rows = self._build(category, model_id, dimension, head, pruned.get(category, 0))
-            replayed += rows
+        for key in sorted(self._wanted()):
+            if key[0] in self.locks:
+                self.shards[key], rows = self._build(key, head, pruned.get(key[0], 0))
+                replayed += rows
         self.applied_seq = head
         log.info("loaded %d shards, %d items (%d rows replayed after snapshots) in %.2fs, at sequence %d",
                  len(self.shards), sum(len(s) for s in self.shards.values()), replayed, time.perf_counter() - started,
                  head)
 
-    def _build(self, category: str, model_id: str, dimension: int, up_to: int, pruned_to: int) -> tuple[Shard, int]:
+    def _build(self, key: ShardKey, up_to: int, pruned_to: int) -> tuple[Shard, int]:
         """The shard as of log position `up_to`: its snapshot when usable, plus the log after it."""
+        category, part, parts = key
+        model_id, dimension = self.locks[category]
         shard = None
         try:
-            shard = Shard.load(self._snapshot_dir(category), self.settings)
+            shard = Shard.load(self._snapshot_dir(key), self.settings)
         except Exception:  # noqa: BLE001 - a bad snapshot is rebuilt from the store
-            log.exception("snapshot of shard %r is unreadable; rebuilding it from the store", category)
-        if shard is not None and not (shard.model_id == model_id and shard.dimension == dimension
-                                      and pruned_to <= shard.applied_seq <= up_to):
-            # Another model's, older than the removals still on record, or newer than the store (a
-            # database restored from an older backup): the store is the truth, so rebuild from it.
+            log.exception("snapshot of shard %r is unreadable; rebuilding it from the store", key)
+        if shard is not None and not ((shard.category, shard.part, shard.parts) == key and shard.model_id == model_id
+                                      and shard.dimension == dimension and pruned_to <= shard.applied_seq <= up_to):
+            # Another shard's or model's, older than the removals still on record, or newer than the
+            # store (a database restored from an older backup): the store is the truth, so rebuild.
             log.info("snapshot of shard %r (sequence %d) does not fit the store (%d, pruned to %d); rebuilding",
-                     category, shard.applied_seq, up_to, pruned_to)
+                     key, shard.applied_seq, up_to, pruned_to)
             shard = None
         if shard is None:
-            shard = Shard(category, model_id, dimension, self.settings)
+            shard = Shard(category, model_id, dimension, self.settings, part=part, parts=parts)
         since = shard.applied_seq
         removals = self.store.removals_after(category, since, up_to)
-        if removals:
-            shard.apply(removals[-1].seq, removed=[removal.id for removal in removals])
+        if removals:  # removing an id the shard does not hold is a no-op, so no need to filter by part
+            self._put(shard, [], [removal.id for removal in removals], removals[-1].seq)
         replayed = len(removals)
         batch: list[StoredItem] = []
         for item in self.store.items_after(category, since, up_to):
+            if part_of(item.id, parts) != part:
+                continue
             batch.append(item)
             if len(batch) == 4096:
                 self._put(shard, batch)
@@ -170,16 +207,11 @@ class Catalogue:
         shard.advance(up_to)
         return shard, replayed + len(batch)
 
-    def serves(self, category: str) -> bool:
-        """Whether this replica's group serves `category` (a single searcher over SQLite serves all)."""
-        placement = self.placements.get(category)
-        return (not self.store.shared or placement is None
-                or self.group in (placement.group, placement.moving_to) or category in self._leaving)
-
     @staticmethod
-    def _put(shard: Shard, items: list[StoredItem], removed: Sequence[str] = ()) -> None:
+    def _put(shard: Shard, items: list[StoredItem], removed: Sequence[str] = (), seq: int = 0) -> None:
+        """Applies removals then items; `seq` is the log position they reach (default: the last item's)."""
         if items or removed:
-            shard.apply(max([i.seq for i in items], default=0), removed=removed, ids=[i.id for i in items],
+            shard.apply(max([seq, *(i.seq for i in items)]), removed=removed, ids=[i.id for i in items],
                         vectors=np.stack([i.vector for i in items]) if items else None,
                         attributes=[i.attributes for i in items])
 
@@ -217,7 +249,8 @@ class Catalogue:
                 self._stop.wait(self.config.follow_interval)
 
     def heartbeat(self) -> None:
-        """Reports this replica alive with what it serves, then takes up or lets go of moved categories."""
+        """Reports this replica alive with what it serves; takes up shards moving or split into its group,
+        lets go of those that left it; splits a category of its group that outgrew max_shard_items."""
         self.store.heartbeat(Replica(self.replica_id, self.group, self.config.advertise, time.time(),
                                      tuple(sorted(self.shards))))
         placements = self.store.placements()
@@ -225,36 +258,49 @@ class Catalogue:
         pruned = self.store.pruned_to()
         with self._apply_mutex:
             self.placements = placements
+            self.locks.update(locks)
+            wanted = self._wanted()
+            for key in sorted(wanted - set(self.shards)):
+                if key[0] in self.locks:
+                    # Built from the store up to where this replica is; the log after that reaches it
+                    # like any other shard's.
+                    log.info("building shard %r for group %r from the store", key, self.group)
+                    self.shards[key], _ = self._build(key, self.applied_seq, pruned.get(key[0], 0))
             now = time.time()
-            for category, placement in sorted(placements.items()):
-                mine = self.group in (placement.group, placement.moving_to)
-                if mine and category not in self.shards and category in locks:
-                    # Moving here: build it from the store up to where this replica is; the log after
-                    # that reaches it like any other shard's.
-                    log.info("category %r moves to group %r: building it from the store", category, self.group)
-                    self.shards[category], _ = self._build(category, *locks[category], self.applied_seq,
-                                                           pruned.get(category, 0))
-                    self._leaving.pop(category, None)
-                elif not mine and category in self.shards:
-                    left = self._leaving.setdefault(category, now)
-                    if now - left >= self.config.move_grace:
-                        log.info("category %r now lives in group %r: dropping it here", category, placement.group)
-                        del self.shards[category]
-                        del self._leaving[category]
-                        shutil.rmtree(self._snapshot_dir(category), ignore_errors=True)
-                elif mine:
-                    self._leaving.pop(category, None)
+            for key in sorted(set(self.shards) - wanted):
+                if now - self._leaving.setdefault(key, now) >= self.config.move_grace:
+                    log.info("shard %r is no longer group %r's: dropping it", key, self.group)
+                    del self.shards[key]
+                    del self._leaving[key]
+                    shutil.rmtree(self._snapshot_dir(key), ignore_errors=True)
+            for key in wanted & set(self._leaving):
+                del self._leaving[key]
+        self._split_oversized()
+
+    def _split_oversized(self) -> None:
+        limit = self.config.max_shard_items
+        if not limit:
+            return
+        splitting = {p.category for p in self.placements if p.building}
+        for placement in self.placements:
+            shard = self.shards.get(placement.key)
+            if (placement.parts == 1 and placement.group == self.group and not placement.moving_to
+                    and placement.category not in splitting and shard is not None and len(shard) > limit):
+                parts = math.ceil(2 * len(shard) / limit)  # each part about half full, room to grow
+                log.info("category %r holds %d items, over %d: splitting it into %d parts", placement.category,
+                         len(shard), limit, parts)
+                self.store.split(placement.category, parts)
 
     def snapshot(self) -> int:
         """Writes a snapshot of every shard changed since its last one; returns how many were written."""
         written = 0
         # Replicas sharing a store may be behind this one: keep removals they may still need to read.
         older_than = time.time() - self.config.tombstone_retention if self.store.shared else 0.0
-        for category, shard in list(self.shards.items()):
+        for key, shard in list(self.shards.items()):
             if not shard.needs_snapshot:
                 continue
-            shard.save(self._snapshot_dir(category))
-            self.store.prune_tombstones(category, shard.snapshot_seq, older_than)
+            shard.save(self._snapshot_dir(key))
+            self.store.prune_tombstones(key[0], shard.snapshot_seq, older_than)
             written += 1
         return written
 
@@ -285,14 +331,23 @@ class Catalogue:
             self._unapplied.append((head, time.time()))
 
     def _apply(self, batch: LogBatch) -> None:
-        for category, pruned_to in batch.pruned.items():
-            shard = self.shards.get(category)
-            if shard is not None and shard.applied_seq < pruned_to:
+        for key, shard in list(self.shards.items()):
+            pruned_to = batch.pruned.get(key[0], 0)
+            if shard.applied_seq < pruned_to:
                 # Removals this shard never saw were pruned (it fell behind the retention): rebuild.
                 log.warning("shard %r is behind pruned removals (%d < %d); rebuilding it from the store",
-                            category, shard.applied_seq, pruned_to)
-                self.shards[category], _ = self._build(category, shard.model_id, shard.dimension, batch.head,
-                                                       pruned_to)
+                            key, shard.applied_seq, pruned_to)
+                self.shards[key], _ = self._build(key, batch.head, pruned_to)
+        new = {item.category: (item.model_id, int(item.vector.shape[0])) for item in batch.items
+               if item.category not in self.locks}
+        if new:
+            self.locks.update(new)
+            if self.store.shared:
+                self.placements = self.store.placements()  # placed in the same transaction as their first items
+            for key in self._wanted():
+                if key[0] in new and key not in self.shards:
+                    # New in this batch: nothing before it to build from.
+                    self.shards[key] = Shard(key[0], *self.locks[key[0]], self.settings, part=key[1], parts=key[2])
         removed: dict[str, list[str]] = defaultdict(list)
         for removal in batch.removals:
             removed[removal.category].append(removal.id)
@@ -301,17 +356,11 @@ class Catalogue:
             placed[item.category].append(item)
         # The items table holds each id's latest write, so within a batch a category's removals come
         # before its puts: removals first, then puts, is the log's order.
-        if self.store.shared and any(c not in self.placements for c in placed):
-            self.placements = self.store.placements()  # new categories: placed in the same transaction
-        for category in sorted(set(removed) | set(placed)):
-            shard = self.shards.get(category)
-            entries = placed.get(category, [])
-            if shard is None:
-                if not entries or not self.serves(category):
-                    continue
-                shard = Shard(category, entries[0].model_id, entries[0].vector.shape[0], self.settings)
-                self.shards[category] = shard
-            self._put(shard, entries, removed.get(category, []))
+        for key, shard in sorted(self.shards.items()):
+            category, part, parts = key
+            if category in removed or category in placed:
+                entries = [item for item in placed.get(category, []) if part_of(item.id, parts) == part]
+                self._put(shard, entries, removed.get(category, []), batch.head)
         for shard in list(self.shards.values()):
             shard.advance(batch.head)
         self.applied_seq = max(self.applied_seq, batch.head)
@@ -343,21 +392,20 @@ class Catalogue:
 
     # -- the shard map -----------------------------------------------------------------------------
 
-    def shard_map(self) -> tuple[list[tuple[str, str, int]], dict[str, Placement], dict[str, tuple[str, int]]]:
+    def shard_map(self) -> tuple[list[tuple[str, str, int]], list[Placement], dict[str, tuple[str, int]]]:
         """(groups as (name, target, live replicas), placements, shard locks)."""
         locks = self.store.shard_locks()
         if not self.store.shared:
-            return ([(self.group, self.config.advertise, 1)], {c: Placement(self.group) for c in locks}, locks)
+            return [(self.group, self.config.advertise, 1)], [Placement(c, self.group) for c in sorted(locks)], locks
         groups: dict[str, list] = {}
         for replica in self.store.live_replicas():
             entry = groups.setdefault(replica.group, [replica.group, replica.target, 0])
             entry[1] = entry[1] or replica.target
             entry[2] += 1
-        placements = self.store.placements()
-        return [tuple(g) for _, g in sorted(groups.items())], placements, locks  # type: ignore[misc]
+        return [tuple(g) for _, g in sorted(groups.items())], self.store.placements(), locks  # type: ignore[misc]
 
     def move(self, category: str, group: str) -> Placement:
-        """Starts moving `category` to `group` (see the MoveCategory RPC)."""
+        """Starts moving a whole `category` to `group` (see the MoveCategory RPC)."""
         if not category or not group:
             raise InvalidArgument("category and group must both be non-empty")
         if not self.store.shared:
@@ -368,24 +416,30 @@ class Catalogue:
         placement = self.store.move(category, group)
         if placement is None:
             raise NotFound(f"category {category!r} has no shard")
+        if placement.parts != 1 or placement.building:
+            raise FailedPrecondition(f"category {category!r} is split (or being split) into parts that live in "
+                                     "several groups; only a whole category moves")
         return placement
 
     # -- reads -------------------------------------------------------------------------------------
 
     def search(self, query: SearchQuery) -> SearchOutcome:
-        shards = dict(self.shards)  # a consistent view while writers may add shards
+        shards = dict(self.shards)  # a consistent view while the log adds shards
+        keys = self._search_keys()
         ef = query.ef or self.config.ef
-        routed = plan(query.routing, shards, self.config.routing_threshold, self.config.routing_max_shards)
+        routed = plan(query.routing, keys, self.config.routing_threshold, self.config.routing_max_shards)
         for probe in routed.probes:
-            shard = shards[probe.category]
-            if (shard.model_id, shard.dimension) != (query.model_id, query.vector.shape[0]):
-                raise FailedPrecondition(
-                    f"the query is a {query.vector.shape[0]}-d vector from model {query.model_id!r}, but shard "
-                    f"{probe.category!r} holds {shard.dimension}-d vectors from model {shard.model_id!r}")
+            for key in keys[probe.category]:
+                shard = shards[key]
+                if (shard.model_id, shard.dimension) != (query.model_id, query.vector.shape[0]):
+                    raise FailedPrecondition(
+                        f"the query is a {query.vector.shape[0]}-d vector from model {query.model_id!r}, but shard "
+                        f"{probe.category!r} holds {shard.dimension}-d vectors from model {shard.model_id!r}")
         outcome = SearchOutcome(unknown_categories=list(routed.unknown_categories))
         candidates: list[Hit] = []
         for probe in routed.probes:
-            candidates.extend(self._probe(shards[probe.category], probe, query, ef, outcome))
+            for key in keys[probe.category]:
+                candidates.extend(self._probe(shards[key], probe, query, ef, outcome))
         outcome.hits = merge_hits(candidates, query.k)
         return outcome
 
@@ -396,17 +450,17 @@ class Catalogue:
         found = shard.search(query.vector, query.k, ef)
         # hnswlib never searches with an ef below k.
         outcome.probes.append(ProbeReport(probe.category, probe.probability, query.k, max(ef, query.k),
-                                          len(shard), time.perf_counter() - started))
+                                          len(shard), time.perf_counter() - started, shard.part, shard.parts))
         return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes)
                 for item_id, similarity, attributes in found]
 
     def stats(self) -> CatalogueStats:
         rows = []
         now = time.time()
-        for category, shard in sorted(self.shards.items()):
+        for (category, part, parts), shard in sorted(self.shards.items()):
             stats = shard.stats()
-            rows.append({"category": category, "model_id": shard.model_id, "dimension": shard.dimension,
-                         "snapshot_sequence": shard.snapshot_seq,
+            rows.append({"category": category, "part": part, "parts": parts, "model_id": shard.model_id,
+                         "dimension": shard.dimension, "snapshot_sequence": shard.snapshot_seq,
                          "snapshot_age_seconds": now - shard.snapshot_time if shard.snapshot_time else -1.0,
                          **stats})
         head = self.store.head()

@@ -32,11 +32,16 @@ class SearcherConfig:
     group: str = "default"
     advertise: str = ""
     move_grace: float = 30.0
+    # Shared store: a category of this group holding more items than this is split into parts by a hash
+    # of item id, placed on groups like categories, searched in parallel and merged (0: never split).
+    max_shard_items: int = 0
     # HNSW graph degree and build breadth (hnswlib's M and ef_construction).
     m: int = 16
     ef_construction: int = 200
     # Search breadth when a request does not set one; hnswlib never searches with less than k.
     ef: int = 64
+    # Shards with at most this many items are searched exactly (brute force) rather than through HNSW.
+    exact_below: int = 2048
     # Capacity of a new shard; it doubles when full.
     initial_capacity: int = 1024
     max_k: int = 1000
@@ -83,6 +88,9 @@ class SearcherConfig:
                                    "advertise": "shared store: the gRPC target clients reach this group at, e.g. "
                                                 "dns:///searcher-a.ns.svc.cluster.local:50052",
                                    "move_grace": "shared store: seconds a category that moved away is still served",
+                                   "exact_below": "search shards of at most this many items exactly (0: always HNSW)",
+                                   "max_shard_items": "shared store: split a category past this many items into parts "
+                                                      "(0: never)",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
                                    "tls_key": "PEM private key for --tls-cert",
                                    "health_address": "extra plaintext host:port serving only grpc.health.v1"})

@@ -52,7 +52,7 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
         raise
     servicer.attach(catalogue)
     catalogue.start_background()
-    for category in catalogue.shards:
+    for category in sorted({category for category, _, _ in catalogue.shards}):
         health_servicer.set(f"{SERVICE_NAME}/{category}", health_pb2.HealthCheckResponse.SERVING)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

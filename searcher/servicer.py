@@ -105,7 +105,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                               attributes=hit.attributes)
         for probe in outcome.probes:
             response.probes.add(category=probe.category, probability=probe.probability, k=probe.k, ef=probe.ef,
-                                items=probe.items, seconds=probe.seconds)
+                                items=probe.items, seconds=probe.seconds, part=probe.part, parts=probe.parts)
         return response
 
     def _query(self, request: searcher_pb2.SearchRequest) -> SearchQuery:
@@ -150,10 +150,11 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         response = searcher_pb2.GetShardMapResponse(group=catalogue.group, sequence=catalogue.applied_seq)
         for name, target, live in groups:
             response.groups.add(name=name, target=target, live_replicas=live)
-        for category, placement in sorted(placements.items()):
-            model_id, dimension = locks.get(category, ("", 0))
-            response.placements.add(category=category, group=placement.group, moving_to=placement.moving_to,
-                                    model_id=model_id, dimension=dimension)
+        for placement in placements:
+            model_id, dimension = locks.get(placement.category, ("", 0))
+            response.placements.add(category=placement.category, group=placement.group, moving_to=placement.moving_to,
+                                    model_id=model_id, dimension=dimension, part=placement.part,
+                                    parts=placement.parts, building=placement.building)
         return response
 
     @rpc_method
@@ -161,4 +162,5 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                      context: grpc.ServicerContext) -> searcher_pb2.MoveCategoryResponse:
         placement = self.catalogue.move(_key(request.category, "category"), _key(request.group, "group"))
         return searcher_pb2.MoveCategoryResponse(placement=searcher_pb2.Placement(
-            category=request.category, group=placement.group, moving_to=placement.moving_to))
+            category=request.category, group=placement.group, moving_to=placement.moving_to, part=placement.part,
+            parts=placement.parts))

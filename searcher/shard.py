@@ -31,6 +31,10 @@ class IndexSettings:
     ef_construction: int = 200
     ef: int = 64
     initial_capacity: int = 1024
+    # A shard with at most this many items is searched exactly (one matrix product) instead of through
+    # the graph, as Qdrant's full_scan_threshold does: as fast at that size, and never misses an item
+    # that deletions and replaced slots have left hard for the graph to reach.
+    exact_below: int = 2048
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -52,8 +56,10 @@ class Shard:
     """The items of one category. Every public method takes the shard's lock itself."""
 
     def __init__(self, category: str, model_id: str, dimension: int, settings: IndexSettings,
-                 index: hnswlib.Index | None = None) -> None:
+                 index: hnswlib.Index | None = None, part: int = 0, parts: int = 1) -> None:
         self.category = category
+        # Sub-shard `part` of `parts` of its category (0 of 1: the whole category).
+        self.part, self.parts = part, parts
         self.model_id = model_id
         self.dimension = dimension
         self.settings = settings
@@ -62,6 +68,8 @@ class Shard:
         self.id_of: dict[int, str] = {}
         self.attributes: dict[str, dict[str, str]] = {}
         self.next_label = 0
+        # (ids, vectors) of the live items for exact search of a small shard; rebuilt after a change.
+        self._dense: tuple[list[str], np.ndarray] | None = None
         # The log position this shard reflects, and the last position that changed its items.
         self.applied_seq = 0
         self.content_seq = 0
@@ -84,6 +92,7 @@ class Shard:
         One write lock for both, so a snapshot sees the whole change at `seq` or none of it.
         """
         with self.lock.writing():
+            self._dense = None
             for item_id in removed:
                 label = self.label_of.pop(item_id, None)
                 if label is not None:
@@ -136,6 +145,10 @@ class Shard:
 
     def search(self, vector: np.ndarray, k: int, ef: int) -> list[tuple[str, float, dict[str, str]]]:
         """Up to k (id, cosine similarity, attributes), best first."""
+        if len(self.label_of) <= self.settings.exact_below:
+            with self.lock.reading():
+                if len(self.label_of) <= self.settings.exact_below:
+                    return self._exact(vector, k)
         exclusive = ef != self.settings.ef
         with (self.lock.writing() if exclusive else self.lock.reading()):
             count = len(self.label_of)
@@ -151,6 +164,24 @@ class Shard:
                     self.index.set_ef(self.settings.ef)
             return [(self.id_of[int(label)], 1.0 - float(distance), self.attributes[self.id_of[int(label)]])
                     for label, distance in zip(labels[0], distances[0])]
+
+    def _exact(self, vector: np.ndarray, k: int) -> list[tuple[str, float, dict[str, str]]]:
+        """Brute force over the live items (the caller holds the read lock)."""
+        dense = self._dense
+        if dense is None:
+            ids = list(self.label_of)
+            vectors = (np.asarray(self.index.get_items([self.label_of[i] for i in ids]), dtype=np.float32)
+                       if ids else np.zeros((0, self.dimension), np.float32))
+            # Readers may build it twice at once; both results are the same, so the race is harmless.
+            dense = self._dense = (ids, vectors)
+        ids, vectors = dense
+        if not ids:
+            return []
+        similarities = vectors @ vector
+        k = min(k, len(ids))
+        top = np.argpartition(-similarities, k - 1)[:k]
+        top = top[np.argsort(-similarities[top], kind="stable")]
+        return [(ids[i], float(similarities[i]), self.attributes[ids[i]]) for i in top]
 
     def _knn(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # With many deleted slots the graph can yield fewer than k live results, which hnswlib reports
@@ -184,7 +215,7 @@ class Shard:
             index_name, meta_name = f"index-{seq}.hnsw", f"meta-{seq}.json"
             staging = directory / (index_name + ".tmp")
             self.index.save_index(str(staging))
-            meta = json.dumps({"category": self.category, "model_id": self.model_id, "dimension": self.dimension,
+            meta = json.dumps({"category": self.category, "part": self.part, "parts": self.parts, "model_id": self.model_id, "dimension": self.dimension,
                                "seq": seq, "next_label": self.next_label, "labels": self.label_of,
                                "attributes": self.attributes, "written_at": time.time()}).encode()
         with open(staging, "rb+") as handle:
@@ -211,7 +242,8 @@ class Shard:
         meta = json.loads((directory / names["meta"]).read_text())
         index = hnswlib.Index(space="ip", dim=meta["dimension"])
         index.load_index(str(directory / names["index"]), allow_replace_deleted=True)
-        shard = cls(meta["category"], meta["model_id"], meta["dimension"], settings, index)
+        shard = cls(meta["category"], meta["model_id"], meta["dimension"], settings, index,
+                    meta.get("part", 0), meta.get("parts", 1))
         shard.label_of = {item_id: int(label) for item_id, label in meta["labels"].items()}
         shard.id_of = {label: item_id for item_id, label in shard.label_of.items()}
         shard.attributes = meta["attributes"]

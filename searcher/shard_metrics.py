@@ -30,8 +30,10 @@ class CatalogueCollector:
                                                       labels=["category"]),
         }
         for row in stats.shards:
+            # A part of a split category is its own series: category#part/parts.
+            label = row["category"] if row["parts"] == 1 else f"{row['category']}#{row['part']}/{row['parts']}"
             for key, family in families.items():
-                family.add_metric([row["category"]], row[key])
+                family.add_metric([label], row[key])
         yield from families.values()
         yield GaugeMetricFamily("lookalike_searcher_items", "Live items in all shards", value=stats.items)
         yield GaugeMetricFamily("lookalike_searcher_sequence", "Sequence number of the last write this searcher applied",

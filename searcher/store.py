@@ -9,6 +9,7 @@ and then as it follows new commits (lookalike.searcher.catalogue).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,9 +57,13 @@ CREATE TABLE IF NOT EXISTS counters (
     value {integer} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS placements (
-    category TEXT PRIMARY KEY,
+    category TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    parts INTEGER NOT NULL,
     group_name TEXT NOT NULL,
-    moving_to TEXT NOT NULL DEFAULT ''
+    moving_to TEXT NOT NULL DEFAULT '',
+    building INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (category, parts, part)
 );
 CREATE TABLE IF NOT EXISTS replicas (
     id TEXT PRIMARY KEY,
@@ -113,11 +118,25 @@ class LogBatch:
     pruned: dict[str, int] = field(default_factory=dict)
 
 
+ShardKey = tuple[str, int, int]  # (category, part, parts): parts 1 is the whole category
+
+
 @dataclass(frozen=True)
 class Placement:
+    """Where one shard (a category, or one part of a split category) lives."""
+
+    category: str
     group: str
-    # The group the category is moving to, while a move is under way; empty otherwise.
+    part: int = 0
+    parts: int = 1
+    # The group the shard is moving to, while a move is under way; empty otherwise.
     moving_to: str = ""
+    # A part of a split still being built: its category is served whole until every part is built.
+    building: bool = False
+
+    @property
+    def key(self) -> ShardKey:
+        return (self.category, self.part, self.parts)
 
 
 @dataclass(frozen=True)
@@ -126,8 +145,8 @@ class Replica:
     group: str
     target: str
     seen_at: float
-    # Categories it has built and serves.
-    serving: tuple[str, ...]
+    # Shards it has built and serves.
+    serving: tuple[ShardKey, ...]
 
 
 def rendezvous_owner(key: str, owners: Sequence[str]) -> str:
@@ -290,8 +309,8 @@ class Store(ABC):
                 self._executemany(conn, "INSERT INTO shards (category, model_id, dimension) VALUES (?, ?, ?)",
                                   new_shards)
                 groups = self._live_groups(conn) or [home_group]
-                self._executemany(conn, "INSERT INTO placements (category, group_name) VALUES (?, ?) "
-                                        "ON CONFLICT (category) DO NOTHING",
+                self._executemany(conn, "INSERT INTO placements (category, part, parts, group_name) VALUES (?, 0, 1, ?) "
+                                        "ON CONFLICT (category, parts, part) DO NOTHING",
                                   [(category, rendezvous_owner(category, groups)) for category, _, _ in new_shards])
                 self._executemany(conn, "INSERT INTO tombstones (seq, id, category, written_at) VALUES (?, ?, ?, ?)",
                                   tombstones)
@@ -345,45 +364,75 @@ class Store(ABC):
         return [g for (g,) in self._run(conn, "SELECT DISTINCT group_name FROM replicas WHERE seen_at > ?",
                                         (time.time() - self.LIVE_SECONDS,))]
 
-    def placements(self) -> dict[str, Placement]:
+    def placements(self) -> list[Placement]:
         with self._reading() as conn:
-            return {c: Placement(g, m) for c, g, m in self._run(
-                conn, "SELECT category, group_name, moving_to FROM placements")}
+            return self._placements(conn)
+
+    def _placements(self, conn: Any, category: str | None = None) -> list[Placement]:
+        where, params = (" WHERE category = ?", (category,)) if category is not None else ("", ())
+        return [Placement(c, g, int(p), int(n), m, bool(b)) for c, p, n, g, m, b in self._run(
+            conn, f"SELECT category, part, parts, group_name, moving_to, building FROM placements{where} "
+                  "ORDER BY category, parts, part", params)]
 
     def live_replicas(self) -> list[Replica]:
         with self._reading() as conn:
-            return [Replica(i, g, t, float(s), tuple(json.loads(v))) for i, g, t, s, v in self._run(
+            return [Replica(i, g, t, float(s), tuple(tuple(k) for k in json.loads(v))) for i, g, t, s, v in self._run(
                 conn, "SELECT id, group_name, target, seen_at, serving FROM replicas WHERE seen_at > ? ORDER BY id",
                 (time.time() - self.LIVE_SECONDS,))]
 
     def heartbeat(self, replica: Replica) -> None:
-        """Records that a replica is alive, where its group is reached, and what it serves; completes
-        the moves into its group that every live replica of the group now serves."""
+        """Records that a replica is alive, where its group is reached and what it serves; then completes
+        the moves and splits whose new shards every live replica of their group now serves."""
         with self._writing() as conn:
             self._run(conn, "INSERT INTO replicas (id, group_name, target, seen_at, serving) VALUES (?, ?, ?, ?, ?) "
                             "ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, target = excluded.target, "
                             "seen_at = excluded.seen_at, serving = excluded.serving",
-                      (replica.id, replica.group, replica.target, replica.seen_at, json.dumps(list(replica.serving))))
+                      (replica.id, replica.group, replica.target, replica.seen_at,
+                       json.dumps([list(key) for key in replica.serving])))
             # Forget replicas long gone, so the table does not grow with every restart.
             self._run(conn, "DELETE FROM replicas WHERE seen_at < ?", (time.time() - 100 * self.LIVE_SECONDS,))
-            members = [set(json.loads(v)) for (v,) in self._run(
-                conn, "SELECT serving FROM replicas WHERE group_name = ? AND seen_at > ?",
-                (replica.group, time.time() - self.LIVE_SECONDS))]
-            for (category,) in list(self._run(conn, "SELECT category FROM placements WHERE moving_to = ?",
-                                              (replica.group,))):
-                if members and all(category in serving for serving in members):
-                    self._run(conn, "UPDATE placements SET group_name = ?, moving_to = '' WHERE category = ? "
-                                    "AND moving_to = ?", (replica.group, category, replica.group))
+            serving: dict[str, list[set[ShardKey]]] = {}
+            for group, keys in self._run(conn, "SELECT group_name, serving FROM replicas WHERE seen_at > ?",
+                                         (time.time() - self.LIVE_SECONDS,)):
+                serving.setdefault(group, []).append({tuple(key) for key in json.loads(keys)})
+
+            def ready(key: ShardKey, group: str) -> bool:
+                return bool(serving.get(group)) and all(key in held for held in serving[group])
+
+            placements = self._placements(conn)
+            for placement in placements:
+                if placement.moving_to and ready(placement.key, placement.moving_to):
+                    self._run(conn, "UPDATE placements SET group_name = moving_to, moving_to = '' WHERE category = ? "
+                                    "AND part = ? AND parts = ?", placement.key)
+            splitting = {p.category for p in placements if p.building}
+            for category in splitting:
+                parts = [p for p in placements if p.category == category and p.building]
+                if all(ready(p.key, p.group) for p in parts):
+                    self._run(conn, "DELETE FROM placements WHERE category = ? AND building = 0", (category,))
+                    self._run(conn, "UPDATE placements SET building = 0 WHERE category = ?", (category,))
 
     def move(self, category: str, group: str) -> Placement | None:
-        """Starts moving a category to `group` (None: the category has no placement)."""
+        """Starts moving a whole category to `group` (None: the category has no placement)."""
         with self._writing() as conn:
-            row = self._run(conn, "SELECT group_name FROM placements WHERE category = ?", (category,)).fetchone()
-            if row is None:
-                return None
-            moving_to = "" if row[0] == group else group
-            self._run(conn, "UPDATE placements SET moving_to = ? WHERE category = ?", (moving_to, category))
-            return Placement(row[0], moving_to)
+            current = [p for p in self._placements(conn, category) if not p.building]
+            if len(current) != 1 or current[0].parts != 1:
+                return None if not current else current[0]
+            moving_to = "" if current[0].group == group else group
+            self._run(conn, "UPDATE placements SET moving_to = ? WHERE category = ? AND parts = 1", (moving_to, category))
+            return dataclasses.replace(current[0], moving_to=moving_to)
+
+    def split(self, category: str, parts: int) -> list[Placement]:
+        """Starts splitting a whole category into `parts` sub-shards by hash of id, each placed on a live
+        group by rendezvous hashing; the whole category keeps serving until every part is built."""
+        with self._writing() as conn:
+            current = self._placements(conn, category)
+            if len(current) == 1 and current[0].parts == 1 and not current[0].moving_to and parts > 1:
+                groups = self._live_groups(conn) or [current[0].group]
+                self._executemany(conn, "INSERT INTO placements (category, part, parts, group_name, building) "
+                                        "VALUES (?, ?, ?, ?, 1)",
+                                  [(category, part, parts, rendezvous_owner(f"{category}#{part}", groups))
+                                   for part in range(parts)])
+            return self._placements(conn, category)
 
     def _executemany(self, conn: Any, text: str, rows: list[tuple]) -> None:
         if rows:

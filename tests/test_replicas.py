@@ -27,7 +27,7 @@ from lookalike.codec import pack_vector
 from lookalike.routing import Routing
 from lookalike.tools.processes import running_service
 from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
-from tests.test_searcher_durability import CATEGORIES, DIM, MODEL, State, check_state, listing, random_vector
+from tests.test_searcher_durability import CATEGORIES, DIM, MODEL, State, check_state, holds, listing, random_vector
 
 
 def free_port() -> int:
@@ -240,7 +240,9 @@ def test_sigkill_one_replica_of_each_group_no_failed_search_no_lost_write(fresh_
     final = check_state(MapStub(client), acked, uncertain)
     for stub, group in zip(stubs, ["a", "a", "b", "b"]):
         mine = {c for c, g in placements.items() if g == group}
-        assert listing(stub, sorted(mine)) == {i: s[0] for i, s in final.items() if s is not None and s[0] in mine}
+        expected = {i: s for i, s in final.items() if s is not None and s[0] in mine}
+        assert all(holds(stub, i, s) for i, s in expected.items()), f"a replica of {group} misses an item"
+        assert set(listing(stub, sorted(mine))) <= set(expected), f"a replica of {group} holds a deleted item"
     client.close()
     groups.close()
     assert not failed_searches, f"{len(failed_searches)} of {searches} searches failed: {failed_searches[:3]}"
@@ -344,7 +346,7 @@ def answers(client, queries: list[np.ndarray]) -> list:
         for routing in routings:
             response = client.search(query, MODEL, k=10, routing=routing.to_message(), ef=600)
             result.append(([(h.id, h.category, round(h.score, 4)) for h in response.hits],
-                           sorted(p.category for p in response.probes), list(response.unknown_categories)))
+                           sorted({p.category for p in response.probes}), list(response.unknown_categories)))
     return result
 
 
@@ -363,7 +365,7 @@ def test_groups_found_through_the_shard_map_answer_like_one_searcher(two_groups)
 
 def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_groups) -> None:
     groups, client, _, rng = two_groups
-    placed_on_b = sorted(c for c, g in client.placements.items() if g == "b")
+    placed_on_b = sorted(c for c, g in client.placements.items() if g == ["b"])
     groups.kill("b", 0)
     query = random_vector(rng)
     response = client.search(query, MODEL, k=10, timeout=3)
@@ -385,7 +387,7 @@ def test_moving_a_category_between_groups_keeps_every_answer(two_groups) -> None
     groups, client, single, rng = two_groups
     queries = [random_vector(rng) for _ in range(6)]
     before = answers(client, queries)
-    category, source = next((c, g) for c, g in sorted(client.placements.items()) if g == "a")
+    category = next(c for c, g in sorted(client.placements.items()) if g == ["a"])
     response = client.move(category, "b")
     assert (response.placement.group, response.placement.moving_to) == ("a", "b")
     deadline = time.monotonic() + 30
@@ -441,3 +443,47 @@ def test_lookalike_shards_prints_the_map_and_moves(two_groups) -> None:
     assert refused.returncode == 1 and "group 'nowhere' has no live replica" in refused.stderr
     text = cli()
     assert f"group a: 2 live replicas at {groups.target('a')}" in text.stdout
+
+
+@pytest.mark.timeout(240)
+def test_a_category_past_max_shard_items_splits_across_groups_and_answers_the_same(fresh_database: str,
+                                                                                    tmp_path: Path) -> None:
+    """300 items per category against --max-shard-items 200: each category splits into 3 parts by a hash
+    of item id, placed on both groups; searched in parallel and merged, the answers equal one SQLite
+    searcher's before, during and after the split, and for writes after it."""
+    rng = np.random.default_rng(31)
+    items = [CatalogueItem(f"sku-{n}", CATEGORIES[n % len(CATEGORIES)], random_vector(rng), MODEL) for n in range(1500)]
+    groups = Groups(fresh_database, tmp_path, {"a": 1, "b": 1}, "--max-shard-items", "200", "--follow-interval", "0.3")
+    with ExitStack() as stack:
+        stack.callback(groups.close)
+        port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path / "single")]))[1]
+        single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
+        client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=0.3))
+        for start in range(0, len(items), 500):
+            assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
+            assert all(s.code == 0 for s in single.upsert(items[start:start + 500]).statuses)
+        queries = [random_vector(rng) for _ in range(8)]
+        expected = answers(single, queries)
+        deadline = time.monotonic() + 60
+        while True:
+            placements = client.shard_map(refresh=True).placements
+            if all(p.parts == 3 and not p.building for p in placements) and len(placements) == 3 * len(CATEGORIES):
+                break
+            assert time.monotonic() < deadline, f"no split: {[(p.category, p.part, p.parts, p.building) for p in placements]}"
+            assert answers(client, queries) == expected  # searches keep their answers while the parts build
+            time.sleep(0.3)
+        assert {p.group for p in placements} == {"a", "b"}, "the parts spread over both groups"
+        time.sleep(1.5)  # past --move-grace: the whole shards are dropped
+        assert answers(client, queries) == expected
+        stats = client.stats()
+        assert stats.items == 1500 and {(s.category, s.parts) for s in stats.shards} == {(c, 3) for c in CATEGORIES}
+        assert all(s.items < 200 for s in stats.shards)
+        # Writes after the split land in the right parts.
+        more = [CatalogueItem(f"new-{n}", CATEGORIES[n % len(CATEGORIES)], random_vector(rng), MODEL) for n in range(200)]
+        assert all(s.code == 0 for s in client.upsert(more).statuses)
+        single.upsert(more)
+        gone = [f"sku-{n}" for n in range(0, 1500, 9)]
+        assert client.delete(gone).deleted == single.delete(gone).deleted == len(gone)
+        wait_converged(groups.stubs())
+        assert answers(client, queries) == answers(single, queries)
+        assert client.stats().items == single.stats().items

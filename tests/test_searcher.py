@@ -53,8 +53,9 @@ def by_probability(data: dict, row: int, threshold: float = 0.9, max_shards: int
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory, grocery_embeddings: dict) -> Iterator[tuple[object, grpc.Channel]]:
-    """A searcher holding every grocery train photo, one shard per coarse class."""
-    started, channel = start_searcher(tmp_path_factory.mktemp("searcher"), snapshot_interval=0)
+    """A searcher holding every grocery train photo, one shard per coarse class, searched through HNSW
+    (exact_below 0: these shards are small enough to be searched exactly by default)."""
+    started, channel = start_searcher(tmp_path_factory.mktemp("searcher"), snapshot_interval=0, exact_below=0)
     upsert(channel, items_of(grocery_embeddings))
     yield started, channel
     channel.close()
@@ -85,6 +86,28 @@ def test_global_and_per_shard_recall_against_brute_force(loaded, grocery_embeddi
         shard_recalls.append(recall([h.id for h in shard_hits], expected))
     assert np.mean(global_recalls) >= 0.95, np.mean(global_recalls)
     assert np.mean(shard_recalls) >= 0.95, np.mean(shard_recalls)
+
+
+def test_small_shards_are_searched_exactly(tmp_path: Path, grocery_embeddings: dict) -> None:
+    """Below exact_below (default 2048 items) a shard answers by brute force: the exact top k, in order."""
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    data = grocery_embeddings
+    upsert(channel, items_of(data))
+    deleted = [image.item_id for image in data["catalogue"][::5]]
+    stub(channel).Delete(pb.DeleteRequest(ids=deleted), timeout=30)
+    keep = np.array([i % 5 != 0 for i in range(len(data["catalogue"]))])
+    ids = np.array([image.item_id for image in data["catalogue"]])[keep]
+    categories = np.array([image.category for image in data["catalogue"]])[keep]
+    vectors = data["catalogue_vectors"][keep]
+    for query in data["query_vectors"][:20]:
+        category = categories[exact_top_k(vectors, query, 1)[0]]
+        members = np.flatnonzero(categories == category)
+        expected = list(ids[members[exact_top_k(vectors[members], query, min(K, len(members)))]])
+        hits = search(channel, query, data["model_id"], routing=explicit(category)).hits
+        assert [h.id for h in hits] == expected
+        assert all(abs(h.similarity - float(vectors[list(ids).index(h.id)] @ query)) < 1e-5 for h in hits)
+    channel.close()
+    started.stop(None)
 
 
 def test_hits_are_sorted_unique_and_carry_attributes(loaded, grocery_embeddings: dict) -> None:

@@ -13,6 +13,7 @@ model trained on other labels, say), every shard is searched rather than none.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Collection, Iterable, Protocol, Sequence, TypeVar
@@ -24,6 +25,12 @@ DEFAULT_THRESHOLD = 0.9
 DEFAULT_MAX_SHARDS = 4
 # Floor inside ln(p) for the prior, so a category the classifier gave 0 still gets a finite score.
 MIN_PROBABILITY = 1e-9
+
+
+def part_of(item_id: str, parts: int) -> int:
+    """The part of a split category an item belongs to: a hash of its id, so every writer and every
+    client agrees with no coordination (a category of 1 part is whole)."""
+    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % parts if parts > 1 else 0
 
 
 class Mode(enum.Enum):

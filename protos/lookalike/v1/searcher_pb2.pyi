@@ -126,20 +126,24 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., similarity: _Optional[float] = ..., category: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardProbe(_message.Message):
-    __slots__ = ("category", "probability", "k", "ef", "items", "seconds")
+    __slots__ = ("category", "probability", "k", "ef", "items", "seconds", "part", "parts")
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EF_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     category: str
     probability: float
     k: int
     ef: int
     items: int
     seconds: float
-    def __init__(self, category: _Optional[str] = ..., probability: _Optional[float] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., items: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, category: _Optional[str] = ..., probability: _Optional[float] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., items: _Optional[int] = ..., seconds: _Optional[float] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "probes", "unknown_categories", "missing_shards")
@@ -158,7 +162,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("category", "items", "deleted", "capacity", "model_id", "dimension", "memory_bytes", "snapshot_sequence", "snapshot_age_seconds")
+    __slots__ = ("category", "items", "deleted", "capacity", "model_id", "dimension", "memory_bytes", "snapshot_sequence", "snapshot_age_seconds", "part", "parts")
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +172,8 @@ class ShardStats(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     category: str
     items: int
     deleted: int
@@ -177,7 +183,9 @@ class ShardStats(_message.Message):
     memory_bytes: int
     snapshot_sequence: int
     snapshot_age_seconds: float
-    def __init__(self, category: _Optional[str] = ..., items: _Optional[int] = ..., deleted: _Optional[int] = ..., capacity: _Optional[int] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, category: _Optional[str] = ..., items: _Optional[int] = ..., deleted: _Optional[int] = ..., capacity: _Optional[int] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("shards", "items", "sequence", "store_sequence", "lag_seconds")
@@ -208,18 +216,24 @@ class ReplicaGroup(_message.Message):
     def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., live_replicas: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("category", "group", "moving_to", "model_id", "dimension")
+    __slots__ = ("category", "group", "moving_to", "model_id", "dimension", "part", "parts", "building")
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     MOVING_TO_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_FIELD_NUMBER: _ClassVar[int]
     category: str
     group: str
     moving_to: str
     model_id: str
     dimension: int
-    def __init__(self, category: _Optional[str] = ..., group: _Optional[str] = ..., moving_to: _Optional[str] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ...) -> None: ...
+    part: int
+    parts: int
+    building: bool
+    def __init__(self, category: _Optional[str] = ..., group: _Optional[str] = ..., moving_to: _Optional[str] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ..., building: _Optional[bool] = ...) -> None: ...
 
 class GetShardMapResponse(_message.Message):
     __slots__ = ("groups", "placements", "group", "sequence")
