@@ -155,7 +155,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from lookalike.tools.bench_replicas import run_replicas_bench
 
         return run_replicas_bench(items=args.items, dimension=args.dimension, store=args.store, seconds=args.seconds,
-                                  as_json=args.json)
+                                  startup_items=args.startup_items, as_json=args.json)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib)")
     bench.add_argument("service", choices=["embedder", "searcher", "replicas"],
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite)")
+    bench.add_argument("--startup-items", type=int, default=0,
+                       help="replicas: measure replica start-up at this many items (rows written straight into "
+                            "the store)")
     bench.add_argument("--store", default="", help="replicas: a PostgreSQL DSN to measure against (default: a "
                                                    "throwaway local server)")
     bench.add_argument("--items", type=int, default=100_000, help="searcher: catalogue size")
