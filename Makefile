@@ -8,10 +8,11 @@ DATASETS ?= ../shared/datasets
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 POSTGRES_BIN := /usr/lib/postgresql/15/bin
 DEMO_DIR ?= var/demo
+CHROMEDRIVER := /usr/bin/chromedriver
 
-.PHONY: setup test demo bench protos lock clean check-extras
+.PHONY: setup test demo web bench protos lock clean check-extras
 
-setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(POSTGRES_BIN)/initdb
+setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(POSTGRES_BIN)/initdb $(CHROMEDRIVER)
 
 # One install step for everything: the package with every extra plus the test tools, at the versions
 # requirements.lock pins (pyproject.toml declares ranges; the lock is what we test and ship).
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml requirements.lock
 # Re-resolves requirements.lock from pyproject.toml's ranges (newest versions that fit).
 lock: $(STAMP)
 	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package lookalike \
-	  --extra serving --extra embedder --extra searcher --extra exporter --extra dev -o requirements.lock pyproject.toml
+	  --extra serving --extra embedder --extra searcher --extra exporter --extra web --extra dev -o requirements.lock pyproject.toml
 
 # Fashion-MNIST comes from Debian, so a fresh machine has a real catalogue without downloads.
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
@@ -43,12 +44,26 @@ $(POSTGRES_BIN)/initdb:
 	  sudo apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
+# Chromium and its driver from Debian, so the web demo's browser test drives a real browser without
+# downloading one (chromium-driver brings /usr/bin/chromedriver and depends on chromium).
+$(CHROMEDRIVER):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)) >/dev/null; \
+	else \
+	  sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
 # The extras check first, so pytest's summary is the run's last word.
 test: setup check-extras
 	$(PY) -m pytest -q -ra
 
 demo: setup
 	$(PY) -m lookalike.tools.cli demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
+
+# The web demo: starts both services on the demo's model and index (built on the first run), then the
+# page, and prints its URL. WEB_ARGS passes options, e.g. WEB_ARGS="--port 8600".
+web: setup
+	$(PY) -m lookalike.tools.cli web --workdir $(DEMO_DIR) $(WEB_ARGS)
 
 bench: setup
 	$(PY) -m lookalike.tools.cli bench embedder --workdir $(DEMO_DIR) $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""The `lookalike` command line: export, serve, embed, index, search, shards, eval, demo and bench.
+"""The `lookalike` command line: export, serve, embed, index, search, shards, eval, demo, web and bench.
 
 Heavy imports (torch, onnxruntime, hnswlib) happen inside the commands that need them, so the client
 alone (`pip install lookalike[client]`) can run `embed` against remote servers.
@@ -150,6 +150,13 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
                     head_per_category=args.head_per_category, as_json=args.json)
 
 
+def _web(args: argparse.Namespace, rest: list[str]) -> int:
+    from lookalike.tools.web import run_web
+
+    return run_web(Path(args.workdir), embedder=args.embedder, searcher=args.searcher, samples=args.samples,
+                   port=args.port, address=args.address, catalog_size=args.catalog_size)
+
+
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.service == "replicas":
         from lookalike.tools.bench_replicas import run_replicas_bench
@@ -258,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="catalogue images per category the category head is fitted on")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(run=_demo)
+
+    web = commands.add_parser("web", help="the web demo: a page to search by photo; with no addresses it starts the "
+                                          "demo's services (model and index built as `lookalike demo` does)")
+    web.add_argument("--embedder", help="a running embedder's address host:port (with --searcher)")
+    web.add_argument("--searcher", help="a running searcher's address or target (with --embedder)")
+    web.add_argument("--samples", type=Path, help="labelled photos (folder or list file) to offer as sample "
+                                                  "queries (default with the demo's services: its held-out photos)")
+    web.add_argument("--port", type=int, default=8501, help="the page's port (0: a free one)")
+    web.add_argument("--address", default="127.0.0.1", help="the address the page listens on (0.0.0.0: all)")
+    web.add_argument("--workdir", default="var/demo", help="the demo's models, index and data (built if missing)")
+    web.add_argument("--catalog-size", type=int, default=10_000, help="catalogue images the demo indexes")
+    web.set_defaults(run=_web)
 
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib)")

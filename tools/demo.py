@@ -15,12 +15,15 @@ import re
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from lookalike.quality.labelled_images import LabelledImage, read_labelled_images
-from lookalike.client.indexing import index_catalogue
+from lookalike.client.indexing import IndexSummary, index_catalogue
 from lookalike.client.facade import Lookalike, SearchResult
 from lookalike.quality.retrieval_metrics import average_precision, average_precision_over_hits, hit_at, precision_at
 from lookalike.tools.processes import running_service
@@ -88,31 +91,65 @@ def contact_sheet(rows: list[tuple[LabelledImage, SearchResult]], path: Path) ->
     return path
 
 
-def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = None, catalog_size: int = 10_000,
-             query_count: int = 200, head_per_category: int = HEAD_PER_CATEGORY, k: int = 10,
-             as_json: bool = False) -> int:
+@dataclass(frozen=True)
+class DemoSetup:
+    """What the demo serves: its model, the catalogue sample to index and the held-out query photos."""
+
+    workdir: Path
+    catalog: Path
+    model_dir: Path
+    model_id: str
+    catalogue: list[LabelledImage]
+    queries: list[LabelledImage]
+
+    @property
+    def name(self) -> str:
+        # The index belongs to one model (shards are locked to its id): a rebuilt model gets a fresh index.
+        return f"{_slug(self.catalog)}-{len(self.catalogue)}-{self.model_id.split('@')[-1]}"
+
+
+def prepare_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = None, catalog_size: int = 10_000,
+                 query_count: int = 200, head_per_category: int = HEAD_PER_CATEGORY) -> DemoSetup:
+    """The demo's catalogue and queries (Fashion-MNIST from Debian by default) and its model, built if missing."""
     workdir.mkdir(parents=True, exist_ok=True)
     if catalog is None or queries is None:
         from lookalike.quality.fashion_mnist import materialize
 
         catalog = catalog or materialize(workdir / "fashion-mnist", "train", math.ceil(catalog_size / 10))
         queries = queries or materialize(workdir / "fashion-mnist", "test", math.ceil(query_count / 10))
-    started = time.perf_counter()
     model_dir = ensure_model(workdir, catalog, head_per_category)
-    catalogue = stratified(read_labelled_images(catalog), catalog_size)
-    query_images = stratified(read_labelled_images(queries), query_count, seed=1)
-    relevant_total = Counter(image.label for image in catalogue)
-    # The index belongs to one model (shards are locked to its id): a rebuilt model gets a fresh index.
-    model_id = read_manifest(model_dir).model_id
-    name = f"{_slug(catalog)}-{len(catalogue)}-{model_id.split('@')[-1]}"
+    return DemoSetup(workdir, catalog, model_dir, read_manifest(model_dir).model_id,
+                     stratified(read_labelled_images(catalog), catalog_size),
+                     stratified(read_labelled_images(queries), query_count, seed=1))
 
-    with running_service("lookalike.embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
-            running_service("lookalike.searcher", ["--data", str(workdir / "searcher" / name)]) as (_, searcher_port), \
-            Lookalike(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}") as lookalike:
-        print(f"indexing {len(catalogue)} catalogue images from {catalog} ...", flush=True)
-        summary = index_catalogue(lookalike, catalogue, journal=workdir / f"index-journal-{name}.txt",
-                                  progress=sys.stderr)
-        print(summary.describe(), flush=True)
+
+@contextmanager
+def demo_services(setup: DemoSetup) -> Iterator[tuple[str, str, IndexSummary]]:
+    """Starts the embedder and the searcher on free local ports and indexes the catalogue into them
+    (resuming from the journal, so a second run only checks it); yields both addresses and the summary.
+    `lookalike demo` and `lookalike web` share it, so both serve the same model and index."""
+    name = setup.name
+    index_dir = setup.workdir / "searcher" / name
+    with running_service("lookalike.embedder", ["--model", str(setup.model_dir)]) as (_, embedder_port), \
+            running_service("lookalike.searcher", ["--data", str(index_dir)]) as (_, searcher_port):
+        embedder, searcher = f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}"
+        with Lookalike(embedder, searcher) as lookalike:
+            print(f"indexing {len(setup.catalogue)} catalogue images from {setup.catalog} ...", flush=True)
+            summary = index_catalogue(lookalike, setup.catalogue, journal=setup.workdir / f"index-journal-{name}.txt",
+                                      progress=sys.stderr)
+            print(summary.describe(), flush=True)
+        yield embedder, searcher, summary
+
+
+def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = None, catalog_size: int = 10_000,
+             query_count: int = 200, head_per_category: int = HEAD_PER_CATEGORY, k: int = 10,
+             as_json: bool = False) -> int:
+    started = time.perf_counter()
+    setup = prepare_demo(workdir, catalog, queries, catalog_size, query_count, head_per_category)
+    catalog, catalogue, query_images, model_id = setup.catalog, setup.catalogue, setup.queries, setup.model_id
+    relevant_total = Counter(image.label for image in catalogue)
+
+    with demo_services(setup) as (embedder, searcher, summary), Lookalike(embedder, searcher) as lookalike:
         results = []
         for query in query_images:
             results.append((query, lookalike.search(query.path, k=k, routing="adaptive")))

@@ -1,0 +1,268 @@
+"""The web demo's page (web/app.py) driven headless by Streamlit's AppTest against real servers on port 0."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+
+from lookalike.client.embedder_client import EmbedderClient
+from lookalike.client.facade import Lookalike
+from lookalike.client.indexing import index_catalogue
+from tests.conftest import GROCERY, ROOT, start_searcher
+from tests.test_clients import free_port
+from tests.test_packaging import _lint, _unpack, wheel  # noqa: F401 - wheel is a fixture
+
+pytest.importorskip("streamlit", reason="the web extra is not installed (pip install 'lookalike[web]')")
+from streamlit.testing.v1 import AppTest  # noqa: E402 - only once streamlit is known to be there
+
+from lookalike.tools.web import app_path  # noqa: E402
+from lookalike.web.app import plain  # noqa: E402
+
+# A small catalogue: every probed shard holds at least 12 items, so any routing fills a top 10.
+CATEGORIES = ("Apple", "Juice", "Milk", "Yoghurt", "Melon", "Tomato")
+PER_CATEGORY = 12
+RUN_TIMEOUT = 60.0
+
+
+def catalogue_photos(grocery_train: Sequence) -> list:
+    """The first PER_CATEGORY grocery training photos of each of CATEGORIES."""
+    return [photo for category in CATEGORIES
+            for photo in [p for p in grocery_train if p.category == category][:PER_CATEGORY]]
+
+
+@contextmanager
+def indexed_searcher(embedder_address: str, data_dir: Path, photos: Sequence) -> Iterator[str]:
+    """A real searcher on port 0 holding `photos`, indexed through the client library as `lookalike index`
+    does (so each item records its file as attributes["path"]); yields its address."""
+    searcher, channel = start_searcher(data_dir, snapshot_interval=0)
+    address = f"127.0.0.1:{searcher.port}"
+    try:
+        with Lookalike(embedder_address, address) as lookalike:
+            summary = index_catalogue(lookalike, photos, progress=None)
+        assert summary.indexed == len(photos) and not summary.failed, summary.describe()
+        yield address
+    finally:
+        channel.close()
+        searcher.stop(None)
+
+
+def query_photo(embedder_address: str, grocery_val: Sequence) -> tuple[object, str]:
+    """A held-out photo of one of CATEGORIES whose most probable category is also one of them (so the
+    top shard exists and a low threshold probes exactly one), with that category; a correctly
+    classified one when there is one (the test model's head saw only 5 photos per category)."""
+    candidates = [p for p in grocery_val if p.category in CATEGORIES][::3]
+    with EmbedderClient(embedder_address) as client:
+        embedded = client.embed([p.path for p in candidates], top_categories=1)
+    ranked = sorted(((result.top_category != photo.category, -result.categories[0][1], photo.item_id), photo,
+                     result.top_category) for photo, result in zip(candidates, embedded)
+                    if result.ok and result.top_category in CATEGORIES)
+    assert ranked, "no held-out photo is predicted as one of the catalogue's categories"
+    return ranked[0][1], ranked[0][2]
+
+
+@pytest.fixture(scope="module")
+def services(embedder, grocery_train: list, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    started_embedder, _ = embedder
+    embedder_address = f"127.0.0.1:{started_embedder.port}"
+    with indexed_searcher(embedder_address, tmp_path_factory.mktemp("web-searcher"),
+                          catalogue_photos(grocery_train)) as searcher_address:
+        yield embedder_address, searcher_address
+
+
+@pytest.fixture(scope="module")
+def query(services: tuple[str, str], grocery_val: list) -> tuple[object, str]:
+    return query_photo(services[0], grocery_val)
+
+
+@pytest.fixture()
+def page(services: tuple[str, str], query: tuple[object, str],
+         monkeypatch: pytest.MonkeyPatch) -> tuple[AppTest, object, str]:
+    """The app pointed at the real servers (through the environment), the sample query offered first."""
+    embedder_address, searcher_address = services
+    photo, predicted = query
+    monkeypatch.setenv("LOOKALIKE_EMBEDDER", embedder_address)
+    monkeypatch.setenv("LOOKALIKE_SEARCHER", searcher_address)
+    monkeypatch.setenv("LOOKALIKE_SAMPLES", str(photo.path))
+    # Under pytest sys.argv holds pytest's arguments; the app must ignore them and read the environment.
+    monkeypatch.setattr("sys.argv", ["app.py"])
+    return AppTest.from_file(str(app_path()), default_timeout=RUN_TIMEOUT), photo, predicted
+
+
+def _texts(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def _probed(at: AppTest, mode: str = "adaptive") -> list[str]:
+    """The shards the page says the search probed, for the results' routing mode."""
+    line = next(m.value for m in at.markdown if m.value.startswith(f"**Probed shards ({mode},"))
+    return [part.split(" (")[0] for part in line.split(":** ", 1)[1].split(", ")]
+
+
+def test_a_sample_query_gives_results(page: tuple[AppTest, object, str]) -> None:
+    at, photo, predicted = page
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    texts = _texts(at)
+    assert f"**Query:** sample {plain(photo.path.parent.name + '/' + photo.path.stem)}" in texts
+    assert f"**Predicted category:** {predicted} (" in texts
+    assert "Top 10 results" in [header.value for header in at.subheader]
+    results = at.container(key="results")
+    # Every hit shows its catalogue photo, served from the file indexing recorded.
+    assert len(results.image) == 10
+    hits = [m.value for m in results.markdown if m.value.startswith("**")]
+    assert len(hits) == 10 and all("similarity" in hit for hit in hits)
+    assert any(f"· {predicted}" in hit for hit in hits)
+    assert all(re.search(r"label: \S", c.value) for c in results.caption)
+    # The model and the catalogue, as GetModelInfo and GetStats tell them.
+    sidebar = "\n".join(m.value for m in at.sidebar.markdown)
+    assert "**model id:** effnet-lite0@" in sidebar and "**input size:** 224×224" in sidebar
+    assert f"**{len(CATEGORIES) * PER_CATEGORY:,} items in {len(CATEGORIES)} shards**" in sidebar
+    # Time in each service for this query.
+    metrics = {metric.label: metric.value for metric in at.metric}
+    assert metrics["Embedder"].endswith(" ms") and float(metrics["Embedder"].split()[0]) > 0
+    assert metrics["Searcher"].endswith(" ms") and float(metrics["Searcher"].split()[0]) > 0
+    # The three routing modes side by side for the same photo.
+    compared = [m.value for m in at.container(key="compare").markdown]
+    assert [line.split("**")[1] for line in compared] == ["global", "top-1 shard", "adaptive"]
+    assert compared[0].startswith(f"**global**: {len(CATEGORIES)} shards")
+    assert compared[1].startswith("**top-1 shard**: 1 shard,") and compared[1].endswith(f"probed: {predicted}")
+
+
+def test_routing_controls_change_the_probed_shards(page: tuple[AppTest, object, str]) -> None:
+    at, _, predicted = page
+    at.run()
+    at.slider(key="threshold").set_value(0.05).run()
+    assert _probed(at) == [predicted]
+    at.slider(key="threshold").set_value(1.0)
+    at.number_input(key="max_shards").set_value(len(CATEGORIES)).run()
+    probed = _probed(at)
+    assert len(probed) == len(CATEGORIES) and probed[0] == predicted and set(probed) == set(CATEGORIES)
+    at.number_input(key="max_shards").set_value(2).run()
+    assert len(_probed(at)) == 2
+    at.radio(key="routing").set_value("top-1 shard").run()
+    assert _probed(at, "top-1 shard") == [predicted]
+    at.radio(key="routing").set_value("global").run()
+    assert sorted(_probed(at, "global")) == sorted(CATEGORIES)
+    # A prior weight ranks by score = cosine + weight * ln p, shown beside the similarity.
+    at.slider(key="prior_weight").set_value(0.2).run()
+    assert all("score" in m.value for m in at.container(key="results").markdown if m.value.startswith("**"))
+    assert not at.exception and not at.error
+
+
+def _big_png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_bad_uploads_show_the_servers_message_and_the_page_keeps_working(page: tuple[AppTest, object, str]) -> None:
+    at, photo, _ = page
+    at.run()
+    uploads = [
+        (("notes.jpg", b"these are not pixels", "image/jpeg"), "is not a readable image"),
+        (("empty.png", b"", "image/png"), "is empty (0 bytes)"),
+        # The test embedder allows 12 megapixels per image (conftest): 4000x3500 is refused, in its words.
+        (("huge.png", _big_png(4000, 3500), "image/png"), "4000x3500 = 14000000 pixels, limit is 12000000"),
+    ]
+    for upload, message in uploads:
+        at.file_uploader(key="upload").set_value(upload).run()
+        assert not at.exception
+        errors = [error.value for error in at.error]
+        assert len(errors) == 1 and message in errors[0], errors
+        assert errors[0].startswith(f"uploaded {upload[0]}: The embedder refused this photo")
+        assert not [header for header in at.subheader if header.value.startswith("Top ")]
+    # A real photo next: results again.
+    at.file_uploader(key="upload").set_value((photo.path.name, photo.path.read_bytes(), "image/jpeg")).run()
+    assert not at.error and not at.exception
+    assert f"**Query:** uploaded {plain(photo.path.name)}" in _texts(at)
+    assert len(at.container(key="results").image) == 10
+
+
+def test_a_server_that_is_down_gives_a_clear_message(services: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
+                                                     grocery_val: list) -> None:
+    embedder_address, searcher_address = services
+    nowhere = f"127.0.0.1:{free_port()}"
+    monkeypatch.setattr("sys.argv", ["app.py", "--embedder", nowhere, "--searcher", searcher_address,
+                                     "--sample", str(grocery_val[0].path)])
+    at = AppTest.from_file(str(app_path()), default_timeout=RUN_TIMEOUT).run()
+    assert not at.exception
+    errors = [error.value for error in at.error]
+    assert len(errors) == 1 and errors[0].startswith(f"Model: The embedder at {nowhere} cannot be reached"), errors
+    # The searcher is up: its catalogue still shows.
+    assert f"**{len(CATEGORIES) * PER_CATEGORY:,} items" in "\n".join(m.value for m in at.sidebar.markdown)
+    monkeypatch.setattr("sys.argv", ["app.py", "--embedder", embedder_address, "--searcher", nowhere])
+    at = AppTest.from_file(str(app_path()), default_timeout=RUN_TIMEOUT).run()
+    errors = [error.value for error in at.error]
+    assert not at.exception and len(errors) == 1
+    assert errors[0].startswith(f"Catalogue: The searcher at {nowhere} cannot be reached"), errors
+
+
+def test_settings_come_from_arguments_or_the_environment(tmp_path: Path) -> None:
+    from lookalike.web.app import parse_settings
+
+    samples = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    from_args = parse_settings(["--embedder", "e:1", "--searcher", "s:2", "--sample", str(samples[0]),
+                                "--sample", str(samples[1])], {})
+    assert (from_args.embedder, from_args.searcher, from_args.samples) == ("e:1", "s:2", tuple(samples))
+    environ = {"LOOKALIKE_EMBEDDER": "e:3", "LOOKALIKE_SEARCHER": "s:4",
+               "LOOKALIKE_SAMPLES": os.pathsep.join(map(str, samples))}
+    # A test runner's own arguments are ignored.
+    from_env = parse_settings(["-q", "tests/test_web_app.py", "--setup-show"], environ)
+    assert (from_env.embedder, from_env.searcher, from_env.samples) == ("e:3", "s:4", tuple(samples))
+
+
+def test_a_web_app_import_of_the_tools_breaks_its_contract(wheel: Path, tmp_path: Path) -> None:
+    """The page is a client like any other: reaching into the tools (which start servers) is refused."""
+    site = _unpack(wheel, tmp_path)
+    app = site / "lookalike" / "web" / "app.py"
+    app.write_text(app.read_text() + "\nfrom lookalike.tools.web import app_path  # noqa\n")
+    result = _lint(site)
+    assert result.returncode != 0
+    assert "The web app imports only the client library and the contracts BROKEN" in result.stdout
+    assert "lookalike.web.app -> lookalike.tools.web" in result.stdout
+
+
+def test_lookalike_web_serves_the_page_and_stops_it(services: tuple[str, str]) -> None:
+    """`lookalike web --embedder A --searcher B` prints the page's URL, the page answers, and a SIGTERM
+    stops the page with it."""
+    usage = subprocess.run([sys.executable, "-m", "lookalike.tools.cli", "web", "--embedder", services[0]], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "give both --embedder and --searcher" in usage.stderr
+    process = subprocess.Popen([sys.executable, "-m", "lookalike.tools.cli", "web", "--embedder", services[0],
+                                "--searcher", services[1], "--port", "0", "--samples", str(GROCERY / "val.txt")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Lookalike web demo: "):
+                break
+        assert lines and lines[-1].startswith("Lookalike web demo: "), "".join(lines)
+        url = lines[-1].split()[3]
+        assert re.fullmatch(r"http://localhost:\d+", url), "".join(lines)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{url}/_stcore/health", timeout=10) as health:
+            assert health.read() == b"ok"
+        page = subprocess.run(["pgrep", "-f", f"streamlit run .* --server.port {url.rsplit(':', 1)[1]} "],
+                              capture_output=True, text=True)
+        assert page.stdout.strip(), "the page's streamlit process was not found"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        # The page went with it.
+        assert subprocess.run(["pgrep", "-f", "--", f"--server.port {url.rsplit(':', 1)[1]} "]).returncode == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

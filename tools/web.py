@@ -1,0 +1,133 @@
+"""`lookalike web`: starts the web demo's page (Streamlit), and the demo's services first when none are given."""
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+SAMPLE_QUERIES = 8
+
+
+def app_path() -> Path:
+    """Where lookalike/web/app.py is (in the checkout or the installed package), without importing it:
+    importing it would import streamlit, which only the page's own process needs."""
+    spec = importlib.util.find_spec("lookalike.web.app")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("lookalike.web.app is not installed: pip install 'lookalike[web]'")
+    return Path(spec.origin)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    # Streamlit takes no port 0, so ask the kernel for a free one and hand it over (a small race, fine
+    # for a local demo and tests).
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def streamlit_command(embedder: str, searcher: str, samples: Sequence[Path], port: int,
+                      address: str = "127.0.0.1") -> list[str]:
+    """`python -m streamlit run app.py ... -- --embedder A --searcher B --sample PHOTO ...`."""
+    app_args = ["--embedder", embedder, "--searcher", searcher]
+    for sample in samples:
+        app_args += ["--sample", str(Path(sample).resolve())]
+    # Headless (no browser opened), no usage statistics sent anywhere, no file watcher (nothing here
+    # edits the app while it runs, and watching costs CPU), and the viewer's toolbar (no "Deploy").
+    return [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.headless", "true",
+            "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", *app_args]
+
+
+def page_url(address: str, port: int) -> str:
+    host = "localhost" if address in ("127.0.0.1", "localhost", "0.0.0.0", "::") else address
+    return f"http://{host}:{port}"
+
+
+def _healthy(url: str) -> bool:
+    # No proxy: the page is on this machine, whatever http_proxy says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url}/_stcore/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), port: int = 0,
+                    address: str = "127.0.0.1", startup_timeout: float = 90.0,
+                    echo: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Runs the page in a child process until the block ends; yields (process, URL) once it answers.
+
+    Its output is kept for the error raised when it fails to start, and echoed when `echo` is set.
+    """
+    port = port or free_port()
+    url = page_url(address, port)
+    process = subprocess.Popen(streamlit_command(embedder, searcher, samples, port, address), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+
+    def relay() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the web app did not start at {url}:\n{''.join(output[-30:])}")
+            time.sleep(0.25)
+        yield process, url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = None, samples: Path | None = None,
+            port: int = 8501, address: str = "127.0.0.1", catalog_size: int = 10_000) -> int:
+    """Serves the page until interrupted. Without addresses, first builds (or reuses) the demo's model and
+    index exactly as `lookalike demo` does and starts both services on them."""
+    from lookalike.quality.labelled_images import read_labelled_images
+    from lookalike.tools.demo import demo_services, prepare_demo, stratified
+
+    if (embedder is None) != (searcher is None):
+        raise ValueError("give both --embedder and --searcher, or neither to start the demo's services")
+    # A SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the page and the services started
+    # here are stopped with it instead of left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with ExitStack() as stack:
+        sample_photos: list[Path] = []
+        if samples is not None:
+            sample_photos = [image.path for image in stratified(read_labelled_images(samples), SAMPLE_QUERIES, seed=2)]
+        if embedder is None or searcher is None:
+            # An absolute workdir, so the image paths indexing records resolve from the page's process too.
+            setup = prepare_demo(workdir.resolve(), catalog_size=catalog_size)
+            embedder, searcher, _ = stack.enter_context(demo_services(setup))
+            if samples is None:
+                sample_photos = [image.path for image in stratified(setup.queries, SAMPLE_QUERIES, seed=2)]
+        sample_photos.sort()
+        process, url = stack.enter_context(running_web_app(embedder, searcher, sample_photos, port, address,
+                                                           echo=True))
+        print(f"\nLookalike web demo: {url}  (embedder {embedder}, searcher {searcher}; Ctrl-C stops it)", flush=True)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0

@@ -1,0 +1,1 @@
+"""The web demo: a Streamlit page that searches the catalogue through the client library (app.py)."""
