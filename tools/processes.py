@@ -43,9 +43,14 @@ def running_service(module: str, args: Sequence[str], startup_timeout: float = 1
             raise RuntimeError(f"{module} did not start within {startup_timeout:.0f}s:\n{''.join(log_lines[-30:])}")
         yield process, port[0]
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 30)
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

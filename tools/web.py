@@ -14,6 +14,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lookalike.tools.processes import stop_process
+
 SAMPLE_QUERIES = 8
 
 
@@ -93,12 +95,7 @@ def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), 
             time.sleep(0.25)
         yield process, url
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 15)
 
 
 def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = None, samples: Path | None = None,
