@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -35,8 +37,11 @@ class ChannelSettings:
     root_certificates: bytes | None = None
     private_key: bytes | None = None
     certificate_chain: bytes | None = None
-    # Sent with every call, e.g. (("authorization", "Bearer ..."),).
+    # Sent with every call.
     metadata: tuple[tuple[str, str], ...] = ()
+    # Bearer token for servers that require one; empty: $LOOKALIKE_TOKEN, else the file named by
+    # $LOOKALIKE_TOKEN_FILE (read at each call, so a rotated Secret mount is picked up).
+    token: str = ""
     max_message_bytes: int = 64 * 1024 * 1024
     timeout: float = 30.0
     # Attempts after the first, on UNAVAILABLE only, with exponential backoff and jitter, all within
@@ -58,6 +63,14 @@ class ChannelSettings:
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.service_config", _ROUND_ROBIN),
         ]
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The metadata every call sends: `metadata`, plus the bearer token when there is one."""
+        token = self.token or os.environ.get("LOOKALIKE_TOKEN", "")
+        if not token and os.environ.get("LOOKALIKE_TOKEN_FILE"):
+            token = Path(os.environ["LOOKALIKE_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
+        metadata = self.metadata + ((("authorization", f"Bearer {token}"),) if token else ())
+        return metadata or None
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
@@ -159,7 +172,7 @@ def call_with_retries(method: Callable[..., Response], request: Any, settings: C
     for attempt in range(len(delays) + 1):
         try:
             return method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                          metadata=settings.metadata or None)
+                          metadata=settings.call_metadata())
         except grpc.RpcError as error:
             time.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")
@@ -173,7 +186,7 @@ async def call_with_retries_async(method: Callable[..., Any], request: Any, sett
     for attempt in range(len(delays) + 1):
         try:
             return await method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                metadata=settings.metadata or None)
+                                metadata=settings.call_metadata())
         except grpc.RpcError as error:
             await asyncio.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")

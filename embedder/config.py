@@ -42,6 +42,8 @@ class EmbedderConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     health_address: str = ""
+    # ROLE SHA256_HEX lines (a Secret mount): every RPC then needs a bearer token of a high enough role.
+    auth_tokens: Path | None = None
     # TensorRT engine cache, so a restart does not rebuild engines (minutes on big models).
     tensorrt_cache_dir: Path | None = None
     tensorrt_fp16: bool = True
@@ -82,5 +84,6 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0: none)",
     "tls_cert": "PEM certificate chain: serve gRPC over TLS",
     "tls_key": "PEM private key for --tls-cert",
+    "auth_tokens": "file of 'ROLE SHA256_HEX' lines (roles read, write, admin): require bearer tokens",
     "health_address": "extra plaintext host:port serving only grpc.health.v1 (for kubelet probes under TLS)",
 }

@@ -61,6 +61,8 @@ class SearcherConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     health_address: str = ""
+    # ROLE SHA256_HEX lines (a Secret mount): every RPC then needs a bearer token of a high enough role.
+    auth_tokens: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
@@ -93,4 +95,6 @@ class SearcherConfig:
                                                       "(0: never)",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
                                    "tls_key": "PEM private key for --tls-cert",
+                                   "auth_tokens": "file of 'ROLE SHA256_HEX' lines (roles read, write, admin): "
+                                                  "require bearer tokens",
                                    "health_address": "extra plaintext host:port serving only grpc.health.v1"})

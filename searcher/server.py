@@ -40,7 +40,7 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
     for each shard loaded at start-up.
     """
     server, health_servicer = build_server(max_workers=config.grpc_workers, max_message_bytes=config.max_message_bytes,
-                                           service_names=[SERVICE_NAME])
+                                           service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens)
     servicer = SearcherServicer(config)
     searcher_pb2_grpc.add_SearcherServicer_to_server(servicer, server)
     port = bind(server, config.address, config.tls_cert, config.tls_key)

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lookalike.serving.auth import TokenAuthInterceptor, TokenFile
 from lookalike.serving.rpc_metrics import MetricsInterceptor
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ def build_server(
     max_workers: int,
     max_message_bytes: int,
     service_names: Iterable[str],
+    auth_tokens: Path | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
-    """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now)
-    and reflection.
+    """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now),
+    reflection and, given a tokens file, bearer-token auth with roles (lookalike.serving.auth).
 
     The caller adds its servicers, binds a port and flips health to SERVING once it is ready.
     """
@@ -34,8 +36,12 @@ def build_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    # Metrics first, so refused calls are counted with their status too.
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
+    if auth_tokens is not None:
+        interceptors.append(TokenAuthInterceptor(TokenFile(auth_tokens)))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         interceptors=[MetricsInterceptor()])
+                         interceptors=interceptors)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

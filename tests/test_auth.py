@@ -1,0 +1,127 @@
+"""Bearer tokens with roles on a real searcher (and embedder): who may call what, and a rotated file."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lookalike.client.connection import ChannelSettings, LookalikeError
+from lookalike.client.embedder_client import EmbedderClient
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient
+from lookalike.v1 import searcher_pb2
+from tests.conftest import start_searcher
+
+TOKENS = {"read": "reader-token-1", "write": "writer-token-1", "admin": "admin-token-1"}
+
+
+def write_tokens(path: Path, tokens: dict[str, str]) -> None:
+    lines = ["# role sha256(token)"] + [f"{role} {hashlib.sha256(token.encode()).hexdigest()}"
+                                         for role, token in tokens.items()]
+    staging = path.with_suffix(".tmp")
+    staging.write_text("\n".join(lines) + "\n")
+    staging.replace(path)  # as a Secret mount swaps its files: whole, never half written
+
+
+@pytest.fixture()
+def guarded(tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, TOKENS)
+    started, channel = start_searcher(tmp_path / "data", snapshot_interval=0, auth_tokens=tokens)
+    yield started, tokens
+    channel.close()
+    started.stop(None)
+
+
+def client(started, token: str = "") -> SearcherClient:
+    return SearcherClient(ChannelSettings(f"127.0.0.1:{started.port}", token=token, retries=0, timeout=10))
+
+
+def refusal(call) -> LookalikeError:
+    with pytest.raises(LookalikeError) as refused:
+        call()
+    return refused.value
+
+
+ITEM = CatalogueItem("sku-1", "hats", np.eye(8, dtype=np.float32)[0], "m")
+
+
+def test_roles_decide_who_may_call_what(guarded) -> None:
+    started, _ = guarded
+    missing = refusal(lambda: client(started).stats())
+    assert missing.code == grpc.StatusCode.UNAUTHENTICATED and "none was sent" in missing.details
+    unknown = refusal(lambda: client(started, "guessed-token").stats())
+    assert unknown.code == grpc.StatusCode.UNAUTHENTICATED and "guessed-token" not in unknown.details
+    reader = client(started, TOKENS["read"])
+    assert reader.stats().items == 0
+    denied = refusal(lambda: reader.upsert([ITEM]))
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+    assert denied.details == "Upsert needs role 'write'; this token has role 'read'"
+    assert TOKENS["read"] not in denied.details
+    writer = client(started, TOKENS["write"])
+    assert writer.upsert([ITEM]).statuses[0].code == 0
+    assert reader.search(ITEM.vector, "m", k=1).hits[0].id == "sku-1", "a reader searches what a writer stored"
+    move = searcher_pb2.MoveCategoryRequest(category="hats", group="b")
+    with pytest.raises(grpc.RpcError) as raw:
+        writer.stub.MoveCategory(move, metadata=writer.settings.call_metadata(), timeout=10)
+    assert raw.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    admin = client(started, TOKENS["admin"])
+    with pytest.raises(grpc.RpcError) as raw:
+        admin.stub.MoveCategory(move, metadata=admin.settings.call_metadata(), timeout=10)
+    # Past auth: the searcher itself answers (SQLite has no groups to move between).
+    assert raw.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_health_needs_no_token(guarded) -> None:
+    started, _ = guarded
+    with grpc.insecure_channel(f"127.0.0.1:{started.port}") as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_rotated_tokens_file_is_read_without_a_restart(guarded) -> None:
+    started, tokens = guarded
+    assert client(started, TOKENS["read"]).stats().items == 0
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    write_tokens(tokens, {"read": "reader-token-2"})
+    assert client(started, "reader-token-2").stats().items == 0
+    assert refusal(lambda: client(started, TOKENS["read"]).stats()).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_client_takes_its_token_from_the_environment_or_a_file(guarded, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    started, _ = guarded
+    monkeypatch.setenv("LOOKALIKE_TOKEN", TOKENS["read"])
+    assert client(started).stats().items == 0
+    monkeypatch.delenv("LOOKALIKE_TOKEN")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKENS["write"] + "\n")
+    monkeypatch.setenv("LOOKALIKE_TOKEN_FILE", str(token_file))
+    assert client(started).upsert([ITEM]).statuses[0].code == 0
+
+
+def test_a_malformed_tokens_file_stops_the_start(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("owner abc\n")
+    with pytest.raises(ValueError, match="expected 'ROLE SHA256_HEX'"):
+        start_searcher(tmp_path / "data", snapshot_interval=0, auth_tokens=tokens)
+
+
+def test_the_embedder_checks_tokens_too(model_dir: Path, image_bytes: list[bytes], tmp_path: Path) -> None:
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
+
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, TOKENS)
+    started, port = create_server(EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0", auth_tokens=tokens))
+    try:
+        anonymous = EmbedderClient(ChannelSettings(f"127.0.0.1:{port}", retries=0))
+        assert refusal(lambda: anonymous.model_info()).code == grpc.StatusCode.UNAUTHENTICATED
+        reader = EmbedderClient(ChannelSettings(f"127.0.0.1:{port}", token=TOKENS["read"]))
+        assert reader.embed(image_bytes[:1])[0].ok
+    finally:
+        started.stop(None)
