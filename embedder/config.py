@@ -35,6 +35,8 @@ class EmbedderConfig:
     max_image_pixels: int = 40_000_000
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 16
+    # RPCs in progress at once; gRPC answers RESOURCE_EXHAUSTED past it (0: unbounded).
+    max_concurrent_rpcs: int = 256
     grace_seconds: float = 5.0
     # Prometheus /metrics HTTP port; 0 serves none.
     metrics_port: int = 0
@@ -78,6 +80,7 @@ HELP = {
     "max_image_pixels": "pixels per image (decompression-bomb guard)",
     "max_message_bytes": "largest gRPC message",
     "grpc_workers": "gRPC handler threads",
+    "max_concurrent_rpcs": "RPCs in progress at once; RESOURCE_EXHAUSTED past it (0: unbounded)",
     "grace_seconds": "drain time on SIGTERM",
     "tensorrt_cache_dir": "where TensorRT keeps built engines between restarts",
     "tensorrt_fp16": "let TensorRT run layers in fp16",

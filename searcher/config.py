@@ -47,6 +47,9 @@ class SearcherConfig:
     max_k: int = 1000
     max_batch: int = 1000
     max_dimension: int = 4096
+    # Per item: how many attributes, and their keys and values together in bytes (memory per request).
+    max_attributes: int = 64
+    max_attribute_bytes: int = 16 * 1024
     # Probability routing defaults: probe until this much probability is covered, at most max_shards.
     routing_threshold: float = DEFAULT_THRESHOLD
     routing_max_shards: int = DEFAULT_MAX_SHARDS
@@ -54,6 +57,8 @@ class SearcherConfig:
     snapshot_interval: float = 60.0
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 16
+    # RPCs in progress at once; gRPC answers RESOURCE_EXHAUSTED past it (0: unbounded).
+    max_concurrent_rpcs: int = 256
     grace_seconds: float = 10.0
     # Prometheus /metrics HTTP port; 0 serves none.
     metrics_port: int = 0
@@ -66,6 +71,7 @@ class SearcherConfig:
 
     def __post_init__(self) -> None:
         for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
+                     "max_attributes", "max_attribute_bytes",
                      "routing_max_shards", "max_message_bytes", "grpc_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

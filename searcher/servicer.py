@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import grpc
 import numpy as np
@@ -63,6 +64,15 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         if count > self._config.max_batch:
             raise InvalidArgument(f"{field} has {count} entries, limit is {self._config.max_batch} per request")
 
+    def _attributes(self, attributes: Mapping[str, str], field: str) -> dict[str, str]:
+        if len(attributes) > self._config.max_attributes:
+            raise InvalidArgument(f"{field} has {len(attributes)} entries, limit is {self._config.max_attributes}")
+        size = sum(len(key.encode()) + len(value.encode()) for key, value in attributes.items())
+        if size > self._config.max_attribute_bytes:
+            raise InvalidArgument(f"{field} holds {size} bytes of keys and values, limit is "
+                                  f"{self._config.max_attribute_bytes}")
+        return dict(attributes)
+
     @rpc_method
     def Upsert(self, request: searcher_pb2.UpsertRequest, context: grpc.ServicerContext) -> searcher_pb2.UpsertResponse:
         catalogue = self.catalogue
@@ -74,7 +84,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             try:
                 valid.append(ItemWrite(id=_key(item.id, f"{field}.id"), category=_key(item.category, f"{field}.category"),
                                        vector=unit_vector(item.vector, f"{field}.vector", self._config.max_dimension),
-                                       attributes=dict(item.attributes), model_id=_key(item.model_id, f"{field}.model_id")))
+                                       attributes=self._attributes(item.attributes, f"{field}.attributes"),
+                                       model_id=_key(item.model_id, f"{field}.model_id")))
                 positions.append(position)
                 statuses.append(None)
             except ServiceError as error:

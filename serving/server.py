@@ -25,6 +25,7 @@ def build_server(
     max_message_bytes: int,
     service_names: Iterable[str],
     auth_tokens: Path | None = None,
+    max_concurrent_rpcs: int = 0,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now),
     reflection and, given a tokens file, bearer-token auth with roles (lookalike.serving.auth).
@@ -40,8 +41,9 @@ def build_server(
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
     if auth_tokens is not None:
         interceptors.append(TokenAuthInterceptor(TokenFile(auth_tokens)))
+    # Past max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED, before a thread or a buffer is spent.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         interceptors=interceptors)
+                         interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
