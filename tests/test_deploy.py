@@ -247,9 +247,45 @@ def test_gpu_overlay_requests_a_gpu_and_the_gpu_image() -> None:
     embedder = workloads(objects)["embedder"]["spec"]["template"]["spec"]["containers"][0]
     assert embedder["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert embedder["image"].startswith("lookalike-embedder-gpu:")
-    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "embedder")
-    assert config["data"]["LOOKALIKE_EMBEDDER_PROVIDERS"] == "tensorrt,cuda,cpu"
     assert "nvidia.com/gpu" not in str(workloads(render("cpu"))["embedder"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_providers_come_from_the_image_alone(overlay: str) -> None:
+    """The embedder stays NOT_SERVING when a requested provider is missing, so a pod asking for one its
+    image lacks restarts forever: no manifest names providers, and each image asks only for what it ships."""
+    for config in (o for o in render(overlay) if o["kind"] == "ConfigMap"):
+        assert "LOOKALIKE_EMBEDDER_PROVIDERS" not in config.get("data", {}), overlay
+
+
+def test_the_gpu_image_asks_only_for_providers_it_ships() -> None:
+    text = (DEPLOY / "docker" / "embedder-gpu.Dockerfile").read_text()
+    providers = re.search(r"LOOKALIKE_EMBEDDER_PROVIDERS=(\S+)", text).group(1).split(",")
+    assert providers == ["cuda", "cpu"]
+    installs = " ".join(re.findall(r"^RUN .*$", text, flags=re.MULTILINE)).lower()
+    assert "tensorrt" not in installs, "TensorRT installed: then the image may ask for it"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_what_an_hpa_scales_carries_no_replicas(overlay: str) -> None:
+    objects = render(overlay)
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        scaled = next(o for o in objects if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"])
+        assert "replicas" not in scaled["spec"], f"{overlay}: {target['name']} would be reset on every apply"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servers_drain_before_sigterm_and_probes_have_time(overlay: str) -> None:
+    for name, workload in workloads(render(overlay)).items():
+        if not name.startswith(("embedder", "searcher")):
+            continue
+        spec = workload["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        delay = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert delay > 0 and spec["terminationGracePeriodSeconds"] > delay + 10, name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["timeoutSeconds"] >= 2, f"{overlay}: {name} {probe}"
 
 
 def test_tls_overlay_mounts_the_secret_and_serves_plain_health_for_probes() -> None:

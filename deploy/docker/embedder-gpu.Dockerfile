@@ -1,4 +1,6 @@
-# Embedder, GPU: onnxruntime-gpu (CUDA and TensorRT execution providers) on a CUDA + cuDNN runtime.
+# Embedder, GPU: onnxruntime-gpu's CUDA execution provider on a CUDA + cuDNN runtime. The image ships no
+# TensorRT libraries, so it asks for CUDA then CPU only (LOOKALIKE_EMBEDDER_PROVIDERS below, the one place
+# that says which providers this image serves with).
 # Build from the repository root: docker build -f deploy/docker/embedder-gpu.Dockerfile -t lookalike-embedder-gpu:0.1.0 .
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -24,7 +26,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12
     && groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOOKALIKE_EMBEDDER_MODEL=/models/current \
-    LOOKALIKE_EMBEDDER_PROVIDERS=tensorrt,cuda,cpu LOOKALIKE_EMBEDDER_TENSORRT_CACHE_DIR=/cache/tensorrt
+    LOOKALIKE_EMBEDDER_PROVIDERS=cuda,cpu
 USER 10001:10001
 EXPOSE 50051 9100
 ENTRYPOINT ["python", "-m", "lookalike.embedder"]
