@@ -19,7 +19,7 @@ class EmbedderConfig:
     address: str = "[::]:50051"
     # Execution providers in priority order, from PROVIDERS.
     providers: tuple[str, ...] = ("cpu",)
-    # ONNX Runtime intra-op threads; 0 lets ONNX Runtime use one per core.
+    # ONNX Runtime intra-op threads; 0: one per CPU the process may use (its cgroup quota and affinity).
     threads: int = 0
     # Micro-batching: when the model frees up it takes everything queued, up to max_batch images; with
     # max_delay_ms > 0 it also waits that long for a batch to fill (0 measured best on 2 CPU cores: a
@@ -29,7 +29,8 @@ class EmbedderConfig:
     # Images waiting for inference beyond which new requests get RESOURCE_EXHAUSTED (back-pressure).
     max_queued_images: int = 2048
     # Threads decoding and resizing images, off the inference thread.
-    decode_workers: int = 2
+    # Image decoding threads; 0: one per CPU the process may use.
+    decode_workers: int = 0
     max_images_per_request: int = 64
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -37,6 +38,9 @@ class EmbedderConfig:
     grpc_workers: int = 16
     # RPCs in progress at once; gRPC answers RESOURCE_EXHAUSTED past it (0: unbounded).
     max_concurrent_rpcs: int = 256
+    # Close each client connection after this long (GOAWAY; calls in flight get 30 s to finish), so
+    # clients reconnect and spread over pods the autoscaler added (0: never).
+    max_connection_age_seconds: float = 0.0
     grace_seconds: float = 5.0
     # Prometheus /metrics HTTP port; 0 serves none.
     metrics_port: int = 0
@@ -55,9 +59,12 @@ class EmbedderConfig:
         if unknown or not self.providers:
             raise ValueError(f"providers {list(self.providers)}: each must be one of {list(PROVIDERS)}")
         for name in ("max_batch", "max_images_per_request", "max_image_bytes", "max_image_pixels",
-                     "max_message_bytes", "decode_workers", "grpc_workers", "max_queued_images"):
+                     "max_message_bytes", "grpc_workers", "max_queued_images"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("threads", "decode_workers", "max_connection_age_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (automatic or off) or more, got {getattr(self, name)}")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "EmbedderConfig":
@@ -70,11 +77,11 @@ HELP = {
     "model_dir": "model folder (model.onnx + manifest.json)",
     "address": "host:port to listen on (port 0 picks one, printed at start)",
     "providers": "comma-separated execution providers in priority order: tensorrt,cuda,cpu",
-    "threads": "ONNX Runtime intra-op threads (0: one per core)",
+    "threads": "ONNX Runtime intra-op threads (0: one per CPU the cgroup quota allows)",
     "max_batch": "largest inference batch",
     "max_delay_ms": "extra wait for a batch to fill, in ms",
     "max_queued_images": "images waiting beyond which requests are refused",
-    "decode_workers": "image decoding threads",
+    "decode_workers": "image decoding threads (0: one per CPU the cgroup quota allows)",
     "max_images_per_request": "images per Embed request",
     "max_image_bytes": "bytes per encoded image",
     "max_image_pixels": "pixels per image (decompression-bomb guard)",

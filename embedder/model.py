@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.codec import read_manifest
+from lookalike.serving.cpus import available_cpus
 from lookalike.v1 import manifest_pb2
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class OnnxModel:
             raise ModelError(f"{onnx_path} has sha256 {actual}, manifest says {self.manifest.sha256}: "
                              "the model was changed after export")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = config.threads
+        # 0: one thread per CPU the pod may use (its cgroup quota), not per core of the node.
+        options.intra_op_num_threads = config.threads or available_cpus()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.requested_providers = [_PROVIDER_NAMES[name] for name in config.providers]
         self.session = ort.InferenceSession(str(onnx_path), options,

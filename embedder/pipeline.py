@@ -12,6 +12,7 @@ from lookalike.embedder.batcher import MicroBatcher
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.model import OnnxModel
 from lookalike.embedder.preprocess import ImageLimits, decode_image
+from lookalike.serving.cpus import available_cpus
 from lookalike.serving.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class EmbeddingPipeline:
     def __init__(self, model: OnnxModel, config: EmbedderConfig) -> None:
         self.model = model
         self.limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
-        self._decoders = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
+        self._decoders = ThreadPoolExecutor(max_workers=config.decode_workers or available_cpus(),
+                                            thread_name_prefix="decode")
         self.batcher = MicroBatcher(model.run, config.max_batch, config.max_delay_ms / 1000.0,
                                     config.max_queued_images)
 

@@ -42,7 +42,8 @@ def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
     server, health_servicer = build_server(max_workers=config.grpc_workers,
                                            max_message_bytes=config.max_message_bytes,
                                            service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens,
-                                           max_concurrent_rpcs=config.max_concurrent_rpcs)
+                                           max_concurrent_rpcs=config.max_concurrent_rpcs,
+                                           max_connection_age_seconds=config.max_connection_age_seconds)
     servicer = EmbedderServicer(config)
     embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
     port = bind(server, config.address, config.tls_cert, config.tls_key)

@@ -59,6 +59,9 @@ class SearcherConfig:
     grpc_workers: int = 16
     # RPCs in progress at once; gRPC answers RESOURCE_EXHAUSTED past it (0: unbounded).
     max_concurrent_rpcs: int = 256
+    # Close each client connection after this long (GOAWAY; calls in flight get 30 s to finish), so
+    # clients reconnect and spread over replicas added later (0: never).
+    max_connection_age_seconds: float = 0.0
     grace_seconds: float = 10.0
     # Prometheus /metrics HTTP port; 0 serves none.
     metrics_port: int = 0

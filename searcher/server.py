@@ -41,7 +41,8 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
     """
     server, health_servicer = build_server(max_workers=config.grpc_workers, max_message_bytes=config.max_message_bytes,
                                            service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens,
-                                           max_concurrent_rpcs=config.max_concurrent_rpcs)
+                                           max_concurrent_rpcs=config.max_concurrent_rpcs,
+                                           max_connection_age_seconds=config.max_connection_age_seconds)
     servicer = SearcherServicer(config)
     searcher_pb2_grpc.add_SearcherServicer_to_server(servicer, server)
     port = bind(server, config.address, config.tls_cert, config.tls_key)

@@ -19,6 +19,7 @@ import hnswlib
 import numpy as np
 
 from lookalike.searcher.rwlock import ReadWriteLock
+from lookalike.serving.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,9 @@ class Shard:
             for row, label in zip(fresh, labels):
                 self.label_of[ids[row]] = label
                 self.id_of[label] = ids[row]
-            # Large batches (bulk indexing, start-up replay) insert on every core; hnswlib's own
+            # Large batches (bulk indexing, start-up replay) insert on every CPU the pod may use; hnswlib's own
             # parallel insert is safe while we hold the write lock.
-            threads = -1 if len(fresh) >= 256 else 1
+            threads = available_cpus() if len(fresh) >= 256 else 1
             self.index.add_items(vectors[fresh], np.asarray(labels, dtype=np.int64), num_threads=threads,
                                  replace_deleted=True)
         for item_id, attrs in zip(ids, attributes):

@@ -26,6 +26,7 @@ def build_server(
     service_names: Iterable[str],
     auth_tokens: Path | None = None,
     max_concurrent_rpcs: int = 0,
+    max_connection_age_seconds: float = 0.0,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now),
     reflection and, given a tokens file, bearer-token auth with roles (lookalike.serving.auth).
@@ -37,6 +38,11 @@ def build_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if max_connection_age_seconds:
+        # gRPC keeps connections for ever, so pods added later would get no traffic from existing
+        # clients; an aged connection is closed (GOAWAY) and the client reconnects, round-robin.
+        options += [("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", 30_000)]
     # Metrics first, so refused calls are counted with their status too.
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
     if auth_tokens is not None:

@@ -328,3 +328,15 @@ def test_gpu_image_installs_onnxruntime_gpu_not_the_cpu_build() -> None:
     names = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0] for d in extras["embedder-gpu"]}
     assert "onnxruntime-gpu" in names and "onnxruntime" not in names
     assert "[embedder-gpu]" in (DEPLOY / "docker" / "embedder-gpu.Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_embedder_connections_age_and_a_headless_service_lists_every_pod(overlay: str) -> None:
+    """gRPC connections last for ever: without an age, pods the HPA adds get nothing from existing clients."""
+    objects = render(overlay)
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "embedder")
+    assert float(config["data"]["LOOKALIKE_EMBEDDER_MAX_CONNECTION_AGE_SECONDS"]) > 0
+    headless = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "embedder-headless")
+    pods = workloads(objects)["embedder"]["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= pods.items()

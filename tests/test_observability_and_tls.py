@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -89,3 +90,22 @@ def test_tls_port_and_plaintext_health_port(tmp_path: Path) -> None:
     finally:
         channel.close()
         started.stop(None)
+
+
+def test_aged_connections_close_without_failing_a_call(tmp_path: Path) -> None:
+    """With a 0.3 s connection age the server sends GOAWAY again and again; calls keep succeeding."""
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, max_connection_age_seconds=0.3)
+    failures = 0
+    with SearcherClient(ChannelSettings(f"127.0.0.1:{started.port}", retries=0)) as client:
+        deadline = time.monotonic() + 2.0
+        calls = 0
+        while time.monotonic() < deadline:
+            try:
+                client.stats()
+            except UnavailableError:
+                failures += 1
+            calls += 1
+            time.sleep(0.01)
+    channel.close()
+    started.stop(None)
+    assert calls > 50 and failures == 0
