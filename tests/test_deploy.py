@@ -17,6 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = sorted(p.parent.name for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+# overlays/green is a second release beside the first: every name carries -green.
+FIRST_RELEASES = [overlay for overlay in OVERLAYS if overlay != "green"]
 BIN = Path(sys.executable).parent
 
 
@@ -80,7 +82,7 @@ def named(objects: list[dict], kind: str, name: str) -> dict:
     return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", FIRST_RELEASES)
 def test_workload_invariants(overlay: str) -> None:
     objects = render(overlay)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
@@ -330,7 +332,7 @@ def test_gpu_image_installs_onnxruntime_gpu_not_the_cpu_build() -> None:
     assert "[embedder-gpu]" in (DEPLOY / "docker" / "embedder-gpu.Dockerfile").read_text()
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", FIRST_RELEASES)
 def test_embedder_connections_age_and_a_headless_service_lists_every_pod(overlay: str) -> None:
     """gRPC connections last for ever: without an age, pods the HPA adds get nothing from existing clients."""
     objects = render(overlay)
@@ -340,3 +342,37 @@ def test_embedder_connections_age_and_a_headless_service_lists_every_pod(overlay
     pods = workloads(objects)["embedder"]["spec"]["template"]["metadata"]["labels"]
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"].items() <= pods.items()
+
+
+def test_a_second_release_selects_only_its_own_pods() -> None:
+    """Blue/green: each Service, workload and PodDisruptionBudget of one release selects none of the other's
+    pods, so a Service never mixes two models and no pod falls under two budgets (which blocks drains)."""
+    releases = [render("cpu"), render("green")]
+    pods = [[o["spec"]["template"]["metadata"]["labels"] for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+            for objects in releases]
+
+    def selectors(objects: list[dict]) -> list[tuple[str, dict]]:
+        found = []
+        for o in objects:
+            spec = o.get("spec", {})
+            if o["kind"] == "Service":
+                found.append((o["metadata"]["name"], spec["selector"]))
+            elif o["kind"] in ("Deployment", "StatefulSet", "PodDisruptionBudget"):
+                found.append((o["metadata"]["name"], spec["selector"]["matchLabels"]))
+        return found
+
+    for own, other in ((0, 1), (1, 0)):
+        for name, selector in selectors(releases[own]):
+            assert any(selector.items() <= labels.items() for labels in pods[own]), f"{name} selects nothing"
+            assert not any(selector.items() <= labels.items() for labels in pods[other]), f"{name} selects the other release"
+    assert {o["metadata"]["name"] for o in releases[1]} & {o["metadata"]["name"] for o in releases[0]} == set()
+
+
+def test_the_build_context_leaves_out_the_checkout_s_own_state() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "var", "build", "tests"} <= ignored
+    for dockerfile in DOCKERFILES:  # nothing a Dockerfile copies may be ignored
+        copied = re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile.read_text(), flags=re.MULTILINE)
+        for source in " ".join(copied).split():
+            assert source not in ignored, f"{dockerfile.name} copies {source}, which .dockerignore leaves out"
