@@ -376,3 +376,15 @@ def test_the_build_context_leaves_out_the_checkout_s_own_state() -> None:
         copied = re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile.read_text(), flags=re.MULTILINE)
         for source in " ".join(copied).split():
             assert source not in ignored, f"{dockerfile.name} copies {source}, which .dockerignore leaves out"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servers_spread_over_nodes_and_zones(overlay: str) -> None:
+    for name, workload in workloads(render(overlay)).items():
+        if not name.startswith(("embedder", "searcher")):
+            continue
+        template = workload["spec"]["template"]
+        spread = {c["topologyKey"]: c for c in template["spec"]["topologySpreadConstraints"]}
+        assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= set(spread), f"{overlay}: {name}"
+        for constraint in spread.values():  # each counts only its own release's (and group's) pods
+            assert constraint["labelSelector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
