@@ -388,3 +388,15 @@ def test_servers_spread_over_nodes_and_zones(overlay: str) -> None:
         assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= set(spread), f"{overlay}: {name}"
         for constraint in spread.values():  # each counts only its own release's (and group's) pods
             assert constraint["labelSelector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_is_open_to_labelled_client_pods_here_and_in_labelled_namespaces(overlay: str) -> None:
+    """Client pods need lookalike.io/client=true and nothing else: no release or group label may leak into
+    the policy's client selectors (that would lock every client out)."""
+    policy = next(o for o in render(overlay) if o["kind"] == "NetworkPolicy")
+    grpc_rule = next(rule for rule in policy["spec"]["ingress"] if {"port": 50051, "protocol": "TCP"} in rule["ports"])
+    assert grpc_rule["from"] == [
+        {"podSelector": {"matchLabels": {"lookalike.io/client": "true"}}},
+        {"namespaceSelector": {"matchLabels": {"lookalike.io/clients": "true"}},
+         "podSelector": {"matchLabels": {"lookalike.io/client": "true"}}}]
