@@ -14,12 +14,18 @@ CHROMEDRIVER := /usr/bin/chromedriver
 
 setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(POSTGRES_BIN)/initdb $(CHROMEDRIVER)
 
+# The folders pyproject.toml maps onto lookalike.*: adding or removing a module changes the folder.
+PACKAGE_DIRS := $(addsuffix /,protos/lookalike protos/lookalike/v1 serving quality clients embedder searcher exporter tools web)
+
 # One install step for everything: the package with every extra plus the test tools, at the versions
-# requirements.lock pins (pyproject.toml declares ranges; the lock is what we test and ship).
-$(STAMP): pyproject.toml requirements.lock
+# requirements.lock pins (pyproject.toml declares ranges; the lock is what we test and ship). Strict
+# editable mode lays lookalike.* out as one tree of links under build/, so tools that walk a package's
+# folder (lint-imports) see the whole package; it links files, so a module added or removed in a
+# package folder re-runs this step.
+$(STAMP): pyproject.toml requirements.lock $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --constraint requirements.lock -e '.[all,dev]'
+	$(PY) -m pip install --quiet --constraint requirements.lock -e '.[all,dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # Re-resolves requirements.lock from pyproject.toml's ranges (newest versions that fit).

@@ -36,6 +36,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def store_in(items: list[CatalogueItem], *clients: SearcherClient | ShardMapClient) -> None:
+    """Upserts `items` through each client in batches of 500, every item acknowledged."""
+    for start in range(0, len(items), 500):
+        for client in clients:
+            assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
+
+
 def replica_args(data: Path, dsn: str, *extra: str) -> list[str]:
     return ["--data", str(data), "--store", dsn, "--follow-interval", "0.5", "--initial-capacity", "16", *extra]
 
@@ -256,8 +263,7 @@ def test_a_replica_on_an_empty_disk_serves_what_one_from_a_snapshot_does(fresh_d
     with running_service("lookalike.searcher", replica_args(tmp_path / "a", fresh_database)) as (_, port):
         with SearcherClient(f"127.0.0.1:{port}") as client:
             items = [CatalogueItem(i, CATEGORIES[n % len(CATEGORIES)], v, MODEL) for n, (i, v) in enumerate(vectors.items())]
-            for start in range(0, len(items), 500):
-                assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
+            store_in(items, client)
             client.delete([f"sku-{n}" for n in range(0, 1500, 7)])
     # SIGTERM above snapshotted every shard into a/. More writes after the snapshot, through another replica:
     with running_service("lookalike.searcher", replica_args(tmp_path / "b", fresh_database)) as (_, port):
@@ -331,9 +337,7 @@ def two_groups(fresh_database: str, tmp_path: Path):
         port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path / "single")]))[1]
         single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
         client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=0.5))
-        for start in range(0, len(items), 500):
-            assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
-            assert all(s.code == 0 for s in single.upsert(items[start:start + 500]).statuses)
+        store_in(items, client, single)
         wait_converged(groups.stubs())
         yield groups, client, single, rng
 
@@ -459,9 +463,7 @@ def test_a_category_past_max_shard_items_splits_across_groups_and_answers_the_sa
         port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path / "single")]))[1]
         single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
         client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=0.3))
-        for start in range(0, len(items), 500):
-            assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
-            assert all(s.code == 0 for s in single.upsert(items[start:start + 500]).statuses)
+        store_in(items, client, single)
         queries = [random_vector(rng) for _ in range(8)]
         expected = answers(single, queries)
         deadline = time.monotonic() + 60

@@ -19,7 +19,7 @@ from lookalike.client.facade import Lookalike
 from lookalike.client.indexing import index_catalogue
 from tests.conftest import GROCERY, ROOT, start_searcher
 from tests.test_clients import free_port
-from tests.test_packaging import _lint, _unpack, wheel  # noqa: F401 - wheel is a fixture
+from tests.test_packaging import lint_with, wheel  # noqa: F401 - wheel is a fixture
 
 pytest.importorskip("streamlit", reason="the web extra is not installed (pip install 'lookalike[web]')")
 from streamlit.testing.v1 import AppTest  # noqa: E402 - only once streamlit is known to be there
@@ -224,10 +224,7 @@ def test_settings_come_from_arguments_or_the_environment(tmp_path: Path) -> None
 
 def test_a_web_app_import_of_the_tools_breaks_its_contract(wheel: Path, tmp_path: Path) -> None:
     """The page is a client like any other: reaching into the tools (which start servers) is refused."""
-    site = _unpack(wheel, tmp_path)
-    app = site / "lookalike" / "web" / "app.py"
-    app.write_text(app.read_text() + "\nfrom lookalike.tools.web import app_path  # noqa\n")
-    result = _lint(site)
+    result = lint_with(wheel, tmp_path, "web/app.py", "from lookalike.tools.web import app_path")
     assert result.returncode != 0
     assert "The web app imports only the client library and the contracts BROKEN" in result.stdout
     assert "lookalike.web.app -> lookalike.tools.web" in result.stdout
