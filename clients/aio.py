@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, call_with_retries_async, library_error
+from lookalike.client.connection import ChannelSettings, call_with_retries_async, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
 from lookalike.client.facade import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, catalogue_items,
                                record_upserts, routing_request, search_result)
@@ -100,24 +100,26 @@ class AsyncLookalike:
     async def index(self, images: Sequence[ImageInput], ids: Sequence[str],
                     categories: Sequence[str | None] | None = None,
                     attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None) -> IndexResult:
-        embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
-        items, result = catalogue_items(embedded, await self.model_id(), categories, attributes)
-        for start in range(0, len(items), UPSERT_BATCH):
-            batch = items[start:start + UPSERT_BATCH]
-            record_upserts(batch, await self.searcher.upsert(batch, timeout=timeout), result)
-        return result
+        with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
+            embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
+            items, result = catalogue_items(embedded, await self.model_id(), categories, attributes)
+            for start in range(0, len(items), UPSERT_BATCH):
+                batch = items[start:start + UPSERT_BATCH]
+                record_upserts(batch, await self.searcher.upsert(batch, timeout=timeout), result)
+            return result
 
     async def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
                      timeout: float | None = None) -> SearchResult:
-        started = time.perf_counter()
-        embedded = (await self.embedder.embed([image], ids=["query"], timeout=timeout))[0]
-        if not embedded.ok:
-            raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
-        embedded_at = time.perf_counter()
-        response = await self.searcher.search(embedded.vector, await self.model_id(), k,
-                                              routing_request(routing, embedded, self.threshold, self.max_shards,
-                                                              self.prior_weight), ef=ef, timeout=timeout)
-        return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
+        with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
+            started = time.perf_counter()
+            embedded = (await self.embedder.embed([image], ids=["query"], timeout=timeout))[0]
+            if not embedded.ok:
+                raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
+            embedded_at = time.perf_counter()
+            response = await self.searcher.search(embedded.vector, await self.model_id(), k,
+                                                  routing_request(routing, embedded, self.threshold, self.max_shards,
+                                                                  self.prior_weight), ef=ef, timeout=timeout)
+            return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     async def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
         return await self.searcher.delete(ids, timeout=timeout)

@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import grpc
+from opentelemetry import propagate, trace
 
 log = logging.getLogger(__name__)
+# Spans of the library's calls: no-ops until the application installs an OpenTelemetry SDK. With one, each
+# call's span travels to the servers in W3C `traceparent` metadata, so their spans join the caller's trace.
+tracer = trace.get_tracer("lookalike.client")
 
 Response = TypeVar("Response")
 
@@ -70,7 +74,9 @@ class ChannelSettings:
         if not token and os.environ.get("LOOKALIKE_TOKEN_FILE"):
             token = Path(os.environ["LOOKALIKE_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
         metadata = self.metadata + ((("authorization", f"Bearer {token}"),) if token else ())
-        return metadata or None
+        trace_context: dict[str, str] = {}
+        propagate.inject(trace_context)
+        return (metadata + tuple(trace_context.items())) or None
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
@@ -161,6 +167,14 @@ def _next_delay(error: grpc.RpcError, attempt: int, delays: list[float], deadlin
     return delays[attempt]
 
 
+def call_span(name: str) -> Any:
+    """The client span of one call (all its attempts), e.g. name "Searcher.Search"."""
+    service, _, method = name.partition(".")
+    return tracer.start_as_current_span(f"lookalike.v1.{service}/{method}", kind=trace.SpanKind.CLIENT,
+                                        attributes={"rpc.system": "grpc", "rpc.service": f"lookalike.v1.{service}",
+                                                    "rpc.method": method})
+
+
 def call_with_retries(method: Callable[..., Response], request: Any, settings: ChannelSettings,
                       timeout: float | None = None, name: str = "") -> Response:
     """Calls a unary stub method with the settings' metadata, retrying UNAVAILABLE only.
@@ -169,12 +183,14 @@ def call_with_retries(method: Callable[..., Response], request: Any, settings: C
     """
     deadline = time.monotonic() + (timeout or settings.timeout)
     delays = backoff_delays(settings)
-    for attempt in range(len(delays) + 1):
-        try:
-            return method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                          metadata=settings.call_metadata())
-        except grpc.RpcError as error:
-            time.sleep(_next_delay(error, attempt, delays, deadline, name))
+    with call_span(name) as span:
+        for attempt in range(len(delays) + 1):
+            span.set_attribute("lookalike.attempts", attempt + 1)
+            try:
+                return method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                              metadata=settings.call_metadata())
+            except grpc.RpcError as error:
+                time.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")
 
 
@@ -183,10 +199,12 @@ async def call_with_retries_async(method: Callable[..., Any], request: Any, sett
     """call_with_retries for grpc.aio stubs."""
     deadline = time.monotonic() + (timeout or settings.timeout)
     delays = backoff_delays(settings)
-    for attempt in range(len(delays) + 1):
-        try:
-            return await method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                metadata=settings.call_metadata())
-        except grpc.RpcError as error:
-            await asyncio.sleep(_next_delay(error, attempt, delays, deadline, name))
+    with call_span(name) as span:
+        for attempt in range(len(delays) + 1):
+            span.set_attribute("lookalike.attempts", attempt + 1)
+            try:
+                return await method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                                    metadata=settings.call_metadata())
+            except grpc.RpcError as error:
+                await asyncio.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")

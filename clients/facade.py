@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from lookalike.client.connection import ChannelSettings, library_error
+from lookalike.client.connection import ChannelSettings, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from lookalike.client.shard_map import ShardMapClient
@@ -146,25 +146,27 @@ class Lookalike:
 
         Each image goes to its given category, or to the embedder's most probable one when none is given.
         """
-        embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
-        items, result = catalogue_items(embedded, self.model_id, categories, attributes)
-        for start in range(0, len(items), UPSERT_BATCH):
-            batch = items[start:start + UPSERT_BATCH]
-            record_upserts(batch, self.searcher.upsert(batch, timeout=timeout), result)
-        return result
+        with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
+            embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
+            items, result = catalogue_items(embedded, self.model_id, categories, attributes)
+            for start in range(0, len(items), UPSERT_BATCH):
+                batch = items[start:start + UPSERT_BATCH]
+                record_upserts(batch, self.searcher.upsert(batch, timeout=timeout), result)
+            return result
 
     def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
                timeout: float | None = None) -> SearchResult:
         """The k catalogue items most like `image`. Raises InvalidArgumentError for an unreadable image."""
-        started = time.perf_counter()
-        embedded = self.embedder.embed([image], ids=["query"], timeout=timeout)[0]
-        if not embedded.ok:
-            raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
-        embedded_at = time.perf_counter()
-        response = self.searcher.search(embedded.vector, self.model_id, k,
-                                        routing_request(routing, embedded, self.threshold, self.max_shards,
-                                                        self.prior_weight), ef=ef, timeout=timeout)
-        return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
+        with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
+            started = time.perf_counter()
+            embedded = self.embedder.embed([image], ids=["query"], timeout=timeout)[0]
+            if not embedded.ok:
+                raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
+            embedded_at = time.perf_counter()
+            response = self.searcher.search(embedded.vector, self.model_id, k,
+                                            routing_request(routing, embedded, self.threshold, self.max_shards,
+                                                            self.prior_weight), ef=ef, timeout=timeout)
+            return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
         return self.searcher.delete(ids, timeout=timeout)

@@ -1,17 +1,17 @@
 """`python -m lookalike.embedder --model DIR`: serve the Lookalike Embedder over gRPC until SIGTERM."""
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Sequence
 
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.server import create_server
 from lookalike.serving.server import serve_until_signalled
+from lookalike.serving.tracing import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = EmbedderConfig.from_args(argv)
     started, port = create_server(config)
     print(f"embedder listening on port {port}", flush=True)

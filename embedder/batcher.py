@@ -18,6 +18,7 @@ import numpy as np
 from prometheus_client import Gauge, Histogram
 
 from lookalike.serving.errors import ResourceExhausted, Unavailable
+from lookalike.serving.tracing import annotate
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class _Job:
     images: np.ndarray
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    # Images in the inference batch this job ran in (its own and other requests'), for the trace.
+    batch_images: int = 0
 
 
 @dataclass
@@ -83,6 +86,8 @@ class MicroBatcher:
             QUEUED_IMAGES.set(self._queued_images)
             self._condition.notify()
         results = [job.future.result(timeout) for job in jobs]
+        annotate(inference_batch_images=[job.batch_images for job in jobs],
+                 queue_seconds=time.monotonic() - jobs[0].enqueued)
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def close(self) -> None:
@@ -137,5 +142,6 @@ class MicroBatcher:
             offset = 0
             for job in batch:
                 count = len(job.images)
+                job.batch_images = len(images)
                 job.future.set_result((embeddings[offset:offset + count], probabilities[offset:offset + count]))
                 offset += count

@@ -47,9 +47,13 @@ class EmbedderConfig:
     # TLS for the gRPC port, and a plaintext health-only port (kubelet's grpc probes speak no TLS).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # mTLS: clients must present a certificate signed by a CA in this PEM bundle.
+    tls_client_ca: Path | None = None
     health_address: str = ""
     # ROLE SHA256_HEX lines (a Secret mount): every RPC then needs a bearer token of a high enough role.
     auth_tokens: Path | None = None
+    # OpenTelemetry: send a span per RPC to this OTLP/gRPC collector (http://host:4317); empty: tracing off.
+    otlp_endpoint: str = ""
     # TensorRT engine cache, so a restart does not rebuild engines (minutes on big models).
     tensorrt_cache_dir: Path | None = None
     tensorrt_fp16: bool = True
@@ -94,6 +98,8 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0: none)",
     "tls_cert": "PEM certificate chain: serve gRPC over TLS",
     "tls_key": "PEM private key for --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mTLS)",
     "auth_tokens": "file of 'ROLE SHA256_HEX' lines (roles read, write, admin): require bearer tokens",
+    "otlp_endpoint": "OTLP/gRPC collector for trace spans, e.g. http://otel-collector:4317 (empty: off)",
     "health_address": "extra plaintext host:port serving only grpc.health.v1 (for kubelet probes under TLS)",
 }

@@ -12,6 +12,7 @@ from lookalike.embedder.pipeline import EmbeddingPipeline
 from lookalike.embedder.servicer import EmbedderServicer
 from lookalike.serving.rpc_metrics import serve_metrics
 from lookalike.serving.server import RunningServer, bind, build_server, start_health_server
+from lookalike.serving.tls import TlsFiles
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,11 @@ def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
                                            max_message_bytes=config.max_message_bytes,
                                            service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens,
                                            max_concurrent_rpcs=config.max_concurrent_rpcs,
-                                           max_connection_age_seconds=config.max_connection_age_seconds)
+                                           max_connection_age_seconds=config.max_connection_age_seconds,
+                                           otlp_endpoint=config.otlp_endpoint)
     servicer = EmbedderServicer(config)
     embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
-    port = bind(server, config.address, config.tls_cert, config.tls_key)
+    port = bind(server, config.address, TlsFiles.from_settings(config.tls_cert, config.tls_key, config.tls_client_ca))
     server.start()
     try:
         model = OnnxModel(config)

@@ -6,13 +6,14 @@ import sys
 from typing import Sequence
 
 from lookalike.serving.server import serve_until_signalled
+from lookalike.serving.tracing import configure_logging
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.server import create_server
 from lookalike.searcher.store import StoreUnavailable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = SearcherConfig.from_args(argv)
     try:
         started, port = create_server(config)

@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 
 from lookalike.serving.rpc_metrics import serve_metrics
 from lookalike.serving.server import RunningServer, bind, build_server, start_health_server
+from lookalike.serving.tls import TlsFiles
 from lookalike.v1 import searcher_pb2, searcher_pb2_grpc
 from lookalike.searcher.catalogue import Catalogue
 from lookalike.searcher.config import SearcherConfig
@@ -42,10 +43,11 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
     server, health_servicer = build_server(max_workers=config.grpc_workers, max_message_bytes=config.max_message_bytes,
                                            service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens,
                                            max_concurrent_rpcs=config.max_concurrent_rpcs,
-                                           max_connection_age_seconds=config.max_connection_age_seconds)
+                                           max_connection_age_seconds=config.max_connection_age_seconds,
+                                           otlp_endpoint=config.otlp_endpoint)
     servicer = SearcherServicer(config)
     searcher_pb2_grpc.add_SearcherServicer_to_server(servicer, server)
-    port = bind(server, config.address, config.tls_cert, config.tls_key)
+    port = bind(server, config.address, TlsFiles.from_settings(config.tls_cert, config.tls_key, config.tls_client_ca))
     server.start()
     try:
         catalogue = Catalogue(config)

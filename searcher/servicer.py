@@ -10,6 +10,7 @@ import numpy as np
 from lookalike.codec import VectorError, unpack_vector
 from lookalike.routing import Routing
 from lookalike.serving.errors import InvalidArgument, ServiceError, Unavailable, rpc_method
+from lookalike.serving.tracing import annotate
 from lookalike.v1 import common_pb2, searcher_pb2, searcher_pb2_grpc
 from lookalike.searcher.catalogue import Catalogue, SearchQuery
 from lookalike.searcher.config import SearcherConfig
@@ -96,6 +97,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             error = outcome.error
             statuses[position] = (common_pb2.ItemStatus(code=error.code.value[0], message=str(error))
                                   if isinstance(error, ServiceError) else common_pb2.ItemStatus(code=0))
+        annotate(items=len(request.items), rejected_items=sum(status.code != 0 for status in statuses))
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=seq)
 
     @rpc_method
@@ -104,12 +106,17 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         self._check_batch(len(request.ids), "ids")
         ids = [_key(item_id, f"ids[{position}]") for position, item_id in enumerate(request.ids)]
         deleted, missing, seq = catalogue.delete(ids)
+        annotate(ids=len(ids), deleted=deleted)
         return searcher_pb2.DeleteResponse(deleted=deleted, missing=missing, sequence=seq)
 
     @rpc_method
     def Search(self, request: searcher_pb2.SearchRequest, context: grpc.ServicerContext) -> searcher_pb2.SearchResponse:
         catalogue = self.catalogue
         outcome = catalogue.search(self._query(request))
+        annotate(k=request.k, hits=len(outcome.hits), shards_probed=len(outcome.probes),
+                 shard_categories=[probe.category for probe in outcome.probes],
+                 shard_seconds=[probe.seconds for probe in outcome.probes],
+                 shard_ef=[probe.ef for probe in outcome.probes])
         response = searcher_pb2.SearchResponse(unknown_categories=outcome.unknown_categories)
         for hit in outcome.hits:
             response.hits.add(id=hit.id, score=hit.score, similarity=hit.similarity, category=hit.category,

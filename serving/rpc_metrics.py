@@ -1,11 +1,14 @@
 """Prometheus metrics shared by both servers: per-RPC counts and latency by status, and the HTTP exporter."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
 
 RPC_REQUESTS = Counter("lookalike_rpc_requests_total", "RPCs handled, by method and status code",
                        ["method", "code"])
@@ -15,7 +18,8 @@ RPC_LATENCY = Histogram("lookalike_rpc_latency_seconds", "RPC handling time, by 
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary RPC, labelled with the status code it ended with."""
+    """Counts and times every unary RPC, labelled with the status code it ended with, and logs each failed one
+    (with its trace id when tracing is on, so a client's report can be matched to the server's side)."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
@@ -35,8 +39,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             finally:
                 if code == "OK" and context.code() not in (None, grpc.StatusCode.OK):
                     code = context.code().name
+                seconds = time.perf_counter() - started
                 RPC_REQUESTS.labels(method, code).inc()
-                RPC_LATENCY.labels(method, code).observe(time.perf_counter() - started)
+                RPC_LATENCY.labels(method, code).observe(seconds)
+                if code != "OK":
+                    log.info("%s ended %s after %.1f ms: %s", method, code, seconds * 1000, context.details())
 
         return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -15,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from lookalike.serving.auth import TokenAuthInterceptor, TokenFile
 from lookalike.serving.rpc_metrics import MetricsInterceptor
+from lookalike.serving.tls import TlsFiles, server_credentials
+from lookalike.serving.tracing import start_tracing
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,11 @@ def build_server(
     auth_tokens: Path | None = None,
     max_concurrent_rpcs: int = 0,
     max_connection_age_seconds: float = 0.0,
+    otlp_endpoint: str = "",
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now),
-    reflection and, given a tokens file, bearer-token auth with roles (lookalike.serving.auth).
+    reflection, given a tokens file bearer-token auth with roles (lookalike.serving.auth), and given an
+    OTLP endpoint a trace span per RPC (lookalike.serving.tracing).
 
     The caller adds its servicers, binds a port and flips health to SERVING once it is ready.
     """
@@ -43,8 +48,14 @@ def build_server(
         # clients; an aged connection is closed (GOAWAY) and the client reconnects, round-robin.
         options += [("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)),
                     ("grpc.max_connection_age_grace_ms", 30_000)]
-    # Metrics first, so refused calls are counted with their status too.
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
+    names = list(service_names)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if otlp_endpoint:
+        # Outermost, so metrics, auth and the servicer all run inside the RPC's span.
+        service = os.environ.get("OTEL_SERVICE_NAME") or "lookalike-" + names[0].rsplit(".", 1)[-1].lower()
+        interceptors.append(start_tracing(service, otlp_endpoint))
+    # Metrics before auth, so refused calls are counted with their status too.
+    interceptors.append(MetricsInterceptor())
     if auth_tokens is not None:
         interceptors.append(TokenAuthInterceptor(TokenFile(auth_tokens)))
     # Past max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED, before a thread or a buffer is spent.
@@ -52,20 +63,16 @@ def build_server(
                          interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return server, health_servicer
 
 
-def bind(server: grpc.Server, address: str, tls_cert: Path | None = None, tls_key: Path | None = None) -> int:
-    """Binds a port ("host:0" picks a free one), with TLS when a certificate and key are given."""
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("tls_cert and tls_key go together: give both or neither")
-    if tls_cert is not None and tls_key is not None:
-        credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
-        port = server.add_secure_port(address, credentials)
+def bind(server: grpc.Server, address: str, tls: TlsFiles | None = None) -> int:
+    """Binds a port ("host:0" picks a free one), with TLS (renewed files followed, see serving.tls) when given."""
+    if tls is not None:
+        port = server.add_secure_port(address, server_credentials(tls))
     else:
         port = server.add_insecure_port(address)
     if port == 0:

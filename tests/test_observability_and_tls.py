@@ -1,8 +1,11 @@
-"""Prometheus metrics on both servers, and gRPC over TLS with a plaintext health port for probes."""
+"""Prometheus metrics on both servers; gRPC over TLS with a plaintext health port for probes, client
+certificates (mTLS), and certificates renewed under load without a restart."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -70,6 +73,131 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     return cert, key
+
+
+def certificate_authority(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throw-away CA (EC P-256, one day): its certificate and key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def issue(authority: tuple[Path, Path], directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for localhost signed by `authority`, good for servers and clients: (cert, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-CA", str(authority[0]), "-CAkey", str(authority[1]),
+                    "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                    "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost",
+                    "-addext", "extendedKeyUsage=serverAuth,clientAuth", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def handshake_works(port: int, root: Path, client: tuple[Path, Path] | None = None) -> bool:
+    """Whether a brand-new connection (its own subchannel, so a new TLS handshake) can call the server."""
+    credentials = grpc.ssl_channel_credentials(root.read_bytes(), *((client[1].read_bytes(), client[0].read_bytes())
+                                                                     if client else ()))
+    with grpc.secure_channel(f"localhost:{port}", credentials, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            return True
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            return False
+
+
+def install(source: tuple[Path, Path], cert: Path, key: Path) -> None:
+    """Puts a certificate and key in place the way a rewritten Secret does: each file renamed in whole."""
+    for new, target in ((source[0], cert), (source[1], key)):
+        temporary = target.with_suffix(".new")
+        temporary.write_bytes(new.read_bytes())
+        os.replace(temporary, target)
+
+
+def test_certificate_renewed_under_load_without_restart(tmp_path: Path) -> None:
+    old_ca, new_ca = certificate_authority(tmp_path / "ca", "old-ca"), certificate_authority(tmp_path / "ca", "new-ca")
+    both_cas = tmp_path / "ca" / "both.crt"
+    both_cas.write_bytes(old_ca[0].read_bytes() + new_ca[0].read_bytes())
+    cert, key = tmp_path / "mount" / "tls.crt", tmp_path / "mount" / "tls.key"
+    cert.parent.mkdir()
+    install(issue(old_ca, tmp_path / "issued", "old"), cert, key)
+    renewed = issue(new_ca, tmp_path / "issued", "new")
+    started, channel = start_searcher(tmp_path / "data", snapshot_interval=0, address_override="localhost:0",
+                                      tls_cert=cert, tls_key=key)
+    vectors = np.eye(8, dtype=np.float32)
+    secure = ChannelSettings(f"localhost:{started.port}", tls=True, root_certificates=both_cas.read_bytes(), retries=0)
+    with SearcherClient(secure) as client:
+        client.upsert([CatalogueItem(f"i{n}", "hats", v, "m") for n, v in enumerate(vectors)])
+    stop, failures, calls = threading.Event(), [], [0]
+
+    def keep_searching() -> None:  # one long-lived connection per thread
+        with SearcherClient(secure) as client:
+            while not stop.is_set():
+                try:
+                    assert client.search(vectors[3], "m", k=1, routing=routing_for(categories=["hats"])).hits[0].id == "i3"
+                    calls[0] += 1
+                except Exception as error:  # noqa: BLE001 - every failure is collected and reported
+                    failures.append(repr(error))
+
+    def keep_connecting() -> None:  # a new connection, so a new handshake, for every call
+        while not stop.is_set():
+            if not handshake_works(started.port, both_cas):
+                failures.append("new connection failed")
+
+    threads = [threading.Thread(target=keep_searching) for _ in range(3)] + [threading.Thread(target=keep_connecting)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        assert handshake_works(started.port, old_ca[0]) and not handshake_works(started.port, new_ca[0])
+        # Half a rotation (the new certificate beside the old key) is not served: the old pair stays.
+        cert.write_bytes(renewed[0].read_bytes())
+        assert handshake_works(started.port, old_ca[0])
+        install(renewed, cert, key)
+        time.sleep(0.5)
+        # New connections get the renewed certificate; open ones carry on with theirs.
+        assert handshake_works(started.port, new_ca[0]) and not handshake_works(started.port, old_ca[0])
+        calls_before = calls[0]
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        channel.close()
+        started.stop(None)
+    assert failures == [] and calls[0] > calls_before > 0
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(model_dir: Path, tmp_path: Path) -> None:
+    from lookalike.client.embedder_client import EmbedderClient
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
+
+    server_ca, client_ca, stranger_ca = (certificate_authority(tmp_path, name) for name in ("server-ca", "client-ca",
+                                                                                             "stranger-ca"))
+    server_cert, server_key = issue(server_ca, tmp_path, "server")
+    started, port = create_server(EmbedderConfig(model_dir=model_dir, address="localhost:0", tls_cert=server_cert,
+                                                 tls_key=server_key, tls_client_ca=client_ca[0]))
+    try:
+        member, stranger = issue(client_ca, tmp_path, "member"), issue(stranger_ca, tmp_path, "stranger")
+        assert handshake_works(port, server_ca[0], member)
+        assert not handshake_works(port, server_ca[0]) and not handshake_works(port, server_ca[0], stranger)
+        settings = ChannelSettings(f"localhost:{port}", tls=True, root_certificates=server_ca[0].read_bytes(),
+                                   private_key=member[1].read_bytes(), certificate_chain=member[0].read_bytes())
+        with EmbedderClient(settings) as client:
+            assert client.model_info().model_id
+        # The client CA bundle is followed like the certificate: trusting the other CA takes effect for new
+        # connections.
+        install((stranger_ca[0], server_key), client_ca[0], server_key)
+        time.sleep(0.05)
+        assert handshake_works(port, server_ca[0], stranger) and not handshake_works(port, server_ca[0], member)
+    finally:
+        started.stop(None)
 
 
 def test_tls_port_and_plaintext_health_port(tmp_path: Path) -> None:

@@ -15,17 +15,19 @@ _LISTENING = re.compile(r"listening on port (\d+)")
 @contextmanager
 def running_service(module: str, args: Sequence[str], startup_timeout: float = 180.0,
                     env: dict[str, str] | None = None,
-                    address: str = "127.0.0.1:0") -> Iterator[tuple[subprocess.Popen, int]]:
+                    address: str = "127.0.0.1:0",
+                    log_lines: list[str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """Runs `python -m module args --address ADDRESS`, yields (process, port), terminates it after.
 
-    The port is read from the server's "listening on port N" line, printed once it is ready.
+    The port is read from the server's "listening on port N" line, printed once it is ready. The server's
+    output lines are appended to `log_lines` when given.
     """
     command = [sys.executable, "-m", module, *args, "--address", address]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     port: list[int] = []
     ready = threading.Event()
-    log_lines: list[str] = []
+    log_lines = [] if log_lines is None else log_lines
 
     def read_output() -> None:
         assert process.stdout is not None
