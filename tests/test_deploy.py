@@ -5,6 +5,7 @@ in tests/test_sharded.py.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,14 +30,54 @@ def tool(name: str) -> str:
     return str(found)
 
 
-def render(overlay: str) -> list[dict]:
-    result = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay)], capture_output=True,
-                            text=True, check=True)
+def render(overlay: str | Path) -> list[dict]:
+    """The objects of an overlay: one of deploy/overlays by name, or a folder (overlay_with's copies)."""
+    folder = overlay if isinstance(overlay, Path) else DEPLOY / "overlays" / overlay
+    result = subprocess.run([tool("kubectl"), "kustomize", str(folder)], capture_output=True, text=True, check=True)
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def overlay_with(tmp_path: Path, overlay: str, **extra: list) -> Path:
+    """A copy of an overlay in tmp_path with entries added to its kustomization (components, a
+    configMapGenerator, ...), as a user would add them. Kustomize refuses absolute paths, so the copy's
+    paths to other folders (its own and the Path entries of `extra`) are rewritten relative to it."""
+    source, copy = DEPLOY / "overlays" / overlay, tmp_path / overlay
+    shutil.copytree(source, copy)
+    kustomization = yaml.safe_load((copy / "kustomization.yaml").read_text())
+    for key in ("resources", "components"):
+        kustomization[key] = [os.path.relpath(source / entry, copy) if entry.startswith("..") else entry
+                              for entry in kustomization.get(key, [])]
+    for key, entries in extra.items():
+        kustomization[key] = kustomization.get(key, []) + [os.path.relpath(e, copy) if isinstance(e, Path) else e
+                                                           for e in entries]
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return copy
 
 
 def workloads(objects: list[dict]) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
+
+
+def config_refs(workload: dict) -> set[str]:
+    """Every ConfigMap a workload's pods name: envFrom, env valueFrom, volumes (projected ones included)."""
+    spec = workload["spec"]["template"]["spec"]
+    names = set()
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        names |= {e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e}
+        names |= {e["valueFrom"]["configMapKeyRef"]["name"] for e in container.get("env", [])
+                  if "configMapKeyRef" in e.get("valueFrom", {})}
+    for volume in spec.get("volumes", []):
+        sources = [volume] + volume.get("projected", {}).get("sources", [])
+        names |= {source["configMap"]["name"] for source in sources if "configMap" in source}
+    return names
+
+
+def config_of(objects: list[dict], workload: str) -> dict[str, str]:
+    """The settings a server reads: the data of the ConfigMaps its container takes its environment from."""
+    container = workloads(objects)[workload]["spec"]["template"]["spec"]["containers"][0]
+    names = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
+    assert names, f"{workload} takes no ConfigMap"
+    return {key: value for name in names for key, value in named(objects, "ConfigMap", name)["data"].items()}
 
 
 # Overlays with replicated searchers over PostgreSQL (components/replicated-searchers): two replica groups
@@ -78,6 +119,11 @@ def searchers(objects: list[dict]) -> dict[str, dict]:
     return {n: w for n, w in workloads(objects).items() if pod_labels(w).get("app.kubernetes.io/name") == "searcher"}
 
 
+def servers(objects: list[dict]) -> dict[str, dict]:
+    """Our gRPC servers (embedder, searchers), by label: overlays/green renames them."""
+    return {n: w for n, w in workloads(objects).items() if pod_labels(w).get("lookalike.io/role") == "server"}
+
+
 def named(objects: list[dict], kind: str, name: str) -> dict:
     return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
 
@@ -87,9 +133,9 @@ def test_workload_invariants(overlay: str) -> None:
     objects = render(overlay)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert {("Deployment", "embedder"), ("HorizontalPodAutoscaler", "embedder"), ("PodDisruptionBudget", "embedder"),
-            ("Service", "embedder"), ("NetworkPolicy", "lookalike-servers"), ("ConfigMap", "embedder")} <= kinds
-    sqlite_searcher = {("StatefulSet", "searcher"), ("PodDisruptionBudget", "searcher"), ("Service", "searcher"),
-                       ("ConfigMap", "searcher")}
+            ("Service", "embedder"), ("NetworkPolicy", "lookalike-servers")} <= kinds
+    # (ConfigMaps carry a hash suffix: test_config_maps_are_generated_so_a_change_rolls_the_pods.)
+    sqlite_searcher = {("StatefulSet", "searcher"), ("PodDisruptionBudget", "searcher"), ("Service", "searcher")}
     if overlay in REPLICATED:
         assert not sqlite_searcher & kinds, "the replicated layout replaces the SQLite searcher entirely"
         assert set(searchers(objects)) == {f"searcher-{g}" for g in GROUPS}
@@ -108,9 +154,8 @@ def test_workload_invariants(overlay: str) -> None:
             assert security["capabilities"]["drop"] == ["ALL"]
             assert container["resources"]["requests"] and container["resources"]["limits"]
     # Our gRPC servers: metrics, native grpc probes.
-    servers = {n: w for n, w in workloads(objects).items() if pod_labels(w).get("lookalike.io/role") == "server"}
-    assert set(servers) == {"embedder"} | set(searchers(objects))
-    for name, workload in servers.items():
+    assert set(servers(objects)) == {"embedder"} | set(searchers(objects))
+    for name, workload in servers(objects).items():
         pod = workload["spec"]["template"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         server = pod["spec"]["containers"][0]
@@ -237,7 +282,7 @@ def test_dev_postgres_matches_the_searchers_dsn() -> None:
     assert selects(service["spec"]["selector"], pod_labels(postgres))
     assert not selects(service["spec"]["selector"], pod_labels(searchers(objects)["searcher-a"]))
     container = postgres["spec"]["template"]["spec"]["containers"][0]
-    assert re.fullmatch(r"postgres:\d+\.\d+.*", container["image"]), container["image"]
+    assert re.fullmatch(r"postgres:\d+-bookworm(@sha256:[0-9a-f]{64})?", container["image"]), container["image"]
     assert container["readinessProbe"]["exec"]["command"][0] == "pg_isready"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     for key in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
@@ -290,24 +335,42 @@ def test_servers_drain_before_sigterm_and_probes_have_time(overlay: str) -> None
             assert container[probe]["timeoutSeconds"] >= 2, f"{overlay}: {name} {probe}"
 
 
-def test_tls_overlay_mounts_the_secret_and_serves_plain_health_for_probes() -> None:
+def test_tls_overlay_mounts_the_secrets_and_serves_plain_health_for_probes() -> None:
     objects = render("cpu-tls")
     for name, config_key in (("embedder", "LOOKALIKE_EMBEDDER"), ("searcher", "LOOKALIKE_SEARCHER")):
-        config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name)
-        assert config["data"][f"{config_key}_TLS_CERT"] == "/tls/tls.crt"
+        config = config_of(objects, name)
+        assert config[f"{config_key}_TLS_CERT"] == "/tls/tls.crt"
         spec = workloads(objects)[name]["spec"]["template"]["spec"]
         assert any(v.get("secret", {}).get("secretName") == "lookalike-tls" for v in spec["volumes"])
+        # Token auth on: the server reads the tokens file from the Secret lookalike-auth-tokens, key `tokens`.
+        volume = next(v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "lookalike-auth-tokens")
+        assert volume["secret"].get("optional", False) is False, "no Secret: the pod waits, never serves without auth"
+        mounts = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        assert len(mounts) == 1 and mounts[0].get("readOnly") is True
+        # A subPath mount never sees a rotated Secret; the server re-reads the file when it changes.
+        assert "subPath" not in mounts[0] and "subPathExpr" not in mounts[0]
+        files = {item["key"]: item["path"] for item in volume["secret"].get("items", [])} or {"tokens": "tokens"}
+        assert config[f"{config_key}_AUTH_TOKENS"] == os.path.join(mounts[0]["mountPath"], files["tokens"])
 
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 
 
+def base_images(text: str) -> list[str]:
+    """A Dockerfile's FROM images, each ${ARG} replaced by its default."""
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.MULTILINE))
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: args[m[1]], base)
+            for base in re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)]
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_invariants(dockerfile: Path) -> None:
     text = dockerfile.read_text()
-    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+    bases = base_images(text)
     for base in bases:
         assert ":" in base and not base.endswith(":latest"), f"{dockerfile.name}: unpinned base {base}"
+    # One base for every stage (one ARG): the venv copied from the build stage needs the same Python.
+    assert len(set(bases)) == 1, f"{dockerfile.name}: stages on different bases {bases}"
     final_stage = text.split("\nFROM ")[-1]
     user = re.findall(r"^USER\s+(\S+)", final_stage, flags=re.MULTILINE)
     assert user and user[-1].split(":")[0] not in ("0", "root"), f"{dockerfile.name}: final stage must not run as root"
@@ -336,8 +399,7 @@ def test_gpu_image_installs_onnxruntime_gpu_not_the_cpu_build() -> None:
 def test_embedder_connections_age_and_a_headless_service_lists_every_pod(overlay: str) -> None:
     """gRPC connections last for ever: without an age, pods the HPA adds get nothing from existing clients."""
     objects = render(overlay)
-    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "embedder")
-    assert float(config["data"]["LOOKALIKE_EMBEDDER_MAX_CONNECTION_AGE_SECONDS"]) > 0
+    assert float(config_of(objects, "embedder")["LOOKALIKE_EMBEDDER_MAX_CONNECTION_AGE_SECONDS"]) > 0
     headless = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "embedder-headless")
     pods = workloads(objects)["embedder"]["spec"]["template"]["metadata"]["labels"]
     assert headless["spec"]["clusterIP"] == "None"
@@ -400,3 +462,116 @@ def test_grpc_is_open_to_labelled_client_pods_here_and_in_labelled_namespaces(ov
         {"podSelector": {"matchLabels": {"lookalike.io/client": "true"}}},
         {"namespaceSelector": {"matchLabels": {"lookalike.io/clients": "true"}},
          "podSelector": {"matchLabels": {"lookalike.io/client": "true"}}}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_maps_are_generated_so_a_change_rolls_the_pods(overlay: str) -> None:
+    """A ConfigMap changed in place reaches running pods only when they happen to restart. Generated ones
+    carry a hash of their contents in their name, and kustomize rewrites every reference to it, so a change
+    is a new pod template: a rolling update. Every reference must therefore name a rendered, hashed one."""
+    objects = render(overlay)
+    configs = {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
+    referenced = set()
+    for name, workload in workloads(objects).items():
+        refs = config_refs(workload)
+        assert refs <= configs, f"{overlay}: {name} names ConfigMaps that are not rendered: {refs - configs}"
+        referenced |= refs
+    for name in configs:
+        assert re.fullmatch(r".+-[a-z0-9]{10}", name), f"{overlay}: ConfigMap {name} is not generated (no hash)"
+    assert configs == referenced, f"{overlay}: ConfigMaps no pod reads: {configs - referenced}"
+    for server in servers(objects):
+        assert config_of(objects, server)
+
+
+def test_a_config_change_renames_the_config_map(tmp_path: Path) -> None:
+    before = render("cpu")
+    changed = overlay_with(tmp_path, "cpu", configMapGenerator=[
+        {"name": "embedder", "behavior": "merge", "literals": ["LOOKALIKE_EMBEDDER_MAX_BATCH=16"]}])
+    after = render(changed)
+    assert config_of(after, "embedder")["LOOKALIKE_EMBEDDER_MAX_BATCH"] == "16"
+    assert config_of(before, "embedder")["LOOKALIKE_EMBEDDER_MAX_BATCH"] != "16"
+    old, new = workloads(before), workloads(after)
+    assert config_refs(new["embedder"]) != config_refs(old["embedder"]), "same pod template: no rollout"
+    assert config_refs(new["searcher"]) == config_refs(old["searcher"]), "an unchanged config must not roll"
+
+
+SERVICE_MONITOR = DEPLOY / "components" / "servicemonitor"
+
+
+def matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions) against an object's labels."""
+    tests = {"In": lambda key, values: labels.get(key) in values,
+             "NotIn": lambda key, values: labels.get(key) not in values,
+             "Exists": lambda key, values: key in labels,
+             "DoesNotExist": lambda key, values: key not in labels}
+    return (selector.get("matchLabels", {}).items() <= labels.items()
+            and all(tests[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_service_monitor_scrapes_every_server_pod_once(overlay: str, tmp_path: Path) -> None:
+    """components/servicemonitor added to any overlay: its ServiceMonitor selects, by the labels they
+    really carry (the release label included), Services with the port it names, and through them every
+    server pod exactly once (twice would double every counter in a sum)."""
+    objects = render(overlay_with(tmp_path, overlay, components=[SERVICE_MONITOR]))
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 1
+    monitor = monitors[0]
+    embedder = next(s for s in objects if s["kind"] == "Service" and not s["spec"].get("clusterIP")
+                    and s["metadata"]["labels"]["app.kubernetes.io/name"] == "embedder")
+    release = embedder["metadata"]["labels"]["app.kubernetes.io/instance"]
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == release
+    # Named after its release: a second release in the namespace (green) gets its own, not this one replaced.
+    assert monitor["metadata"]["name"] == release
+    assert monitor["metadata"].get("namespace") == embedder["metadata"].get("namespace")
+    assert "namespaceSelector" not in monitor["spec"], "the release's own namespace only"
+    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    assert all(e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"])
+    scraped = [s for s in objects if s["kind"] == "Service"
+               and matches(monitor["spec"]["selector"], s["metadata"]["labels"])
+               and ports & {p.get("name") for p in s["spec"]["ports"]}]
+    pods = servers(objects)
+    assert {pod_labels(w)["app.kubernetes.io/name"] for w in pods.values()} == {"embedder", "searcher"}
+    for name, workload in pods.items():
+        via = [s for s in scraped if selects(s["spec"]["selector"], pod_labels(workload))]
+        assert len(via) == 1, f"{overlay}: {name} is scraped through {[s['metadata']['name'] for s in via]}"
+        port = next(p for p in via[0]["spec"]["ports"] if p.get("name") in ports)
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": port["targetPort"], "containerPort": 9100} in container["ports"], f"{overlay}: {name}"
+    for service in scraped:
+        assert any(selects(service["spec"]["selector"], pod_labels(w)) for w in pods.values()), service
+
+
+# Base images take patch releases: a floating minor tag (python:3.11-slim-bookworm, postgres:15-bookworm,
+# busybox:1.37) gets the upstream patch and Debian security releases at every rebuild (images) or restart
+# (postgres), while a frozen patch tag (python:3.11.7-slim-bookworm, postgres:15.10-bookworm) silently ages
+# without them. Reproducible builds pin a digest instead (deploy/README.md), which passes: 3.11-...@sha256:.
+# The CloudNativePG Cluster's image (ghcr.io/cloudnative-pg/postgresql:15.10) is not an image a pod pulls
+# itself: the operator rolls a minor update over its instances (replicas first, then a switchover) when the
+# name changes, so it stays pinned (test_cnpg_cluster).
+FROZEN_TAGS = {"python": r"\d+\.\d+\.\d+", "postgres": r"\d+\.\d+", "busybox": r"\d+\.\d+\.\d+"}
+
+
+def frozen(image: str) -> bool:
+    name, _, tag = image.split("@")[0].rpartition(":")
+    if "/" in tag:  # registry:port/name, no tag
+        return False
+    pattern = FROZEN_TAGS.get(name.rsplit("/", 1)[-1])
+    return bool(pattern and re.match(pattern + r"(-|$)", tag))
+
+
+def test_frozen_tags_are_recognised() -> None:
+    assert frozen("python:3.11.7-slim-bookworm") and frozen("docker.io/library/postgres:15.10")
+    assert frozen("busybox:1.37.0")
+    assert not frozen("python:3.11-slim-bookworm") and not frozen("postgres:15-bookworm")
+    assert not frozen("python:3.11-slim-bookworm@sha256:" + "0" * 64) and not frozen("busybox:1.37")
+
+
+def test_no_base_image_is_frozen_at_a_patch_release() -> None:
+    images = {f"{d.name}: {image}" for d in DOCKERFILES for image in base_images(d.read_text())}
+    for overlay in OVERLAYS:
+        for workload in workloads(render(overlay)).values():
+            spec = workload["spec"]["template"]["spec"]
+            images |= {f"{overlay}: {c['image']}" for c in spec.get("initContainers", []) + spec["containers"]}
+    assert any("python:" in image for image in images) and any("postgres:" in image for image in images)
+    assert not [image for image in images if frozen(image.split(": ")[1])]

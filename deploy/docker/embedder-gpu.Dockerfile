@@ -2,7 +2,10 @@
 # TensorRT libraries, so it asks for CUDA then CPU only (LOOKALIKE_EMBEDDER_PROVIDERS below, the one place
 # that says which providers this image serves with).
 # Build from the repository root: docker build -f deploy/docker/embedder-gpu.Dockerfile -t lookalike-embedder-gpu:0.1.0 .
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
+# The base image, once for both stages. NVIDIA publishes full CUDA versions only (no floating minor tag),
+# and onnxruntime-gpu is built against a CUDA minor: moving it is a deliberate change. Digest: deploy/README.md.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12.3-1ubuntu0.8 python3.12-venv=3.12.3-1ubuntu0.8 \
     && rm -rf /var/lib/apt/lists/*
@@ -19,7 +22,7 @@ COPY tools /src/tools
 # The embedder-gpu extra names onnxruntime-gpu instead of onnxruntime: they share one module.
 RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder-gpu]"
 
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12.3-1ubuntu0.8 \
     && rm -rf /var/lib/apt/lists/* \

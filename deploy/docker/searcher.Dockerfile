@@ -1,7 +1,11 @@
 # Searcher: hnswlib shards over SQLite. hnswlib compiles from source; HNSWLIB_NO_NATIVE=1 keeps it off
 # -march=native so the image runs on any x86-64 node, not only on CPUs like the build machine's.
 # Build from the repository root: docker build -f deploy/docker/searcher.Dockerfile -t lookalike-searcher:0.1.0 .
-FROM python:3.11.7-slim-bookworm AS build
+# The base image, once for both stages: the floating 3.11 tag gets Python patch releases and Debian
+# security fixes on every rebuild. For a reproducible build pin a digest (deploy/README.md):
+#   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HNSWLIB_NO_NATIVE=1
 RUN apt-get update && apt-get install -y --no-install-recommends g++=4:12.2.0-3 && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
@@ -16,7 +20,7 @@ COPY exporter /src/exporter
 COPY tools /src/tools
 RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[searcher]"
 
-FROM python:3.11.7-slim-bookworm
+FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike \
     && mkdir /data && chown 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
