@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
 
-from lookalike.tools.benchmarking import measure, p50_p99_ms
+from lookalike.tools.benchmarking import default_photos, measure, p50_p99_ms
 from lookalike.quality.labelled_images import read_labelled_images
 from lookalike.tools.demo import ensure_model
 from lookalike.client.embedder_client import EmbedderClient
@@ -38,15 +38,6 @@ class Measurement:
 def _row(precision: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
     rate, latencies = result
     return Measurement(precision, scenario, clients, per_call, round(rate, 1), *p50_p99_ms(latencies))
-
-
-def _default_images(workdir: Path) -> Path:
-    grocery = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "grocery" / "val.txt"
-    if grocery.is_file():
-        return grocery
-    from lookalike.quality.fashion_mnist import materialize
-
-    return materialize(workdir / "fashion-mnist", "test", 30)
 
 
 def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: float) -> list[Measurement]:
@@ -99,15 +90,21 @@ def ensure_int8(model_dir: Path, catalog: Path) -> Path:
     return int8_dir
 
 
-def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | None = None,
-                       as_json: bool = False) -> int:
+def benchmark_model(workdir: Path) -> tuple[Path, Path]:
+    """The benchmarks' fp32 model (the demo's, on 200 Fashion-MNIST images per category; built once) and its
+    catalogue."""
     from lookalike.quality.fashion_mnist import materialize
 
     workdir.mkdir(parents=True, exist_ok=True)
     catalog = materialize(workdir / "fashion-mnist", "train", 200)
-    model_dir = ensure_model(workdir, catalog, 200)
+    return ensure_model(workdir, catalog, 200), catalog
+
+
+def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | None = None,
+                       as_json: bool = False) -> int:
+    model_dir, catalog = benchmark_model(workdir)
     int8_dir = ensure_int8(model_dir, catalog)
-    source = images_dir or _default_images(workdir)
+    source = images_dir or default_photos(workdir)
     photos = [image.read_bytes() for image in read_labelled_images(source)[:256]]
     rows = bench_model(model_dir, "fp32", photos, seconds) + bench_model(int8_dir, "int8", photos, seconds)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,3 +36,13 @@ def measure(call: Callable[[], int], seconds: float, clients: int) -> tuple[floa
 
 def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
     return (round(float(np.percentile(latencies, 50)) * 1000, 3), round(float(np.percentile(latencies, 99)) * 1000, 3))
+
+
+def default_photos(workdir: Path) -> Path:
+    """Real photos to benchmark with: grocery's validation list beside the checkout, else Fashion-MNIST images."""
+    grocery = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "grocery" / "val.txt"
+    if grocery.is_file():
+        return grocery
+    from lookalike.quality.fashion_mnist import materialize
+
+    return materialize(workdir / "fashion-mnist", "test", 30)

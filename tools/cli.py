@@ -163,6 +163,16 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
         return run_replicas_bench(items=args.items, dimension=args.dimension, store=args.store, seconds=args.seconds,
                                   startup_items=args.startup_items, as_json=args.json)
+    if args.service == "soak":
+        from lookalike.quality.labelled_images import read_labelled_images
+        from lookalike.tools.bench_embedder import benchmark_model
+        from lookalike.tools.bench_soak import run_soak_bench
+        from lookalike.tools.benchmarking import default_photos
+
+        model_dir = args.model or benchmark_model(Path(args.workdir))[0]
+        photos = [image.read_bytes() for image in read_labelled_images(args.images or default_photos(Path(args.workdir)))]
+        return run_soak_bench(model_dir, photos[:512], seconds=args.seconds, sample_seconds=args.sample_seconds,
+                              clients=args.clients, catalogue_items=args.soak_items, as_json=args.json)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -279,9 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     web.set_defaults(run=_web)
 
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
-                                              "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib)")
-    bench.add_argument("service", choices=["embedder", "searcher", "replicas"],
-                       help="which service to measure (replicas: searchers over PostgreSQL against SQLite)")
+                                              "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
+                                              "or a soak: a long mixed load watching memory")
+    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "soak"],
+                       help="which service to measure (replicas: searchers over PostgreSQL against SQLite; soak: "
+                            "both services under mixed load with auth on, for --seconds, e.g. 1800)")
+    bench.add_argument("--model", type=Path, help="soak: the model folder (default: the benchmarks' model)")
+    bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
+    bench.add_argument("--soak-items", type=int, default=1000,
+                       help="soak: catalogue items, filled first, then re-indexed and deleted over the run")
+    bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: seconds between samples")
     bench.add_argument("--startup-items", type=int, default=0,
                        help="replicas: measure replica start-up at this many items (rows written straight into "
                             "the store)")
