@@ -59,12 +59,21 @@ def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = Image
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the requested size.
         image.draft("RGB", size)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        image = _upright(image)
         image = _to_rgb(image)
         image = image.resize(size, Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
         raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as it is when the EXIF block is unreadable (browsers
+    show such photos too, so refusing them would surprise the shopper)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block surfaces as many types
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

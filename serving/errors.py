@@ -64,3 +64,37 @@ def rpc_method(method: Method) -> Method:
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(error).__name__}")
 
     return wrapper  # type: ignore[return-value]
+
+
+class _Undecodable:
+    """What a request's bytes decoded to when they are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class UndecodableRequestInterceptor(grpc.ServerInterceptor):
+    """Answers a request whose bytes are not a valid message (broken wire format, a string that is not
+    UTF-8) with INVALID_ARGUMENT; grpcio itself would answer INTERNAL, which means a server fault."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        decode, behaviour = handler.request_deserializer, handler.unary_unary
+        method = handler_call_details.method
+
+        def decode_or_keep_error(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError, and UnicodeDecodeError for text
+                return _Undecodable(error)
+
+        def refuse_undecodable(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request to {method} is not a valid message: {str(request.error)[:200]}")
+            return behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(refuse_undecodable, request_deserializer=decode_or_keep_error,
+                                                   response_serializer=handler.response_serializer)

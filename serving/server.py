@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lookalike.serving.auth import TokenAuthInterceptor, TokenFile
+from lookalike.serving.errors import UndecodableRequestInterceptor
 from lookalike.serving.rpc_metrics import MetricsInterceptor
 from lookalike.serving.tls import TlsFiles, server_credentials
 from lookalike.serving.tracing import start_tracing
@@ -58,6 +59,8 @@ def build_server(
     interceptors.append(MetricsInterceptor())
     if auth_tokens is not None:
         interceptors.append(TokenAuthInterceptor(TokenFile(auth_tokens)))
+    # Innermost: it wraps the servicer's own handler (refusals by auth have nothing to decode).
+    interceptors.append(UndecodableRequestInterceptor())
     # Past max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED, before a thread or a buffer is spent.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
