@@ -6,11 +6,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, call_with_retries_async, library_error, tracer
+from lookalike.client.connection import ChannelSettings, LookalikeError, call_with_retries_async, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
-from lookalike.client.facade import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, catalogue_items,
-                               record_upserts, routing_request, search_result)
-from lookalike.client.searcher_client import CatalogueItem, search_request
+from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
+                                     record_upserts, routing_request, search_result, upsert_batches)
+from lookalike.client.searcher_client import (BATCH_QUERIES, CatalogueItem, FilterInput, batch_result,
+                                              search_request)
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
 
@@ -55,18 +56,32 @@ class AsyncSearcherClient:
         self.channel = self.settings.open_aio()
         self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
 
-    async def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
-        request = searcher_pb2.UpsertRequest(items=[item.to_proto() for item in items])
+    async def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
+                     replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
+        request = searcher_pb2.UpsertRequest(items=[item.to_proto() for item in items],
+                                             replace_products=list(replace_products))
         return await call_with_retries_async(self.stub.Upsert, request, self.settings, timeout, "Searcher.Upsert")
 
-    async def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
-        return await call_with_retries_async(self.stub.Delete, searcher_pb2.DeleteRequest(ids=list(ids)),
-                                             self.settings, timeout, "Searcher.Delete")
+    async def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
+                     products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
+        request = searcher_pb2.DeleteRequest(ids=list(ids), products=list(products))
+        return await call_with_retries_async(self.stub.Delete, request, self.settings, timeout, "Searcher.Delete")
 
     async def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
-                     ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
-        return await call_with_retries_async(self.stub.Search, search_request(vector, model_id, k, routing, ef),
-                                             self.settings, timeout, "Searcher.Search")
+                     ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
+                     distinct_products: bool = False) -> searcher_pb2.SearchResponse:
+        request = search_request(vector, model_id, k, routing, ef, filter, distinct_products)
+        return await call_with_retries_async(self.stub.Search, request, self.settings, timeout, "Searcher.Search")
+
+    async def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
+                           timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
+        answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
+        for start in range(0, len(requests), BATCH_QUERIES):
+            request = searcher_pb2.SearchBatchRequest(queries=requests[start:start + BATCH_QUERIES])
+            response = await call_with_retries_async(self.stub.SearchBatch, request, self.settings, timeout,
+                                                     "Searcher.SearchBatch")
+            answers.extend(batch_result(result) for result in response.results)
+        return answers
 
     async def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         return await call_with_retries_async(self.stub.GetStats, searcher_pb2.GetStatsRequest(), self.settings,
@@ -99,17 +114,18 @@ class AsyncLookalike:
 
     async def index(self, images: Sequence[ImageInput], ids: Sequence[str],
                     categories: Sequence[str | None] | None = None,
-                    attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None) -> IndexResult:
+                    attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
+                    products: Sequence[str] | None = None, replace_products: bool = False) -> IndexResult:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
-            items, result = catalogue_items(embedded, await self.model_id(), categories, attributes)
-            for start in range(0, len(items), UPSERT_BATCH):
-                batch = items[start:start + UPSERT_BATCH]
-                record_upserts(batch, await self.searcher.upsert(batch, timeout=timeout), result)
+            items, result = catalogue_items(embedded, await self.model_id(), categories, attributes, products)
+            for batch, replaced in upsert_batches(items, replace_products):
+                record_upserts(batch, await self.searcher.upsert(batch, timeout, replaced), result)
             return result
 
     async def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
-                     timeout: float | None = None) -> SearchResult:
+                     timeout: float | None = None, filter: FilterInput = None,
+                     distinct_products: bool = False) -> SearchResult:
         with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
             started = time.perf_counter()
             embedded = (await self.embedder.embed([image], ids=["query"], timeout=timeout))[0]
@@ -118,11 +134,29 @@ class AsyncLookalike:
             embedded_at = time.perf_counter()
             response = await self.searcher.search(embedded.vector, await self.model_id(), k,
                                                   routing_request(routing, embedded, self.threshold, self.max_shards,
-                                                                  self.prior_weight), ef=ef, timeout=timeout)
+                                                                  self.prior_weight), ef, timeout, filter,
+                                                  distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
-    async def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
-        return await self.searcher.delete(ids, timeout=timeout)
+    async def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive",
+                           ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
+                           distinct_products: bool = False) -> list[SearchResult | LookalikeError]:
+        with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
+            started = time.perf_counter()
+            embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
+            embedded_at = time.perf_counter()
+            model_id = await self.model_id()
+            requests = [search_request(e.vector, model_id, k, routing_request(
+                routing, e, self.threshold, self.max_shards, self.prior_weight), ef, filter, distinct_products)
+                for e in embedded if e.ok]
+            answers = iter(await self.searcher.search_batch(requests, timeout) if requests else [])
+            finished = time.perf_counter()
+            return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,
+                                        finished - embedded_at) for e in embedded]
+
+    async def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
+                     products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
+        return await self.searcher.delete(ids, timeout, products)
 
     async def close(self) -> None:
         await self.embedder.close()

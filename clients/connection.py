@@ -139,6 +139,11 @@ _ERRORS: dict[grpc.StatusCode, type[LookalikeError]] = {
 }
 
 
+def status_code(number: int) -> grpc.StatusCode:
+    """The status code of a per-item or per-query status (ItemStatus.code)."""
+    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
 def library_error(code: grpc.StatusCode, details: str, method: str = "") -> LookalikeError:
     """The library's exception for a status code."""
     return _ERRORS.get(code, LookalikeError)(code, details, method)

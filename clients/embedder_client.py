@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import grpc
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, call_with_retries
+from lookalike.client.connection import ChannelSettings, call_with_retries, status_code
 from lookalike.codec import unpack_vector
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -34,10 +34,6 @@ class EmbeddedImage:
         return self.categories[0][0] if self.categories else ""
 
 
-def _status_code(number: int) -> grpc.StatusCode:
-    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
-
-
 def read_image(image: ImageInput) -> bytes:
     """Bytes as given, or the contents of a file path."""
     return image if isinstance(image, bytes) else Path(image).read_bytes()
@@ -56,7 +52,7 @@ def embed_requests(images: Sequence[ImageInput], ids: Sequence[str] | None, top_
 def embedded_image(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
     """One EmbedResult as an EmbeddedImage."""
     if result.HasField("error"):
-        return EmbeddedImage(result.id, error=result.error.message, error_code=_status_code(result.error.code))
+        return EmbeddedImage(result.id, error=result.error.message, error_code=status_code(result.error.code))
     return EmbeddedImage(result.id, vector=unpack_vector(result.embedding.vector),
                          categories=[(c.category, c.probability) for c in result.embedding.categories])
 

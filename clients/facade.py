@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-from lookalike.client.connection import ChannelSettings, library_error, tracer
+from lookalike.client.connection import ChannelSettings, LookalikeError, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, routing_for, search_request
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient
 from lookalike.v1 import searcher_pb2
@@ -29,6 +29,9 @@ class Match:
     similarity: float
     category: str
     attributes: dict[str, str]
+    product: str = ""
+    # With distinct_products: how many of the product's photos were among the candidates.
+    product_matches: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class ProbedShard:
     ef: int
     items: int
     seconds: float
+    # With a filter: the shard's items that passed it, and whether they were searched exactly.
+    filter_matches: int = 0
+    filter_exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ def routing_request(mode: RoutingMode, embedded: EmbeddedImage, threshold: float
 
 
 def catalogue_items(embedded: Sequence[EmbeddedImage], model_id: str, categories: Sequence[str | None] | None,
-                    attributes: Sequence[Mapping[str, str]] | None) -> tuple[list[CatalogueItem], IndexResult]:
+                    attributes: Sequence[Mapping[str, str]] | None,
+                    products: Sequence[str] | None = None) -> tuple[list[CatalogueItem], IndexResult]:
     """Items to upsert for embedded images (category given, else predicted) and the images that failed."""
     items, result = [], IndexResult()
     for position, image in enumerate(embedded):
@@ -90,8 +97,21 @@ def catalogue_items(embedded: Sequence[EmbeddedImage], model_id: str, categories
             continue
         category = (categories[position] if categories is not None else None) or image.top_category
         items.append(CatalogueItem(image.id, category, image.vector, model_id,
-                                   dict(attributes[position]) if attributes is not None else {}))
+                                   dict(attributes[position]) if attributes is not None else {},
+                                   products[position] if products is not None else ""))
     return items, result
+
+
+def upsert_batches(items: Sequence[CatalogueItem], replace: bool) -> list[tuple[list[CatalogueItem], list[str]]]:
+    """Items in Upsert-sized batches, each with the products it replaces: with `replace`, each product in the
+    batch where it first appears (so a product's photos in later batches are not removed again)."""
+    batches, seen = [], set()
+    for start in range(0, len(items), UPSERT_BATCH):
+        batch = list(items[start:start + UPSERT_BATCH])
+        first = [p for p in dict.fromkeys(item.product for item in batch) if p and p not in seen] if replace else []
+        seen.update(first)
+        batches.append((batch, first))
+    return batches
 
 
 def record_upserts(items: Sequence[CatalogueItem], response: searcher_pb2.UpsertResponse, result: IndexResult) -> None:
@@ -102,12 +122,25 @@ def record_upserts(items: Sequence[CatalogueItem], response: searcher_pb2.Upsert
             result.failed.append((item.id, status.message))
 
 
+def batch_search_result(embedded: EmbeddedImage, answer: searcher_pb2.SearchResponse | LookalikeError | None,
+                        embed_seconds: float, search_seconds: float) -> SearchResult | LookalikeError:
+    """One photo's outcome in a batch: its result, or the embedder's or the searcher's error for it."""
+    if not embedded.ok:
+        return library_error(embedded.error_code, embedded.error, "Embedder.Embed")
+    if isinstance(answer, LookalikeError):
+        return answer
+    assert answer is not None
+    return search_result(embedded, answer, embed_seconds, search_seconds)
+
+
 def search_result(embedded: EmbeddedImage, response: searcher_pb2.SearchResponse, embed_seconds: float,
                   search_seconds: float) -> SearchResult:
     return SearchResult(
-        matches=[Match(h.id, h.score, h.similarity, h.category, dict(h.attributes)) for h in response.hits],
+        matches=[Match(h.id, h.score, h.similarity, h.category, dict(h.attributes), h.product, h.product_matches)
+                 for h in response.hits],
         categories=embedded.categories,
-        probes=[ProbedShard(p.category, p.probability, p.ef, p.items, p.seconds) for p in response.probes],
+        probes=[ProbedShard(p.category, p.probability, p.ef, p.items, p.seconds, p.filter_matches, p.filter_exact)
+                for p in response.probes],
         unknown_categories=list(response.unknown_categories),
         embed_seconds=embed_seconds, search_seconds=search_seconds, missing_shards=list(response.missing_shards))
 
@@ -141,22 +174,26 @@ class Lookalike:
         return self._model_id
 
     def index(self, images: Sequence[ImageInput], ids: Sequence[str], categories: Sequence[str | None] | None = None,
-              attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None) -> IndexResult:
+              attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
+              products: Sequence[str] | None = None, replace_products: bool = False) -> IndexResult:
         """Embeds and stores images under `ids` (upserting: an existing id is replaced).
 
         Each image goes to its given category, or to the embedder's most probable one when none is given.
+        `products` gives each image's product key; with `replace_products`, these images become all the
+        photos of their products (the products' other stored photos are removed).
         """
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
-            items, result = catalogue_items(embedded, self.model_id, categories, attributes)
-            for start in range(0, len(items), UPSERT_BATCH):
-                batch = items[start:start + UPSERT_BATCH]
-                record_upserts(batch, self.searcher.upsert(batch, timeout=timeout), result)
+            items, result = catalogue_items(embedded, self.model_id, categories, attributes, products)
+            for batch, replaced in upsert_batches(items, replace_products):
+                record_upserts(batch, self.searcher.upsert(batch, timeout, replaced), result)
             return result
 
     def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
-               timeout: float | None = None) -> SearchResult:
-        """The k catalogue items most like `image`. Raises InvalidArgumentError for an unreadable image."""
+               timeout: float | None = None, filter: FilterInput = None,
+               distinct_products: bool = False) -> SearchResult:
+        """The k catalogue items (or distinct products) most like `image` that pass `filter` (a Filter
+        message or its text, see lookalike.filter_text). Raises InvalidArgumentError for an unreadable image."""
         with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
             started = time.perf_counter()
             embedded = self.embedder.embed([image], ids=["query"], timeout=timeout)[0]
@@ -165,11 +202,30 @@ class Lookalike:
             embedded_at = time.perf_counter()
             response = self.searcher.search(embedded.vector, self.model_id, k,
                                             routing_request(routing, embedded, self.threshold, self.max_shards,
-                                                            self.prior_weight), ef=ef, timeout=timeout)
+                                                            self.prior_weight), ef, timeout, filter, distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
-    def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
-        return self.searcher.delete(ids, timeout=timeout)
+    def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
+                     timeout: float | None = None, filter: FilterInput = None,
+                     distinct_products: bool = False) -> list[SearchResult | LookalikeError]:
+        """search() for many photos in one round trip per service (one Embed call per embedder request limit,
+        one SearchBatch per 256 queries): a result per photo, in order, or the error for that photo."""
+        with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
+            started = time.perf_counter()
+            embedded = self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
+            embedded_at = time.perf_counter()
+            requests = [search_request(e.vector, self.model_id, k, routing_request(
+                routing, e, self.threshold, self.max_shards, self.prior_weight), ef, filter, distinct_products)
+                for e in embedded if e.ok]
+            answers = iter(self.searcher.search_batch(requests, timeout) if requests else [])
+            finished = time.perf_counter()
+            return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,
+                                        finished - embedded_at) for e in embedded]
+
+    def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
+               products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
+        """Removes items by id, and products with all their photos."""
+        return self.searcher.delete(ids, timeout, products)
 
     def close(self) -> None:
         self.embedder.close()

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, call_with_retries
+from lookalike.client.connection import ChannelSettings, LookalikeError, call_with_retries, library_error, status_code
 from lookalike.codec import pack_vector
+from lookalike.filter_text import parse_filter
 from lookalike.routing import Routing
 from lookalike.v1 import searcher_pb2, searcher_pb2_grpc
+
+# A filter as the message, or as text: 'in_stock = "true" AND brand IN ("a", "b") AND price <= 50'.
+FilterInput = Union[searcher_pb2.Filter, str, None]
+# Queries per SearchBatch call (the searcher's default max_batch_queries); longer batches are split.
+BATCH_QUERIES = 256
 
 
 @dataclass(frozen=True)
@@ -21,10 +27,12 @@ class CatalogueItem:
     vector: np.ndarray
     model_id: str
     attributes: dict[str, str] = field(default_factory=dict)
+    # Product key shared by the photos of one product; empty: a product of its own.
+    product: str = ""
 
     def to_proto(self) -> searcher_pb2.Item:
         return searcher_pb2.Item(id=self.id, category=self.category, vector=pack_vector(self.vector),
-                                 model_id=self.model_id, attributes=self.attributes)
+                                 model_id=self.model_id, attributes=self.attributes, product=self.product)
 
 
 def routing_for(categories: Sequence[str] | None = None,
@@ -40,10 +48,25 @@ def routing_for(categories: Sequence[str] | None = None,
     return Routing.all_shards().to_message()
 
 
-def search_request(vector: np.ndarray, model_id: str, k: int, routing: searcher_pb2.Routing | None,
-                   ef: int) -> searcher_pb2.SearchRequest:
+def as_filter(value: FilterInput) -> searcher_pb2.Filter | None:
+    """A filter message from a message or its text form (lookalike.filter_text); None for no filter."""
+    if not value:
+        return None
+    return parse_filter(value) if isinstance(value, str) else value
+
+
+def search_request(vector: np.ndarray, model_id: str, k: int, routing: searcher_pb2.Routing | None, ef: int,
+                   filter: FilterInput = None, distinct_products: bool = False) -> searcher_pb2.SearchRequest:
     return searcher_pb2.SearchRequest(vector=pack_vector(vector), model_id=model_id, k=k, ef=ef,
-                                      routing=routing or routing_for())
+                                      routing=routing or routing_for(), filter=as_filter(filter),
+                                      distinct_products=distinct_products)
+
+
+def batch_result(result: searcher_pb2.SearchBatchResult) -> searcher_pb2.SearchResponse | LookalikeError:
+    """One query's answer from a SearchBatch, or the library's error for its status."""
+    if result.status.code:
+        return library_error(status_code(result.status.code), result.status.message, "Searcher.SearchBatch")
+    return result.response
 
 
 class SearcherClient:
@@ -54,20 +77,37 @@ class SearcherClient:
         self.channel = self.settings.open()
         self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
 
-    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
-        """Stores items (one request; keep it under the server's max_batch). Each item gets its own status."""
-        request = searcher_pb2.UpsertRequest(items=[item.to_proto() for item in items])
+    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
+               replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
+        """Stores items (one request; keep it under the server's max_batch). Each item gets its own status.
+        The stored photos of `replace_products` that `items` does not carry are removed in the same write."""
+        request = searcher_pb2.UpsertRequest(items=[item.to_proto() for item in items],
+                                             replace_products=list(replace_products))
         return call_with_retries(self.stub.Upsert, request, self.settings, timeout, "Searcher.Upsert")
 
-    def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
-        return call_with_retries(self.stub.Delete, searcher_pb2.DeleteRequest(ids=list(ids)), self.settings, timeout,
-                                 "Searcher.Delete")
+    def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
+               products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
+        """Removes items by id, and products with all their photos."""
+        return call_with_retries(self.stub.Delete, searcher_pb2.DeleteRequest(ids=list(ids), products=list(products)),
+                                 self.settings, timeout, "Searcher.Delete")
 
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
-               ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
-        """The k nearest items; `routing` from routing_for(...) (default: all shards)."""
-        return call_with_retries(self.stub.Search, search_request(vector, model_id, k, routing, ef), self.settings,
-                                 timeout, "Searcher.Search")
+               ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
+               distinct_products: bool = False) -> searcher_pb2.SearchResponse:
+        """The k nearest items (or products); `routing` from routing_for(...) (default: all shards)."""
+        return call_with_retries(self.stub.Search, search_request(vector, model_id, k, routing, ef, filter,
+                                                                  distinct_products),
+                                 self.settings, timeout, "Searcher.Search")
+
+    def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
+                     timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
+        """Many searches (from search_request) in one call per BATCH_QUERIES; each answer, or its error, in order."""
+        answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
+        for start in range(0, len(requests), BATCH_QUERIES):
+            request = searcher_pb2.SearchBatchRequest(queries=requests[start:start + BATCH_QUERIES])
+            response = call_with_retries(self.stub.SearchBatch, request, self.settings, timeout, "Searcher.SearchBatch")
+            answers.extend(batch_result(result) for result in response.results)
+        return answers
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         return call_with_retries(self.stub.GetStats, searcher_pb2.GetStatsRequest(), self.settings, timeout,

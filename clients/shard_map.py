@@ -21,10 +21,11 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError, call_with_retries
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient
-from lookalike.client.sharded import search_owners
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, part_of, plan
+from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
+                                         call_with_retries)
+from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
+from lookalike.client.sharded import BatchAnswer, search_owners, search_owners_batch
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, RoutingPlan, part_of, plan
 from lookalike.v1 import common_pb2, searcher_pb2
 
 log = logging.getLogger(__name__)
@@ -106,17 +107,22 @@ class ShardMapClient:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
-        """Each item through the group that serves its category (a new category: any group)."""
+    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
+               replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
+        """Each item through the group that serves its category (a new category: any group). Replacing
+        products goes through one group, in one write with the items (the store is shared), so it needs the
+        items in one request: a request whose items fall in several groups goes wholly through the first."""
         self.shard_map()
         positions: dict[int, list[int]] = defaultdict(list)
         owners: dict[int, SearcherClient] = {}
         for position, item in enumerate(items):
             owner = self._group(item.category, item.id)
+            if replace_products and owners:
+                owner = next(iter(owners.values()))
             owners[id(owner)] = owner
             positions[id(owner)].append(position)
         futures = {key: self._pool.submit(self._with_fallback, owners[key], lambda c, members=members: c.upsert(
-            [items[i] for i in members], timeout)) for key, members in positions.items()}
+            [items[i] for i in members], timeout, replace_products)) for key, members in positions.items()}
         statuses: list[common_pb2.ItemStatus] = [common_pb2.ItemStatus()] * len(items)
         sequence = 0
         for key, future in futures.items():
@@ -128,32 +134,60 @@ class ShardMapClient:
             self.shard_map(refresh=True)  # new categories were just placed
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=sequence)
 
-    def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
+    def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
+               products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
         """Through any group: the store knows each id's category, and every group follows it."""
-        return self._with_fallback(self.seed, lambda client: client.delete(ids, timeout))
+        return self._with_fallback(self.seed, lambda client: client.delete(ids, timeout, products))
 
     # -- reads -------------------------------------------------------------------------------------
 
+    def _plan(self, routing: searcher_pb2.Routing | None) -> tuple[RoutingPlan, dict[str, list[str]]]:
+        routed = plan(Routing.from_message(routing), self.placements, self.threshold, self.max_shards)
+        owned: dict[str, list[str]] = defaultdict(list)
+        for category in routed.categories:
+            for group in dict.fromkeys(self.placements[category]):  # each group searches its parts
+                owned[group].append(category)
+        return routed, owned
+
+    def _moved(self, routed: RoutingPlan, response: searcher_pb2.SearchResponse) -> set[str]:
+        """Planned categories some part of which no group answered for, though none was unreachable: a
+        group no longer serves a part the map placed on it (it moved, or its category was split)."""
+        answered = {(p.category, p.part) for p in response.probes
+                    if max(p.parts, 1) == len(self.placements.get(p.category, ()))}
+        return {c for c in routed.categories if c not in response.missing_shards
+                and any((c, part) not in answered for part in range(len(self.placements[c])))}
+
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
-               ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
+               ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
+               distinct_products: bool = False) -> searcher_pb2.SearchResponse:
         for attempt in range(2):
             self.shard_map()
-            routed = plan(Routing.from_message(routing), self.placements, self.threshold, self.max_shards)
-            owned: dict[str, list[str]] = defaultdict(list)
-            for category in routed.categories:
-                for group in dict.fromkeys(self.placements[category]):  # each group searches its parts
-                    owned[group].append(category)
+            routed, owned = self._plan(routing)
             response = search_owners(routed, owned, lambda group, part: self.groups[group].search(
-                vector, model_id, k, part.to_message(), ef, timeout), k, self._pool, self.strict)
-            answered = {(p.category, p.part) for p in response.probes
-                        if max(p.parts, 1) == len(self.placements.get(p.category, ()))}
-            unanswered = {c for c in routed.categories if c not in response.missing_shards
-                          and any((c, part) not in answered for part in range(len(self.placements[c])))}
-            if not unanswered or attempt:
+                vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
+                self.strict, distinct_products)
+            moved = self._moved(routed, response)
+            if not moved or attempt:
                 return response
-            # A group no longer serves a part the map placed on it (it moved, or its category was split):
-            # read the map again.
-            log.info("categories %s moved since the map was read; refreshing it", sorted(unanswered))
+            log.info("categories %s moved since the map was read; refreshing it", sorted(moved))
+            self.shard_map(refresh=True)
+        raise AssertionError("unreachable")
+
+    def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
+                     timeout: float | None = None) -> list[BatchAnswer]:
+        """Many searches, one SearchBatch per group that any of them probes (read the map again and retried
+        once when a category moved meanwhile)."""
+        for attempt in range(2):
+            self.shard_map()
+            planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
+            answers = search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
+                                          lambda group, parts: self.groups[group].search_batch(parts, timeout),
+                                          self._pool, self.strict)
+            moved = {category for (routed, _), answer in zip(planned, answers)
+                     if not isinstance(answer, LookalikeError) for category in self._moved(routed, answer)}
+            if not moved or attempt:
+                return answers
+            log.info("categories %s moved since the map was read; refreshing it", sorted(moved))
             self.shard_map(refresh=True)
         raise AssertionError("unreachable")
 

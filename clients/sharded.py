@@ -12,21 +12,24 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Callable, Hashable, Mapping, Sequence, TypeVar
+from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, RoutingPlan, merge_hits, plan
+from lookalike.client.connection import ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError
+from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
+from lookalike.routing import (DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, RoutingPlan, merge_hits, merge_products,
+                               plan)
 from lookalike.v1 import common_pb2, searcher_pb2
 
 Owner = TypeVar("Owner", bound=Hashable)
+# One query's answer in a batch, or why it failed.
+BatchAnswer = Union[searcher_pb2.SearchResponse, LookalikeError]
 
 
 def search_owners(routed: RoutingPlan, owned: Mapping[Owner, list[str]],
                   search: Callable[[Owner, Routing], searcher_pb2.SearchResponse], k: int, pool: Executor,
-                  strict: bool = True) -> searcher_pb2.SearchResponse:
+                  strict: bool = True, distinct_products: bool = False) -> searcher_pb2.SearchResponse:
     """Asks each owner (a pod, a replica group) for its planned shards in parallel and merges the answers.
 
     An owner that stays unreachable within the deadline makes the search fail when `strict`; otherwise
@@ -41,10 +44,60 @@ def search_owners(routed: RoutingPlan, owned: Mapping[Owner, list[str]],
             if strict:
                 raise
             missing.extend(owned[owner])
+    return merge_answers(routed, responses, missing, k, distinct_products)
+
+
+def search_owners_batch(requests: Sequence[searcher_pb2.SearchRequest], plans: Sequence[RoutingPlan],
+                        owned: Sequence[Mapping[Owner, list[str]]],
+                        search_batch: Callable[[Owner, list[searcher_pb2.SearchRequest]], list[BatchAnswer]],
+                        pool: Executor, strict: bool = True) -> list[BatchAnswer]:
+    """search_owners for many queries: one SearchBatch per owner, carrying each query's part for it, in
+    parallel; then each query's answers merged. A query refused by an owner fails with that error."""
+    per_owner: dict[Owner, list[tuple[int, searcher_pb2.SearchRequest]]] = defaultdict(list)
+    for position, (request, routed, owners) in enumerate(zip(requests, plans, owned)):
+        for owner, categories in owners.items():
+            part = searcher_pb2.SearchRequest()
+            part.CopyFrom(request)
+            part.routing.CopyFrom(routed.routing_for(categories).to_message())
+            per_owner[owner].append((position, part))
+    futures = {owner: pool.submit(search_batch, owner, [part for _, part in entries])
+               for owner, entries in per_owner.items()}
+    answers: list[list[searcher_pb2.SearchResponse]] = [[] for _ in requests]
+    missing: list[list[str]] = [[] for _ in requests]
+    failed: dict[int, LookalikeError] = {}
+    for owner, future in futures.items():
+        try:
+            results = future.result()
+        except (UnavailableError, DeadlineExceededError):
+            if strict:
+                raise
+            for position, _ in per_owner[owner]:
+                missing[position].extend(owned[position][owner])
+            continue
+        for (position, _), result in zip(per_owner[owner], results):
+            if isinstance(result, LookalikeError):
+                failed.setdefault(position, result)
+            else:
+                answers[position].append(result)
+    return [failed[n] if n in failed else
+            merge_answers(plans[n], answers[n], missing[n], requests[n].k, requests[n].distinct_products)
+            for n in range(len(requests))]
+
+
+def merge_answers(routed: RoutingPlan, responses: Sequence[searcher_pb2.SearchResponse], missing: Sequence[str],
+                  k: int, distinct_products: bool = False) -> searcher_pb2.SearchResponse:
+    """One answer from the owners' answers to one query: the best k hits (or products, whose photo counts
+    add up over owners), probes in plan order, and the shards no owner could answer for."""
     order = {category: rank for rank, category in enumerate(routed.categories)}
     merged = searcher_pb2.SearchResponse(unknown_categories=routed.unknown_categories,
                                          missing_shards=sorted(missing, key=order.__getitem__))
-    merged.hits.extend(merge_hits((hit for r in responses for hit in r.hits), k))
+    hits = [hit for response in responses for hit in response.hits]
+    if distinct_products:
+        for hit, photos in merge_products(hits, k, photos=lambda hit: hit.product_matches):
+            merged.hits.add().CopyFrom(hit)
+            merged.hits[-1].product_matches = photos
+    else:
+        merged.hits.extend(merge_hits(hits, k))
     merged.probes.extend(sorted((p for r in responses for p in r.probes), key=lambda p: order.get(p.category, -1)))
     return merged
 
@@ -86,14 +139,20 @@ class ShardedSearcherClient:
             self._categories = {shard.category for response in stats.values() for shard in response.shards}
         return self._categories
 
-    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None) -> searcher_pb2.UpsertResponse:
+    def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
+               replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
         """Each item goes to its category's owner; its id is removed from every other pod, so an item whose
-        new category lives elsewhere moves instead of being duplicated."""
+        new category lives elsewhere moves instead of being duplicated. Replaced products lose their other
+        photos on the pods that receive items and all their photos on the others (pod by pod, not in one
+        write: each pod has its own store)."""
         positions: dict[int, list[int]] = defaultdict(list)
         for position, item in enumerate(items):
             positions[owner_of(item.category, len(self.pods))].append(position)
         responses = self._fan_out({pod: (lambda pod=pod, members=members: self.pods[pod].upsert(
-            [items[i] for i in members], timeout)) for pod, members in positions.items()})
+            [items[i] for i in members], timeout, replace_products)) for pod, members in positions.items()})
+        if replace_products:
+            self._fan_out({pod: (lambda pod=pod: self.pods[pod].delete((), timeout, replace_products))
+                           for pod in range(len(self.pods)) if pod not in positions})
         statuses: list[common_pb2.ItemStatus] = [common_pb2.ItemStatus()] * len(items)
         for pod, members in positions.items():
             for position, status in zip(members, responses[pod].statuses):
@@ -107,22 +166,38 @@ class ShardedSearcherClient:
         self.categories().update(items[i].category for members in positions.values() for i in members)
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=max(r.sequence for r in responses.values()))
 
-    def delete(self, ids: Sequence[str], timeout: float | None = None) -> searcher_pb2.DeleteResponse:
+    def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
+               products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
         """Deletes on every pod (an id's category, and so its pod, is not known here)."""
-        responses = self._fan_out({i: (lambda pod=pod: pod.delete(ids, timeout)) for i, pod in enumerate(self.pods)})
+        responses = self._fan_out({i: (lambda pod=pod: pod.delete(ids, timeout, products))
+                                   for i, pod in enumerate(self.pods)})
         missing_everywhere = set.intersection(*(set(r.missing) for r in responses.values()))
         return searcher_pb2.DeleteResponse(deleted=sum(r.deleted for r in responses.values()),
-                                           missing=[i for i in dict.fromkeys(ids) if i in missing_everywhere],
+                                           missing=[i for i in dict.fromkeys([*ids, *products])
+                                                    if i in missing_everywhere],
                                            sequence=max(r.sequence for r in responses.values()))
 
-    def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
-               ef: int = 0, timeout: float | None = None) -> searcher_pb2.SearchResponse:
+    def _plan(self, routing: searcher_pb2.Routing | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
         routed = plan(Routing.from_message(routing), self.categories(), self.threshold, self.max_shards)
         per_pod: dict[int, list[str]] = defaultdict(list)
         for category in routed.categories:
             per_pod[owner_of(category, len(self.pods))].append(category)
+        return routed, per_pod
+
+    def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
+               ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
+               distinct_products: bool = False) -> searcher_pb2.SearchResponse:
+        routed, per_pod = self._plan(routing)
         return search_owners(routed, per_pod, lambda pod, part: self.pods[pod].search(
-            vector, model_id, k, part.to_message(), ef, timeout), k, self._pool)
+            vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
+            distinct_products=distinct_products)
+
+    def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
+                     timeout: float | None = None) -> list[BatchAnswer]:
+        """Many searches, one SearchBatch per pod that any of them probes."""
+        planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
+        return search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
+                                   lambda pod, parts: self.pods[pod].search_batch(parts, timeout), self._pool)
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         responses = self._fan_out({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)})

@@ -14,6 +14,7 @@ lets go of those that left after a grace period.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,9 +32,10 @@ from typing import Sequence
 
 import numpy as np
 
-from lookalike.routing import PlannedProbe, Routing, merge_hits, part_of, plan
+from lookalike.routing import PlannedProbe, Routing, merge_hits, merge_products, part_of, plan
 from lookalike.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from lookalike.searcher.config import SearcherConfig
+from lookalike.searcher.filters import AttributeFilter
 from lookalike.searcher.shard_metrics import SHARD_PROBES
 from lookalike.searcher.shard import IndexSettings, Shard
 from lookalike.searcher.store import ItemWrite, LogBatch, Placement, Replica, ShardKey, StoredItem, open_store
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DATABASE = "catalogue.sqlite3"
 SNAPSHOTS = "snapshots"
+# Photos each shard returns per product wanted, at first and at most (distinct_products searches).
+PRODUCT_DEPTH = 4
+MAX_PRODUCT_DEPTH = 4096
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class SearchQuery:
     k: int
     ef: int = 0
     routing: Routing = Routing()
+    where: AttributeFilter | None = None
+    distinct_products: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class Hit:
     similarity: float
     category: str
     attributes: dict[str, str]
+    product: str = ""
+    # With distinct_products: how many of the product's photos were among the candidates.
+    product_matches: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class ProbeReport:
     seconds: float
     part: int = 0
     parts: int = 1
+    filter_matches: int = 0
+    filter_exact: bool = False
 
 
 @dataclass
@@ -106,7 +118,9 @@ class Catalogue:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.settings = IndexSettings(m=config.m, ef_construction=config.ef_construction, ef=config.ef,
-                                      initial_capacity=config.initial_capacity, exact_below=config.exact_below)
+                                      initial_capacity=config.initial_capacity, exact_below=config.exact_below,
+                                      numeric_attributes=config.numeric_attribute_names,
+                                      filter_exact_below=config.filter_exact_below)
         self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
         self.shards: dict[ShardKey, Shard] = {}
         # Every category's model lock this replica knows of, served here or not: a category missing
@@ -213,7 +227,7 @@ class Catalogue:
         if items or removed:
             shard.apply(max([seq, *(i.seq for i in items)]), removed=removed, ids=[i.id for i in items],
                         vectors=np.stack([i.vector for i in items]) if items else None,
-                        attributes=[i.attributes for i in items])
+                        attributes=[i.attributes for i in items], products=[i.product for i in items])
 
     def start_background(self) -> None:
         """Snapshots changed shards every snapshot_interval seconds, and follows a shared store."""
@@ -369,10 +383,12 @@ class Catalogue:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
+    def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = (),
+               replace_products: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
         """Stores items durably and serves them before returning; items whose shard is locked to another
-        model or dimension are refused one by one. `names` are the items' fields in error messages."""
-        outcome = self.store.upsert(items, self.group)
+        model or dimension are refused one by one. `names` are the items' fields in error messages. The
+        stored photos of `replace_products` that `items` does not write again are removed in the same write."""
+        outcome = self.store.upsert(items, self.group, replace_products)
         outcomes = [ItemOutcome() for _ in items]
         for position, (category, (model_id, dimension)) in outcome.refused.items():
             item = items[position]
@@ -384,11 +400,13 @@ class Catalogue:
         self.catch_up(outcome.seq)
         return outcomes, outcome.seq
 
-    def delete(self, ids: Sequence[str]) -> tuple[int, list[str], int]:
-        """Removes ids durably; returns (removed, ids that were not stored, sequence number)."""
-        removed, seq = self.store.delete(ids)
+    def delete(self, ids: Sequence[str], products: Sequence[str] = ()) -> tuple[int, list[str], int]:
+        """Removes ids, and every photo of `products`, durably; returns (removed, the ids and products that
+        were not stored, sequence number)."""
+        removed, found_products, seq = self.store.delete(ids, products)
         self.catch_up(seq)
-        return len(removed), [item_id for item_id in dict.fromkeys(ids) if item_id not in removed], seq
+        missing = [item_id for item_id in dict.fromkeys(ids) if item_id not in removed]
+        return len(removed), missing + [p for p in dict.fromkeys(products) if p not in found_products], seq
 
     # -- the shard map -----------------------------------------------------------------------------
 
@@ -435,24 +453,38 @@ class Catalogue:
                     raise FailedPrecondition(
                         f"the query is a {query.vector.shape[0]}-d vector from model {query.model_id!r}, but shard "
                         f"{probe.category!r} holds {shard.dimension}-d vectors from model {shard.model_id!r}")
-        outcome = SearchOutcome(unknown_categories=list(routed.unknown_categories))
-        candidates: list[Hit] = []
-        for probe in routed.probes:
-            for key in keys[probe.category]:
-                candidates.extend(self._probe(shards[key], probe, query, ef, outcome))
-        outcome.hits = merge_hits(candidates, query.k)
-        return outcome
+        # Distinct products: each shard returns PRODUCT_DEPTH times k photos, deeper while some shard may
+        # hold more and fewer than k products were found (a product's photos crowd the top).
+        depth = query.k * PRODUCT_DEPTH if query.distinct_products else query.k
+        while True:
+            outcome = SearchOutcome(unknown_categories=list(routed.unknown_categories))
+            candidates: list[Hit] = []
+            may_hold_more = False
+            for probe in routed.probes:
+                for key in keys[probe.category]:
+                    found = self._probe(shards[key], probe, query, ef, depth, outcome)
+                    candidates.extend(found)
+                    may_hold_more |= len(found) == depth
+            if not query.distinct_products:
+                outcome.hits = merge_hits(candidates, query.k)
+                return outcome
+            products = merge_products(candidates, query.k)
+            if len(products) == query.k or not may_hold_more or depth >= MAX_PRODUCT_DEPTH:
+                outcome.hits = [dataclasses.replace(hit, product_matches=photos) for hit, photos in products]
+                return outcome
+            depth = min(depth * 4, MAX_PRODUCT_DEPTH)
 
-    def _probe(self, shard: Shard, probe: PlannedProbe, query: SearchQuery, ef: int,
+    def _probe(self, shard: Shard, probe: PlannedProbe, query: SearchQuery, ef: int, depth: int,
                outcome: SearchOutcome) -> list[Hit]:
         SHARD_PROBES.labels(shard.category).inc()
         started = time.perf_counter()
-        found = shard.search(query.vector, query.k, ef)
+        found = shard.search(query.vector, depth, ef, query.where)
         # hnswlib never searches with an ef below k.
-        outcome.probes.append(ProbeReport(probe.category, probe.probability, query.k, max(ef, query.k),
-                                          len(shard), time.perf_counter() - started, shard.part, shard.parts))
-        return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes)
-                for item_id, similarity, attributes in found]
+        outcome.probes.append(ProbeReport(probe.category, probe.probability, depth, max(ef, depth), len(shard),
+                                          time.perf_counter() - started, shard.part, shard.parts,
+                                          found.filter_matches, found.filter_exact))
+        return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes, product)
+                for item_id, similarity, attributes, product in found.hits]
 
     def stats(self) -> CatalogueStats:
         rows = []

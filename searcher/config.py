@@ -42,6 +42,13 @@ class SearcherConfig:
     ef: int = 64
     # Shards with at most this many items are searched exactly (brute force) rather than through HNSW.
     exact_below: int = 2048
+    # Comma-separated attributes whose values are numbers: Upsert checks them, filters compare them.
+    numeric_attributes: str = ""
+    # A filter passing at most this many of a shard's items searches them exactly instead of through the
+    # graph, which would miss some (measured: `lookalike bench filters`).
+    filter_exact_below: int = 1000
+    # Queries per SearchBatch call.
+    max_batch_queries: int = 256
     # Capacity of a new shard; it doubles when full.
     initial_capacity: int = 1024
     max_k: int = 1000
@@ -78,7 +85,7 @@ class SearcherConfig:
 
     def __post_init__(self) -> None:
         for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
-                     "max_attributes", "max_attribute_bytes",
+                     "max_attributes", "max_attribute_bytes", "max_batch_queries",
                      "routing_max_shards", "max_message_bytes", "grpc_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -87,6 +94,12 @@ class SearcherConfig:
                              f"and {self.store_timeout}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
+        if self.filter_exact_below < 0:
+            raise ValueError(f"filter_exact_below must be 0 or more, got {self.filter_exact_below}")
+
+    @property
+    def numeric_attribute_names(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.numeric_attributes.split(",") if name.strip())
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "SearcherConfig":
@@ -104,6 +117,11 @@ class SearcherConfig:
                                                 "dns:///searcher-a.ns.svc.cluster.local:50052",
                                    "move_grace": "shared store: seconds a category that moved away is still served",
                                    "exact_below": "search shards of at most this many items exactly (0: always HNSW)",
+                                   "numeric_attributes": "comma-separated attributes whose values are numbers "
+                                                         "(checked on Upsert; filters can compare them)",
+                                   "filter_exact_below": "search a shard's filter matches exactly when at most this "
+                                                         "many pass",
+                                   "max_batch_queries": "queries per SearchBatch call",
                                    "max_shard_items": "shared store: split a category past this many items into parts "
                                                       "(0: never)",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",

@@ -12,8 +12,9 @@ from lookalike.routing import Routing
 from lookalike.serving.errors import InvalidArgument, ServiceError, Unavailable, rpc_method
 from lookalike.serving.tracing import annotate
 from lookalike.v1 import common_pb2, searcher_pb2, searcher_pb2_grpc
-from lookalike.searcher.catalogue import Catalogue, SearchQuery
+from lookalike.searcher.catalogue import Catalogue, SearchOutcome, SearchQuery
 from lookalike.searcher.config import SearcherConfig
+from lookalike.searcher.filters import compile_filter, numeric_value
 from lookalike.searcher.store import ItemWrite
 
 MAX_KEY_BYTES = 256
@@ -38,6 +39,10 @@ def unit_vector(vector: common_pb2.Vector, field: str, max_dimension: int) -> np
 def _key(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} is empty, expected a non-empty string")
+    return _optional_key(value, field)
+
+
+def _optional_key(value: str, field: str) -> str:
     if len(value.encode()) > MAX_KEY_BYTES:
         raise InvalidArgument(f"{field} is {len(value.encode())} bytes, limit is {MAX_KEY_BYTES}")
     return value
@@ -48,6 +53,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
 
     def __init__(self, config: SearcherConfig) -> None:
         self._config = config
+        self._numeric = config.numeric_attribute_names
         self._catalogue: Catalogue | None = None
 
     def attach(self, catalogue: Catalogue) -> None:
@@ -72,12 +78,18 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         if size > self._config.max_attribute_bytes:
             raise InvalidArgument(f"{field} holds {size} bytes of keys and values, limit is "
                                   f"{self._config.max_attribute_bytes}")
+        for name in self._numeric & attributes.keys():
+            numeric_value(attributes[name], f"{field}[{name!r}]")
         return dict(attributes)
 
     @rpc_method
     def Upsert(self, request: searcher_pb2.UpsertRequest, context: grpc.ServicerContext) -> searcher_pb2.UpsertResponse:
         catalogue = self.catalogue
         self._check_batch(len(request.items), "items")
+        if len(request.replace_products) > self._config.max_batch:
+            raise InvalidArgument(f"replace_products has {len(request.replace_products)} entries, limit is "
+                                  f"{self._config.max_batch} per request")
+        replace_products = [_key(product, f"replace_products[{n}]") for n, product in enumerate(request.replace_products)]
         statuses: list[common_pb2.ItemStatus | None] = []
         valid, positions = [], []
         for position, item in enumerate(request.items):
@@ -86,13 +98,14 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                 valid.append(ItemWrite(id=_key(item.id, f"{field}.id"), category=_key(item.category, f"{field}.category"),
                                        vector=unit_vector(item.vector, f"{field}.vector", self._config.max_dimension),
                                        attributes=self._attributes(item.attributes, f"{field}.attributes"),
-                                       model_id=_key(item.model_id, f"{field}.model_id")))
+                                       model_id=_key(item.model_id, f"{field}.model_id"),
+                                       product=_optional_key(item.product, f"{field}.product")))
                 positions.append(position)
                 statuses.append(None)
             except ServiceError as error:
                 statuses.append(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
-        outcomes, seq = (catalogue.upsert(valid, [f"items[{p}]" for p in positions]) if valid
-                         else ([], catalogue.applied_seq))
+        outcomes, seq = (catalogue.upsert(valid, [f"items[{p}]" for p in positions], replace_products)
+                         if valid or replace_products else ([], catalogue.applied_seq))
         for position, outcome in zip(positions, outcomes):
             error = outcome.error
             statuses[position] = (common_pb2.ItemStatus(code=error.code.value[0], message=str(error))
@@ -103,55 +116,73 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
     @rpc_method
     def Delete(self, request: searcher_pb2.DeleteRequest, context: grpc.ServicerContext) -> searcher_pb2.DeleteResponse:
         catalogue = self.catalogue
-        self._check_batch(len(request.ids), "ids")
+        if not request.ids and not request.products:
+            raise InvalidArgument("ids and products are both empty, expected at least one id or product")
+        for field, values in (("ids", request.ids), ("products", request.products)):
+            if len(values) > self._config.max_batch:
+                raise InvalidArgument(f"{field} has {len(values)} entries, limit is {self._config.max_batch} per request")
         ids = [_key(item_id, f"ids[{position}]") for position, item_id in enumerate(request.ids)]
-        deleted, missing, seq = catalogue.delete(ids)
+        products = [_key(product, f"products[{position}]") for position, product in enumerate(request.products)]
+        deleted, missing, seq = catalogue.delete(ids, products)
         annotate(ids=len(ids), deleted=deleted)
         return searcher_pb2.DeleteResponse(deleted=deleted, missing=missing, sequence=seq)
 
     @rpc_method
     def Search(self, request: searcher_pb2.SearchRequest, context: grpc.ServicerContext) -> searcher_pb2.SearchResponse:
-        catalogue = self.catalogue
-        outcome = catalogue.search(self._query(request))
+        outcome = self.catalogue.search(self._query(request))
         annotate(k=request.k, hits=len(outcome.hits), shards_probed=len(outcome.probes),
                  shard_categories=[probe.category for probe in outcome.probes],
                  shard_seconds=[probe.seconds for probe in outcome.probes],
                  shard_ef=[probe.ef for probe in outcome.probes])
-        response = searcher_pb2.SearchResponse(unknown_categories=outcome.unknown_categories)
-        for hit in outcome.hits:
-            response.hits.add(id=hit.id, score=hit.score, similarity=hit.similarity, category=hit.category,
-                              attributes=hit.attributes)
-        for probe in outcome.probes:
-            response.probes.add(category=probe.category, probability=probe.probability, k=probe.k, ef=probe.ef,
-                                items=probe.items, seconds=probe.seconds, part=probe.part, parts=probe.parts)
+        return _search_response(outcome)
+
+    @rpc_method
+    def SearchBatch(self, request: searcher_pb2.SearchBatchRequest,
+                    context: grpc.ServicerContext) -> searcher_pb2.SearchBatchResponse:
+        catalogue = self.catalogue
+        count = len(request.queries)
+        if not 1 <= count <= self._config.max_batch_queries:
+            raise InvalidArgument(f"queries has {count} entries, expected 1 to {self._config.max_batch_queries}")
+        response = searcher_pb2.SearchBatchResponse()
+        for position, query in enumerate(request.queries):
+            result = response.results.add()
+            try:
+                outcome = catalogue.search(self._query(query, f"queries[{position}]."))
+                result.response.CopyFrom(_search_response(outcome))
+            except ServiceError as error:
+                result.status.CopyFrom(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
+        annotate(queries=count, failed_queries=sum(result.status.code != 0 for result in response.results))
         return response
 
-    def _query(self, request: searcher_pb2.SearchRequest) -> SearchQuery:
+    def _query(self, request: searcher_pb2.SearchRequest, at: str = "") -> SearchQuery:
+        """The validated query; `at` prefixes field names in errors (queries[3]. in a batch)."""
         if not 1 <= request.k <= self._config.max_k:
-            raise InvalidArgument(f"k is {request.k}, expected 1 to {self._config.max_k}")
+            raise InvalidArgument(f"{at}k is {request.k}, expected 1 to {self._config.max_k}")
         if request.ef > 10 * self._config.max_k:
-            raise InvalidArgument(f"ef is {request.ef}, expected at most {10 * self._config.max_k}")
-        vector = unit_vector(request.vector, "vector", self._config.max_dimension)
-        model_id = _key(request.model_id, "model_id")
+            raise InvalidArgument(f"{at}ef is {request.ef}, expected at most {10 * self._config.max_k}")
+        vector = unit_vector(request.vector, f"{at}vector", self._config.max_dimension)
+        model_id = _key(request.model_id, f"{at}model_id")
         mode = request.routing.WhichOneof("mode") if request.HasField("routing") else None
         if mode == "explicit" and not request.routing.explicit.categories:
-            raise InvalidArgument("routing.explicit.categories is empty, expected at least one category")
+            raise InvalidArgument(f"{at}routing.explicit.categories is empty, expected at least one category")
         if mode == "probabilities":
             routing = request.routing.probabilities
+            field = f"{at}routing.probabilities"
             if not routing.categories:
-                raise InvalidArgument("routing.probabilities.categories is empty, expected the embedder's "
-                                      "category probabilities")
+                raise InvalidArgument(f"{field}.categories is empty, expected the embedder's category probabilities")
             for position, entry in enumerate(routing.categories):
                 if not (math.isfinite(entry.probability) and 0.0 <= entry.probability <= 1.0):
-                    raise InvalidArgument(f"routing.probabilities.categories[{position}].probability is "
-                                          f"{entry.probability}, expected a value in [0, 1]")
+                    raise InvalidArgument(f"{field}.categories[{position}].probability is {entry.probability}, "
+                                          "expected a value in [0, 1]")
             if not (math.isfinite(routing.threshold) and 0.0 <= routing.threshold <= 1.0):
-                raise InvalidArgument(f"routing.probabilities.threshold is {routing.threshold}, expected a value in "
-                                      "(0, 1], or 0 for the server default")
+                raise InvalidArgument(f"{field}.threshold is {routing.threshold}, expected a value in (0, 1], or 0 "
+                                      "for the server default")
             if not (math.isfinite(routing.prior_weight) and routing.prior_weight >= 0):
-                raise InvalidArgument(f"routing.probabilities.prior_weight is {routing.prior_weight}, expected >= 0")
+                raise InvalidArgument(f"{field}.prior_weight is {routing.prior_weight}, expected >= 0")
         return SearchQuery(vector=vector, model_id=model_id, k=request.k, ef=request.ef,
-                           routing=Routing.from_message(request.routing if mode else None))
+                           routing=Routing.from_message(request.routing if mode else None),
+                           where=compile_filter(request.filter, self._numeric, f"{at}filter"),
+                           distinct_products=request.distinct_products)
 
     @rpc_method
     def GetStats(self, request: searcher_pb2.GetStatsRequest, context: grpc.ServicerContext) -> searcher_pb2.GetStatsResponse:
@@ -182,3 +213,15 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         return searcher_pb2.MoveCategoryResponse(placement=searcher_pb2.Placement(
             category=request.category, group=placement.group, moving_to=placement.moving_to, part=placement.part,
             parts=placement.parts))
+
+
+def _search_response(outcome: SearchOutcome) -> searcher_pb2.SearchResponse:
+    response = searcher_pb2.SearchResponse(unknown_categories=outcome.unknown_categories)
+    for hit in outcome.hits:
+        response.hits.add(id=hit.id, score=hit.score, similarity=hit.similarity, category=hit.category,
+                          attributes=hit.attributes, product=hit.product, product_matches=hit.product_matches)
+    for probe in outcome.probes:
+        response.probes.add(category=probe.category, probability=probe.probability, k=probe.k, ef=probe.ef,
+                            items=probe.items, seconds=probe.seconds, part=probe.part, parts=probe.parts,
+                            filter_matches=probe.filter_matches, filter_exact=probe.filter_exact)
+    return response

@@ -13,11 +13,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import hnswlib
 import numpy as np
 
+from lookalike.searcher.filters import AttributeColumns, AttributeFilter
 from lookalike.searcher.rwlock import ReadWriteLock
 from lookalike.serving.cpus import available_cpus
 
@@ -36,6 +37,21 @@ class IndexSettings:
     # the graph, as Qdrant's full_scan_threshold does: as fast at that size, and never misses an item
     # that deletions and replaced slots have left hard for the graph to reach.
     exact_below: int = 2048
+    # Attributes whose values are numbers (checked on Upsert), so filters can compare them as such.
+    numeric_attributes: frozenset[str] = frozenset()
+    # A filtered search whose filter passes at most this many of a shard's items searches them exactly:
+    # the graph, skipping the rest, would miss some (measured: `lookalike bench filters`).
+    filter_exact_below: int = 1000
+
+
+@dataclass
+class ShardAnswer:
+    """A shard's hits, best first, as (id, cosine similarity, attributes, product); with a filter, how many
+    of its items passed it and whether they were searched exactly."""
+
+    hits: list[tuple[str, float, dict[str, str], str]]
+    filter_matches: int = 0
+    filter_exact: bool = False
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -68,9 +84,13 @@ class Shard:
         self.label_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
         self.attributes: dict[str, dict[str, str]] = {}
+        # Product key of each item that has one.
+        self.products: dict[str, str] = {}
+        self.columns = AttributeColumns(settings.numeric_attributes, self._labelled_attributes)
         self.next_label = 0
-        # (ids, vectors) of the live items for exact search of a small shard; rebuilt after a change.
-        self._dense: tuple[list[str], np.ndarray] | None = None
+        # Every label's vector in one matrix, for exact search (a small shard, a selective filter): hnswlib's
+        # get_items copies vector by vector, too slow per query. Built on first use, then kept by each write.
+        self._by_label: np.ndarray | None = None
         # The log position this shard reflects, and the last position that changed its items.
         self.applied_seq = 0
         self.content_seq = 0
@@ -86,22 +106,27 @@ class Shard:
 
     # -- writes ------------------------------------------------------------------------------------
 
+    def _labelled_attributes(self) -> Iterable[tuple[int, dict[str, str]]]:
+        return ((label, self.attributes[item_id]) for item_id, label in self.label_of.items())
+
     def apply(self, seq: int, removed: Sequence[str] = (), ids: Sequence[str] = (), vectors: np.ndarray | None = None,
-              attributes: Sequence[dict[str, str]] = ()) -> None:
-        """Removes `removed`, then adds or replaces `ids` (unit vectors of this shard's dimension).
+              attributes: Sequence[dict[str, str]] = (), products: Sequence[str] = ()) -> None:
+        """Removes `removed`, then adds or replaces `ids` (unit vectors of this shard's dimension) with their
+        attributes and product keys (`products` empty: none).
 
         One write lock for both, so a snapshot sees the whole change at `seq` or none of it.
         """
         with self.lock.writing():
-            self._dense = None
             for item_id in removed:
                 label = self.label_of.pop(item_id, None)
                 if label is not None:
                     del self.id_of[label]
                     self.attributes.pop(item_id, None)
+                    self.products.pop(item_id, None)
+                    self.columns.clear(label)
                     self.index.mark_deleted(label)
             if len(ids):
-                self._add(ids, vectors, attributes)
+                self._add(ids, vectors, attributes, products or [""] * len(ids))
             self.applied_seq = max(self.applied_seq, seq)
             self.content_seq = max(self.content_seq, seq)
 
@@ -114,7 +139,8 @@ class Shard:
     def needs_snapshot(self) -> bool:
         return self.snapshot_time is None or self.content_seq > self.snapshot_seq
 
-    def _add(self, ids: Sequence[str], vectors: np.ndarray, attributes: Sequence[dict[str, str]]) -> None:
+    def _add(self, ids: Sequence[str], vectors: np.ndarray, attributes: Sequence[dict[str, str]],
+             products: Sequence[str]) -> None:
         existing = [row for row, item_id in enumerate(ids) if item_id in self.label_of]
         fresh = [row for row, item_id in enumerate(ids) if item_id not in self.label_of]
         if existing:
@@ -136,60 +162,85 @@ class Shard:
             threads = available_cpus() if len(fresh) >= 256 else 1
             self.index.add_items(vectors[fresh], np.asarray(labels, dtype=np.int64), num_threads=threads,
                                  replace_deleted=True)
-        for item_id, attrs in zip(ids, attributes):
+        if self._by_label is not None:
+            labels = np.asarray([self.label_of[item_id] for item_id in ids], dtype=np.int64)
+            if self.next_label > len(self._by_label):
+                grown = np.zeros((max(self.next_label, 2 * len(self._by_label)), self.dimension), np.float32)
+                grown[:len(self._by_label)] = self._by_label
+                self._by_label = grown
+            # The last write of an id repeated in one batch wins, as in the index.
+            self._by_label[labels] = vectors
+        for item_id, attrs, product in zip(ids, attributes, products):
             self.attributes[item_id] = dict(attrs)
+            self.columns.set(self.label_of[item_id], attrs)
+            if product:
+                self.products[item_id] = product
+            else:
+                self.products.pop(item_id, None)
 
     # -- reads -------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.label_of)
 
-    def search(self, vector: np.ndarray, k: int, ef: int) -> list[tuple[str, float, dict[str, str]]]:
-        """Up to k (id, cosine similarity, attributes), best first."""
+    def search(self, vector: np.ndarray, k: int, ef: int, where: AttributeFilter | None = None) -> ShardAnswer:
+        """Up to k hits, best first; with `where`, only items that pass it."""
         if len(self.label_of) <= self.settings.exact_below:
             with self.lock.reading():
                 if len(self.label_of) <= self.settings.exact_below:
-                    return self._exact(vector, k)
+                    return self._exact(vector, k, where)
         exclusive = ef != self.settings.ef
         with (self.lock.writing() if exclusive else self.lock.reading()):
             count = len(self.label_of)
             if count == 0:
-                return []
-            k = min(k, count)
+                return ShardAnswer([])
+            passing = self.columns.mask(where) if where is not None else None
+            matches = int(passing.sum()) if passing is not None else count
+            if passing is not None and matches <= max(self.settings.filter_exact_below, k):
+                return self._exact_among(vector, k, np.flatnonzero(passing), matches)
+            k = min(k, matches)
             if exclusive:
                 self.index.set_ef(ef)
             try:
-                labels, distances = self._knn(vector, k)
+                labels, distances = self._knn(vector, k, passing)
             finally:
                 if exclusive:
                     self.index.set_ef(self.settings.ef)
-            return [(self.id_of[int(label)], 1.0 - float(distance), self.attributes[self.id_of[int(label)]])
-                    for label, distance in zip(labels[0], distances[0])]
+            return ShardAnswer([self._hit(self.id_of[int(label)], 1.0 - float(distance))
+                                for label, distance in zip(labels[0], distances[0])],
+                               matches if passing is not None else 0)
 
-    def _exact(self, vector: np.ndarray, k: int) -> list[tuple[str, float, dict[str, str]]]:
-        """Brute force over the live items (the caller holds the read lock)."""
-        dense = self._dense
-        if dense is None:
-            ids = list(self.label_of)
-            vectors = (np.asarray(self.index.get_items([self.label_of[i] for i in ids]), dtype=np.float32)
-                       if ids else np.zeros((0, self.dimension), np.float32))
+    def _hit(self, item_id: str, similarity: float) -> tuple[str, float, dict[str, str], str]:
+        return item_id, similarity, self.attributes[item_id], self.products.get(item_id, "")
+
+    def _exact(self, vector: np.ndarray, k: int, where: AttributeFilter | None) -> ShardAnswer:
+        """Brute force over the live items, or those passing `where` (the caller holds the read lock)."""
+        passing = self.columns.mask(where) if where is not None else self.columns.live
+        labels = np.flatnonzero(passing)
+        answer = self._exact_among(vector, k, labels, len(labels))
+        return answer if where is not None else ShardAnswer(answer.hits)
+
+    def _exact_among(self, vector: np.ndarray, k: int, labels: np.ndarray, matches: int) -> ShardAnswer:
+        """Brute force over the given live labels (the caller holds a lock)."""
+        table = self._by_label
+        if table is None:
+            live = np.fromiter(self.label_of.values(), dtype=np.int64, count=len(self.label_of))
+            table = np.zeros((max(self.next_label, 1), self.dimension), np.float32)
+            if len(live):
+                table[live] = self.index.get_items(live)
             # Readers may build it twice at once; both results are the same, so the race is harmless.
-            dense = self._dense = (ids, vectors)
-        ids, vectors = dense
-        if not ids:
-            return []
-        similarities = vectors @ vector
-        k = min(k, len(ids))
-        top = np.argpartition(-similarities, k - 1)[:k]
-        top = top[np.argsort(-similarities[top], kind="stable")]
-        return [(ids[i], float(similarities[i]), self.attributes[ids[i]]) for i in top]
+            self._by_label = table
+        top = _best(table[labels] @ vector, k) if len(labels) else []
+        return ShardAnswer([self._hit(self.id_of[int(labels[i])], similarity) for i, similarity in top], matches, True)
 
-    def _knn(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # With many deleted slots the graph can yield fewer than k live results, which hnswlib reports
-        # as a RuntimeError; asking for fewer keeps the answer correct (best first, possibly < k).
+    def _knn(self, vector: np.ndarray, k: int, passing: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        # With many deleted slots (or a filter) the graph can yield fewer than k results, which hnswlib
+        # reports as a RuntimeError; asking for fewer keeps the answer correct (best first, possibly < k).
+        # hnswlib calls the filter for each label it visits, skipping those that fail it.
+        allowed = passing.__getitem__ if passing is not None else None
         while True:
             try:
-                return self.index.knn_query(vector[None, :], k=k, num_threads=1)
+                return self.index.knn_query(vector[None, :], k=k, num_threads=1, filter=allowed)
             except RuntimeError:
                 if k == 1:
                     return np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32)
@@ -203,8 +254,9 @@ class Shard:
         # hnswlib keeps per slot: the vector, level-0 links (2*M ids), a link count and a label;
         # upper levels add about 1/ln(M) of that for links.
         per_slot = self.dimension * 4 + 2 * self.settings.m * 4 + 4 + 8
+        table = self._by_label.nbytes if self._by_label is not None else 0
         return {"items": live, "deleted": max(deleted, 0), "capacity": capacity,
-                "memory_bytes": int(capacity * per_slot * 1.1)}
+                "memory_bytes": int(capacity * per_slot * 1.1) + table}
 
     # -- snapshots ---------------------------------------------------------------------------------
 
@@ -216,9 +268,10 @@ class Shard:
             index_name, meta_name = f"index-{seq}.hnsw", f"meta-{seq}.json"
             staging = directory / (index_name + ".tmp")
             self.index.save_index(str(staging))
-            meta = json.dumps({"category": self.category, "part": self.part, "parts": self.parts, "model_id": self.model_id, "dimension": self.dimension,
-                               "seq": seq, "next_label": self.next_label, "labels": self.label_of,
-                               "attributes": self.attributes, "written_at": time.time()}).encode()
+            meta = json.dumps({"category": self.category, "part": self.part, "parts": self.parts,
+                               "model_id": self.model_id, "dimension": self.dimension, "seq": seq,
+                               "next_label": self.next_label, "labels": self.label_of, "attributes": self.attributes,
+                               "products": self.products, "written_at": time.time()}).encode()
         with open(staging, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(staging, directory / index_name)
@@ -248,7 +301,19 @@ class Shard:
         shard.label_of = {item_id: int(label) for item_id, label in meta["labels"].items()}
         shard.id_of = {label: item_id for item_id, label in shard.label_of.items()}
         shard.attributes = meta["attributes"]
+        shard.products = meta.get("products", {})  # snapshots written before products had none
+        shard.columns.set_live(np.fromiter(shard.label_of.values(), dtype=np.int64, count=len(shard.label_of)))
         shard.next_label = meta["next_label"]
         shard.applied_seq = shard.content_seq = shard.snapshot_seq = meta["seq"]
         shard.snapshot_time = meta["written_at"]
         return shard
+
+
+def _best(similarities: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(row, similarity) of the k highest similarities, best first."""
+    k = min(k, len(similarities))
+    if k == 0:
+        return []
+    top = np.argpartition(-similarities, k - 1)[:k]
+    top = top[np.argsort(-similarities[top], kind="stable")]
+    return [(int(row), float(similarities[row])) for row in top]

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS items (
     vector {blob} NOT NULL,
     attributes TEXT NOT NULL,
     model_id TEXT NOT NULL,
-    seq {integer} NOT NULL
+    seq {integer} NOT NULL,
+    product TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_by_category_seq ON items (category, seq);
 CREATE INDEX IF NOT EXISTS items_by_seq ON items (seq);
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS replicas (
     serving TEXT NOT NULL
 );
 """
+# Created after the migrations, which add the column to databases written before products.
+_PRODUCT_INDEX = "CREATE INDEX IF NOT EXISTS items_by_product ON items (product) WHERE product <> ''"
 _CHUNK = 500  # ids per IN (...) list
 
 
@@ -89,13 +92,15 @@ class ItemWrite:
     vector: np.ndarray
     attributes: dict[str, str]
     model_id: str
+    # Product key; empty: the item is a product of its own.
+    product: str = ""
 
 
 @dataclass(frozen=True)
 class StoredItem(ItemWrite):
     """An item as stored, with the sequence number of its last write."""
 
-    seq: int
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,16 +239,28 @@ class Store(ABC):
             found.update(self._run(conn, f"SELECT id, category FROM items WHERE id IN ({marks})", chunk))
         return found
 
+    _ITEM_COLUMNS = "id, category, vector, attributes, model_id, product, seq"
+
     @staticmethod
     def _item(row: Sequence[Any]) -> StoredItem:
-        item_id, category, vector, attributes, model_id, seq = row
+        item_id, category, vector, attributes, model_id, product, seq = row
         return StoredItem(item_id, category, np.frombuffer(bytes(vector), dtype="<f4"), json.loads(attributes),
-                          model_id, int(seq))
+                          model_id, product, int(seq))
+
+    def _products_items(self, conn: Any, products: Sequence[str]) -> dict[str, str]:
+        """id -> category of every stored photo of these products."""
+        found: dict[str, str] = {}
+        for start in range(0, len(products), _CHUNK):
+            chunk = list(products[start:start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            found.update(self._run(conn, f"SELECT id, category FROM items WHERE product <> '' AND product IN ({marks})",
+                                    chunk))
+        return found
 
     def items_after(self, category: str, after: int, up_to: int) -> Iterator[StoredItem]:
         """A category's items written in (after, up_to], in write order."""
         with self._reading() as conn:
-            rows = self._run(conn, "SELECT id, category, vector, attributes, model_id, seq FROM items "
+            rows = self._run(conn, f"SELECT {self._ITEM_COLUMNS} FROM items "
                                    "WHERE category = ? AND seq > ? AND seq <= ? ORDER BY seq", (category, after, up_to))
             for row in rows:
                 yield self._item(row)
@@ -263,8 +280,8 @@ class Store(ABC):
             batch = LogBatch(head=up_to, store_head=head)
             if up_to > after:
                 batch.items = [self._item(row) for row in self._run(
-                    conn, "SELECT id, category, vector, attributes, model_id, seq FROM items "
-                          "WHERE seq > ? AND seq <= ? ORDER BY seq", (after, up_to))]
+                    conn, f"SELECT {self._ITEM_COLUMNS} FROM items WHERE seq > ? AND seq <= ? ORDER BY seq",
+                    (after, up_to))]
                 batch.removals = [Removal(i, c, int(s)) for i, c, s in self._run(
                     conn, "SELECT id, category, seq FROM tombstones WHERE seq > ? AND seq <= ? ORDER BY seq",
                     (after, up_to))]
@@ -274,12 +291,14 @@ class Store(ABC):
 
     # -- writes (one transaction each, durable when they return) -----------------------------------
 
-    def upsert(self, items: Sequence[ItemWrite], home_group: str = "default") -> UpsertOutcome:
+    def upsert(self, items: Sequence[ItemWrite], home_group: str = "default",
+               replace_products: Sequence[str] = ()) -> UpsertOutcome:
         """Stores items (replacing by id) unless their shard is locked to another model or dimension.
 
         An item that changes category leaves a tombstone in its old category. A repeated id in one
         request: the last write wins. A new category is placed on a live replica group by rendezvous
-        hashing (on `home_group` when none is live), in the same transaction.
+        hashing (on `home_group` when none is live), in the same transaction. The stored photos of
+        `replace_products` that `items` does not write again are removed in the same transaction.
         """
         with self._writing() as conn:
             locks = self._locks(conn)
@@ -288,6 +307,13 @@ class Store(ABC):
             refused: dict[int, tuple[str, tuple[str, int]]] = {}
             new_shards, rows, tombstones = [], [], []
             now = time.time()
+            rewritten = {item.id for item in items}
+            replaced = {item_id: category for item_id, category in
+                        self._products_items(conn, list(dict.fromkeys(replace_products))).items()
+                        if item_id not in rewritten}
+            for item_id, category in replaced.items():
+                seq += 1
+                tombstones.append((seq, item_id, category, now))
             for position, item in enumerate(items):
                 wanted = (item.model_id, int(item.vector.shape[0]))
                 lock = locks.get(item.category)
@@ -303,9 +329,11 @@ class Store(ABC):
                     tombstones.append((seq, item.id, old_category, now))
                 seq += 1
                 rows.append((item.id, item.category, item.vector.astype("<f4").tobytes(), json.dumps(item.attributes),
-                             item.model_id, seq))
+                             item.model_id, item.product, seq))
                 previous[item.id] = item.category
-            if rows:
+            if replaced:
+                self._executemany(conn, "DELETE FROM items WHERE id = ?", [(item_id,) for item_id in replaced])
+            if rows or replaced:
                 self._executemany(conn, "INSERT INTO shards (category, model_id, dimension) VALUES (?, ?, ?)",
                                   new_shards)
                 groups = self._live_groups(conn) or [home_group]
@@ -315,19 +343,28 @@ class Store(ABC):
                 self._executemany(conn, "INSERT INTO tombstones (seq, id, category, written_at) VALUES (?, ?, ?, ?)",
                                   tombstones)
                 self._executemany(
-                    conn, "INSERT INTO items (id, category, vector, attributes, model_id, seq) VALUES (?, ?, ?, ?, ?, ?) "
+                    conn, "INSERT INTO items (id, category, vector, attributes, model_id, product, seq) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?) "
                           "ON CONFLICT (id) DO UPDATE SET category = excluded.category, vector = excluded.vector, "
-                          "attributes = excluded.attributes, model_id = excluded.model_id, seq = excluded.seq", rows)
+                          "attributes = excluded.attributes, model_id = excluded.model_id, "
+                          "product = excluded.product, seq = excluded.seq", rows)
                 self._save_seq(conn, seq)
             return UpsertOutcome(refused, seq)
 
-    def delete(self, ids: Sequence[str]) -> tuple[dict[str, str], int]:
-        """Deletes the ids that are stored; returns (id -> category removed, last sequence number)."""
+    def delete(self, ids: Sequence[str], products: Sequence[str] = ()) -> tuple[dict[str, str], set[str], int]:
+        """Deletes the ids, and every photo of the products, that are stored; returns (id -> category
+        removed, the products that had photos, last sequence number)."""
         with self._writing() as conn:
             found = self._categories_of(conn, list(dict.fromkeys(ids)))
+            found_products: set[str] = set()
+            for product in dict.fromkeys(products):
+                photos = self._products_items(conn, [product])
+                if photos:
+                    found_products.add(product)
+                    found.update(photos)
             seq = self._head(conn)
             if not found:
-                return found, seq
+                return found, found_products, seq
             now = time.time()
             tombstones = []
             for item_id, category in found.items():
@@ -337,7 +374,7 @@ class Store(ABC):
             self._executemany(conn, "INSERT INTO tombstones (seq, id, category, written_at) VALUES (?, ?, ?, ?)",
                               tombstones)
             self._save_seq(conn, seq)
-            return found, seq
+            return found, found_products, seq
 
     def prune_tombstones(self, category: str, up_to_seq: int, older_than: float = 0.0) -> None:
         """Forgets a category's removals up to `up_to_seq` written before `older_than` (unix time; 0: any).
@@ -469,6 +506,10 @@ class SqliteStore(Store):
         columns = {row[1] for row in conn.execute("PRAGMA table_info(tombstones)")}
         if "written_at" not in columns:
             conn.execute("ALTER TABLE tombstones ADD COLUMN written_at DOUBLE PRECISION NOT NULL DEFAULT 0")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+        if "product" not in columns:  # databases written before products
+            conn.execute("ALTER TABLE items ADD COLUMN product TEXT NOT NULL DEFAULT ''")
+        conn.execute(_PRODUCT_INDEX)
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -523,6 +564,8 @@ class PostgresStore(Store):
         with self._writing() as conn:
             # Under the writers' lock: replicas starting together must not race to create the tables.
             self._create_schema(conn)
+            conn.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS product TEXT NOT NULL DEFAULT ''")
+            conn.execute(_PRODUCT_INDEX)
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:

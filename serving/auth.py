@@ -2,7 +2,7 @@
 
 A tokens file (a Kubernetes Secret mount) holds one `ROLE SHA256_HEX` line per token, the hex being the
 SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`), so the file never holds a token itself. Roles
-nest: `read` (Embed, GetModelInfo, Search, GetStats, GetShardMap) < `write` (Upsert, Delete) < `admin`
+nest: `read` (Embed, GetModelInfo, Search, SearchBatch, GetStats, GetShardMap) < `write` (Upsert, Delete) < `admin`
 (anything that changes layout: MoveCategory). Health and reflection need no token, so probes keep
 working. A call without a known token is UNAUTHENTICATED; with too small a role, PERMISSION_DENIED;
 neither message ever echoes the token. The file is re-read when it changes (a rotated Secret).
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("read", "write", "admin")
 # The role each method needs; methods not listed need admin, so a new RPC is closed until classified.
-METHOD_ROLES = {"Embed": "read", "GetModelInfo": "read", "Search": "read", "GetStats": "read",
+METHOD_ROLES = {"Embed": "read", "GetModelInfo": "read", "Search": "read", "SearchBatch": "read", "GetStats": "read",
                 "GetShardMap": "read", "Upsert": "write", "Delete": "write", "MoveCategory": "admin"}
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")

@@ -312,9 +312,16 @@ class TestBadInput:
         error = self.refused(stub(server).Upsert, pb.UpsertRequest(items=[big]))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def test_bytes_that_are_no_message(self, server: grpc.Channel) -> None:
+        for method in ("Upsert", "Delete", "Search"):
+            with pytest.raises(grpc.RpcError) as refused:
+                server.unary_unary(f"/lookalike.v1.Searcher/{method}")(b"\x12\x01\xff\xff", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"the request to /lookalike.v1.Searcher/{method} is not a valid message" in refused.value.details()
+
     def test_empty_requests(self, server: grpc.Channel) -> None:
         assert "items is empty" in self.refused(stub(server).Upsert, pb.UpsertRequest()).details()
-        assert "ids is empty" in self.refused(stub(server).Delete, pb.DeleteRequest()).details()
+        assert "ids and products are both empty" in self.refused(stub(server).Delete, pb.DeleteRequest()).details()
         assert "ids[1] is empty" in self.refused(stub(server).Delete, pb.DeleteRequest(ids=["k0", ""])).details()
 
     def test_bad_routing(self, server: grpc.Channel) -> None:

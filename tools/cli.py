@@ -87,23 +87,31 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
     routing = args.routing if args.routing in ("adaptive", "top1", "all") else args.routing.split(",")
     with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight,
                    shard_map=args.shard_map) as lookalike:
-        result = lookalike.search(Path(args.image), k=args.k, routing=routing)
+        try:
+            result = lookalike.search(Path(args.image), k=args.k, routing=routing, filter=args.filter,
+                                      distinct_products=args.distinct_products)
+        except ValueError as error:  # a filter that does not parse
+            print(error, file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps({
             "categories": [{"category": c, "probability": round(p, 6)} for c, p in result.categories[:5]],
             "probes": [{"category": p.category, "probability": round(p.probability, 6), "items": p.items,
                         "ms": round(p.seconds * 1000, 3)} for p in result.probes],
             "missing_shards": result.missing_shards,
-            "matches": [{"id": m.id, "score": round(m.score, 6), "category": m.category, "attributes": m.attributes}
-                        for m in result.matches],
+            "matches": [{"id": m.id, "score": round(m.score, 6), "category": m.category, "attributes": m.attributes,
+                         "product": m.product, "product_matches": m.product_matches} for m in result.matches],
             "embed_ms": round(result.embed_seconds * 1000, 2), "search_ms": round(result.search_seconds * 1000, 2)}))
         return EXIT_OK
     print("predicted: " + ", ".join(f"{c} {p:.3f}" for c, p in result.categories[:3]))
-    print("probed: " + ", ".join(f"{p.category} ({p.items} items)" for p in result.probes))
+    print("probed: " + ", ".join(f"{p.category} ({p.items} items" + (f", {p.filter_matches} pass the filter"
+                                                                      if args.filter else "") + ")"
+                                 for p in result.probes))
     if result.missing_shards:
         print("NOT searched (their searchers are down): " + ", ".join(result.missing_shards))
     for rank, match in enumerate(result.matches, start=1):
-        print(f"{rank:>3}. {match.id}  {match.score:.4f}  {match.category}")
+        product = f"  product {match.product} ({match.product_matches} photos)" if args.distinct_products else ""
+        print(f"{rank:>3}. {match.id}  {match.score:.4f}  {match.category}{product}")
     return EXIT_OK
 
 
@@ -173,6 +181,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         photos = [image.read_bytes() for image in read_labelled_images(args.images or default_photos(Path(args.workdir)))]
         return run_soak_bench(model_dir, photos[:512], seconds=args.seconds, sample_seconds=args.sample_seconds,
                               clients=args.clients, catalogue_items=args.soak_items, as_json=args.json)
+    if args.service == "filters":
+        from lookalike.tools.bench_filters import run_filters_bench
+
+        return run_filters_bench(items=args.items, dimension=args.dimension, seconds=args.seconds, as_json=args.json)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -237,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--routing", default="adaptive",
                         help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")
     search.add_argument("--prior-weight", type=float, default=0.0, help="merge by cosine + w * ln p(category)")
+    search.add_argument("--filter", default="", help='only items passing it, e.g. \'in_stock = "true" AND brand IN '
+                                                     '("a", "b") AND price <= 50\' (numeric attributes: the '
+                                                     "searcher's --numeric-attributes)")
+    search.add_argument("--distinct-products", action="store_true",
+                        help="one match per product (items' product key), with how many of its photos matched")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     search.set_defaults(run=_search)
 
@@ -291,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
                                               "or a soak: a long mixed load watching memory")
-    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "soak"],
-                       help="which service to measure (replicas: searchers over PostgreSQL against SQLite; soak: "
-                            "both services under mixed load with auth on, for --seconds, e.g. 1800)")
+    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak"],
+                       help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
+                            "filtered search against post-filtering and exact, and batch search; soak: both "
+                            "services under mixed load with auth on, for --seconds, e.g. 1800)")
     bench.add_argument("--model", type=Path, help="soak: the model folder (default: the benchmarks' model)")
     bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
     bench.add_argument("--soak-items", type=int, default=1000,
@@ -304,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "the store)")
     bench.add_argument("--store", default="", help="replicas: a PostgreSQL DSN to measure against (default: a "
                                                    "throwaway local server)")
-    bench.add_argument("--items", type=int, default=100_000, help="searcher: catalogue size")
-    bench.add_argument("--dimension", type=int, default=256, help="searcher: vector dimension")
+    bench.add_argument("--items", type=int, default=100_000, help="searcher, filters: catalogue size")
+    bench.add_argument("--dimension", type=int, default=256, help="searcher, filters: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
                                                    "else Fashion-MNIST test)")

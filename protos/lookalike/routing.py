@@ -16,7 +16,7 @@ import enum
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Collection, Iterable, Protocol, Sequence, TypeVar
+from typing import Callable, Collection, Iterable, Protocol, Sequence, TypeVar
 
 from lookalike.v1 import common_pb2, searcher_pb2
 
@@ -168,7 +168,13 @@ class Scored(Protocol):
     def score(self) -> float: ...
 
 
+class ProductScored(Scored, Protocol):
+    @property
+    def product(self) -> str: ...
+
+
 Hit = TypeVar("Hit", bound=Scored)
+ProductHit = TypeVar("ProductHit", bound=ProductScored)
 
 
 def merge_hits(hits: Iterable[Hit], k: int) -> list[Hit]:
@@ -182,3 +188,22 @@ def merge_hits(hits: Iterable[Hit], k: int) -> list[Hit]:
             if len(merged) == k:
                 break
     return merged
+
+
+def merge_products(hits: Iterable[ProductHit], k: int,
+                   photos: Callable[[ProductHit], int] = lambda hit: 1) -> list[tuple[ProductHit, int]]:
+    """The best k distinct products, each as (its best hit by score, how many of its photos are among
+    `hits`). An empty product key makes the item a product of its own. `photos` says how many photos a
+    hit stands for: 1 for a shard's hits, a group's product_matches when merging several groups' answers."""
+    best: dict[tuple[bool, str], ProductHit] = {}
+    counts: dict[tuple[bool, str], int] = {}
+    seen: set[str] = set()
+    for hit in sorted(hits, key=lambda hit: -hit.score):
+        if hit.id in seen:
+            continue
+        seen.add(hit.id)
+        key = (True, hit.product) if hit.product else (False, hit.id)
+        best.setdefault(key, hit)
+        counts[key] = counts.get(key, 0) + photos(hit)
+    ranked = sorted(best, key=lambda key: -best[key].score)[:k]
+    return [(best[key], counts[key]) for key in ranked]

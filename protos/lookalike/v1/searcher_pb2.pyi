@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Item(_message.Message):
-    __slots__ = ("id", "category", "vector", "attributes", "model_id")
+    __slots__ = ("id", "category", "vector", "attributes", "model_id", "product")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,18 +21,22 @@ class Item(_message.Message):
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
     id: str
     category: str
     vector: _common_pb2.Vector
     attributes: _containers.ScalarMap[str, str]
     model_id: str
-    def __init__(self, id: _Optional[str] = ..., category: _Optional[str] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    product: str
+    def __init__(self, id: _Optional[str] = ..., category: _Optional[str] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., model_id: _Optional[str] = ..., product: _Optional[str] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "replace_products")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    replace_products: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., replace_products: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("statuses", "sequence")
@@ -43,10 +47,12 @@ class UpsertResponse(_message.Message):
     def __init__(self, statuses: _Optional[_Iterable[_Union[_common_pb2.ItemStatus, _Mapping]]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "products")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    products: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., products: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted", "missing", "sequence")
@@ -91,21 +97,83 @@ class Routing(_message.Message):
     def __init__(self, explicit: _Optional[_Union[ExplicitRouting, _Mapping]] = ..., probabilities: _Optional[_Union[ProbabilityRouting, _Mapping]] = ..., all: _Optional[_Union[AllShards, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("vector", "model_id", "k", "ef", "routing")
+    __slots__ = ("vector", "model_id", "k", "ef", "routing", "filter", "distinct_products")
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EF_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     vector: _common_pb2.Vector
     model_id: str
     k: int
     ef: int
     routing: Routing
-    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., model_id: _Optional[str] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
+    filter: Filter
+    distinct_products: bool
+    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., model_id: _Optional[str] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., distinct_products: _Optional[bool] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("all",)
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    all: _containers.RepeatedCompositeFieldContainer[Condition]
+    def __init__(self, all: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("attribute", "equals", "one_of", "range", "negate")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    EQUALS_FIELD_NUMBER: _ClassVar[int]
+    ONE_OF_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    NEGATE_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    equals: str
+    one_of: StringList
+    range: NumericRange
+    negate: bool
+    def __init__(self, attribute: _Optional[str] = ..., equals: _Optional[str] = ..., one_of: _Optional[_Union[StringList, _Mapping]] = ..., range: _Optional[_Union[NumericRange, _Mapping]] = ..., negate: _Optional[bool] = ...) -> None: ...
+
+class StringList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NumericRange(_message.Message):
+    __slots__ = ("gte", "gt", "lte", "lt")
+    GTE_FIELD_NUMBER: _ClassVar[int]
+    GT_FIELD_NUMBER: _ClassVar[int]
+    LTE_FIELD_NUMBER: _ClassVar[int]
+    LT_FIELD_NUMBER: _ClassVar[int]
+    gte: float
+    gt: float
+    lte: float
+    lt: float
+    def __init__(self, gte: _Optional[float] = ..., gt: _Optional[float] = ..., lte: _Optional[float] = ..., lt: _Optional[float] = ...) -> None: ...
+
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, queries: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class SearchBatchResult(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: _common_pb2.ItemStatus
+    response: SearchResponse
+    def __init__(self, status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., response: _Optional[_Union[SearchResponse, _Mapping]] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchBatchResult, _Mapping]]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "similarity", "category", "attributes")
+    __slots__ = ("id", "score", "similarity", "category", "attributes", "product", "product_matches")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,15 +186,19 @@ class Hit(_message.Message):
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_MATCHES_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     similarity: float
     category: str
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., similarity: _Optional[float] = ..., category: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    product: str
+    product_matches: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., similarity: _Optional[float] = ..., category: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., product: _Optional[str] = ..., product_matches: _Optional[int] = ...) -> None: ...
 
 class ShardProbe(_message.Message):
-    __slots__ = ("category", "probability", "k", "ef", "items", "seconds", "part", "parts")
+    __slots__ = ("category", "probability", "k", "ef", "items", "seconds", "part", "parts", "filter_matches", "filter_exact")
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +207,8 @@ class ShardProbe(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_MATCHES_FIELD_NUMBER: _ClassVar[int]
+    FILTER_EXACT_FIELD_NUMBER: _ClassVar[int]
     category: str
     probability: float
     k: int
@@ -143,7 +217,9 @@ class ShardProbe(_message.Message):
     seconds: float
     part: int
     parts: int
-    def __init__(self, category: _Optional[str] = ..., probability: _Optional[float] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., items: _Optional[int] = ..., seconds: _Optional[float] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
+    filter_matches: int
+    filter_exact: bool
+    def __init__(self, category: _Optional[str] = ..., probability: _Optional[float] = ..., k: _Optional[int] = ..., ef: _Optional[int] = ..., items: _Optional[int] = ..., seconds: _Optional[float] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ..., filter_matches: _Optional[int] = ..., filter_exact: _Optional[bool] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "probes", "unknown_categories", "missing_shards")

@@ -50,6 +50,11 @@ class SearcherStub:
                 request_serializer=lookalike_dot_v1_dot_searcher__pb2.SearchRequest.SerializeToString,
                 response_deserializer=lookalike_dot_v1_dot_searcher__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/lookalike.v1.Searcher/SearchBatch',
+                request_serializer=lookalike_dot_v1_dot_searcher__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=lookalike_dot_v1_dot_searcher__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/lookalike.v1.Searcher/GetStats',
                 request_serializer=lookalike_dot_v1_dot_searcher__pb2.GetStatsRequest.SerializeToString,
@@ -86,6 +91,10 @@ class SearcherServicer:
         INVALID_ARGUMENT    empty id or category, a vector whose byte length does not match its
         dimension, NaN or infinite values, a zero vector.
         FAILED_PRECONDITION the item's model_id or dimension differs from the shard's lock.
+        INVALID_ARGUMENT    also: an attribute the searcher declares numeric whose value is not a finite
+        number; too many attributes or attribute bytes.
+        With replace_products, every stored photo of those products that the request does not carry
+        again is removed in the same durable write (INVALID_ARGUMENT for an empty product key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,7 +106,8 @@ class SearcherServicer:
 
         Status codes:
         OK                  done; DeleteResponse.missing lists ids that were not stored.
-        INVALID_ARGUMENT    no ids, an empty id, or more ids than max_batch.
+        INVALID_ARGUMENT    neither ids nor products, an empty id or product, or more than max_batch of
+        either.
         UNAVAILABLE         still loading or shutting down; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -112,8 +122,27 @@ class SearcherServicer:
         empty). Explicit routing to a category that has no shard yields no hits
         for it and is reported in SearchResponse.unknown_categories.
         INVALID_ARGUMENT    k = 0 or above max_k; vector dimension mismatch with its byte length;
-        NaN or infinite values; routing with no categories; threshold not in (0, 1].
+        NaN or infinite values; routing with no categories; threshold not in (0, 1];
+        a bad filter: a condition with no test (or one this server does not know),
+        an empty attribute name, an empty one_of, a range without bounds or with a
+        NaN bound, a range on an attribute the searcher does not declare numeric, or
+        more than 32 conditions. The message names the field (filter.all[2].range).
         FAILED_PRECONDITION the request's model_id or dimension differs from a probed shard's lock.
+        UNAVAILABLE         still loading or shutting down; retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatch(self, request, context):
+        """Many searches in one call: each query has its own vector, k, routing, filter and grouping, and
+        gets its own response and status, in request order. A query that fails (any of Search's
+        INVALID_ARGUMENT or FAILED_PRECONDITION causes) fails alone.
+
+        Status codes:
+        OK                  one result per query (results[i].status.code 0: results[i].response is set).
+        INVALID_ARGUMENT    no queries, or more than the server's max_batch_queries.
+        RESOURCE_EXHAUSTED  the request is larger than the server's max message size.
         UNAVAILABLE         still loading or shutting down; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -177,6 +206,11 @@ def add_SearcherServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=lookalike_dot_v1_dot_searcher__pb2.SearchRequest.FromString,
                     response_serializer=lookalike_dot_v1_dot_searcher__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=lookalike_dot_v1_dot_searcher__pb2.SearchBatchRequest.FromString,
+                    response_serializer=lookalike_dot_v1_dot_searcher__pb2.SearchBatchResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -276,6 +310,33 @@ class Searcher:
             '/lookalike.v1.Searcher/Search',
             lookalike_dot_v1_dot_searcher__pb2.SearchRequest.SerializeToString,
             lookalike_dot_v1_dot_searcher__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Searcher/SearchBatch',
+            lookalike_dot_v1_dot_searcher__pb2.SearchBatchRequest.SerializeToString,
+            lookalike_dot_v1_dot_searcher__pb2.SearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
