@@ -120,7 +120,7 @@ class Catalogue:
         self.settings = IndexSettings(m=config.m, ef_construction=config.ef_construction, ef=config.ef,
                                       initial_capacity=config.initial_capacity, exact_below=config.exact_below,
                                       numeric_attributes=config.numeric_attribute_names,
-                                      filter_exact_below=config.filter_exact_below)
+                                      filter_exact_factor=config.filter_exact_factor)
         self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
         self.shards: dict[ShardKey, Shard] = {}
         # Every category's model lock this replica knows of, served here or not: a category missing

@@ -44,9 +44,9 @@ class SearcherConfig:
     exact_below: int = 2048
     # Comma-separated attributes whose values are numbers: Upsert checks them, filters compare them.
     numeric_attributes: str = ""
-    # A filter passing at most this many of a shard's items searches them exactly instead of through the
-    # graph, which would miss some (measured: `lookalike bench filters`).
-    filter_exact_below: int = 1000
+    # A filter with at most filter_exact_factor * sqrt(ef * items) matches in a shard searches them exactly
+    # instead of through the graph (measured with `lookalike bench filters`, BENCHMARKS.md; 0: never).
+    filter_exact_factor: float = 4.0
     # Queries per SearchBatch call.
     max_batch_queries: int = 256
     # Capacity of a new shard; it doubles when full.
@@ -94,8 +94,8 @@ class SearcherConfig:
                              f"and {self.store_timeout}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
-        if self.filter_exact_below < 0:
-            raise ValueError(f"filter_exact_below must be 0 or more, got {self.filter_exact_below}")
+        if not self.filter_exact_factor >= 0:
+            raise ValueError(f"filter_exact_factor must be 0 or more, got {self.filter_exact_factor}")
 
     @property
     def numeric_attribute_names(self) -> frozenset[str]:
@@ -119,8 +119,8 @@ class SearcherConfig:
                                    "exact_below": "search shards of at most this many items exactly (0: always HNSW)",
                                    "numeric_attributes": "comma-separated attributes whose values are numbers "
                                                          "(checked on Upsert; filters can compare them)",
-                                   "filter_exact_below": "search a shard's filter matches exactly when at most this "
-                                                         "many pass",
+                                   "filter_exact_factor": "search a shard's filter matches exactly when there are at "
+                                                          "most this times sqrt(ef * shard items) (0: never)",
                                    "max_batch_queries": "queries per SearchBatch call",
                                    "max_shard_items": "shared store: split a category past this many items into parts "
                                                       "(0: never)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,9 +40,11 @@ class IndexSettings:
     exact_below: int = 2048
     # Attributes whose values are numbers (checked on Upsert), so filters can compare them as such.
     numeric_attributes: frozenset[str] = frozenset()
-    # A filtered search whose filter passes at most this many of a shard's items searches them exactly:
-    # the graph, skipping the rest, would miss some (measured: `lookalike bench filters`).
-    filter_exact_below: int = 1000
+    # A filter with at most filter_exact_factor * sqrt(ef * items) matches in a shard is searched exactly
+    # (one product with their vectors) rather than through the graph, which skips the rest: the graph then
+    # visits about ef / share nodes, so its cost grows as the filter gets selective while the exact cost
+    # shrinks with the matches; they cross near that point (measured: `lookalike bench filters`).
+    filter_exact_factor: float = 4.0
 
 
 @dataclass
@@ -196,7 +199,8 @@ class Shard:
                 return ShardAnswer([])
             passing = self.columns.mask(where) if where is not None else None
             matches = int(passing.sum()) if passing is not None else count
-            if passing is not None and matches <= max(self.settings.filter_exact_below, k):
+            if passing is not None and (matches <= k or
+                                        matches <= self.settings.filter_exact_factor * math.sqrt(max(ef, k) * count)):
                 return self._exact_among(vector, k, np.flatnonzero(passing), matches)
             k = min(k, matches)
             if exclusive:

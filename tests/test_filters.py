@@ -76,10 +76,11 @@ def grocery_items(grocery_embeddings: dict) -> list[CatalogueItem]:
 def filtered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              grocery_items: list[CatalogueItem]) -> Iterator[tuple[str, SearcherClient]]:
     """The catalogue in one HNSW shard; "graph" always searches through the graph, skipping items that fail
-    the filter; "auto" searches a filter's matches exactly when they are few (the default)."""
-    exact = {"graph": 0, "auto": 1000}[request.param]
+    the filter; "auto" searches a filter's matches exactly when they are few (the default, here up to
+    4 * sqrt(64 * 2640) = 1644 matches)."""
+    exact = {"graph": 0.0, "auto": 4.0}[request.param]
     started, channel = start_searcher(tmp_path_factory.mktemp("filters"), snapshot_interval=0, exact_below=0,
-                                      numeric_attributes="rank,grams", filter_exact_below=exact)
+                                      numeric_attributes="rank,grams", filter_exact_factor=exact)
     channel.close()
     with SearcherClient(f"127.0.0.1:{started.port}") as client:
         store(client, grocery_items)
@@ -101,7 +102,7 @@ def test_filtered_search_never_returns_a_failing_item_and_keeps_recall(
         (probe,) = response.probes
         assert probe.filter_matches == matching
         # Exact when the matches are few (auto), and always when there are no more of them than k.
-        assert probe.filter_exact == (matching <= max(1000 if mode == "auto" else 0, 10))
+        assert probe.filter_exact == (matching <= max(1644 if mode == "auto" else 0, 10))
         truth = exact_top(grocery_items, query, 10, lambda item: passes(item.attributes, text))
         recalls.append(len({hit.id for hit in response.hits} & set(truth)) / len(truth))
     recall = float(np.mean(recalls))

@@ -1,13 +1,15 @@
 """`lookalike bench filters`: filtered search through gRPC against post-filtering and exact filtered search.
 
 One shard of synthetic clustered vectors (lookalike.tools.bench_searcher.synthetic), each item with a
-numeric `rank` drawn uniformly, so `rank < s * items` passes exactly the share s of the items. The same
-catalogue is served three ways, restarted from its snapshot between them: the default (a filter whose
-matches are at most filter_exact_below is searched exactly, others through the graph skipping the rest),
-graph only (filter_exact_below 0), and exact only (every filter searched exactly). Against them:
-post-filtering, i.e. an unfiltered search for k / s hits (at most max_k) filtered afterwards. Recall@10 is
-against exact filtered search in numpy. A sweep of match counts shows where exact search overtakes the
-graph, which sets the default. Last, SearchBatch of 32 queries per call against the same queries one by one.
+numeric `rank` drawn uniformly, so `rank < s * items` passes exactly the share s of the items. The
+searcher's ef is the smallest that gives unfiltered recall@10 >= 0.95 in-process on these vectors. The same
+catalogue is served three ways, restarted from its snapshot between them: the default (a filter with at
+most filter_exact_factor * sqrt(ef * items) matches is searched exactly, others through the graph
+skipping the rest), graph only (filter_exact_factor 0), and exact only (every filter searched exactly).
+Against them: post-filtering, i.e. an unfiltered search for k / s hits (at most max_k) filtered
+afterwards. Recall@10 is against exact filtered search in numpy. A sweep of match counts shows where
+exact search overtakes the graph, which sets the default. Last, SearchBatch of 32 queries per call against
+the same queries one by one.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from lookalike.tools.processes import running_service
 
 K = 10
 SELECTIVITIES = (0.5, 0.1, 0.01, 0.001)
+SWEEP = (0.005, 0.02, 0.05, 0.2, 0.3)
 BATCH = 32
 
 
@@ -44,15 +47,18 @@ class FilterRow:
 
 
 def run_filters_bench(items: int = 100_000, dimension: int = 256, queries: int = 200, seconds: float = 4.0,
-                      as_json: bool = False) -> int:
+                      ef: int = 0, as_json: bool = False) -> int:
+    """`ef` 0: the smallest ef with unfiltered recall@10 >= 0.95 on these vectors."""
     vectors, _, _ = synthetic(items + queries, dimension, 20, offset=0.35, spread=1.1, seed=1)
     catalogue, query_vectors = vectors[:items], vectors[items:]
     ranks = np.random.default_rng(2).permutation(items)
     similarities = query_vectors @ catalogue.T
+    ef = ef or _ef_for_recall(catalogue, query_vectors, similarities, target=0.95)
     report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                    "items": items, "dimension": dimension, "queries": queries, "rows": [], "sweep": []}
+                    "items": items, "dimension": dimension, "queries": queries, "ef": ef, "rows": [], "sweep": []}
     data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-filters-"))
-    base = ["--data", str(data_dir), "--snapshot-interval", "0", "--exact-below", "0", "--numeric-attributes", "rank"]
+    base = ["--data", str(data_dir), "--snapshot-interval", "0", "--exact-below", "0", "--numeric-attributes", "rank",
+            "--ef", str(ef)]
 
     def truth(limit: int) -> list[set[int]]:
         passing = np.flatnonzero(ranks < limit)
@@ -88,20 +94,19 @@ def run_filters_bench(items: int = 100_000, dimension: int = 256, queries: int =
                                for i in range(start, min(start + 1000, items))], timeout=120)
             for selectivity in SELECTIVITIES:
                 limit = int(selectivity * items)
-                report["rows"].append(timed(client, "filtered (default: exact below 1000 matches)", selectivity, limit))
+                report["rows"].append(timed(client, "filtered (default threshold)", selectivity, limit))
                 report["rows"].append(timed(client, "post-filter (unfiltered k/s, then filter)", selectivity, limit,
                                             fetch=min(1000, math.ceil(K / selectivity)), post_filter=True))
             report["batch"] = _batch_rows(client, query_vectors, items, seconds)
-        for method, exact_below in (("graph only (filter_exact_below 0)", 0),
-                                    ("exact filtered (filter_exact_below = items)", items)):
-            with running_service("lookalike.searcher", [*base, "--filter-exact-below", str(exact_below)]) as (_, port), \
+        for method, factor in (("graph only (filter_exact_factor 0)", 0.0),
+                               ("exact filtered (every filter)", float(items))):
+            with running_service("lookalike.searcher", [*base, "--filter-exact-factor", str(factor)]) as (_, port), \
                     SearcherClient(f"127.0.0.1:{port}") as client:
                 for selectivity in SELECTIVITIES:
                     report["rows"].append(timed(client, method, selectivity, int(selectivity * items)))
                 # Where exact search over the matches overtakes the graph: the default's threshold.
-                for matches in (250, 500, 1000, 2000, 4000):
-                    row = timed(client, method, matches / items, matches)
-                    report["sweep"].append(row)
+                for share in SWEEP:
+                    report["sweep"].append(timed(client, method, share, int(share * items)))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     report["rows"] = [asdict(row) for row in report["rows"]]
@@ -110,7 +115,7 @@ def run_filters_bench(items: int = 100_000, dimension: int = 256, queries: int =
         print(json.dumps(report, indent=2))
         return 0
     print(f"filters benchmark on {report['machine']}: {items} items x {dimension}-d in one shard, {queries} queries, "
-          f"k={K}, 1 client")
+          f"k={K}, ef={ef}, 1 client")
     print(f"{'method':<46} {'share':>6} {'matches':>7} {'q/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'recall@10':>9}")
     for row in sorted(report["rows"], key=lambda r: (-r["selectivity"], r["method"])) + report["sweep"]:
         print(f"{row['method']:<46} {row['selectivity']:>6.3%} {row['matches']:>7} {row['queries_per_second']:>8} "
@@ -143,3 +148,23 @@ def _batch_rows(client: SearcherClient, query_vectors: np.ndarray, items: int, s
                  {"method": f"SearchBatch x{BATCH}, {label}", "queries_per_second": round(together, 1),
                   "ratio": round(together / one_by_one, 2)}]
     return rows
+
+
+def _ef_for_recall(catalogue: np.ndarray, queries: np.ndarray, similarities: np.ndarray, target: float) -> int:
+    """The smallest ef (64, 128, ...) at which in-process hnswlib, built with the searcher's defaults,
+    reaches `target` unfiltered recall@10 on these vectors."""
+    import hnswlib
+
+    from lookalike.searcher.config import SearcherConfig
+
+    config = SearcherConfig(data_dir=Path("."))
+    index = hnswlib.Index(space="ip", dim=catalogue.shape[1])
+    index.init_index(max_elements=len(catalogue), ef_construction=config.ef_construction, M=config.m)
+    index.add_items(catalogue, np.arange(len(catalogue)), num_threads=-1)
+    exact = np.argsort(-similarities, axis=1)[:, :K]
+    for ef in (64, 128, 256, 512, 1024):
+        index.set_ef(ef)
+        found, _ = index.knn_query(queries, k=K)
+        if np.mean([len(set(f) & set(e)) / K for f, e in zip(found.tolist(), exact.tolist())]) >= target:
+            return ef
+    return 1024

@@ -184,7 +184,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.service == "filters":
         from lookalike.tools.bench_filters import run_filters_bench
 
-        return run_filters_bench(items=args.items, dimension=args.dimension, seconds=args.seconds, as_json=args.json)
+        return run_filters_bench(items=args.items, dimension=args.dimension, seconds=args.seconds, ef=args.ef,
+                                 as_json=args.json)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
                             "filtered search against post-filtering and exact, and batch search; soak: both "
                             "services under mixed load with auth on, for --seconds, e.g. 1800)")
+    bench.add_argument("--ef", type=int, default=0,
+                       help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
     bench.add_argument("--model", type=Path, help="soak: the model folder (default: the benchmarks' model)")
     bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
     bench.add_argument("--soak-items", type=int, default=1000,
