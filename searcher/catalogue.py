@@ -479,8 +479,9 @@ class Catalogue:
         SHARD_PROBES.labels(shard.category).inc()
         started = time.perf_counter()
         found = shard.search(query.vector, depth, ef, query.where)
-        # hnswlib never searches with an ef below k.
-        outcome.probes.append(ProbeReport(probe.category, probe.probability, depth, max(ef, depth), len(shard),
+        # hnswlib never searches with an ef below k, nor below the index's own.
+        outcome.probes.append(ProbeReport(probe.category, probe.probability, depth, max(ef, self.config.ef, depth),
+                                          len(shard),
                                           time.perf_counter() - started, shard.part, shard.parts,
                                           found.filter_matches, found.filter_exact))
         return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes, product)

@@ -1,8 +1,9 @@
 """One category's HNSW index (hnswlib, inner product on unit vectors) with its id maps and snapshots.
 
 hnswlib facts that shape this: add_items is not safe alongside knn_query and resize_index is safe with
-neither (so every shard has a readers-writer lock); ef is not saved with the index and is global to it
-(so a request asking for another ef searches under the write lock); deleted slots are reused only with
+neither (so every shard has a readers-writer lock); ef is not saved with the index and is global to it,
+but a search keeps max(ef, k) candidates (so a request's larger ef is a larger k, cut back to the k
+asked for, with no change to the index); deleted slots are reused only with
 allow_replace_deleted; a wrong dimension raises a bare RuntimeError (callers validate before this).
 """
 from __future__ import annotations
@@ -192,26 +193,22 @@ class Shard:
             with self.lock.reading():
                 if len(self.label_of) <= self.settings.exact_below:
                     return self._exact(vector, k, where)
-        exclusive = ef != self.settings.ef
-        with (self.lock.writing() if exclusive else self.lock.reading()):
+        # hnswlib's ef is one setting of the whole index, but a search keeps max(ef, k) candidates and returns
+        # the best k: asking for `breadth` results and keeping the best k is the search at that ef, under the
+        # read lock, so searches with different ef run concurrently. Below the index's ef it searches at that.
+        breadth = max(ef, k)
+        with self.lock.reading():
             count = len(self.label_of)
             if count == 0:
                 return ShardAnswer([])
             passing = self.columns.mask(where) if where is not None else None
             matches = int(passing.sum()) if passing is not None else count
             if passing is not None and (matches <= k or
-                                        matches <= self.settings.filter_exact_factor * math.sqrt(max(ef, k) * count)):
+                                        matches <= self.settings.filter_exact_factor * math.sqrt(breadth * count)):
                 return self._exact_among(vector, k, np.flatnonzero(passing), matches)
-            k = min(k, matches)
-            if exclusive:
-                self.index.set_ef(ef)
-            try:
-                labels, distances = self._knn(vector, k, passing)
-            finally:
-                if exclusive:
-                    self.index.set_ef(self.settings.ef)
+            labels, distances = self._knn(vector, min(breadth, matches), passing)
             return ShardAnswer([self._hit(self.id_of[int(label)], 1.0 - float(distance))
-                                for label, distance in zip(labels[0], distances[0])],
+                                for label, distance in zip(labels[0][:k], distances[0][:k])],
                                matches if passing is not None else 0)
 
     def _hit(self, item_id: str, similarity: float) -> tuple[str, float, dict[str, str], str]:

@@ -336,13 +336,18 @@ class TestBadInput:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_id is empty" in error.details()
 
 
-def test_request_ef_is_used_and_never_below_k(loaded, grocery_embeddings: dict) -> None:
+def test_request_ef_is_used_and_never_below_k_or_the_default(loaded, grocery_embeddings: dict) -> None:
     _, channel = loaded
     data = grocery_embeddings
     wide = search(channel, data["query_vectors"][3], data["model_id"], k=5, ef=200, routing=explicit("Apple"))
     assert wide.probes[0].ef == 200
+    # A larger ef is a larger k cut back, so it finds what the wider search's top 5 are.
+    assert [h.id for h in wide.hits] == [h.id for h in search(channel, data["query_vectors"][3], data["model_id"],
+                                                               k=200, routing=explicit("Apple")).hits[:5]]
     narrow = search(channel, data["query_vectors"][3], data["model_id"], k=40, ef=8, routing=explicit("Apple"))
-    assert narrow.probes[0].ef == 40 and len(narrow.hits) == min(40, narrow.probes[0].items)
+    assert narrow.probes[0].ef == 64 and len(narrow.hits) == min(40, narrow.probes[0].items)
+    deep = search(channel, data["query_vectors"][3], data["model_id"], k=100, ef=8, routing=explicit("Apple"))
+    assert deep.probes[0].ef == 100
 
 
 def test_probability_routing_with_no_known_category_falls_back_to_all_shards(loaded, grocery_embeddings: dict) -> None:

@@ -223,6 +223,41 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
                 baseline = baseline or rate
                 row.ratio = round(rate / baseline, 3)
                 rows.append(row)
+    rows += _mixed_ef_rows(client, indexes, query_vectors, plans["one shard (top-1 category)"], index_of, similarities,
+                           labels, seconds, ef)
+    return rows
+
+
+def _mixed_ef_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, shard_lists: list[list[str]],
+                   index_of: dict[str, int], similarities: np.ndarray, labels: np.ndarray, seconds: float,
+                   ef: int) -> list[QueryRow]:
+    """One-shard searches whose requests mix ef, 2 ef and 4 ef, at 8 clients: they must not serialise.
+    In process, the same search at a larger ef is a larger k cut back to K (hnswlib keeps max(ef, k))."""
+    count = len(query_vectors)
+    efs = (ef, 2 * ef, 4 * ef)
+    routings = [routing_for(categories=shards) for shards in shard_lists]
+
+    def local(i: int) -> list[int]:
+        ids, _ = indexes[index_of[shard_lists[i][0]]].knn_query(query_vectors[i][None], k=efs[i % 3], num_threads=1)
+        return ids[0][:K].tolist()
+
+    def remote(i: int) -> list[int]:
+        hits = client.search(query_vectors[i], MODEL, K, routings[i], ef=efs[i % 3]).hits
+        return [int(hit.id.split("-")[1]) for hit in hits]
+
+    exact = []
+    for i in range(count):
+        allowed = np.flatnonzero(labels == index_of[shard_lists[i][0]])
+        exact.append(set(allowed[np.argsort(-similarities[i, allowed])[:K]].tolist()))
+    rows, baseline = [], 0.0
+    for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
+        found = [set(fn(i)) for i in range(count)]
+        recall = round(float(np.mean([len(f & e) / K for f, e in zip(found, exact)])), 4)
+        counter = iter(range(1 << 62))
+        rate, latencies = measure(lambda: (fn(next(counter) % count), 1)[1], seconds, 8)
+        baseline = baseline or rate
+        rows.append(QueryRow(f"one shard, ef {efs[0]}/{efs[1]}/{efs[2]} mixed per request", path, 8, round(rate, 1),
+                             *p50_p99_ms(latencies), recall, 0.0, 1.0, round(rate / baseline, 3)))
     return rows
 
 
