@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from lookalike.routing import PlannedProbe, Routing, merge_hits, merge_products, part_of, plan
+from lookalike.serving.cpus import available_cpus
 from lookalike.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.filters import AttributeFilter
@@ -138,6 +140,8 @@ class Catalogue:
         self._unapplied: deque[tuple[int, float]] = deque()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
+        threads = config.probe_threads or available_cpus()
+        self._probe_pool = ThreadPoolExecutor(threads, thread_name_prefix="probe") if threads > 1 else None
         self._load()
 
     # -- which shards are held here ----------------------------------------------------------------
@@ -325,6 +329,8 @@ class Catalogue:
             worker.join(timeout=self.config.follow_interval + 5)
         self.snapshot()
         self.store.close()
+        if self._probe_pool is not None:
+            self._probe_pool.shutdown(wait=True)
 
     # -- the log -----------------------------------------------------------------------------------
 
@@ -460,11 +466,14 @@ class Catalogue:
             outcome = SearchOutcome(unknown_categories=list(routed.unknown_categories))
             candidates: list[Hit] = []
             may_hold_more = False
-            for probe in routed.probes:
-                for key in keys[probe.category]:
-                    found = self._probe(shards[key], probe, query, ef, depth, outcome)
-                    candidates.extend(found)
-                    may_hold_more |= len(found) == depth
+            tasks = [(shards[key], probe) for probe in routed.probes for key in keys[probe.category]]
+            # hnswlib and numpy release the GIL while they search, so shards searched in parallel use
+            # every core a query alone would leave idle (global search over many shards, say).
+            run = (self._probe_pool.map if self._probe_pool is not None and len(tasks) > 1 else map)
+            for found, report in run(lambda task: self._probe(*task, query, ef, depth), tasks):
+                outcome.probes.append(report)
+                candidates.extend(found)
+                may_hold_more |= len(found) == depth
             if not query.distinct_products:
                 outcome.hits = merge_hits(candidates, query.k)
                 return outcome
@@ -474,18 +483,17 @@ class Catalogue:
                 return outcome
             depth = min(depth * 4, MAX_PRODUCT_DEPTH)
 
-    def _probe(self, shard: Shard, probe: PlannedProbe, query: SearchQuery, ef: int, depth: int,
-               outcome: SearchOutcome) -> list[Hit]:
+    def _probe(self, shard: Shard, probe: PlannedProbe, query: SearchQuery, ef: int,
+               depth: int) -> tuple[list[Hit], ProbeReport]:
         SHARD_PROBES.labels(shard.category).inc()
         started = time.perf_counter()
         found = shard.search(query.vector, depth, ef, query.where)
         # hnswlib never searches with an ef below k, nor below the index's own.
-        outcome.probes.append(ProbeReport(probe.category, probe.probability, depth, max(ef, self.config.ef, depth),
-                                          len(shard),
-                                          time.perf_counter() - started, shard.part, shard.parts,
-                                          found.filter_matches, found.filter_exact))
+        report = ProbeReport(probe.category, probe.probability, depth, max(ef, self.config.ef, depth), len(shard),
+                             time.perf_counter() - started, shard.part, shard.parts, found.filter_matches,
+                             found.filter_exact)
         return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes, product)
-                for item_id, similarity, attributes, product in found.hits]
+                for item_id, similarity, attributes, product in found.hits], report
 
     def stats(self) -> CatalogueStats:
         rows = []

@@ -49,6 +49,8 @@ class SearcherConfig:
     filter_exact_factor: float = 4.0
     # Queries per SearchBatch call.
     max_batch_queries: int = 256
+    # Threads searching one query's shards in parallel (0: one per CPU the cgroup quota allows; 1: in turn).
+    probe_threads: int = 0
     # Capacity of a new shard; it doubles when full.
     initial_capacity: int = 1024
     max_k: int = 1000
@@ -94,6 +96,8 @@ class SearcherConfig:
                              f"and {self.store_timeout}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
+        if self.probe_threads < 0:
+            raise ValueError(f"probe_threads must be 0 (one per CPU) or more, got {self.probe_threads}")
         if not self.filter_exact_factor >= 0:
             raise ValueError(f"filter_exact_factor must be 0 or more, got {self.filter_exact_factor}")
 
@@ -122,6 +126,8 @@ class SearcherConfig:
                                    "filter_exact_factor": "search a shard's filter matches exactly when there are at "
                                                           "most this times sqrt(ef * shard items) (0: never)",
                                    "max_batch_queries": "queries per SearchBatch call",
+                                   "probe_threads": "threads searching one query's shards in parallel (0: one per "
+                                                    "CPU the cgroup quota allows; 1: one after another)",
                                    "max_shard_items": "shared store: split a category past this many items into parts "
                                                       "(0: never)",
                                    "tls_cert": "PEM certificate chain: serve gRPC over TLS",

@@ -25,3 +25,10 @@ def test_stubs_import_as_lookalike_v1() -> None:
 
     assert searcher_pb2.DESCRIPTOR.package == "lookalike.v1"
     assert hasattr(embedder_pb2_grpc, "EmbedderStub")
+
+
+def test_protobuf_runs_on_the_upb_backend() -> None:
+    """The C (upb) backend parses and serialises messages: the pure-Python one is many times slower."""
+    from google.protobuf.internal import api_implementation
+
+    assert api_implementation.Type() == "upb"
