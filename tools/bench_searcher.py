@@ -23,7 +23,7 @@ import numpy as np
 
 from lookalike.tools.benchmarking import measure, p50_p99_ms
 from lookalike.tools.processes import running_service
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 
 MODEL = "synthetic@bench"
 K = 10
@@ -225,6 +225,39 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
                 rows.append(row)
     rows += _mixed_ef_rows(client, indexes, query_vectors, plans["one shard (top-1 category)"], index_of, similarities,
                            labels, seconds, ef)
+    rows += _batch_rows(client, indexes, query_vectors, plans["one shard (top-1 category)"], index_of, seconds)
+    return rows
+
+
+def _batch_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, shard_lists: list[list[str]],
+                index_of: dict[str, int], seconds: float, batch: int = 32) -> list[QueryRow]:
+    """One-shard searches 32 per call: SearchBatch through gRPC against in-process knn_query over the same
+    32 queries (grouped by shard, one knn_query per shard, one thread), at 1 client."""
+    count = len(query_vectors)
+    requests = [search_request(query_vectors[i], MODEL, K, routing_for(categories=shard_lists[i]), 0)
+                for i in range(count)]
+    shard_of = np.array([index_of[shards[0]] for shards in shard_lists])
+
+    def local() -> int:
+        start = next(counter) * batch % (count - batch)
+        members = np.arange(start, start + batch)
+        for shard in np.unique(shard_of[members]):
+            chosen = members[shard_of[members] == shard]
+            indexes[shard].knn_query(query_vectors[chosen], k=K, num_threads=1)
+        return batch
+
+    def remote() -> int:
+        start = next(counter) * batch % (count - batch)
+        client.search_batch(requests[start:start + batch])
+        return batch
+
+    rows, baseline = [], 0.0
+    for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
+        counter = iter(range(1 << 62))
+        rate, latencies = measure(fn, seconds, 1)
+        baseline = baseline or rate
+        rows.append(QueryRow(f"one shard, {batch} queries per call (SearchBatch)", path, 1, round(rate, 1),
+                             *p50_p99_ms(latencies), 0.0, 0.0, 1.0, round(rate / baseline, 3)))
     return rows
 
 
