@@ -186,6 +186,19 @@ def test_cli_bench_searcher_prints_ratios() -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["items"] == 3000 and report["restart_from_snapshots_seconds"] > 0
-    assert {row["routing"] for row in report["rows"]} == {"one shard (top-1 category)",
-                                                         "adaptive (threshold 0.9, at most 4 shards)", "all shards"}
-    assert all(row["ratio"] > 0 and row["recall_probed"] >= 0.9 for row in report["rows"])
+    routings = {row["routing"] for row in report["rows"]}
+    assert {"one shard (top-1 category)", "adaptive (threshold 0.9, at most 4 shards)", "all shards"} < routings
+    assert any("mixed per request" in r for r in routings) and any("(SearchBatch)" in r for r in routings)
+    assert all(row["ratio"] > 0 for row in report["rows"])
+    assert all(row["recall_probed"] >= 0.9 for row in report["rows"] if "(SearchBatch)" not in row["routing"])
+
+
+def test_cli_bench_filters_prints_every_method() -> None:
+    result = run_cli("bench", "filters", "--items", "3000", "--dimension", "32", "--seconds", "0.2", "--ef", "64",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    methods = {row["method"] for row in report["rows"]}
+    assert len(methods) == 4 and {row["selectivity"] for row in report["rows"]} == {0.5, 0.1, 0.01, 0.001}
+    assert all(row["recall_at_10"] == 1.0 for row in report["rows"] if row["method"].startswith("exact"))
+    assert len(report["batch"]) == 4 and all(row["queries_per_second"] > 0 for row in report["batch"])

@@ -271,7 +271,9 @@ def _mixed_ef_rows(client: SearcherClient, indexes: list, query_vectors: np.ndar
     routings = [routing_for(categories=shards) for shards in shard_lists]
 
     def local(i: int) -> list[int]:
-        ids, _ = indexes[index_of[shard_lists[i][0]]].knn_query(query_vectors[i][None], k=efs[i % 3], num_threads=1)
+        index = indexes[index_of[shard_lists[i][0]]]
+        breadth = min(efs[i % 3], index.get_current_count())
+        ids, _ = index.knn_query(query_vectors[i][None], k=breadth, num_threads=1)
         return ids[0][:K].tolist()
 
     def remote(i: int) -> list[int]:
