@@ -41,6 +41,8 @@ class EmbedderConfig:
     # Close each client connection after this long (GOAWAY; calls in flight get 30 s to finish), so
     # clients reconnect and spread over pods the autoscaler added (0: never).
     max_connection_age_seconds: float = 0.0
+    # Let several embedder processes listen on one port (SO_REUSEPORT; the kernel spreads connections).
+    reuse_port: bool = False
     grace_seconds: float = 5.0
     # Prometheus /metrics HTTP port; 0 serves none.
     metrics_port: int = 0
@@ -101,5 +103,6 @@ HELP = {
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mTLS)",
     "auth_tokens": "file of 'ROLE SHA256_HEX' lines (roles read, write, admin): require bearer tokens",
     "otlp_endpoint": "OTLP/gRPC collector for trace spans, e.g. http://otel-collector:4317 (empty: off)",
+    "reuse_port": "let several embedder processes share the port (SO_REUSEPORT; connections are spread)",
     "health_address": "extra plaintext host:port serving only grpc.health.v1 (for kubelet probes under TLS)",
 }

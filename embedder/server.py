@@ -45,7 +45,7 @@ def create_server(config: EmbedderConfig) -> tuple[EmbedderServer, int]:
                                            service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens,
                                            max_concurrent_rpcs=config.max_concurrent_rpcs,
                                            max_connection_age_seconds=config.max_connection_age_seconds,
-                                           otlp_endpoint=config.otlp_endpoint)
+                                           otlp_endpoint=config.otlp_endpoint, reuse_port=config.reuse_port)
     servicer = EmbedderServicer(config)
     embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
     port = bind(server, config.address, TlsFiles.from_settings(config.tls_cert, config.tls_key, config.tls_client_ca))

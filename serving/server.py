@@ -32,6 +32,7 @@ def build_server(
     max_concurrent_rpcs: int = 0,
     max_connection_age_seconds: float = 0.0,
     otlp_endpoint: str = "",
+    reuse_port: bool = False,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now),
     reflection, given a tokens file bearer-token auth with roles (lookalike.serving.auth), and given an
@@ -42,7 +43,9 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Several processes may share a port only where that is asked for (a stateless service); otherwise
+        # a second server on a taken port must fail rather than silently split the traffic.
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if max_connection_age_seconds:
         # gRPC keeps connections for ever, so pods added later would get no traffic from existing
@@ -74,12 +77,14 @@ def build_server(
 
 def bind(server: grpc.Server, address: str, tls: TlsFiles | None = None) -> int:
     """Binds a port ("host:0" picks a free one), with TLS (renewed files followed, see serving.tls) when given."""
-    if tls is not None:
-        port = server.add_secure_port(address, server_credentials(tls))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        port = (server.add_secure_port(address, server_credentials(tls)) if tls is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpcio's own "Failed to bind": say what to check instead
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}: the port is taken (another process listens on it) or the "
+                      "address is not this machine's")
     return port
 
 

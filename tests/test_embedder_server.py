@@ -222,3 +222,20 @@ def test_cuda_provider_matches_cpu(model_dir: Path, image_bytes: list[bytes]) ->
     pixels = np.stack([decode_image(data, gpu.input_size) for data in image_bytes])
     for a, b in zip(gpu.run(pixels), cpu.run(pixels)):
         np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_processes_share_a_port_only_when_asked(model_dir: Path) -> None:
+    """--reuse-port lets a second embedder listen on a taken port; without it, the second fails to bind."""
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
+
+    first, port = create_server(EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0", reuse_port=True))
+    try:
+        second, second_port = create_server(EmbedderConfig(model_dir=model_dir, address=f"127.0.0.1:{port}",
+                                                            reuse_port=True))
+        second.stop(None)
+        assert second_port == port
+        with pytest.raises(OSError, match="could not bind"):
+            create_server(EmbedderConfig(model_dir=model_dir, address=f"127.0.0.1:{port}"))
+    finally:
+        first.stop(None)
