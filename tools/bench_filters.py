@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, search_request
-from lookalike.tools.bench_searcher import MODEL, synthetic
+from lookalike.tools.bench_searcher import MODEL, smallest_ef_for_recall, synthetic
 from lookalike.tools.benchmarking import measure, p50_p99_ms
 from lookalike.tools.processes import running_service
 
@@ -151,8 +151,8 @@ def _batch_rows(client: SearcherClient, query_vectors: np.ndarray, items: int, s
 
 
 def _ef_for_recall(catalogue: np.ndarray, queries: np.ndarray, similarities: np.ndarray, target: float) -> int:
-    """The smallest ef (64, 128, ...) at which in-process hnswlib, built with the searcher's defaults,
-    reaches `target` unfiltered recall@10 on these vectors."""
+    """The smallest ef at which in-process hnswlib, built with the searcher's defaults, reaches `target`
+    unfiltered recall@10 on these vectors (one shard)."""
     import hnswlib
 
     from lookalike.searcher.config import SearcherConfig
@@ -161,10 +161,5 @@ def _ef_for_recall(catalogue: np.ndarray, queries: np.ndarray, similarities: np.
     index = hnswlib.Index(space="ip", dim=catalogue.shape[1])
     index.init_index(max_elements=len(catalogue), ef_construction=config.ef_construction, M=config.m)
     index.add_items(catalogue, np.arange(len(catalogue)), num_threads=-1)
-    exact = np.argsort(-similarities, axis=1)[:, :K]
-    for ef in (64, 128, 256, 512, 1024):
-        index.set_ef(ef)
-        found, _ = index.knn_query(queries, k=K)
-        if np.mean([len(set(f) & set(e)) / K for f, e in zip(found.tolist(), exact.tolist())]) >= target:
-            return ef
-    return 1024
+    return smallest_ef_for_recall([index], [np.arange(len(catalogue))], queries, similarities,
+                                  np.zeros(len(queries), dtype=np.int64), target)

@@ -21,7 +21,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from lookalike.tools.benchmarking import measure, p50_p99_ms
+from lookalike.tools.benchmarking import measure, p50_p99_ms, resident_bytes
 from lookalike.tools.processes import running_service
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 
@@ -70,13 +70,6 @@ def simulated_probabilities(queries: np.ndarray, centres: np.ndarray, temperatur
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: int = 20, queries: int = 1000,
                        seconds: float = 5.0, as_json: bool = False) -> int:
     from lookalike.searcher.config import SearcherConfig
@@ -105,7 +98,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
         index.add_items(vectors[members[c]], members[c], num_threads=-1)
         indexes.append(index)
     report["hnswlib_build_items_per_second"] = round(count / (time.perf_counter() - started), 1)
-    ef = _smallest_ef_for_recall(indexes, members, query_vectors, similarities, probabilities.argmax(1), target=0.95)
+    ef = smallest_ef_for_recall(indexes, members, query_vectors, similarities, probabilities.argmax(1), target=0.95)
     for index in indexes:
         index.set_ef(ef)
     report["ef"] = ef
@@ -115,7 +108,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
     try:
         args = ["--data", str(data_dir), "--snapshot-interval", "0", "--ef", str(ef)]
         with running_service("lookalike.searcher", args) as (process, port), SearcherClient(f"127.0.0.1:{port}") as client:
-            idle_rss = _rss_bytes(process.pid)
+            idle_rss = resident_bytes(process.pid)
             started = time.perf_counter()
             for start in range(0, count, 1000):
                 client.upsert([CatalogueItem(f"item-{i}", names[labels[i]], vectors[i], MODEL)
@@ -123,7 +116,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
             report["grpc_build_items_per_second"] = round(count / (time.perf_counter() - started), 1)
             stats = client.stats()
             report["searcher_estimate_bytes_per_item"] = round(sum(s.memory_bytes for s in stats.shards) / count, 1)
-            report["searcher_rss_bytes_per_item"] = round((_rss_bytes(process.pid) - idle_rss) / count, 1)
+            report["searcher_rss_bytes_per_item"] = round((resident_bytes(process.pid) - idle_rss) / count, 1)
             report["rows"] = [asdict(row) for row in _query_rows(client, indexes, query_vectors, probabilities, names,
                                                                  labels, similarities, seconds, config, ef)]
             stop_started = time.perf_counter()
@@ -146,7 +139,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
     return 0
 
 
-def _smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: np.ndarray, similarities: np.ndarray,
+def smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: np.ndarray, similarities: np.ndarray,
                             top_shard: np.ndarray, target: float) -> int:
     """The smallest ef (64, 128, ...) at which in-process hnswlib reaches `target` recall@10 both over all
     shards and within each query's most probable shard (each against exact search over the same items)."""

@@ -27,6 +27,7 @@ import numpy as np
 from lookalike.client.connection import ChannelSettings, LookalikeError
 from lookalike.client.facade import Lookalike
 from lookalike.client.searcher_client import routing_for
+from lookalike.tools.benchmarking import resident_bytes
 from lookalike.tools.processes import running_service
 
 # Share of each operation in the mix.
@@ -58,14 +59,6 @@ class SoakReport:
     searcher_rss_slope_mib_per_hour: float
     warm_up_seconds: float
     samples: list[Sample] = field(default_factory=list)
-
-
-def resident_mib(pid: int) -> float:
-    """A process's resident set size (VmRSS), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def slope_per_hour(samples: list[Sample], attribute: str, after: float) -> float:
@@ -164,8 +157,8 @@ def soak(model_dir: Path, photos: list[bytes], seconds: float, sample_seconds: f
                     latencies, failed = load.drain()
                     p50, p99 = (np.percentile(latencies, [50, 99]) * 1000) if latencies else (0.0, 0.0)
                     samples.append(Sample(round(time.monotonic() - began, 1), len(latencies), failed, round(p50, 2),
-                                          round(p99, 2), round(resident_mib(embedder.pid), 1),
-                                          round(resident_mib(searcher.pid), 1)))
+                                          round(p99, 2), round(resident_bytes(embedder.pid) / 2**20, 1),
+                                          round(resident_bytes(searcher.pid) / 2**20, 1)))
                     if progress:
                         print(_sample_line(samples[-1]), flush=True)
                 load.stop.set()

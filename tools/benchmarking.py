@@ -46,3 +46,11 @@ def default_photos(workdir: Path) -> Path:
     from lookalike.quality.fashion_mnist import materialize
 
     return materialize(workdir / "fashion-mnist", "test", 30)
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident set size (VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
