@@ -231,13 +231,20 @@ class Store(ABC):
         with self._reading() as conn:
             return {c: int(p) for c, p in self._run(conn, "SELECT category, pruned_to FROM shards")}
 
-    def _categories_of(self, conn: Any, ids: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for start in range(0, len(ids), _CHUNK):
-            chunk = list(ids[start:start + _CHUNK])
+    def _placed(self, conn: Any, column: str, values: Sequence[str]) -> list[tuple[str, str, str]]:
+        """(id, category, product) of the stored items whose `column` ("id" or "product") is in `values`."""
+        # The product index leaves out items without a product; saying so lets SQLite use it.
+        extra = " AND product <> ''" if column == "product" else ""
+        rows: list[tuple[str, str, str]] = []
+        for start in range(0, len(values), _CHUNK):
+            chunk = list(values[start:start + _CHUNK])
             marks = ",".join("?" * len(chunk))
-            found.update(self._run(conn, f"SELECT id, category FROM items WHERE id IN ({marks})", chunk))
-        return found
+            rows += self._run(conn, f"SELECT id, category, product FROM items WHERE {column} IN ({marks}){extra}",
+                              chunk).fetchall()
+        return rows
+
+    def _categories_of(self, conn: Any, ids: Sequence[str]) -> dict[str, str]:
+        return {item_id: category for item_id, category, _ in self._placed(conn, "id", ids)}
 
     _ITEM_COLUMNS = "id, category, vector, attributes, model_id, product, seq"
 
@@ -246,16 +253,6 @@ class Store(ABC):
         item_id, category, vector, attributes, model_id, product, seq = row
         return StoredItem(item_id, category, np.frombuffer(bytes(vector), dtype="<f4"), json.loads(attributes),
                           model_id, product, int(seq))
-
-    def _products_items(self, conn: Any, products: Sequence[str]) -> dict[str, str]:
-        """id -> category of every stored photo of these products."""
-        found: dict[str, str] = {}
-        for start in range(0, len(products), _CHUNK):
-            chunk = list(products[start:start + _CHUNK])
-            marks = ",".join("?" * len(chunk))
-            found.update(self._run(conn, f"SELECT id, category FROM items WHERE product <> '' AND product IN ({marks})",
-                                    chunk))
-        return found
 
     def items_after(self, category: str, after: int, up_to: int) -> Iterator[StoredItem]:
         """A category's items written in (after, up_to], in write order."""
@@ -308,8 +305,7 @@ class Store(ABC):
             new_shards, rows, tombstones = [], [], []
             now = time.time()
             rewritten = {item.id for item in items}
-            replaced = {item_id: category for item_id, category in
-                        self._products_items(conn, list(dict.fromkeys(replace_products))).items()
+            replaced = {item_id: category for item_id, category, _ in self._placed(conn, "product", replace_products)
                         if item_id not in rewritten}
             for item_id, category in replaced.items():
                 seq += 1
@@ -356,12 +352,9 @@ class Store(ABC):
         removed, the products that had photos, last sequence number)."""
         with self._writing() as conn:
             found = self._categories_of(conn, list(dict.fromkeys(ids)))
-            found_products: set[str] = set()
-            for product in dict.fromkeys(products):
-                photos = self._products_items(conn, [product])
-                if photos:
-                    found_products.add(product)
-                    found.update(photos)
+            photos = self._placed(conn, "product", products)
+            found.update((item_id, category) for item_id, category, _ in photos)
+            found_products = {product for _, _, product in photos}
             seq = self._head(conn)
             if not found:
                 return found, found_products, seq
