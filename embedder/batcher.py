@@ -86,8 +86,8 @@ class MicroBatcher:
             QUEUED_IMAGES.set(self._queued_images)
             self._condition.notify()
         results = [job.future.result(timeout) for job in jobs]
-        annotate(inference_batch_images=[job.batch_images for job in jobs],
-                 queue_seconds=time.monotonic() - jobs[0].enqueued)
+        annotate(lambda: {"inference_batch_images": [job.batch_images for job in jobs],
+                          "queue_seconds": time.monotonic() - jobs[0].enqueued})
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def close(self) -> None:

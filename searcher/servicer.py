@@ -89,7 +89,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         if len(request.replace_products) > self._config.max_batch:
             raise InvalidArgument(f"replace_products has {len(request.replace_products)} entries, limit is "
                                   f"{self._config.max_batch} per request")
-        replace_products = [_key(product, f"replace_products[{n}]") for n, product in enumerate(request.replace_products)]
+        replace_products = [_key(product, f"replace_products[{n}]")
+                            for n, product in enumerate(request.replace_products)]
         statuses: list[common_pb2.ItemStatus | None] = []
         valid, positions = [], []
         for position, item in enumerate(request.items):
@@ -110,7 +111,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             error = outcome.error
             statuses[position] = (common_pb2.ItemStatus(code=error.code.value[0], message=str(error))
                                   if isinstance(error, ServiceError) else common_pb2.ItemStatus(code=0))
-        annotate(items=len(request.items), rejected_items=sum(status.code != 0 for status in statuses))
+        annotate(lambda: {"items": len(request.items), "rejected_items": sum(status.code != 0 for status in statuses)})
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=seq)
 
     @rpc_method
@@ -120,20 +121,21 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             raise InvalidArgument("ids and products are both empty, expected at least one id or product")
         for field, values in (("ids", request.ids), ("products", request.products)):
             if len(values) > self._config.max_batch:
-                raise InvalidArgument(f"{field} has {len(values)} entries, limit is {self._config.max_batch} per request")
+                raise InvalidArgument(f"{field} has {len(values)} entries, limit is {self._config.max_batch} "
+                                      "per request")
         ids = [_key(item_id, f"ids[{position}]") for position, item_id in enumerate(request.ids)]
         products = [_key(product, f"products[{position}]") for position, product in enumerate(request.products)]
         deleted, missing, seq = catalogue.delete(ids, products)
-        annotate(ids=len(ids), deleted=deleted)
+        annotate(lambda: {"ids": len(ids), "deleted": deleted})
         return searcher_pb2.DeleteResponse(deleted=deleted, missing=missing, sequence=seq)
 
     @rpc_method
     def Search(self, request: searcher_pb2.SearchRequest, context: grpc.ServicerContext) -> searcher_pb2.SearchResponse:
         outcome = self.catalogue.search(self._query(request))
-        annotate(k=request.k, hits=len(outcome.hits), shards_probed=len(outcome.probes),
-                 shard_categories=[probe.category for probe in outcome.probes],
-                 shard_seconds=[probe.seconds for probe in outcome.probes],
-                 shard_ef=[probe.ef for probe in outcome.probes])
+        annotate(lambda: {"k": request.k, "hits": len(outcome.hits), "shards_probed": len(outcome.probes),
+                          "shard_categories": [probe.category for probe in outcome.probes],
+                          "shard_seconds": [probe.seconds for probe in outcome.probes],
+                          "shard_ef": [probe.ef for probe in outcome.probes]})
         return _search_response(outcome)
 
     @rpc_method
@@ -151,7 +153,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                 result.response.CopyFrom(_search_response(outcome))
             except ServiceError as error:
                 result.status.CopyFrom(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
-        annotate(queries=count, failed_queries=sum(result.status.code != 0 for result in response.results))
+        annotate(lambda: {"queries": count,
+                          "failed_queries": sum(result.status.code != 0 for result in response.results)})
         return response
 
     def _query(self, request: searcher_pb2.SearchRequest, at: str = "") -> SearchQuery:

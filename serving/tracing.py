@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from opentelemetry import trace
@@ -61,8 +61,9 @@ def _log_trace_ids() -> None:
         handler.setFormatter(logging.Formatter(TRACED_LOG_FORMAT))
 
 
-def annotate(**attributes: Any) -> None:
-    """Adds `lookalike.<name>` attributes to the current RPC's span (nothing when tracing is off)."""
+def annotate(attributes: Callable[[], dict[str, Any]]) -> None:
+    """Adds the `lookalike.<name>` attributes `attributes()` returns to the current RPC's span. They are
+    computed only when a span records, so RPCs pay nothing for them while tracing is off."""
     span = trace.get_current_span()
     if span.is_recording():
-        span.set_attributes({f"lookalike.{name}": value for name, value in attributes.items()})
+        span.set_attributes({f"lookalike.{name}": value for name, value in attributes().items()})
