@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -324,6 +325,20 @@ def test_a_malformed_store_is_refused(tmp_path: Path) -> None:
     assert "store 'mysql://db/shop': expected a postgresql:// DSN" in result.stderr
 
 
+@contextmanager
+def grouped_and_single(groups: Groups, data: Path, items: list[CatalogueItem],
+                       refresh_seconds: float) -> Iterator[tuple[ShardMapClient, SearcherClient]]:
+    """The replica groups through a shard-map client, and one SQLite searcher in `data`: both given `items`
+    (the single searcher is the reference every grouped answer must equal). Closes all of it after."""
+    with ExitStack() as stack:
+        stack.callback(groups.close)
+        port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(data)]))[1]
+        single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
+        client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=refresh_seconds))
+        store_in(items, client, single)
+        yield client, single
+
+
 @pytest.fixture()
 def two_groups(fresh_database: str, tmp_path: Path):
     """Groups a (2 replicas) and b (1) holding 1,500 items in 5 categories, and one SQLite searcher
@@ -332,12 +347,7 @@ def two_groups(fresh_database: str, tmp_path: Path):
     items = [CatalogueItem(f"sku-{n}", CATEGORIES[n % len(CATEGORIES)], random_vector(rng), MODEL, {"n": str(n)})
              for n in range(1500)]
     groups = Groups(fresh_database, tmp_path, {"a": 2, "b": 1})
-    with ExitStack() as stack:
-        stack.callback(groups.close)
-        port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path / "single")]))[1]
-        single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
-        client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=0.5))
-        store_in(items, client, single)
+    with grouped_and_single(groups, tmp_path / "single", items, refresh_seconds=0.5) as (client, single):
         wait_converged(groups.stubs())
         yield groups, client, single, rng
 
@@ -458,12 +468,7 @@ def test_a_category_past_max_shard_items_splits_across_groups_and_answers_the_sa
     rng = np.random.default_rng(31)
     items = [CatalogueItem(f"sku-{n}", CATEGORIES[n % len(CATEGORIES)], random_vector(rng), MODEL) for n in range(1500)]
     groups = Groups(fresh_database, tmp_path, {"a": 1, "b": 1}, "--max-shard-items", "200", "--follow-interval", "0.3")
-    with ExitStack() as stack:
-        stack.callback(groups.close)
-        port = stack.enter_context(running_service("lookalike.searcher", ["--data", str(tmp_path / "single")]))[1]
-        single = stack.enter_context(SearcherClient(f"127.0.0.1:{port}"))
-        client = stack.enter_context(ShardMapClient(groups.seed, refresh_seconds=0.3))
-        store_in(items, client, single)
+    with grouped_and_single(groups, tmp_path / "single", items, refresh_seconds=0.3) as (client, single):
         queries = [random_vector(rng) for _ in range(8)]
         expected = answers(single, queries)
         deadline = time.monotonic() + 60
