@@ -9,6 +9,8 @@ from typing import Iterator
 import grpc
 import pytest
 
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient
+from lookalike.client.shard_map import ShardMapClient
 from lookalike.tools.postgres import postgres_available, running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +88,14 @@ def grocery_embeddings(model_dir: Path, grocery_train: list, grocery_val: list) 
     return {"model_id": manifest.model_id, "labels": list(manifest.labels), "catalogue": grocery_train,
             "catalogue_vectors": catalogue_vectors, "queries": queries, "query_vectors": query_vectors,
             "query_probabilities": query_probabilities}
+
+
+def store_in(items: list[CatalogueItem], *clients: SearcherClient | ShardMapClient) -> None:
+    """Upserts `items` through each searcher client in batches of 500, every item acknowledged."""
+    for start in range(0, len(items), 500):
+        for client in clients:
+            statuses = client.upsert(items[start:start + 500]).statuses
+            assert all(s.code == 0 for s in statuses), [s.message for s in statuses if s.code][:3]
 
 
 def start_searcher(data_dir: Path, address_override: str = "127.0.0.1:0", **overrides: object) -> tuple[object, grpc.Channel]:

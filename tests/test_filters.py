@@ -20,7 +20,7 @@ from lookalike.client.searcher_client import CatalogueItem, SearcherClient, rout
 from lookalike.filter_text import parse_filter
 from lookalike.quality.grocery_products import product_attributes
 from lookalike.v1 import searcher_pb2 as pb
-from tests.conftest import GROCERY, start_searcher
+from tests.conftest import GROCERY, start_searcher, store_in
 
 CATEGORY = "grocery"
 SELECTIVITIES = (0.5, 0.1, 0.01, 0.001)
@@ -33,12 +33,6 @@ def catalogue(data: dict) -> list[CatalogueItem]:
     return [CatalogueItem(image.item_id, CATEGORY, vector, data["model_id"],
                           {**products[image.label], "rank": str(rank), "label": image.label}, product=image.label)
             for image, vector, rank in zip(data["catalogue"], data["catalogue_vectors"], ranks)]
-
-
-def store(client: SearcherClient, items: list[CatalogueItem]) -> None:
-    for start in range(0, len(items), 500):
-        response = client.upsert(items[start:start + 500])
-        assert all(s.code == 0 for s in response.statuses), [s.message for s in response.statuses if s.code][:3]
 
 
 def passes(attributes: dict[str, str], text: str) -> bool:
@@ -83,7 +77,7 @@ def filtered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                                       numeric_attributes="rank,grams", filter_exact_factor=exact)
     channel.close()
     with SearcherClient(f"127.0.0.1:{started.port}") as client:
-        store(client, grocery_items)
+        store_in(grocery_items, client)
         yield request.param, client
     started.stop(None)
 

@@ -28,6 +28,7 @@ from lookalike.codec import pack_vector
 from lookalike.routing import Routing
 from lookalike.tools.processes import running_service
 from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
+from tests.conftest import store_in
 from tests.test_searcher_durability import CATEGORIES, DIM, MODEL, State, check_state, holds, listing, random_vector
 
 
@@ -35,13 +36,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def store_in(items: list[CatalogueItem], *clients: SearcherClient | ShardMapClient) -> None:
-    """Upserts `items` through each client in batches of 500, every item acknowledged."""
-    for start in range(0, len(items), 500):
-        for client in clients:
-            assert all(s.code == 0 for s in client.upsert(items[start:start + 500]).statuses)
 
 
 def replica_args(data: Path, dsn: str, *extra: str) -> list[str]:
