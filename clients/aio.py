@@ -10,7 +10,7 @@ from lookalike.client.connection import ChannelSettings, LookalikeError, call_wi
 from lookalike.client.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
                                      record_upserts, routing_request, search_result, upsert_batches)
-from lookalike.client.searcher_client import (BATCH_QUERIES, CatalogueItem, FilterInput, batch_result,
+from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
                                               search_request)
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
@@ -76,8 +76,7 @@ class AsyncSearcherClient:
     async def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                            timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        for start in range(0, len(requests), BATCH_QUERIES):
-            request = searcher_pb2.SearchBatchRequest(queries=requests[start:start + BATCH_QUERIES])
+        for request in search_batch_requests(requests):
             response = await call_with_retries_async(self.stub.SearchBatch, request, self.settings, timeout,
                                                      "Searcher.SearchBatch")
             answers.extend(batch_result(result) for result in response.results)

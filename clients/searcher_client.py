@@ -62,6 +62,12 @@ def search_request(vector: np.ndarray, model_id: str, k: int, routing: searcher_
                                       distinct_products=distinct_products)
 
 
+def search_batch_requests(requests: Sequence[searcher_pb2.SearchRequest]) -> list[searcher_pb2.SearchBatchRequest]:
+    """SearchBatch requests carrying `requests` in order, at most BATCH_QUERIES each."""
+    return [searcher_pb2.SearchBatchRequest(queries=requests[start:start + BATCH_QUERIES])
+            for start in range(0, len(requests), BATCH_QUERIES)]
+
+
 def batch_result(result: searcher_pb2.SearchBatchResult) -> searcher_pb2.SearchResponse | LookalikeError:
     """One query's answer from a SearchBatch, or the library's error for its status."""
     if result.status.code:
@@ -103,8 +109,7 @@ class SearcherClient:
                      timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
         """Many searches (from search_request) in one call per BATCH_QUERIES; each answer, or its error, in order."""
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        for start in range(0, len(requests), BATCH_QUERIES):
-            request = searcher_pb2.SearchBatchRequest(queries=requests[start:start + BATCH_QUERIES])
+        for request in search_batch_requests(requests):
             response = call_with_retries(self.stub.SearchBatch, request, self.settings, timeout, "Searcher.SearchBatch")
             answers.extend(batch_result(result) for result in response.results)
         return answers
