@@ -67,12 +67,15 @@ def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list)
         lookalike.index([p.path for p in photos], [p.item_id for p in photos], [p.category for p in photos])
         expected = [[(m.id, round(m.score, 5)) for m in lookalike.search(p.path, k=6).matches] for p in photos[:4]]
 
-    async def run() -> list:
+    async def run() -> tuple[list, list]:
         async with AsyncLookalike(*services) as lookalike:
             results = await asyncio.gather(*(lookalike.search(p.path, k=6) for p in photos[:4]))
-            return [[(m.id, round(m.score, 5)) for m in r.matches] for r in results]
+            batch = await lookalike.search_batch([p.path for p in photos[:4]], k=6)
+            return ([[(m.id, round(m.score, 5)) for m in r.matches] for r in results],
+                    [[(m.id, round(m.score, 5)) for m in r.matches] for r in batch])
 
-    assert asyncio.run(run()) == expected
+    one_by_one, batched = asyncio.run(run())
+    assert one_by_one == expected and batched == expected
 
 
 def test_client_started_before_its_server_succeeds_once_it_is_up(tmp_path: Path) -> None:
