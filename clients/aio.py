@@ -12,6 +12,7 @@ from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, bat
                                      record_upserts, routing_request, search_result, upsert_batches)
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
                                               search_request)
+from lookalike.routing import model_routing
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
 
@@ -99,17 +100,27 @@ class AsyncSearcherClient:
 class AsyncLookalike:
     """lookalike.client.facade.Lookalike for asyncio: the same methods, awaited."""
 
-    def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings, *, threshold: float = 0.0,
-                 max_shards: int = 0, prior_weight: float = 0.0) -> None:
+    def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings, *,
+                 threshold: float | None = None, max_shards: int | None = None,
+                 prior_weight: float | None = None) -> None:
+        """Routing values left None are the model's, fitted on validation at export (see Lookalike)."""
         self.embedder = AsyncEmbedderClient(embedder)
         self.searcher = AsyncSearcherClient(searcher)
-        self.threshold, self.max_shards, self.prior_weight = threshold, max_shards, prior_weight
-        self._model_id: str | None = None
+        self._given_routing = (threshold, max_shards, prior_weight)
+        self._model: embedder_pb2.GetModelInfoResponse | None = None
+
+    async def model_info(self) -> embedder_pb2.GetModelInfoResponse:
+        """The served model (asked once): id, manifest, limits."""
+        if self._model is None:
+            self._model = await self.embedder.model_info()
+        return self._model
 
     async def model_id(self) -> str:
-        if self._model_id is None:
-            self._model_id = (await self.embedder.model_info()).model_id
-        return self._model_id
+        return (await self.model_info()).model_id
+
+    async def routing(self) -> tuple[float, int, float | None]:
+        """(threshold, max_shards, prior_weight) adaptive searches send."""
+        return model_routing((await self.model_info()).manifest, *self._given_routing)
 
     async def index(self, images: Sequence[ImageInput], ids: Sequence[str],
                     categories: Sequence[str | None] | None = None,
@@ -132,9 +143,8 @@ class AsyncLookalike:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
             response = await self.searcher.search(embedded.vector, await self.model_id(), k,
-                                                  routing_request(routing, embedded, self.threshold, self.max_shards,
-                                                                  self.prior_weight), ef, timeout, filter,
-                                                  distinct_products)
+                                                  routing_request(routing, embedded, *await self.routing()), ef,
+                                                  timeout, filter, distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     async def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive",
@@ -144,10 +154,9 @@ class AsyncLookalike:
             started = time.perf_counter()
             embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
             embedded_at = time.perf_counter()
-            model_id = await self.model_id()
-            requests = [search_request(e.vector, model_id, k, routing_request(
-                routing, e, self.threshold, self.max_shards, self.prior_weight), ef, filter, distinct_products)
-                for e in embedded if e.ok]
+            model_id, values = await self.model_id(), await self.routing()
+            requests = [search_request(e.vector, model_id, k, routing_request(routing, e, *values), ef, filter,
+                                       distinct_products) for e in embedded if e.ok]
             answers = iter(await self.searcher.search_batch(requests, timeout) if requests else [])
             finished = time.perf_counter()
             return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,

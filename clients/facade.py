@@ -14,7 +14,8 @@ from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, Imag
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, routing_for, search_request
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient
-from lookalike.v1 import searcher_pb2
+from lookalike.routing import model_routing
+from lookalike.v1 import embedder_pb2, searcher_pb2
 
 # "adaptive": probe shards by the embedder's probabilities; "top1": only the most probable category;
 # "all": every shard; or a list of category names.
@@ -72,7 +73,7 @@ class IndexResult:
 
 
 def routing_request(mode: RoutingMode, embedded: EmbeddedImage, threshold: float, max_shards: int,
-                    prior_weight: float) -> searcher_pb2.Routing:
+                    prior_weight: float | None) -> searcher_pb2.Routing:
     """The searcher routing for a facade routing mode and the query's embedding."""
     if isinstance(mode, str):
         if mode == "adaptive":
@@ -149,13 +150,15 @@ class Lookalike:
     """Sync facade over an embedder and a searcher. Use as a context manager to close both channels."""
 
     def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings | Sequence[str],
-                 *, threshold: float = 0.0, max_shards: int = 0, prior_weight: float = 0.0,
-                 shard_map: bool = False) -> None:
+                 *, threshold: float | None = None, max_shards: int | None = None,
+                 prior_weight: float | None = None, shard_map: bool = False) -> None:
         """`searcher` is one target (one searcher, or replicas of one: ipv4:a,b or dns:///name); with
         `shard_map`, any searcher of replica groups that share a PostgreSQL store (the groups are found
         through their shard map, see lookalike.client.shard_map); or a list of searcher pods in
-        StatefulSet ordinal order (sharded by category, see lookalike.client.sharded). threshold /
-        max_shards 0 take the searcher's defaults; prior_weight 0 merges by cosine alone."""
+        StatefulSet ordinal order (sharded by category, see lookalike.client.sharded). Adaptive routing
+        covers `threshold` of the probability with at most `max_shards` shards and merges by cosine +
+        prior_weight * ln p (0: cosine alone); each left None is the model's value fitted on validation at
+        export (its manifest), or the searcher's default for a model without one."""
         self.embedder = EmbedderClient(embedder)
         self.searcher: SearcherClient | ShardedSearcherClient | ShardMapClient
         if isinstance(searcher, (list, tuple)):
@@ -164,14 +167,23 @@ class Lookalike:
             self.searcher = ShardMapClient(searcher)
         else:
             self.searcher = SearcherClient(searcher)
-        self.threshold, self.max_shards, self.prior_weight = threshold, max_shards, prior_weight
-        self._model_id: str | None = None
+        self._given_routing = (threshold, max_shards, prior_weight)
+        self._model: embedder_pb2.GetModelInfoResponse | None = None
+
+    def model_info(self) -> embedder_pb2.GetModelInfoResponse:
+        """The served model (asked once): id, manifest, limits."""
+        if self._model is None:
+            self._model = self.embedder.model_info()
+        return self._model
 
     @property
     def model_id(self) -> str:
-        if self._model_id is None:
-            self._model_id = self.embedder.model_info().model_id
-        return self._model_id
+        return self.model_info().model_id
+
+    @property
+    def routing(self) -> tuple[float, int, float | None]:
+        """(threshold, max_shards, prior_weight) adaptive searches send (see __init__)."""
+        return model_routing(self.model_info().manifest, *self._given_routing)
 
     def index(self, images: Sequence[ImageInput], ids: Sequence[str], categories: Sequence[str | None] | None = None,
               attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
@@ -201,8 +213,8 @@ class Lookalike:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
             response = self.searcher.search(embedded.vector, self.model_id, k,
-                                            routing_request(routing, embedded, self.threshold, self.max_shards,
-                                                            self.prior_weight), ef, timeout, filter, distinct_products)
+                                            routing_request(routing, embedded, *self.routing), ef, timeout,
+                                            filter, distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
@@ -214,9 +226,8 @@ class Lookalike:
             started = time.perf_counter()
             embedded = self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
             embedded_at = time.perf_counter()
-            requests = [search_request(e.vector, self.model_id, k, routing_request(
-                routing, e, self.threshold, self.max_shards, self.prior_weight), ef, filter, distinct_products)
-                for e in embedded if e.ok]
+            requests = [search_request(e.vector, self.model_id, k, routing_request(routing, e, *self.routing), ef,
+                                       filter, distinct_products) for e in embedded if e.ok]
             answers = iter(self.searcher.search_batch(requests, timeout) if requests else [])
             finished = time.perf_counter()
             return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,

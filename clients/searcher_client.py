@@ -37,8 +37,9 @@ class CatalogueItem:
 
 def routing_for(categories: Sequence[str] | None = None,
                 probabilities: Sequence[tuple[str, float]] | None = None, threshold: float = 0.0,
-                max_shards: int = 0, prior_weight: float = 0.0) -> searcher_pb2.Routing:
-    """Explicit categories, probability routing (as the embedder returns them), or all shards (neither)."""
+                max_shards: int = 0, prior_weight: float | None = None) -> searcher_pb2.Routing:
+    """Explicit categories, probability routing (as the embedder returns them), or all shards (neither).
+    threshold and max_shards 0, and prior_weight None, take the searcher's defaults."""
     if categories is not None and probabilities is not None:
         raise ValueError("give categories or probabilities, not both")
     if categories is not None:

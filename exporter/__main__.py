@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 from collections import defaultdict
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="while fine-tuning, update BatchNorm statistics from the training batches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="Torch and ONNX Runtime threads (default: one per CPU); the same command gives the same "
+                             "model byte for byte at the same thread count")
     return parser
 
 
@@ -91,8 +95,13 @@ def training_settings(args: argparse.Namespace) -> TrainSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # oneMKL picks code paths by memory alignment unless told not to, so the same sums could round
+    # differently from run to run; set before Torch first calls into it.
+    os.environ.setdefault("MKL_CBWR", "AUTO")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads}: expected 0 (one per CPU) or more")
     if args.device != "cpu":
         import torch
 
@@ -101,14 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("exporter").setLevel(logging.INFO)
+    logging.getLogger("lookalike.exporter").setLevel(logging.INFO)
     from lookalike.exporter.export import ExportSettings, export_default_model
 
     train = per_category_sample(read_labelled_images(args.catalog), args.max_per_category, args.seed)
     validation = read_labelled_images(args.val) if args.val else []
     embedding = training_settings(args) if args.train_embedding else None
     settings = ExportSettings(name=args.name, seed=args.seed, input_size=args.input_size, embedding=embedding,
-                              head_l2=args.head_l2)
+                              head_l2=args.head_l2, threads=args.threads)
     manifest = export_default_model(train, args.out, settings, validation=validation, trained_on=str(args.catalog))
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
           f"parity max diff {manifest.parity.max_abs_diff:.2e}")

@@ -19,7 +19,9 @@ from torch import nn
 
 from lookalike.quality.labelled_images import LabelledImage, categories_of
 from lookalike.embedder.preprocess import decode_image
-from lookalike.quality.retrieval_metrics import expected_calibration_error
+from lookalike.serving.cpus import available_cpus
+from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
+from lookalike.quality.routing_fit import fit_routing_defaults
 from lookalike.exporter.augment import training_views
 from lookalike.exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite0, load_imagenet_model
 from lookalike.exporter.head import accuracy, fit_head_on_validation, fit_linear_head, fit_temperature, probabilities
@@ -57,6 +59,17 @@ class ExportSettings:
     seed: int = 0
     # When set, an embedding head is trained on the relevance labels (exporter/train.py).
     embedding: TrainSettings | None = None
+    # Torch and ONNX Runtime threads (0: one per CPU this process may use). Float sums split over
+    # threads add up in another order, so the same model needs the same count (kept in the manifest).
+    threads: int = 0
+
+
+def deterministic_torch(threads: int) -> int:
+    """Makes Torch repeat itself run after run: deterministic kernels and a fixed thread count (returned)."""
+    threads = threads or available_cpus()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None = None) -> np.ndarray:
@@ -68,9 +81,9 @@ def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None
 
 
 def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (threads=0: ONNX Runtime's default, one per core)."""
+    """A CPU ONNX Runtime session (threads=0: as many as Torch uses, so exports repeat themselves)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
@@ -156,14 +169,20 @@ def check_parity(net: nn.Module, onnx_path: Path, pixels: np.ndarray, tolerance:
 
 
 def calibrate(head: nn.Module, features: np.ndarray, targets: np.ndarray) -> manifest_pb2.Calibration:
-    """Temperature scaling fitted on validation features, with the calibration error before and after."""
-    temperature = fit_temperature(head, features, targets)
+    """Temperature scaling fitted on validation features by log-likelihood, kept only when it does not raise
+    the validation calibration error (else method "none", temperature 1); NLL and ECE before and after."""
+    fitted = fit_temperature(head, features, targets)
+    before, after = probabilities(head, features), probabilities(head, features, fitted)
+    ece_before, ece_after = expected_calibration_error(before, targets), expected_calibration_error(after, targets)
+    kept = ece_after <= ece_before
     calibration = manifest_pb2.Calibration(
-        images=len(targets), temperature=temperature,
-        ece_before=expected_calibration_error(probabilities(head, features), targets),
-        ece_after=expected_calibration_error(probabilities(head, features, temperature), targets))
-    log.info("calibration: temperature %.3f, expected calibration error %.4f -> %.4f on %d images",
-             temperature, calibration.ece_before, calibration.ece_after, len(targets))
+        images=len(targets), method="temperature" if kept else "none", temperature=fitted if kept else 1.0,
+        fitted_temperature=fitted, ece_before=ece_before, ece_after=ece_after if kept else ece_before,
+        nll_before=negative_log_likelihood(before, targets),
+        nll_after=negative_log_likelihood(after if kept else before, targets))
+    log.info("calibration: temperature %.3f %s; expected calibration error %.4f -> %.4f, negative log-likelihood "
+             "%.4f -> %.4f on %d images", fitted, "kept" if kept else "not kept: it raised the calibration error",
+             ece_before, ece_after, calibration.nll_before, negative_log_likelihood(after, targets), len(targets))
     return calibration
 
 
@@ -176,6 +195,7 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     (exporter/train.py). The final graph is then checked against Torch on real images before the manifest
     is written, so a folder with a manifest always holds a verified model.
     """
+    threads = deterministic_torch(settings.threads)
     torch.manual_seed(settings.seed)
     labels = categories_of(list(train))
     index = {label: i for i, label in enumerate(labels)}
@@ -247,6 +267,20 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size), settings.tolerance)
     log.info("parity: max |onnx - torch| = %.2e on %d images (tolerance %.0e)", parity.max_abs_diff,
              parity.images, parity.tolerance)
+    routing = None
+    if known:
+        # The searcher's routing and merge, fitted with the validation photos as queries against the training
+        # photos as the catalogue, through the graph just written (what the embedder will serve).
+        catalogue_vectors, _ = embed_files(onnx_path, train, settings.input_size)
+        query_vectors, query_probabilities = embed_files(onnx_path, known, settings.input_size)
+        routing = fit_routing_defaults(
+            catalogue_vectors, [image.category for image in train], [image.label for image in train], query_vectors,
+            [list(zip(labels, row.tolist())) for row in query_probabilities], [image.category for image in known],
+            [image.label for image in known])
+        log.info("routing fitted on %d validation photos: threshold %g (routing recall %.4f, %.2f shards), "
+                 "prior weight %g (mAP@10 by weight: %s)", routing.queries, routing.threshold, routing.routing_recall,
+                 routing.expected_shards, routing.prior_weight,
+                 ", ".join(f"{s.prior_weight:g} {s.map_at_10:.4f}" for s in routing.prior_weight_scores))
     sha256 = sha256_of(onnx_path)
     manifest = manifest_pb2.ModelManifest(
         model_id=f"{settings.name}@{sha256[:12]}",
@@ -270,6 +304,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         parity=parity,
         temperature=temperature,
         calibration=calibration,
+        routing=routing,
+        export_threads=threads,
         trained_on=trained_on,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )

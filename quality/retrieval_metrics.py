@@ -68,3 +68,9 @@ def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bin
         if members.any():
             error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
     return float(error)
+
+
+def negative_log_likelihood(probabilities: np.ndarray, truth: np.ndarray) -> float:
+    """Mean -ln p(true class), with p floored at 1e-12 so a confident mistake costs a finite amount."""
+    chosen = np.asarray(probabilities)[np.arange(len(truth)), np.asarray(truth)]
+    return float(-np.mean(np.log(np.maximum(chosen, 1e-12)))) if len(truth) else 0.0

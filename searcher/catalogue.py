@@ -123,6 +123,7 @@ class Catalogue:
                                       initial_capacity=config.initial_capacity, exact_below=config.exact_below,
                                       numeric_attributes=config.numeric_attribute_names,
                                       filter_exact_factor=config.filter_exact_factor)
+        self.routing = config.routing_defaults()
         self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
         self.shards: dict[ShardKey, Shard] = {}
         # Every category's model lock this replica knows of, served here or not: a category missing
@@ -451,7 +452,7 @@ class Catalogue:
         shards = dict(self.shards)  # a consistent view while the log adds shards
         keys = self._search_keys()
         ef = query.ef or self.config.ef
-        routed = plan(query.routing, keys, self.config.routing_threshold, self.config.routing_max_shards)
+        routed = plan(query.routing, keys, self.routing.threshold, self.routing.max_shards, self.routing.prior_weight)
         for probe in routed.probes:
             for key in keys[probe.category]:
                 shard = shards[key]

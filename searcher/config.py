@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD
+from lookalike.codec import read_manifest
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, RoutingDefaults
 from lookalike.serving.settings import parse_config
 
 ENV_PREFIX = "LOOKALIKE_SEARCHER_"
@@ -59,9 +60,13 @@ class SearcherConfig:
     # Per item: how many attributes, and their keys and values together in bytes (memory per request).
     max_attributes: int = 64
     max_attribute_bytes: int = 16 * 1024
-    # Probability routing defaults: probe until this much probability is covered, at most max_shards.
+    # Probability routing defaults: probe until this much probability is covered, at most max_shards,
+    # and merge by cosine + prior_weight * ln p(category).
     routing_threshold: float = DEFAULT_THRESHOLD
     routing_max_shards: int = DEFAULT_MAX_SHARDS
+    routing_prior_weight: float = 0.0
+    # A model folder whose manifest holds routing defaults fitted at export: they replace the three above.
+    routing_model: Path | None = None
     # Seconds between background snapshots of changed shards (0: only at shutdown).
     snapshot_interval: float = 60.0
     max_message_bytes: int = 64 * 1024 * 1024
@@ -96,10 +101,23 @@ class SearcherConfig:
                              f"and {self.store_timeout}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
+        if not self.routing_prior_weight >= 0:
+            raise ValueError(f"routing_prior_weight must be 0 or more, got {self.routing_prior_weight}")
         if self.probe_threads < 0:
             raise ValueError(f"probe_threads must be 0 (one per CPU) or more, got {self.probe_threads}")
         if not self.filter_exact_factor >= 0:
             raise ValueError(f"filter_exact_factor must be 0 or more, got {self.filter_exact_factor}")
+
+    def routing_defaults(self) -> RoutingDefaults:
+        """The routing defaults: the routing model's fitted ones, else the routing_* settings."""
+        if self.routing_model is not None:
+            folder = self.routing_model.parent if self.routing_model.is_file() else self.routing_model
+            fitted = RoutingDefaults.of_model(read_manifest(folder))
+            if fitted is None:
+                raise ValueError(f"routing_model {self.routing_model}: its manifest has no fitted routing defaults "
+                                 "(export it with validation images)")
+            return fitted
+        return RoutingDefaults(self.routing_threshold, self.routing_max_shards, self.routing_prior_weight)
 
     @property
     def numeric_attribute_names(self) -> frozenset[str]:
@@ -126,6 +144,11 @@ class SearcherConfig:
                                    "filter_exact_factor": "search a shard's filter matches exactly when there are at "
                                                           "most this times sqrt(ef * shard items) (0: never)",
                                    "max_batch_queries": "queries per SearchBatch call",
+                                   "routing_prior_weight": "probability routing: merge by cosine + this times "
+                                                           "ln p(category) when a request leaves it unset",
+                                   "routing_model": "model folder whose manifest's fitted routing defaults replace "
+                                                    "--routing-threshold, --routing-max-shards and "
+                                                    "--routing-prior-weight",
                                    "probe_threads": "threads searching one query's shards in parallel (0: one per "
                                                     "CPU the cgroup quota allows; 1: one after another)",
                                    "max_shard_items": "shared store: split a category past this many items into parts "

@@ -105,9 +105,87 @@ def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_t
 def test_temperature_is_fitted_on_validation_and_folded_into_the_graph(model_dir: Path) -> None:
     manifest = read_manifest(model_dir)
     calibration = manifest.calibration
-    assert calibration.images == 24 and 0.05 <= calibration.temperature <= 20
+    assert calibration.images == 24 and 0.05 <= calibration.fitted_temperature <= 20
     assert manifest.temperature == pytest.approx(calibration.temperature)
-    assert 0 <= calibration.ece_after <= 1 and 0 <= calibration.ece_before <= 1
+    assert 0 <= calibration.ece_after <= calibration.ece_before <= 1
+    assert calibration.nll_before > 0 and calibration.nll_after > 0
+    if calibration.method == "temperature":
+        assert calibration.temperature == pytest.approx(calibration.fitted_temperature)
+        assert calibration.nll_after <= calibration.nll_before  # the temperature minimises validation NLL
+    else:
+        assert calibration.method == "none" and calibration.temperature == 1.0
+
+
+def test_a_temperature_that_would_raise_the_calibration_error_is_not_kept() -> None:
+    """Temperature scaling minimises log-likelihood, which on a small or odd validation set can still raise the
+    binned calibration error: then the head is served as fitted. The case below was found by searching seeds."""
+    import numpy as np
+    import torch
+
+    from lookalike.exporter.export import calibrate
+    from lookalike.exporter.head import fit_temperature, probabilities
+    from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
+
+    rng = np.random.default_rng(509)
+    features = rng.normal(size=(40, 4)).astype(np.float32)
+    targets = rng.integers(0, 3, size=40)
+    head = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(rng.normal(size=(3, 4)).astype(np.float32)))
+        head.bias.zero_()
+    fitted = fit_temperature(head, features, targets)
+    before = expected_calibration_error(probabilities(head, features), targets)
+    assert expected_calibration_error(probabilities(head, features, fitted), targets) > before + 0.05
+
+    calibration = calibrate(head, features, targets)
+    assert (calibration.method, calibration.temperature) == ("none", 1.0)
+    assert calibration.fitted_temperature == pytest.approx(fitted)
+    assert calibration.ece_after == calibration.ece_before == pytest.approx(before)
+    assert calibration.nll_after == calibration.nll_before == pytest.approx(
+        negative_log_likelihood(probabilities(head, features), targets))
+
+
+def test_routing_defaults_are_fitted_on_validation_and_stored(model_dir: Path) -> None:
+    """The manifest carries the threshold (the grid's first reaching 0.99 routing recall on validation, or the
+    best) and the prior weight with every weight's validation mAP@10; the chosen weight scores best."""
+    from lookalike.quality.routing_fit import PRIOR_WEIGHTS, ROUTING_THRESHOLDS
+
+    routing = read_manifest(model_dir).routing
+    known = 24  # every sampled validation photo's category has training photos
+    assert routing.queries == known and routing.max_shards == 4 and routing.target_recall == pytest.approx(0.99)
+    assert any(routing.threshold == pytest.approx(t) for t in ROUTING_THRESHOLDS)
+    assert 0 <= routing.routing_recall <= 1 and 1 <= routing.expected_shards <= 4
+    scores = {round(s.prior_weight, 6): s.map_at_10 for s in routing.prior_weight_scores}
+    assert list(scores) == [round(w, 6) for w in PRIOR_WEIGHTS]
+    assert scores[round(routing.prior_weight, 6)] == pytest.approx(max(scores.values()))
+
+
+def test_the_same_export_command_writes_the_same_model_byte_for_byte(tmp_path: Path, grocery_train: list,
+                                                                     grocery_val: list) -> None:
+    """Seeds, deterministic Torch kernels and a fixed thread count: a small fine-tuning export, run twice,
+    writes the same ONNX bytes and the same manifest (but its creation time), fitted values included."""
+    import hashlib
+    import json
+    import random
+
+    from lookalike.exporter.__main__ import per_category_sample
+    from lookalike.exporter.export import ExportSettings, export_default_model
+    from lookalike.exporter.train import TrainSettings
+
+    train = per_category_sample(grocery_train, 3, seed=0)
+    validation = random.Random(1).sample(grocery_val, 16)
+    settings = ExportSettings(parity_images=4, head_l2=None, embedding=TrainSettings(
+        finetune_from=14, views=2, epochs=2, head_epochs=20))
+    manifests = []
+    for run in ("first", "second"):
+        export_default_model(train, tmp_path / run, settings, validation=validation, trained_on="twice")
+        manifest = json.loads((tmp_path / run / "manifest.json").read_text())
+        manifest.pop("created_at")
+        manifests.append(manifest)
+    digests = [hashlib.sha256((tmp_path / run / "model.onnx").read_bytes()).hexdigest() for run in ("first", "second")]
+    assert digests[0] == digests[1] == manifests[0]["sha256"]
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["export_threads"] >= 1 and "routing" in manifests[0] and "calibration" in manifests[0]
 
 
 @pytest.mark.slow
@@ -138,10 +216,19 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert manifest.embedding_dim == 256 and manifest.parity.passed
     assert "cosface" in manifest.backbone and "blocks 14+ fine-tuned" in manifest.backbone
     evaluated = run("eval", "--model", str(tmp_path / "model"), "--catalog", str(small / "train"), "--queries",
-                    str(small / "validation"), "--json")
+                    str(small / "validation"), "--json", "--fit-prior-on-queries")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     assert report["queries"] == 8 and report["catalogue_items"] == 16
+    # The routed modes use what the exporter fitted on validation; the fit on the scored queries is a
+    # separate mode, labelled as a diagnostic.
+    fitted = manifest.routing
+    assert report["routing_source"].startswith("model manifest")
+    assert (report["routing_threshold"], report["routing_max_shards"], report["prior_weight"]) == pytest.approx(
+        (fitted.threshold, fitted.max_shards, fitted.prior_weight))
+    diagnostic = report["prior_weight_fitted_on_queries_diagnostic"]
+    assert f"adaptive + prior {fitted.prior_weight:g}" in report["modes"]
+    assert f"adaptive + prior {diagnostic['prior_weight']:g} (fitted on these queries: diagnostic only)" in report["modes"]
     assert report["category_top1_accuracy"] <= report["category_top_k_accuracy"]["2"] \
         <= report["category_top_k_accuracy"]["3"] <= 1
     assert set(report["modes"]) >= {"global", "top-1 shard", "adaptive"}

@@ -205,3 +205,96 @@ def test_cli_bench_filters_prints_every_method() -> None:
     assert len(methods) == 4 and {row["selectivity"] for row in report["rows"]} == {0.5, 0.1, 0.01, 0.001}
     assert all(row["recall_at_10"] == 1.0 for row in report["rows"] if row["method"].startswith("exact"))
     assert len(report["batch"]) == 4 and all(row["queries_per_second"] > 0 for row in report["batch"])
+
+
+@pytest.fixture()
+def fitted_routing_model(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """The test model with routing values set in its manifest (as if fitted at export: prior weight 0.5,
+    threshold 1, at most 3 shards), served by its own embedder; yields the folder and the embedder's address."""
+    import shutil
+
+    from lookalike.codec import read_manifest, write_manifest
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    manifest = read_manifest(folder)
+    manifest.routing.threshold, manifest.routing.max_shards, manifest.routing.prior_weight = 1.0, 3, 0.5
+    write_manifest(folder, manifest)
+    started, port = create_server(EmbedderConfig(model_dir=folder, address="127.0.0.1:0"))
+    yield folder, f"127.0.0.1:{port}"
+    started.stop(None)
+
+
+def test_facades_route_with_the_models_fitted_values_unless_given_others(fitted_routing_model: tuple[Path, str],
+                                                                         tmp_path: Path, grocery_val: list) -> None:
+    """Adaptive searches send the manifest's threshold, shard cap and prior weight: 3 shards probed and every
+    score = cosine + 0.5 ln p(category); values given to the facade win (prior weight 0: plain cosine)."""
+    import math
+
+    _, embedder_address = fitted_routing_model
+    searcher, channel = start_searcher(tmp_path / "searcher", snapshot_interval=0)
+    services = (embedder_address, f"127.0.0.1:{searcher.port}")
+    photos = grocery_val[:40]
+    try:
+        with Lookalike(*services) as lookalike:
+            assert lookalike.routing == (1.0, 3, 0.5)
+            lookalike.index([p.path for p in photos], [p.item_id for p in photos], [p.category for p in photos])
+            result = lookalike.search(photos[0].path, k=10)
+            probability = dict(result.categories)
+            assert len(result.probes) == 3
+            for match in result.matches:
+                assert match.score == pytest.approx(match.similarity + 0.5 * math.log(probability[match.category]),
+                                                    abs=1e-5)
+        with Lookalike(*services, prior_weight=0.0, max_shards=2) as plain:
+            assert plain.routing == (1.0, 2, 0.0)
+            result = plain.search(photos[0].path, k=10)
+            assert len(result.probes) == 2 and all(m.score == m.similarity for m in result.matches)
+
+        async def routed() -> tuple[tuple[float, int, float | None], int]:
+            async with AsyncLookalike(*services) as lookalike:
+                return await lookalike.routing(), len((await lookalike.search(photos[0].path)).probes)
+
+        assert asyncio.run(routed()) == ((1.0, 3, 0.5), 3)
+    finally:
+        channel.close()
+        searcher.stop(None)
+
+
+def test_searcher_started_with_a_models_routing_applies_it_where_requests_leave_it_unset(
+        fitted_routing_model: tuple[Path, str], tmp_path: Path, grocery_val: list) -> None:
+    """--routing-model: requests that leave threshold, shard cap or prior weight unset get the manifest's; a
+    request that sets the prior weight to 0 gets plain cosine. A manifest without fitted routing is refused."""
+    import math
+
+    from lookalike.client.embedder_client import EmbedderClient
+    from lookalike.client.searcher_client import CatalogueItem, routing_for
+    from lookalike.codec import read_manifest, write_manifest
+    from lookalike.searcher.config import SearcherConfig
+
+    folder, embedder_address = fitted_routing_model
+    searcher, channel = start_searcher(tmp_path / "searcher", snapshot_interval=0, routing_model=folder)
+    photos = grocery_val[:40]
+    try:
+        with EmbedderClient(embedder_address) as embedder, SearcherClient(f"127.0.0.1:{searcher.port}") as client:
+            model_id = embedder.model_info().model_id
+            embedded = embedder.embed([p.path for p in photos])
+            client.upsert([CatalogueItem(p.item_id, p.category, e.vector, model_id) for p, e in zip(photos, embedded)])
+            query = embedded[0]
+            probability = dict(query.categories)
+            unset = client.search(query.vector, model_id, 10, routing_for(probabilities=query.categories))
+            assert len(unset.probes) == 3
+            for hit in unset.hits:
+                assert hit.score == pytest.approx(hit.similarity + 0.5 * math.log(probability[hit.category]), abs=1e-5)
+            plain = client.search(query.vector, model_id, 10, routing_for(probabilities=query.categories,
+                                                                           prior_weight=0.0))
+            assert all(hit.score == hit.similarity for hit in plain.hits)
+    finally:
+        channel.close()
+        searcher.stop(None)
+    manifest = read_manifest(folder)
+    manifest.ClearField("routing")
+    write_manifest(folder, manifest)
+    with pytest.raises(ValueError, match="no fitted routing defaults"):
+        SearcherConfig(data_dir=tmp_path / "other", routing_model=folder).routing_defaults()

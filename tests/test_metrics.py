@@ -1,6 +1,7 @@
 """Retrieval metrics against hand-computed cases."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lookalike.quality.retrieval_metrics import average_precision, average_precision_over_hits, hit_at, precision_at, recall_at
@@ -32,7 +33,6 @@ def test_precision_recall_and_hit() -> None:
 
 
 def test_expected_calibration_error() -> None:
-    import numpy as np
 
     from lookalike.quality.retrieval_metrics import expected_calibration_error
 
@@ -45,7 +45,6 @@ def test_expected_calibration_error() -> None:
 
 
 def test_top_k_accuracy() -> None:
-    import numpy as np
 
     from lookalike.quality.retrieval_metrics import top_k_accuracy
 
@@ -56,7 +55,7 @@ def test_top_k_accuracy() -> None:
 
 
 def test_routing_curve_follows_the_searchers_rule() -> None:
-    from lookalike.tools.evaluate import routing_curve
+    from lookalike.quality.routing_fit import routing_curve
 
     queries = [[("a", 0.6), ("b", 0.3), ("c", 0.1)], [("c", 0.97), ("a", 0.02), ("b", 0.01)]]
     curve = {point["threshold"]: point for point in routing_curve(queries, ["b", "c"], ["a", "b", "c"], 0)}
@@ -65,3 +64,43 @@ def test_routing_curve_follows_the_searchers_rule() -> None:
     assert (curve[0.98]["routing_recall"], curve[0.98]["shards_probed"]) == (1.0, 2.5)  # a, b, c | c, a
     capped = {point["threshold"]: point for point in routing_curve(queries, ["b", "c"], ["a", "b", "c"], 1)}
     assert capped[0.98]["shards_probed"] == 1.0 and capped[0.98]["routing_recall"] == 0.5
+
+
+
+def test_routing_defaults_fit_the_threshold_then_the_prior_weight() -> None:
+    """Hand-computed: shards x and y, items A (x, red), B (y, blue), C (y, green).
+
+    Query 1 is red (truth x; p = 0.9 x, 0.1 y) and nearer B (cosine 1) than A (0.8). Query 2 is green
+    (truth y, but p = 0.92 x, 0.08 y) and is C itself. Thresholds 0.5-0.9 probe x alone and miss query 2's
+    shard (routing recall 0.5); 0.95 probes both for both queries (recall 1, 2 shards). There, score =
+    cosine + w ln p: query 1 ranks A first once 0.2 > w (ln 0.9 - ln 0.1) = 2.197 w, so from w = 0.1;
+    query 2 keeps C first while 1 > w (ln 0.92 - ln 0.08) = 2.442 w, so up to w = 0.2. Only 0.1 and 0.2 rank
+    both right (mAP@10 1; 0.75 elsewhere): the smaller, 0.1, is chosen."""
+    from lookalike.quality.routing_fit import PRIOR_WEIGHTS, fit_routing_defaults
+
+    catalogue = np.array([[0.8, 0.6, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    categories, labels = ["x", "y", "y"], ["red", "blue", "green"]
+    queries = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    probabilities = [[("x", 0.9), ("y", 0.1)], [("x", 0.92), ("y", 0.08)]]
+
+    def fit(**options: float) -> object:
+        return fit_routing_defaults(catalogue, categories, labels, queries, probabilities, ["x", "y"],
+                                    ["red", "green"], **options)
+
+    fitted = fit(max_shards=2)
+    # float fields: the manifest stores them as float32.
+    assert (fitted.threshold, fitted.routing_recall, fitted.expected_shards, fitted.queries) == pytest.approx(
+        (0.95, 1.0, 2.0, 2))
+    scores = {round(score.prior_weight, 6): round(score.map_at_10, 6) for score in fitted.prior_weight_scores}
+    assert list(scores) == [round(w, 6) for w in PRIOR_WEIGHTS]
+    assert scores == {0.0: 0.75, 0.02: 0.75, 0.05: 0.75, 0.1: 1.0, 0.2: 1.0, 0.5: 0.75, 1.0: 0.75, 2.0: 0.75}
+    assert fitted.prior_weight == pytest.approx(0.1)
+
+    # A lower target is met by the first threshold: x alone for both queries (query 2 misses: mAP 0.5 at
+    # every weight, so the smallest weight, 0).
+    fitted = fit(max_shards=2, target_recall=0.5)
+    assert (fitted.threshold, fitted.routing_recall, fitted.expected_shards, fitted.prior_weight) == pytest.approx(
+        (0.5, 0.5, 1.0, 0.0))
+    # One shard at most: no threshold reaches 0.99, so the best recall with the fewest shards is kept.
+    fitted = fit(max_shards=1)
+    assert (fitted.threshold, fitted.routing_recall, fitted.max_shards) == pytest.approx((0.5, 0.5, 1))

@@ -53,6 +53,19 @@ def test_prior_is_weight_times_log_probability() -> None:
                                                                       0.5 * math.log(1e-9)])
 
 
+def test_unset_prior_weight_takes_the_default_and_an_explicit_zero_stays_zero() -> None:
+    """proto3 `optional`: a searcher started with a model's fitted weight applies it only where a request
+    leaves the weight unset; a request that says 0 gets plain cosine."""
+    probabilities = [("apple", 0.6), ("pear", 0.4)]
+    unset = Routing.from_message(Routing.by_probability(probabilities, threshold=1.0).to_message())
+    zero = Routing.from_message(Routing.by_probability(probabilities, threshold=1.0, prior_weight=0.0).to_message())
+    assert unset.prior_weight is None and zero.prior_weight == 0.0
+    assert [p.prior for p in plan(unset, SHARDS, prior_weight=0.2).probes] == pytest.approx(
+        [0.2 * math.log(0.6), 0.2 * math.log(0.4)])
+    assert [p.prior for p in plan(zero, SHARDS, prior_weight=0.2).probes] == [0.0, 0.0]
+    assert plan(unset, SHARDS).prior_weight == 0.0
+
+
 def test_explicit_and_all() -> None:
     routed = plan(Routing.explicit(["milk", "bread", "milk", "apple"]), SHARDS)
     assert routed.categories == ["milk", "apple"] and routed.unknown_categories == ("bread",)

@@ -145,9 +145,8 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     from lookalike.quality.labelled_images import read_labelled_images
     from lookalike.tools.evaluate import run_eval
 
-    prior = None if args.prior_weight == "fit" else float(args.prior_weight)
-    return run_eval(args.model, read_labelled_images(args.catalog), read_labelled_images(args.queries), prior, args.json, args.output,
-                    args.threshold, args.max_shards)
+    return run_eval(args.model, read_labelled_images(args.catalog), read_labelled_images(args.queries), args.prior_weight,
+                    args.json, args.output, args.threshold, args.max_shards, args.fit_prior_on_queries)
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
@@ -249,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="how many matches")
     search.add_argument("--routing", default="adaptive",
                         help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")
-    search.add_argument("--prior-weight", type=float, default=0.0, help="merge by cosine + w * ln p(category)")
+    search.add_argument("--prior-weight", type=float,
+                        help="merge by cosine + w * ln p(category) (default: the model's fitted weight, else 0)")
     search.add_argument("--filter", default="", help='only items passing it, e.g. \'in_stock = "true" AND brand IN '
                                                      '("a", "b") AND price <= 50\' (numeric attributes: the '
                                                      "searcher's --numeric-attributes)")
@@ -271,12 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--catalog", type=Path, required=True,
                           help="labelled catalogue: folder, list file (grocery train.txt) or grocery classes.csv (iconic)")
     evaluate.add_argument("--queries", type=Path, required=True, help="labelled query photos (a validation split)")
-    evaluate.add_argument("--prior-weight", default="fit",
-                          help="λ in cosine + λ·ln p for the prior-weighted mode; 'fit' picks the best on the queries")
-    evaluate.add_argument("--threshold", type=float, default=0.0,
-                          help="probability the adaptive modes cover before they stop (0: the searcher's default, 0.9)")
-    evaluate.add_argument("--max-shards", type=int, default=0,
-                          help="most shards the adaptive modes probe (0: the searcher's default, 4)")
+    evaluate.add_argument("--prior-weight", type=float,
+                          help="λ in cosine + λ·ln p for the prior-weighted mode (default: the model manifest's, "
+                               "fitted on validation at export; else 0)")
+    evaluate.add_argument("--threshold", type=float,
+                          help="probability the adaptive modes cover before they stop (default: the model manifest's; "
+                               "else the searcher's, 0.9)")
+    evaluate.add_argument("--max-shards", type=int,
+                          help="most shards the adaptive modes probe (default: the model manifest's; else the "
+                               "searcher's, 4)")
+    evaluate.add_argument("--fit-prior-on-queries", action="store_true",
+                          help="diagnostic only: also fit λ on the scored queries themselves and report that mode, "
+                               "labelled as such (its figures are optimistic by construction)")
     evaluate.add_argument("--output", type=Path, help="also write the JSON report here")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(run=_eval)

@@ -8,6 +8,11 @@ against exact global search, the share of catalogue vectors scanned, routing rec
 latency; plus top-1 category accuracy, a confusion matrix, the calibration error of the probabilities, and
 the routing curve: routing recall and mean shards probed at each probability threshold, planned from the
 query probabilities by the searcher's own routing rule (lookalike.routing).
+
+The adaptive modes use the routing the model's manifest holds (threshold, shard cap and prior weight
+fitted on validation photos at export, lookalike.quality.routing_fit) unless told otherwise, so nothing
+is tuned on the queries being scored. Fitting the prior weight on the queries themselves exists only as
+a diagnostic (`fit_on_queries`), reported under its own, labelled mode.
 """
 from __future__ import annotations
 
@@ -21,16 +26,16 @@ from typing import Sequence
 import numpy as np
 
 from lookalike.quality.labelled_images import LabelledImage
+from lookalike.quality.routing_fit import PRIOR_WEIGHTS, routing_curve
 from lookalike.client.embedder_client import EmbedderClient
 from lookalike.quality.retrieval_metrics import (average_precision, average_precision_over_hits, expected_calibration_error, hit_at,
                              precision_at, recall_at, top_k_accuracy)
 from lookalike.tools.processes import running_service
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
-from lookalike.routing import Routing, plan
+from lookalike.routing import RoutingDefaults, model_routing
 
 K_VALUES = (10, 100)
-PRIOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-ROUTING_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+DIAGNOSTIC = "fitted on these queries: diagnostic only"
 
 
 def _embed(client: EmbedderClient, images: Sequence[LabelledImage]) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
@@ -55,25 +60,19 @@ def _mode_metrics(rows: list[dict]) -> dict:
             "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 3)}
 
 
-def routing_curve(query_categories: Sequence[Sequence[tuple[str, float]]], truths: Sequence[str],
-                  shards: Sequence[str], max_shards: int) -> list[dict]:
-    """Routing recall and mean shards probed per threshold, by the searcher's rule (no cap when max_shards is 0)."""
-    cap = max_shards or len(shards)
-    curve = []
-    for threshold in ROUTING_THRESHOLDS:
-        probed = [set(plan(Routing.by_probability(categories, threshold, cap), shards).categories)
-                  for categories in query_categories]
-        curve.append({"threshold": threshold, "max_shards": cap,
-                      "routing_recall": round(float(np.mean([t in p for t, p in zip(truths, probed)])), 4),
-                      "shards_probed": round(float(np.mean([len(p) for p in probed])), 3)})
-    return curve
-
-
 def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
-             prior_weight: float | None = None, threshold: float = 0.0, max_shards: int = 0) -> dict:
-    """The full report (see the module docstring); prior_weight None fits it on these queries."""
+             prior_weight: float | None = None, threshold: float | None = None, max_shards: int | None = None,
+             fit_on_queries: bool = False) -> dict:
+    """The full report (see the module docstring). Routing values left None come from the model's manifest
+    (else the searcher's defaults and prior weight 0); `fit_on_queries` adds the diagnostic mode."""
     with EmbedderClient(embedder) as embedder_client, SearcherClient(searcher) as searcher_client:
-        model_id = embedder_client.model_info().model_id
+        info = embedder_client.model_info()
+        model_id = info.model_id
+        fitted = RoutingDefaults.of_model(info.manifest)
+        source = "given" if None not in (prior_weight, threshold, max_shards) else \
+            "model manifest (fitted on validation at export)" if fitted is not None else "searcher defaults"
+        threshold, max_shards, given_weight = model_routing(info.manifest, threshold, max_shards, prior_weight)
+        prior_weight = given_weight or 0.0
         catalogue_vectors, _ = _embed(embedder_client, catalogue)
         for start in range(0, len(catalogue), 500):
             response = searcher_client.upsert([
@@ -116,13 +115,14 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
                 rows.append(row)
             return rows
 
-        fitted = None
-        if prior_weight is None:
-            scores = {w: _mode_metrics(run("adaptive", w))["mAP@10"] for w in PRIOR_WEIGHTS}
-            prior_weight = max(scores, key=lambda w: (scores[w], -w))
-            fitted = {str(w): s for w, s in scores.items()}
         results = {"global": run("global"), "top-1 shard": run("top-1 shard"), "adaptive": run("adaptive"),
                    f"adaptive + prior {prior_weight:g}": run("adaptive", prior_weight)}
+        diagnostic = None
+        if fit_on_queries:
+            scores = {w: _mode_metrics(run("adaptive", w))["mAP@10"] for w in PRIOR_WEIGHTS}
+            best = max(scores, key=lambda w: (scores[w], -w))
+            diagnostic = {"prior_weight": best, "mAP@10_by_prior_weight": {str(w): v for w, v in scores.items()}}
+            results[f"adaptive + prior {best:g} ({DIAGNOSTIC})"] = run("adaptive", best)
 
     labels = sorted({image.category for image in catalogue} | {image.category for image in queries})
     index = {label: i for i, label in enumerate(labels)}
@@ -140,12 +140,18 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         "category_top_k_accuracy": {str(k): round(top_k_accuracy(probability_matrix, truth, k), 4) for k in (2, 3)},
         "expected_calibration_error": round(expected_calibration_error(probability_matrix, truth), 4),
         "embed_ms_per_query": round(embed_seconds * 1000, 2),
-        "prior_weight": prior_weight, "prior_weight_fit_mAP@10": fitted,
+        "routing_source": source, "prior_weight": prior_weight,
+        "prior_weight_fitted_on_queries_diagnostic": diagnostic,
         "modes": {mode: _mode_metrics(rows) for mode, rows in results.items()},
         "per_category": {mode: {category: _mode_metrics(members) for category, members in sorted(
             _group(rows).items())} for mode, rows in results.items()},
         "confusion": {"labels": labels, "matrix": confusion.tolist()},
         "routing_threshold": threshold or None, "routing_max_shards": max_shards or None,
+        "manifest_routing": None if fitted is None else {
+            "threshold": fitted.threshold, "max_shards": fitted.max_shards, "prior_weight": fitted.prior_weight,
+            "validation_queries": info.manifest.routing.queries,
+            "validation_routing_recall": round(info.manifest.routing.routing_recall, 4),
+            "validation_shards": round(info.manifest.routing.expected_shards, 3)},
         "routing_curve": routing_curve(query_categories, [query.category for query in queries], sorted(shard_sizes),
                                        max_shards),
     }
@@ -160,14 +166,14 @@ def _group(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
-             prior_weight: float | None, as_json: bool, output: Path | None = None, threshold: float = 0.0,
-             max_shards: int = 0) -> int:
+             prior_weight: float | None, as_json: bool, output: Path | None = None, threshold: float | None = None,
+             max_shards: int | None = None, fit_on_queries: bool = False) -> int:
     """Starts an embedder on `model_dir` and an empty searcher, evaluates, prints the report."""
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as data, \
             running_service("lookalike.embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
             running_service("lookalike.searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):
         report = evaluate(f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}", catalogue, queries, prior_weight,
-                          threshold, max_shards)
+                          threshold, max_shards, fit_on_queries)
     if output is not None:
         output.write_text(json.dumps(report, indent=2))
     if as_json:
@@ -176,7 +182,13 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
     print(f"model {report['model_id']}: {report['catalogue_items']} catalogue items, {report['queries']} queries")
     top_k = report["category_top_k_accuracy"]
     print(f"category top-1 accuracy {report['category_top1_accuracy']} (top-2 {top_k['2']}, top-3 {top_k['3']}), "
-          f"expected calibration error {report['expected_calibration_error']}, prior weight {report['prior_weight']:g}")
+          f"expected calibration error {report['expected_calibration_error']}")
+    print(f"routing: threshold {report['routing_threshold'] or 'server default'}, at most "
+          f"{report['routing_max_shards'] or 'server default'} shards, prior weight {report['prior_weight']:g} "
+          f"({report['routing_source']})")
+    if report["prior_weight_fitted_on_queries_diagnostic"]:
+        scores = report["prior_weight_fitted_on_queries_diagnostic"]["mAP@10_by_prior_weight"]
+        print(f"prior weight {DIAGNOSTIC}, mAP@10 by weight: " + ", ".join(f"{w} {v}" for w, v in scores.items()))
     columns = ["mAP@10", "mAP@10 (over hits)", "mAP@100", "P@10", "R@1", "R@10", "NN-recall@10", "scanned_share",
                "routing_recall", "shards_probed", "latency_mean_ms", "latency_p99_ms"]
     print(f"\n{'routing':<24}" + "".join(f"{c:>19}" for c in columns))

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
                                          library_error)
 from lookalike.client.facade import Lookalike, SearchResult, routing_request, search_result
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD
+from lookalike.routing import RoutingDefaults
 from lookalike.v1 import embedder_pb2, searcher_pb2
 
 # What the page calls each routing mode -> the facade's name for it.
@@ -221,14 +221,19 @@ def sidebar(settings: AppSettings, info: embedder_pb2.GetModelInfoResponse | Non
                      help="global: every shard; top-1 shard: only the most probable category's; adaptive: "
                           "categories by probability until the threshold is covered")
     k = bar.slider("Results (k)", 1, 50, 10, key="k")
-    threshold = bar.slider("Routing threshold", 0.05, 1.0, DEFAULT_THRESHOLD, 0.01, key="threshold",
+    # Start from the model's routing, fitted on validation photos at export (the searcher's defaults without it).
+    fitted = RoutingDefaults.of_model(info.manifest) if info is not None else None
+    start = fitted or RoutingDefaults()
+    threshold = bar.slider("Routing threshold", 0.05, 1.0, min(max(start.threshold, 0.05), 1.0), 0.01, key="threshold",
                            help="adaptive routing probes the most probable categories until their probabilities "
                                 "add up to this")
     # A number, not a slider: a slider's range would have to follow the shard count, which changes.
-    max_shards = int(bar.number_input("Most shards probed (adaptive)", min_value=1, value=DEFAULT_MAX_SHARDS, step=1,
+    max_shards = int(bar.number_input("Most shards probed (adaptive)", min_value=1, value=start.max_shards, step=1,
                                       key="max_shards"))
-    prior_weight = bar.slider("Prior weight", 0.0, 1.0, 0.0, 0.01, key="prior_weight",
+    prior_weight = bar.slider("Prior weight", 0.0, 2.0, min(start.prior_weight, 2.0), 0.01, key="prior_weight",
                               help="hits from all probed shards merge by cosine + weight × ln p(category)")
+    if fitted is not None:
+        bar.caption("Routing starts at the model's values, fitted on validation photos at export.")
     bar.header("Model")
     bar.caption(f"embedder at {settings.embedder}")
     if info is not None:

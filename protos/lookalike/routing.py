@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Protocol, Sequence, TypeVar
 
-from lookalike.v1 import common_pb2, searcher_pb2
+from lookalike.v1 import common_pb2, manifest_pb2, searcher_pb2
 
 # The searcher's defaults when a request leaves threshold / max_shards at 0 (its config can change them).
 DEFAULT_THRESHOLD = 0.9
@@ -51,8 +51,8 @@ class Routing:
     # 0 and 0 take the searcher's defaults.
     threshold: float = 0.0
     max_shards: int = 0
-    # Score = cosine + prior_weight * ln p(category); 0 merges by cosine alone.
-    prior_weight: float = 0.0
+    # Score = cosine + prior_weight * ln p(category); 0 merges by cosine alone, None takes the default.
+    prior_weight: float | None = None
 
     @classmethod
     def all_shards(cls) -> "Routing":
@@ -64,9 +64,10 @@ class Routing:
 
     @classmethod
     def by_probability(cls, probabilities: Sequence[tuple[str, float]], threshold: float = 0.0,
-                       max_shards: int = 0, prior_weight: float = 0.0) -> "Routing":
+                       max_shards: int = 0, prior_weight: float | None = None) -> "Routing":
         return cls(Mode.PROBABILITIES, probabilities=tuple((c, float(p)) for c, p in probabilities),
-                   threshold=threshold, max_shards=max_shards, prior_weight=prior_weight)
+                   threshold=threshold, max_shards=max_shards,
+                   prior_weight=None if prior_weight is None else float(prior_weight))
 
     @classmethod
     def from_message(cls, message: searcher_pb2.Routing | None) -> "Routing":
@@ -77,7 +78,7 @@ class Routing:
         if which == "probabilities":
             spec = message.probabilities
             return cls.by_probability([(c.category, c.probability) for c in spec.categories], spec.threshold,
-                                      spec.max_shards, spec.prior_weight)
+                                      spec.max_shards, spec.prior_weight if spec.HasField("prior_weight") else None)
         return cls.all_shards()
 
     def to_message(self) -> searcher_pb2.Routing:
@@ -88,6 +89,34 @@ class Routing:
                 categories=[common_pb2.CategoryProbability(category=c, probability=p) for c, p in self.probabilities],
                 threshold=self.threshold, max_shards=self.max_shards, prior_weight=self.prior_weight))
         return searcher_pb2.Routing(all=searcher_pb2.AllShards())
+
+
+@dataclass(frozen=True)
+class RoutingDefaults:
+    """What a probability routing that leaves threshold, max_shards or prior_weight unset gets."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    max_shards: int = DEFAULT_MAX_SHARDS
+    prior_weight: float = 0.0
+
+    @classmethod
+    def of_model(cls, manifest: manifest_pb2.ModelManifest) -> "RoutingDefaults | None":
+        """The values fitted on validation at export (manifest.routing), or None for a model without them."""
+        if not manifest.HasField("routing"):
+            return None
+        fitted = manifest.routing
+        return cls(float(fitted.threshold), int(fitted.max_shards), float(fitted.prior_weight))
+
+
+def model_routing(manifest: manifest_pb2.ModelManifest, threshold: float | None = None, max_shards: int | None = None,
+                  prior_weight: float | None = None) -> tuple[float, int, float | None]:
+    """(threshold, max_shards, prior_weight) for probability routing with this model: each value given, else
+    the model's fitted one, else 0, 0 and None, which a searcher reads as its own defaults."""
+    fitted = RoutingDefaults.of_model(manifest)
+    if fitted is None:
+        return threshold or 0.0, max_shards or 0, prior_weight
+    return (fitted.threshold if threshold is None else threshold, fitted.max_shards if max_shards is None else max_shards,
+            fitted.prior_weight if prior_weight is None else prior_weight)
 
 
 @dataclass(frozen=True)
@@ -129,25 +158,28 @@ class RoutingPlan:
 
 
 def plan(routing: Routing, existing: Collection[str], threshold: float = DEFAULT_THRESHOLD,
-         max_shards: int = DEFAULT_MAX_SHARDS) -> RoutingPlan:
+         max_shards: int = DEFAULT_MAX_SHARDS, prior_weight: float = 0.0) -> RoutingPlan:
     """The shards one search probes, given the categories that have a shard.
 
-    `threshold` and `max_shards` are the defaults for a routing that leaves them at 0.
+    `threshold` and `max_shards` are the defaults for a routing that leaves them at 0, `prior_weight`
+    for one that leaves it unset.
     """
     if routing.mode is Mode.EXPLICIT:
         unique = list(dict.fromkeys(routing.categories))
         return RoutingPlan(tuple(PlannedProbe(c, 1.0) for c in unique if c in existing),
                            tuple(c for c in unique if c not in existing), Mode.EXPLICIT)
     if routing.mode is Mode.PROBABILITIES:
-        probes = _by_probability(routing, existing, routing.threshold or threshold, routing.max_shards or max_shards)
+        weight = prior_weight if routing.prior_weight is None else routing.prior_weight
+        probes = _by_probability(routing.probabilities, existing, routing.threshold or threshold,
+                                 routing.max_shards or max_shards, weight)
         if probes:
-            return RoutingPlan(tuple(probes), mode=Mode.PROBABILITIES, prior_weight=routing.prior_weight)
+            return RoutingPlan(tuple(probes), mode=Mode.PROBABILITIES, prior_weight=weight)
     return RoutingPlan(tuple(PlannedProbe(c, 0.0) for c in sorted(existing)))
 
 
-def _by_probability(routing: Routing, existing: Collection[str], threshold: float,
-                    max_shards: int) -> list[PlannedProbe]:
-    ranked = sorted(routing.probabilities, key=lambda pair: (-pair[1], pair[0]))
+def _by_probability(probabilities: Sequence[tuple[str, float]], existing: Collection[str], threshold: float,
+                    max_shards: int, prior_weight: float) -> list[PlannedProbe]:
+    ranked = sorted(probabilities, key=lambda pair: (-pair[1], pair[0]))
     probes: list[PlannedProbe] = []
     covered = 0.0
     for category, probability in ranked:
@@ -155,7 +187,7 @@ def _by_probability(routing: Routing, existing: Collection[str], threshold: floa
             break
         covered += probability
         if category in existing:
-            prior = routing.prior_weight * math.log(max(probability, MIN_PROBABILITY)) if routing.prior_weight else 0.0
+            prior = prior_weight * math.log(max(probability, MIN_PROBABILITY)) if prior_weight else 0.0
             probes.append(PlannedProbe(category, probability, prior))
     return probes
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelManifest(_message.Message):
-    __slots__ = ("model_id", "version", "onnx_file", "sha256", "input", "output", "embedding_dim", "metric", "labels", "backbone", "precision", "parity", "quantization", "temperature", "trained_on", "created_at", "calibration")
+    __slots__ = ("model_id", "version", "onnx_file", "sha256", "input", "output", "embedding_dim", "metric", "labels", "backbone", "precision", "parity", "quantization", "temperature", "trained_on", "created_at", "calibration", "routing", "export_threads")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNX_FILE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class ModelManifest(_message.Message):
     TRAINED_ON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_THREADS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: str
     onnx_file: str
@@ -42,19 +44,57 @@ class ModelManifest(_message.Message):
     trained_on: str
     created_at: str
     calibration: Calibration
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., onnx_file: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., metric: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., precision: _Optional[str] = ..., parity: _Optional[_Union[ParityCheck, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationDrift, _Mapping]] = ..., temperature: _Optional[float] = ..., trained_on: _Optional[str] = ..., created_at: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+    routing: RoutingDefaults
+    export_threads: int
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., onnx_file: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., metric: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., precision: _Optional[str] = ..., parity: _Optional[_Union[ParityCheck, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationDrift, _Mapping]] = ..., temperature: _Optional[float] = ..., trained_on: _Optional[str] = ..., created_at: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., routing: _Optional[_Union[RoutingDefaults, _Mapping]] = ..., export_threads: _Optional[int] = ...) -> None: ...
 
 class Calibration(_message.Message):
-    __slots__ = ("images", "temperature", "ece_before", "ece_after")
+    __slots__ = ("images", "temperature", "ece_before", "ece_after", "method", "fitted_temperature", "nll_before", "nll_after")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     ECE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ECE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    FITTED_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NLL_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NLL_AFTER_FIELD_NUMBER: _ClassVar[int]
     images: int
     temperature: float
     ece_before: float
     ece_after: float
-    def __init__(self, images: _Optional[int] = ..., temperature: _Optional[float] = ..., ece_before: _Optional[float] = ..., ece_after: _Optional[float] = ...) -> None: ...
+    method: str
+    fitted_temperature: float
+    nll_before: float
+    nll_after: float
+    def __init__(self, images: _Optional[int] = ..., temperature: _Optional[float] = ..., ece_before: _Optional[float] = ..., ece_after: _Optional[float] = ..., method: _Optional[str] = ..., fitted_temperature: _Optional[float] = ..., nll_before: _Optional[float] = ..., nll_after: _Optional[float] = ...) -> None: ...
+
+class RoutingDefaults(_message.Message):
+    __slots__ = ("queries", "target_recall", "threshold", "max_shards", "routing_recall", "expected_shards", "prior_weight", "prior_weight_scores")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RECALL_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_RECALL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_SCORES_FIELD_NUMBER: _ClassVar[int]
+    queries: int
+    target_recall: float
+    threshold: float
+    max_shards: int
+    routing_recall: float
+    expected_shards: float
+    prior_weight: float
+    prior_weight_scores: _containers.RepeatedCompositeFieldContainer[PriorWeightScore]
+    def __init__(self, queries: _Optional[int] = ..., target_recall: _Optional[float] = ..., threshold: _Optional[float] = ..., max_shards: _Optional[int] = ..., routing_recall: _Optional[float] = ..., expected_shards: _Optional[float] = ..., prior_weight: _Optional[float] = ..., prior_weight_scores: _Optional[_Iterable[_Union[PriorWeightScore, _Mapping]]] = ...) -> None: ...
+
+class PriorWeightScore(_message.Message):
+    __slots__ = ("prior_weight", "map_at_10")
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAP_AT_10_FIELD_NUMBER: _ClassVar[int]
+    prior_weight: float
+    map_at_10: float
+    def __init__(self, prior_weight: _Optional[float] = ..., map_at_10: _Optional[float] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("name", "layout", "dtype", "height", "width", "channels", "resize", "normalization")
