@@ -196,6 +196,18 @@ def test_cli_bench_searcher_prints_ratios() -> None:
     assert all(row["recall_probed"] >= 0.9 for row in report["rows"] if "(SearchBatch)" not in row["routing"])
 
 
+def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
+    """--model, repeated: every scenario for each model, named by its id, ratios against its own in-process loop."""
+    from lookalike.codec import read_manifest
+
+    result = run_cli("bench", "embedder", "--model", str(model_dir), "--model", str(model_dir), "--seconds", "0.3",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert {row["model"] for row in rows} == {read_manifest(model_dir).model_id} and len(rows) == 12
+    assert rows[0]["ratio_to_in_process"] == 1.0 and all(row["images_per_second"] > 0 for row in rows)
+
+
 def test_cli_bench_filters_prints_every_method() -> None:
     result = run_cli("bench", "filters", "--items", "3000", "--dimension", "32", "--seconds", "0.2", "--ef", "64",
                      "--json")

@@ -14,7 +14,11 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
+
 import numpy as np
+
+from lookalike.codec import read_manifest
 
 from lookalike.tools.benchmarking import default_photos, measure, p50_p99_ms
 from lookalike.quality.labelled_images import read_labelled_images
@@ -25,7 +29,7 @@ from lookalike.tools.processes import running_service
 
 @dataclass
 class Measurement:
-    precision: str
+    model: str
     scenario: str
     clients: int
     images_per_call: int
@@ -35,12 +39,12 @@ class Measurement:
     ratio_to_in_process: float = 0.0
 
 
-def _row(precision: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
+def _row(model: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
     rate, latencies = result
-    return Measurement(precision, scenario, clients, per_call, round(rate, 1), *p50_p99_ms(latencies))
+    return Measurement(model, scenario, clients, per_call, round(rate, 1), *p50_p99_ms(latencies))
 
 
-def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: float) -> list[Measurement]:
+def bench_model(model_dir: Path, name: str, photos: list[bytes], seconds: float) -> list[Measurement]:
     from lookalike.embedder.config import EmbedderConfig
     from lookalike.embedder.model import OnnxModel
     from lookalike.embedder.preprocess import decode_image
@@ -49,7 +53,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
     size = model.input_size
     batch = np.stack([decode_image(photo, size) for photo in photos[:32]])
     model.warm_up((1, 32))
-    rows = [_row(precision, "in-process ONNX Runtime, pre-decoded batches", 1, 32,
+    rows = [_row(name, "in-process ONNX Runtime, pre-decoded batches", 1, 32,
                  measure(lambda: len(model.run(batch)[0]), seconds, 1))]
     cycle = iter(range(1 << 62))
 
@@ -57,7 +61,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
         model.run(decode_image(photos[next(cycle) % len(photos)], size)[None])
         return 1
 
-    rows.append(_row(precision, "in-process decode + ONNX Runtime, one image at a time", 1, 1,
+    rows.append(_row(name, "in-process decode + ONNX Runtime, one image at a time", 1, 1,
                      measure(naive, seconds, 1)))
     servers = [("gRPC embedder, micro-batching", {}, [(1, 1), (8, 1), (8, 8)]),
                ("gRPC embedder, batching off (max_batch 1)", {"LOOKALIKE_EMBEDDER_MAX_BATCH": "1"}, [(8, 1)])]
@@ -72,7 +76,7 @@ def bench_model(model_dir: Path, precision: str, photos: list[bytes], seconds: f
                         start = next(counter) * per_call % (len(photos) - per_call)
                         return len(client.embed(photos[start:start + per_call], top_categories=5))
 
-                    rows.append(_row(precision, scenario, clients, per_call, measure(remote, seconds, clients)))
+                    rows.append(_row(name, scenario, clients, per_call, measure(remote, seconds, clients)))
     ceiling = rows[0].images_per_second
     for row in rows:
         row.ratio_to_in_process = round(row.images_per_second / ceiling, 3)
@@ -101,19 +105,24 @@ def benchmark_model(workdir: Path) -> tuple[Path, Path]:
 
 
 def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | None = None,
-                       as_json: bool = False) -> int:
-    model_dir, catalog = benchmark_model(workdir)
-    int8_dir = ensure_int8(model_dir, catalog)
+                       as_json: bool = False, models: Sequence[Path] | None = None) -> int:
+    """The benchmarks' model and its int8 twin, or the given model folders (each named by its manifest's id)."""
+    if models:
+        measured = [(model, read_manifest(model).model_id) for model in models]
+    else:
+        model_dir, catalog = benchmark_model(workdir)
+        measured = [(model_dir, "fp32"), (ensure_int8(model_dir, catalog), "int8")]
     source = images_dir or default_photos(workdir)
     photos = [image.read_bytes() for image in read_labelled_images(source)[:256]]
-    rows = bench_model(model_dir, "fp32", photos, seconds) + bench_model(int8_dir, "int8", photos, seconds)
+    rows = [row for model, name in measured for row in bench_model(model, name, photos, seconds)]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     if as_json:
         print(json.dumps({"machine": machine, "images": str(source), "rows": [asdict(r) for r in rows]}, indent=2))
         return 0
     print(f"embedder benchmark on {machine}; {len(photos)} real photos from {source}; {seconds:.0f} s per row")
-    print(f"{'precision':<9} {'scenario':<54} {'clients':>7} {'img/call':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
+    width = max(9, *(len(r.model) for r in rows))
+    print(f"{'model':<{width}} {'scenario':<54} {'clients':>7} {'img/call':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
     for r in rows:
-        print(f"{r.precision:<9} {r.scenario:<54} {r.clients:>7} {r.images_per_call:>8} {r.images_per_second:>8} "
+        print(f"{r.model:<{width}} {r.scenario:<54} {r.clients:>7} {r.images_per_call:>8} {r.images_per_second:>8} "
               f"{r.p50_ms:>8} {r.p99_ms:>8} {r.ratio_to_in_process:>6}")
     return 0

@@ -176,7 +176,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from lookalike.tools.bench_soak import run_soak_bench
         from lookalike.tools.benchmarking import default_photos
 
-        model_dir = args.model or benchmark_model(Path(args.workdir))[0]
+        model_dir = args.model[0] if args.model else benchmark_model(Path(args.workdir))[0]
         photos = [image.read_bytes() for image in read_labelled_images(args.images or default_photos(Path(args.workdir)))]
         return run_soak_bench(model_dir, photos[:512], seconds=args.seconds, sample_seconds=args.sample_seconds,
                               clients=args.clients, catalogue_items=args.soak_items, as_json=args.json)
@@ -191,7 +191,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         return run_searcher_bench(count=args.items, dimension=args.dimension, seconds=args.seconds, as_json=args.json)
     from lookalike.tools.bench_embedder import run_embedder_bench
 
-    return run_embedder_bench(Path(args.workdir), seconds=args.seconds, images_dir=args.images, as_json=args.json)
+    return run_embedder_bench(Path(args.workdir), seconds=args.seconds, images_dir=args.images, as_json=args.json,
+                              models=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "services under mixed load with auth on, for --seconds, e.g. 1800)")
     bench.add_argument("--ef", type=int, default=0,
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
-    bench.add_argument("--model", type=Path, help="soak: the model folder (default: the benchmarks' model)")
+    bench.add_argument("--model", type=Path, action="append",
+                       help="embedder: a model folder to measure, repeatable (default: the benchmarks' model and its "
+                            "int8 twin); soak: the model folder (default: the benchmarks' model)")
     bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
     bench.add_argument("--soak-items", type=int, default=1000,
                        help="soak: catalogue items, filled first, then re-indexed and deleted over the run")
