@@ -1,6 +1,10 @@
 """Fashion-MNIST (Debian package dataset-fashion-mnist) written out as a labelled PNG folder.
 
 Gives every fresh machine a real catalogue without downloads: ROOT/<split>/<category>/<index>.png.
+Splits: "train" (the first images of each class of the training file), "test" (the test file), and
+"validation": the last images of each class of the training file, for early stopping and fitting at
+export, so that the test images stay the queries nothing was tuned on. The training file holds 6,000
+images per class, so "train" up to 5,000 per class and "validation" up to 1,000 never share an image.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ CATEGORIES = ["t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "
               "ankle-boot"]
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_FILES["validation"] = _FILES["train"]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -30,7 +35,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def materialize(dest: Path, split: str, per_category: int = 0, source: Path = DEBIAN_DIR) -> Path:
-    """Writes the first `per_category` images of each class of `split` (0: all) as PNGs; returns the folder.
+    """Writes the first `per_category` images of each class of `split` (0: all; for "validation" the last
+    ones of the training file) as PNGs named by their index in their file; returns the folder.
 
     Idempotent: files already there are kept, so a second run is instant.
     """
@@ -44,11 +50,14 @@ def materialize(dest: Path, split: str, per_category: int = 0, source: Path = DE
     images, labels = read_idx(images_file), read_idx(labels_file)
     root = Path(dest) / split
     written: dict[int, int] = defaultdict(int)
-    for index, (pixels, label) in enumerate(zip(images, labels)):
+    order = range(len(labels) - 1, -1, -1) if split == "validation" else range(len(labels))
+    prefix = "train" if split == "validation" else split
+    for index in order:
+        pixels, label = images[index], labels[index]
         if per_category and written[label] >= per_category:
             continue
         written[label] += 1
-        path = root / CATEGORIES[label] / f"{split}-{index:05d}.png"
+        path = root / CATEGORIES[label] / f"{prefix}-{index:05d}.png"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(path)

@@ -104,3 +104,19 @@ def test_routing_defaults_fit_the_threshold_then_the_prior_weight() -> None:
     # One shard at most: no threshold reaches 0.99, so the best recall with the fewest shards is kept.
     fitted = fit(max_shards=1)
     assert (fitted.threshold, fitted.routing_recall, fitted.max_shards) == pytest.approx((0.5, 0.5, 1))
+
+
+def test_fashion_mnist_validation_split_never_shares_an_image_with_train(tmp_path) -> None:
+    """The validation split is the training file's last images of each class: disjoint from "train"."""
+    from lookalike.quality.fashion_mnist import DEBIAN_DIR, materialize
+
+    if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed (make setup installs it)")
+    train = materialize(tmp_path, "train", 20)
+    validation = materialize(tmp_path, "validation", 5)
+    names = {path.relative_to(train): path for path in train.rglob("*.png")}
+    held_out = {path.relative_to(validation): path for path in validation.rglob("*.png")}
+    assert len(names) == 200 and len(held_out) == 50 and not set(names) & set(held_out)
+    assert {p.parent for p in held_out} == {p.parent for p in names}  # every class in both
+    # Named by their index in the training file: the last images of it.
+    assert min(int(p.stem.split("-")[1]) for p in held_out) > 59_000

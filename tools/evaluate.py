@@ -72,7 +72,7 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         source = "given" if None not in (prior_weight, threshold, max_shards) else \
             "model manifest (fitted on validation at export)" if fitted is not None else "searcher defaults"
         threshold, max_shards, given_weight = model_routing(info.manifest, threshold, max_shards, prior_weight)
-        prior_weight = given_weight or 0.0
+        prior_weight = round(given_weight or 0.0, 6)  # the manifest's float32, as written
         catalogue_vectors, _ = _embed(embedder_client, catalogue)
         for start in range(0, len(catalogue), 500):
             response = searcher_client.upsert([
@@ -146,9 +146,18 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         "per_category": {mode: {category: _mode_metrics(members) for category, members in sorted(
             _group(rows).items())} for mode, rows in results.items()},
         "confusion": {"labels": labels, "matrix": confusion.tolist()},
-        "routing_threshold": threshold or None, "routing_max_shards": max_shards or None,
+        "routing_threshold": round(threshold, 6) or None, "routing_max_shards": max_shards or None,
+        "manifest_calibration": None if not info.manifest.HasField("calibration") else {
+            "method": info.manifest.calibration.method or "temperature",
+            "temperature": round(info.manifest.calibration.temperature, 4),
+            "validation_images": info.manifest.calibration.images,
+            "validation_ece": [round(info.manifest.calibration.ece_before, 4),
+                               round(info.manifest.calibration.ece_after, 4)],
+            "validation_nll": [round(info.manifest.calibration.nll_before, 4),
+                               round(info.manifest.calibration.nll_after, 4)]},
         "manifest_routing": None if fitted is None else {
-            "threshold": fitted.threshold, "max_shards": fitted.max_shards, "prior_weight": fitted.prior_weight,
+            "threshold": round(fitted.threshold, 6), "max_shards": fitted.max_shards,
+            "prior_weight": round(fitted.prior_weight, 6),
             "validation_queries": info.manifest.routing.queries,
             "validation_routing_recall": round(info.manifest.routing.routing_recall, 4),
             "validation_shards": round(info.manifest.routing.expected_shards, 3)},
@@ -183,6 +192,12 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
     top_k = report["category_top_k_accuracy"]
     print(f"category top-1 accuracy {report['category_top1_accuracy']} (top-2 {top_k['2']}, top-3 {top_k['3']}), "
           f"expected calibration error {report['expected_calibration_error']}")
+    calibration = report["manifest_calibration"]
+    if calibration:
+        print(f"calibration (fitted at export on {calibration['validation_images']} validation photos): "
+              f"{calibration['method']}, temperature {calibration['temperature']:g}; validation ECE "
+              f"{calibration['validation_ece'][0]} -> {calibration['validation_ece'][1]}, NLL "
+              f"{calibration['validation_nll'][0]} -> {calibration['validation_nll'][1]}")
     print(f"routing: threshold {report['routing_threshold'] or 'server default'}, at most "
           f"{report['routing_max_shards'] or 'server default'} shards, prior weight {report['prior_weight']:g} "
           f"({report['routing_source']})")
