@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.codec import read_manifest
+from lookalike.embedder.preprocess import FaceCrop, face_box
 from lookalike.serving.cpus import available_cpus
 from lookalike.v1 import manifest_pb2
 
@@ -68,6 +70,12 @@ class OnnxModel:
         self._check_graph()
         self.input_name = self.manifest.input.name
         self.input_size = (self.manifest.input.width, self.manifest.input.height)
+        try:
+            self.face_crop = FaceCrop.from_manifest(self.manifest.input)
+            if self.face_crop is not None:
+                face_box(Image.new("RGB", (32, 32)), self.face_crop)  # loads the detector now, not per request
+        except (ValueError, ImportError, RuntimeError) as error:
+            raise ModelError(f"the manifest asks for a face crop this embedder cannot do: {error}") from error
         self._outputs = [self.manifest.output.embedding, self.manifest.output.probabilities]
 
     def _check_graph(self) -> None:

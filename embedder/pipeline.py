@@ -40,7 +40,8 @@ class EmbeddingPipeline:
 
     def _decode(self, index: int, data: bytes) -> np.ndarray | ServiceError:
         try:
-            return decode_image(data, self.model.input_size, self.limits, name=f"images[{index}]")
+            return decode_image(data, self.model.input_size, self.limits, name=f"images[{index}]",
+                                face_crop=self.model.face_crop)
         except ServiceError as error:
             return error
 

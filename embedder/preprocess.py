@@ -6,12 +6,15 @@ identical pixels.
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from lookalike.serving.errors import InvalidArgument, ResourceExhausted
+from lookalike.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from lookalike.v1 import manifest_pb2
 
 # Our own pixel limit (ImageLimits.max_pixels) is checked from the header before decoding, with a
 # message naming the limit; Pillow's global bomb check would pre-empt it with a different text.
@@ -29,14 +32,79 @@ class ImageLimits:
     max_pixels: int = 40_000_000
 
 
+HAAR_FRONTAL_FACE = "opencv-haar-frontalface-default"
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    """The manifest's face crop (manifest_pb2.FaceCrop): which face to cut out before resizing."""
+
+    margin: float = 0.2
+    no_face: str = "fail"  # or "whole_image"
+    scale_factor: float = 1.1
+    min_neighbors: int = 5
+    min_size: float = 0.1
+
+    @classmethod
+    def from_manifest(cls, spec: manifest_pb2.InputSpec) -> "FaceCrop | None":
+        if not spec.HasField("face_crop"):
+            return None
+        crop = spec.face_crop
+        if crop.detector != HAAR_FRONTAL_FACE:
+            raise ValueError(f"input.face_crop.detector is {crop.detector!r}, expected {HAAR_FRONTAL_FACE!r}")
+        if crop.no_face not in ("fail", "whole_image"):
+            raise ValueError(f"input.face_crop.no_face is {crop.no_face!r}, expected 'fail' or 'whole_image'")
+        # float32 in the manifest: rounded back to the decimals they were written with.
+        return cls(round(crop.margin, 6), crop.no_face, round(crop.scale_factor, 6), crop.min_neighbors,
+                   round(crop.min_size, 6))
+
+    def to_manifest(self) -> manifest_pb2.FaceCrop:
+        return manifest_pb2.FaceCrop(detector=HAAR_FRONTAL_FACE, margin=self.margin, no_face=self.no_face,
+                                     scale_factor=self.scale_factor, min_neighbors=self.min_neighbors,
+                                     min_size=self.min_size)
+
+
+# OpenCV's cascade is not documented as safe to share between threads: one per decode thread.
+_detectors = threading.local()
+
+
+def _face_detector() -> Any:
+    detector = getattr(_detectors, "haar", None)
+    if detector is None:
+        import cv2  # opencv-python-headless, only for models that crop faces
+
+        detector = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+        if detector.empty():
+            raise RuntimeError("OpenCV's haarcascade_frontalface_default.xml did not load")
+        _detectors.haar = detector
+    return detector
+
+
+def face_box(image: Image.Image, crop: FaceCrop) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the largest face the detector finds, with the margin, squared and
+    clamped to the image; None when it finds none."""
+    grey = np.asarray(image.convert("L"))
+    smallest = max(1, int(crop.min_size * min(grey.shape)))
+    faces = _face_detector().detectMultiScale(grey, scaleFactor=crop.scale_factor, minNeighbors=crop.min_neighbors,
+                                              minSize=(smallest, smallest))
+    if len(faces) == 0:
+        return None
+    x, y, w, h = (int(v) for v in max(faces, key=lambda box: (box[2] * box[3], -box[0], -box[1])))
+    side = min(round(max(w, h) * (1 + 2 * crop.margin)), image.width, image.height)
+    left = min(max(x + w // 2 - side // 2, 0), image.width - side)
+    top = min(max(y + h // 2 - side // 2, 0), image.height - side)
+    return left, top, left + side, top + side
+
+
 def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
-                 name: str = "image") -> np.ndarray:
+                 name: str = "image", face_crop: FaceCrop | None = None) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB array of shape (height, width, 3) at `size` = (width, height).
 
     EXIF orientation is applied; greyscale, palette, CMYK and alpha images become RGB (alpha over
-    white); the whole picture is resized (no crop) with bilinear filtering. `name` prefixes errors.
-    Raises InvalidArgument for empty, unreadable or corrupt data and ResourceExhausted for data over
-    the limits.
+    white); the whole picture, or with `face_crop` its largest face, is resized with bilinear filtering.
+    `name` prefixes errors. Raises InvalidArgument for empty, unreadable or corrupt data,
+    ResourceExhausted for data over the limits, and FailedPrecondition when a face is needed and none
+    is found.
     """
     if not data:
         raise InvalidArgument(f"{name} is empty (0 bytes), expected an encoded JPEG, PNG or WebP image")
@@ -56,15 +124,23 @@ def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = Image
     if width == 0 or height == 0:
         raise InvalidArgument(f"{name} is {width}x{height} pixels, expected at least 1x1")
     try:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the requested size.
-        image.draft("RGB", size)
+        if face_crop is None:
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the requested size.
+            # (Not with a face crop: the face is a part of the photo and needs its pixels.)
+            image.draft("RGB", size)
         image.load()
         image = _upright(image)
         image = _to_rgb(image)
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
         raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
+    if face_crop is not None:
+        box = face_box(image, face_crop)
+        if box is not None:
+            image = image.crop(box)
+        elif face_crop.no_face == "fail":
+            raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
+                                     "(its manifest's input.face_crop.no_face is 'fail')")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def _upright(image: Image.Image) -> Image.Image:

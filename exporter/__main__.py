@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lookalike.quality.labelled_images import LabelledImage, read_labelled_images
+from lookalike.quality.labelled_images import LabelledImage, in_one_category, read_labelled_images
 
 if TYPE_CHECKING:
     from lookalike.exporter.train import TrainSettings
@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (a GPU)")
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="while fine-tuning, update BatchNorm statistics from the training batches")
+    parser.add_argument("--face-crop", action="store_true",
+                        help="crop each photo to its largest face (OpenCV's Haar cascade) before resizing, in "
+                             "training and, through the manifest, in the embedder")
+    parser.add_argument("--face-margin", type=float, default=0.2,
+                        help="with --face-crop: grow the face box by this fraction of its size on each side")
+    parser.add_argument("--no-face", choices=["fail", "whole-image"], default="fail",
+                        help="with --face-crop: a photo without a face is refused (FAILED_PRECONDITION; left out of "
+                             "training) or embedded whole")
+    parser.add_argument("--one-category", metavar="NAME",
+                        help="put every photo in one category NAME; the folder names become the relevance labels "
+                             "(identity retrieval: one shard, nothing to route)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0,
                         help="Torch and ONNX Runtime threads (default: one per CPU); the same command gives the same "
@@ -118,15 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lookalike.exporter").setLevel(logging.INFO)
+    from lookalike.embedder.preprocess import FaceCrop
     from lookalike.exporter.efficientnet_lite import VARIANTS
     from lookalike.exporter.export import ExportSettings, export_default_model
 
     train = per_category_sample(read_labelled_images(args.catalog), args.max_per_category, args.seed)
     validation = read_labelled_images(args.val) if args.val else []
+    if args.one_category:
+        train, validation = in_one_category(train, args.one_category), in_one_category(validation, args.one_category)
+    face_crop = FaceCrop(margin=args.face_margin, no_face=args.no_face.replace("-", "_")) if args.face_crop else None
     embedding = training_settings(args) if args.train_embedding else None
     settings = ExportSettings(name=args.name or f"effnet-{args.backbone}", backbone=args.backbone, seed=args.seed,
                               input_size=args.input_size or VARIANTS[args.backbone].input_size, embedding=embedding,
-                              head_l2=args.head_l2, threads=args.threads)
+                              head_l2=args.head_l2, threads=args.threads, face_crop=face_crop)
     manifest = export_default_model(train, args.out, settings, validation=validation, trained_on=str(args.catalog))
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
           f"parity max diff {manifest.parity.max_abs_diff:.2e}")

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from lookalike.quality.labelled_images import LabelledImage, categories_of
-from lookalike.embedder.preprocess import decode_image
+from lookalike.embedder.preprocess import FaceCrop, decode_image
 from lookalike.serving.cpus import available_cpus
+from lookalike.serving.errors import FailedPrecondition
 from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
 from lookalike.quality.routing_fit import fit_routing_defaults
 from lookalike.exporter.augment import training_views
@@ -65,6 +66,8 @@ class ExportSettings:
     # Torch and ONNX Runtime threads (0: one per CPU this process may use). Float sums split over
     # threads add up in another order, so the same model needs the same count (kept in the manifest).
     threads: int = 0
+    # Crop each photo to its largest face before resizing, in training and (through the manifest) serving.
+    face_crop: FaceCrop | None = None
 
 
 def deterministic_torch(threads: int) -> int:
@@ -75,12 +78,28 @@ def deterministic_torch(threads: int) -> int:
     return threads
 
 
-def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None = None) -> np.ndarray:
+def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None = None,
+                 face_crop: FaceCrop | None = None) -> np.ndarray:
     """Decode image files with the embedder's own preprocessing -> uint8 [N, size, size, 3]."""
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(lambda image: decode_image(image.read_bytes(), (size, size), name=str(image.path)),
-                               images))
+        arrays = list(pool.map(lambda image: decode_image(image.read_bytes(), (size, size), name=str(image.path),
+                                                          face_crop=face_crop), images))
     return np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+
+
+def with_faces(images: Sequence[LabelledImage], crop: FaceCrop) -> list[LabelledImage]:
+    """The photos in which the detector finds a face (logged: how many it does not)."""
+    found = []
+    for image in images:
+        try:
+            decode_image(image.read_bytes(), (8, 8), name=str(image.path), face_crop=crop)
+            found.append(image)
+        except FailedPrecondition:
+            continue
+    if len(found) < len(images):
+        log.info("face crop: no face found in %d of %d photos; they are left out", len(images) - len(found),
+                 len(images))
+    return found
 
 
 def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -91,11 +110,12 @@ def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int,
-                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def embed_files(onnx_path: Path, images: Sequence[LabelledImage], size: int, batch_size: int = 32,
+                face_crop: FaceCrop | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, probabilities) of image files through an exported graph, decoding chunk by chunk."""
     session = onnx_session(onnx_path)
-    chunks = [run_session(session, decode_files(images[start:start + DECODE_CHUNK], size), batch_size)
+    chunks = [run_session(session, decode_files(images[start:start + DECODE_CHUNK], size, face_crop=face_crop),
+                          batch_size)
               for start in range(0, len(images), DECODE_CHUNK)]
     embeddings, probabilities = (np.concatenate(parts) for parts in zip(*chunks))
     return embeddings, probabilities
@@ -115,7 +135,7 @@ def trunk_session(backbone: EfficientNetLite, split: int | None, size: int, scra
 
 
 def cache_activations(trunk: ort.InferenceSession, images: Sequence[LabelledImage], size: int, views: int = 1,
-                      seed: int = 0, batch_size: int = 32) -> np.ndarray:
+                      seed: int = 0, batch_size: int = 32, face_crop: FaceCrop | None = None) -> np.ndarray:
     """The trunk's output for `views` views of each image -> [views, N, ...].
 
     Block activations are kept as float16 (half the memory; the fine-tuned top reads them within 2e-3 of
@@ -124,7 +144,7 @@ def cache_activations(trunk: ort.InferenceSession, images: Sequence[LabelledImag
     rng = np.random.default_rng(seed)
     per_view: list[list[np.ndarray]] = [[] for _ in range(views)]
     for start in range(0, len(images), DECODE_CHUNK):
-        pixels = decode_files(images[start:start + DECODE_CHUNK], size)
+        pixels = decode_files(images[start:start + DECODE_CHUNK], size, face_crop=face_crop)
         for view in range(views):
             output, = run_session(trunk, training_views(pixels, view, rng), batch_size)
             per_view[view].append(output.astype(np.float16 if output.ndim == 4 else np.float32))
@@ -200,6 +220,10 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     """
     threads = deterministic_torch(settings.threads)
     torch.manual_seed(settings.seed)
+    crop = settings.face_crop
+    if crop is not None and crop.no_face == "fail":
+        # Photos the served model would refuse teach it nothing: train and fit on the others.
+        train, validation = with_faces(train, crop), with_faces(validation, crop)
     labels = categories_of(list(train))
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[image.category] for image in train])
@@ -223,15 +247,15 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     projection, training = None, None
     if split == 0:
         log.info("decoding %d training images for whole-network fine-tuning on %s", len(train), device)
-        train_views = decode_files(train, settings.input_size)[None]
-        val_cached = decode_files(validation, settings.input_size)
+        train_views = decode_files(train, settings.input_size, face_crop=crop)[None]
+        val_cached = decode_files(validation, settings.input_size, face_crop=crop)
     else:
         with tempfile.TemporaryDirectory() as scratch:
             views = embedding.views if embedding is not None else 1
             log.info("caching the frozen trunk's output for %d training images x %d views", len(train), views)
             trunk = trunk_session(backbone, split, settings.input_size, Path(scratch))
-            train_views = cache_activations(trunk, train, settings.input_size, views, settings.seed)
-            val_cached = cache_activations(trunk, validation, settings.input_size)[0]
+            train_views = cache_activations(trunk, train, settings.input_size, views, settings.seed, face_crop=crop)
+            val_cached = cache_activations(trunk, validation, settings.input_size, face_crop=crop)[0]
     if embedding is not None:
         if not validation:
             raise ValueError("training an embedding needs validation images for early stopping")
@@ -270,15 +294,16 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                        head_on_embedding=head_on_embedding).cpu().eval()
     onnx_path = export_onnx(net, out_dir / ONNX_FILE, settings.input_size)
     parity_source = list(validation or train)[: settings.parity_images]
-    parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size), settings.tolerance)
+    parity = check_parity(net, onnx_path, decode_files(parity_source, settings.input_size, face_crop=crop),
+                          settings.tolerance)
     log.info("parity: max |onnx - torch| = %.2e on %d images (tolerance %.0e)", parity.max_abs_diff,
              parity.images, parity.tolerance)
     routing = None
     if known:
         # The searcher's routing and merge, fitted with the validation photos as queries against the training
         # photos as the catalogue, through the graph just written (what the embedder will serve).
-        catalogue_vectors, _ = embed_files(onnx_path, train, settings.input_size)
-        query_vectors, query_probabilities = embed_files(onnx_path, known, settings.input_size)
+        catalogue_vectors, _ = embed_files(onnx_path, train, settings.input_size, face_crop=crop)
+        query_vectors, query_probabilities = embed_files(onnx_path, known, settings.input_size, face_crop=crop)
         routing = fit_routing_defaults(
             catalogue_vectors, [image.category for image in train], [image.label for image in train], query_vectors,
             [list(zip(labels, row.tolist())) for row in query_probabilities], [image.category for image in known],
@@ -294,8 +319,10 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
         onnx_file=ONNX_FILE,
         sha256=sha256,
         input=manifest_pb2.InputSpec(name=INPUT_NAME, layout="NHWC", dtype="uint8", height=settings.input_size,
-                                     width=settings.input_size, channels=3, resize="resize-bilinear",
-                                     normalization="(x - 127) / 128"),
+                                     width=settings.input_size, channels=3,
+                                     resize="face-crop, resize-bilinear" if crop else "resize-bilinear",
+                                     normalization="(x - 127) / 128",
+                                     face_crop=crop.to_manifest() if crop else None),
         output=manifest_pb2.OutputSpec(embedding=EMBEDDING_OUTPUT, probabilities=PROBABILITIES_OUTPUT),
         embedding_dim=FEATURE_DIM if projection is None else settings.embedding.dimension,
         metric="cosine",

@@ -18,6 +18,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lookalike.quality.labelled_images import LabelledImage
+from lookalike.embedder.preprocess import FaceCrop
 from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, sha256_of
 from lookalike.codec import read_manifest, write_manifest
 from lookalike.v1 import manifest_pb2
@@ -61,6 +62,7 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
     """fp32 model folder -> int8 model folder whose manifest records its drift from the fp32 graph."""
     parent = read_manifest(fp32_dir)
     size = parent.input.height
+    crop = FaceCrop.from_manifest(parent.input)
     int8_dir = Path(int8_dir)
     int8_dir.mkdir(parents=True, exist_ok=True)
     int8_path = int8_dir / ONNX_FILE
@@ -72,7 +74,7 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
                      if node.op_type == "Conv" and any(scope in node.name for scope in FP32_CONV_SCOPES)]
         if len(kept_fp32) != 4:
             log.warning("expected 4 sensitive convolutions to keep in fp32, found %s", kept_fp32)
-        pixels = decode_files(calibration, size)
+        pixels = decode_files(calibration, size, face_crop=crop)
         log.info("calibrating int8 on %d images", len(pixels))
         quantize_static(str(prepared), str(Path(scratch) / ONNX_FILE), _ImageBatches(parent.input.name, pixels),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
@@ -83,8 +85,9 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
                         reduce_range=True)
         shutil.move(str(Path(scratch) / ONNX_FILE), int8_path)
 
-    fp32_embeddings, fp32_probabilities = embed_files(Path(fp32_dir) / parent.onnx_file, validation, size)
-    int8_embeddings, int8_probabilities = embed_files(int8_path, validation, size)
+    fp32_embeddings, fp32_probabilities = embed_files(Path(fp32_dir) / parent.onnx_file, validation, size,
+                                                      face_crop=crop)
+    int8_embeddings, int8_probabilities = embed_files(int8_path, validation, size, face_crop=crop)
     drift = manifest_pb2.QuantizationDrift(
         method=METHOD,
         parent_model_id=parent.model_id,

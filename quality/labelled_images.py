@@ -5,7 +5,7 @@ Free of heavy imports: the client's `index` and `eval` commands and the exporter
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm"}
@@ -108,3 +108,8 @@ def _read_class_names(classes_csv: Path) -> tuple[dict[str, str], dict[str, str]
 def categories_of(images: list[LabelledImage]) -> list[str]:
     """The sorted distinct categories of a collection."""
     return sorted({image.category for image in images})
+
+
+def in_one_category(images: list[LabelledImage], category: str) -> list[LabelledImage]:
+    """The images with one category for all, each keeping its label (faces: one shard, label = person)."""
+    return [replace(image, category=category) for image in images]

@@ -142,11 +142,14 @@ def _shards(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from lookalike.quality.labelled_images import read_labelled_images
+    from lookalike.quality.labelled_images import in_one_category, read_labelled_images
     from lookalike.tools.evaluate import run_eval
 
-    return run_eval(args.model, read_labelled_images(args.catalog), read_labelled_images(args.queries), args.prior_weight,
-                    args.json, args.output, args.threshold, args.max_shards, args.fit_prior_on_queries)
+    catalogue, queries = read_labelled_images(args.catalog), read_labelled_images(args.queries)
+    if args.one_category:
+        catalogue, queries = in_one_category(catalogue, args.one_category), in_one_category(queries, args.one_category)
+    return run_eval(args.model, catalogue, queries, args.prior_weight, args.json, args.output, args.threshold,
+                    args.max_shards, args.fit_prior_on_queries)
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fit-prior-on-queries", action="store_true",
                           help="diagnostic only: also fit λ on the scored queries themselves and report that mode, "
                                "labelled as such (its figures are optimistic by construction)")
+    evaluate.add_argument("--one-category", metavar="NAME",
+                          help="put every image in one category NAME, folder names as relevance labels (as the "
+                               "exporter's flag: identity retrieval over faces)")
     evaluate.add_argument("--output", type=Path, help="also write the JSON report here")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(run=_eval)

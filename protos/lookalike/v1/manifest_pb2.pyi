@@ -97,7 +97,7 @@ class PriorWeightScore(_message.Message):
     def __init__(self, prior_weight: _Optional[float] = ..., map_at_10: _Optional[float] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("name", "layout", "dtype", "height", "width", "channels", "resize", "normalization")
+    __slots__ = ("name", "layout", "dtype", "height", "width", "channels", "resize", "normalization", "face_crop")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class InputSpec(_message.Message):
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    FACE_CROP_FIELD_NUMBER: _ClassVar[int]
     name: str
     layout: str
     dtype: str
@@ -114,7 +115,24 @@ class InputSpec(_message.Message):
     channels: int
     resize: str
     normalization: str
-    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., resize: _Optional[str] = ..., normalization: _Optional[str] = ...) -> None: ...
+    face_crop: FaceCrop
+    def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., resize: _Optional[str] = ..., normalization: _Optional[str] = ..., face_crop: _Optional[_Union[FaceCrop, _Mapping]] = ...) -> None: ...
+
+class FaceCrop(_message.Message):
+    __slots__ = ("detector", "margin", "no_face", "scale_factor", "min_neighbors", "min_size")
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    NO_FACE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    detector: str
+    margin: float
+    no_face: str
+    scale_factor: float
+    min_neighbors: int
+    min_size: float
+    def __init__(self, detector: _Optional[str] = ..., margin: _Optional[float] = ..., no_face: _Optional[str] = ..., scale_factor: _Optional[float] = ..., min_neighbors: _Optional[int] = ..., min_size: _Optional[float] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
     __slots__ = ("embedding", "probabilities")
