@@ -24,6 +24,8 @@ class EmbeddedImage:
     categories: list[tuple[str, float]] = field(default_factory=list)
     error: str = ""
     error_code: grpc.StatusCode = grpc.StatusCode.OK
+    # For a model that crops faces: (left, top, right, bottom) of the face embedded, in the image's pixels.
+    face: tuple[int, int, int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,8 +55,10 @@ def embedded_image(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
     """One EmbedResult as an EmbeddedImage."""
     if result.HasField("error"):
         return EmbeddedImage(result.id, error=result.error.message, error_code=status_code(result.error.code))
+    face = result.embedding.face if result.embedding.HasField("face") else None
     return EmbeddedImage(result.id, vector=unpack_vector(result.embedding.vector),
-                         categories=[(c.category, c.probability) for c in result.embedding.categories])
+                         categories=[(c.category, c.probability) for c in result.embedding.categories],
+                         face=(face.left, face.top, face.right, face.bottom) if face is not None else None)
 
 
 class EmbedderClient:

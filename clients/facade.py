@@ -62,6 +62,8 @@ class SearchResult:
     # Shards that could not be searched (every replica of their group unreachable): the matches are
     # then what the other groups found.
     missing_shards: list[str] = field(default_factory=list)
+    # For a model that crops faces: the face embedded, (left, top, right, bottom) in the photo's pixels.
+    face: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -143,7 +145,8 @@ def search_result(embedded: EmbeddedImage, response: searcher_pb2.SearchResponse
         probes=[ProbedShard(p.category, p.probability, p.ef, p.items, p.seconds, p.filter_matches, p.filter_exact)
                 for p in response.probes],
         unknown_categories=list(response.unknown_categories),
-        embed_seconds=embed_seconds, search_seconds=search_seconds, missing_shards=list(response.missing_shards))
+        embed_seconds=embed_seconds, search_seconds=search_seconds, missing_shards=list(response.missing_shards),
+        face=embedded.face)
 
 
 class Lookalike:

@@ -11,7 +11,7 @@ import numpy as np
 from lookalike.embedder.batcher import MicroBatcher
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.model import OnnxModel
-from lookalike.embedder.preprocess import ImageLimits, decode_image
+from lookalike.embedder.preprocess import Box, ImageLimits, decode_face_image
 from lookalike.serving.cpus import available_cpus
 from lookalike.serving.errors import ServiceError
 
@@ -25,6 +25,8 @@ class ImageResult:
     embedding: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     error: ServiceError | None = None
+    # The face region embedded, for models that crop faces.
+    face: Box | None = None
 
 
 class EmbeddingPipeline:
@@ -38,22 +40,23 @@ class EmbeddingPipeline:
         self.batcher = MicroBatcher(model.run, config.max_batch, config.max_delay_ms / 1000.0,
                                     config.max_queued_images)
 
-    def _decode(self, index: int, data: bytes) -> np.ndarray | ServiceError:
+    def _decode(self, index: int, data: bytes) -> tuple[np.ndarray, Box | None] | ServiceError:
         try:
-            return decode_image(data, self.model.input_size, self.limits, name=f"images[{index}]",
-                                face_crop=self.model.face_crop)
+            return decode_face_image(data, self.model.input_size, self.limits, name=f"images[{index}]",
+                                     face_crop=self.model.face_crop)
         except ServiceError as error:
             return error
 
     def embed(self, images: Sequence[bytes]) -> list[ImageResult]:
         """Decodes every image (bad ones get their own error), then embeds the good ones in one go."""
         decoded = list(self._decoders.map(self._decode, range(len(images)), images))
-        good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, ServiceError)]
         results = [ImageResult(error=item) if isinstance(item, ServiceError) else None for item in decoded]
         if good:
-            embeddings, probabilities = self.batcher.run(np.stack([decoded[i] for i in good]))
+            embeddings, probabilities = self.batcher.run(np.stack([decoded[i][0] for i in good]))  # type: ignore[index]
             for row, i in enumerate(good):
-                results[i] = ImageResult(embedding=embeddings[row], probabilities=probabilities[row])
+                results[i] = ImageResult(embedding=embeddings[row], probabilities=probabilities[row],
+                                         face=decoded[i][1])  # type: ignore[index]
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -80,7 +80,7 @@ def _face_detector() -> Any:
     return detector
 
 
-def face_box(image: Image.Image, crop: FaceCrop) -> tuple[int, int, int, int] | None:
+def face_box(image: Image.Image, crop: FaceCrop) -> "Box | None":
     """(left, top, right, bottom) of the largest face the detector finds, with the margin, squared and
     clamped to the image; None when it finds none."""
     grey = np.asarray(image.convert("L"))
@@ -96,9 +96,20 @@ def face_box(image: Image.Image, crop: FaceCrop) -> tuple[int, int, int, int] | 
     return left, top, left + side, top + side
 
 
+Box = tuple[int, int, int, int]
+
+
 def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
                  name: str = "image", face_crop: FaceCrop | None = None) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB array of shape (height, width, 3) at `size` = (width, height).
+    See `decode_face_image`, which also says where the face was."""
+    return decode_face_image(data, size, limits, name, face_crop)[0]
+
+
+def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
+                      name: str = "image", face_crop: FaceCrop | None = None) -> tuple[np.ndarray, Box | None]:
+    """Encoded image bytes -> (uint8 RGB array of shape (height, width, 3) at `size` = (width, height), the
+    face box embedded or None).
 
     EXIF orientation is applied; greyscale, palette, CMYK and alpha images become RGB (alpha over
     white); the whole picture, or with `face_crop` its largest face, is resized with bilinear filtering.
@@ -133,14 +144,13 @@ def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = Image
         image = _to_rgb(image)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
         raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
-    if face_crop is not None:
-        box = face_box(image, face_crop)
-        if box is not None:
-            image = image.crop(box)
-        elif face_crop.no_face == "fail":
-            raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
-                                     "(its manifest's input.face_crop.no_face is 'fail')")
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    box = face_box(image, face_crop) if face_crop is not None else None
+    if box is not None:
+        image = image.crop(box)
+    elif face_crop is not None and face_crop.no_face == "fail":
+        raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
+                                 "(its manifest's input.face_crop.no_face is 'fail')")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8), box
 
 
 def _upright(image: Image.Image) -> Image.Image:

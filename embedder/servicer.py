@@ -49,6 +49,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             else:
                 entry.embedding.vector.CopyFrom(pack_vector(result.embedding))
                 entry.embedding.categories.extend(self._top_categories(result.probabilities, request.top_categories))
+                if result.face is not None:
+                    left, top, right, bottom = result.face
+                    entry.embedding.face.CopyFrom(embedder_pb2.Box(left=left, top=top, right=right, bottom=bottom))
         return response
 
     def _top_categories(self, probabilities: np.ndarray, top: int) -> list[common_pb2.CategoryProbability]:

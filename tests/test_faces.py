@@ -158,7 +158,21 @@ def test_embedder_refuses_a_photo_without_a_face_and_embeds_faces(tmp_path: Path
         with EmbedderClient(f"127.0.0.1:{port}") as client:
             results = client.embed([encoded(scene), grocery])
         assert results[0].ok and len(results[0].vector) == manifest.embedding_dim
+        # The response says which region was embedded: the pasted face (at 200, 200, 184 x 224).
+        assert results[0].face is not None and overlap(results[0].face, (246, 256, 338, 368)) > 0.8
         assert not results[1].ok and results[1].error_code == grpc.StatusCode.FAILED_PRECONDITION
         assert "images[1] shows no face" in results[1].error
     finally:
         started.stop(None)
+
+
+def test_web_query_preview_draws_the_face_box() -> None:
+    """The web demo shows which face a face model embedded: a green box on the query photo."""
+    from lookalike.web.app import FACE_BOX_COLOUR, query_preview
+
+    scene = background()
+    plain = np.asarray(Image.open(io.BytesIO(query_preview(encoded(scene), size=640))).convert("RGB"))
+    boxed = np.asarray(Image.open(io.BytesIO(query_preview(encoded(scene), size=640,
+                                                           face=(100, 120, 300, 320)))).convert("RGB"))
+    assert tuple(boxed[120, 200]) == FACE_BOX_COLOUR and tuple(boxed[200, 100]) == FACE_BOX_COLOUR
+    assert np.array_equal(boxed[200:260, 150:250], plain[200:260, 150:250])  # inside the box: the photo

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
 import streamlit as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
                                          library_error)
@@ -25,6 +25,7 @@ ROUTING_MODES = {"global": "all", "top-1 shard": "top1", "adaptive": "adaptive"}
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp"]
 THUMBNAIL, SMALL_THUMBNAIL, COLUMNS, COMPARED_HITS = 160, 72, 5, 5
 TOP_CATEGORIES_SHOWN = 10
+FACE_BOX_COLOUR = (0, 200, 0)
 # A page waits on a person: a service that is down should say so within a second or two, not after
 # the library's default eight retries.
 CALL_TIMEOUT, CALL_RETRIES = 15.0, 2
@@ -155,11 +156,17 @@ def catalogue_thumbnail(attributes: Mapping[str, str], size: int = THUMBNAIL) ->
         return None
 
 
-def query_preview(data: bytes, size: int = 224) -> bytes | None:
-    """The query photo, shown only after the embedder accepted it (so its own size limits were applied first)."""
+def query_preview(data: bytes, size: int = 224, face: tuple[int, int, int, int] | None = None) -> bytes | None:
+    """The query photo, shown only after the embedder accepted it (so its own size limits were applied first);
+    with the face box a face model embedded drawn on it (the box is in the upright photo's pixels)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _thumbnail_of(image, size)
+            if face is None:
+                return _thumbnail_of(image, size)
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+            ImageDraw.Draw(upright).rectangle((face[0], face[1], face[2] - 1, face[3] - 1), outline=FACE_BOX_COLOUR,
+                                              width=max(2, max(upright.size) // 100))
+            return _thumbnail_of(upright, size)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
@@ -270,9 +277,9 @@ def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_w
     """Prediction, probed shards and timings beside the query, then the result grid."""
     query_column, chart_column, probe_column = st.columns([1, 2, 2])
     query_column.markdown(f"**Query:** {plain(name)}")
-    preview = query_preview(data)
+    preview = query_preview(data, face=result.face)
     if preview is not None:
-        query_column.image(preview)
+        query_column.image(preview, caption="the face embedded (green box)" if result.face else None)
     top = result.categories[:TOP_CATEGORIES_SHOWN]
     chart_column.markdown(f"**Predicted category:** {plain(top[0][0])} ({top[0][1]:.2f})" if top
                           else "**No categories**")

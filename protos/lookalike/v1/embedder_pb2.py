@@ -26,7 +26,7 @@ from lookalike.v1 import common_pb2 as lookalike_dot_v1_dot_common__pb2
 from lookalike.v1 import manifest_pb2 as lookalike_dot_v1_dot_manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blookalike/v1/embedder.proto\x12\x0clookalike.v1\x1a\x19lookalike/v1/common.proto\x1a\x1blookalike/v1/manifest.proto\"!\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\n\n\x02id\x18\x02 \x01(\t\"K\n\x0c\x45mbedRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Image\x12\x16\n\x0etop_categories\x18\x02 \x01(\r\"h\n\tEmbedding\x12$\n\x06vector\x18\x01 \x01(\x0b\x32\x14.lookalike.v1.Vector\x12\x35\n\ncategories\x18\x02 \x03(\x0b\x32!.lookalike.v1.CategoryProbability\"}\n\x0b\x45mbedResult\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.lookalike.v1.EmbeddingH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.lookalike.v1.ItemStatusH\x00\x42\t\n\x07outcome\"M\n\rEmbedResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.lookalike.v1.EmbedResult\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xf0\x01\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x11\n\tproviders\x18\x05 \x03(\t\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.lookalike.v1.ModelManifest\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x32\xa3\x01\n\x08\x45mbedder\x12@\n\x05\x45mbed\x12\x1a.lookalike.v1.EmbedRequest\x1a\x1b.lookalike.v1.EmbedResponse\x12U\n\x0cGetModelInfo\x12!.lookalike.v1.GetModelInfoRequest\x1a\".lookalike.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blookalike/v1/embedder.proto\x12\x0clookalike.v1\x1a\x19lookalike/v1/common.proto\x1a\x1blookalike/v1/manifest.proto\"!\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\n\n\x02id\x18\x02 \x01(\t\"K\n\x0c\x45mbedRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Image\x12\x16\n\x0etop_categories\x18\x02 \x01(\r\"\x89\x01\n\tEmbedding\x12$\n\x06vector\x18\x01 \x01(\x0b\x32\x14.lookalike.v1.Vector\x12\x35\n\ncategories\x18\x02 \x03(\x0b\x32!.lookalike.v1.CategoryProbability\x12\x1f\n\x04\x66\x61\x63\x65\x18\x03 \x01(\x0b\x32\x11.lookalike.v1.Box\"?\n\x03\x42ox\x12\x0c\n\x04left\x18\x01 \x01(\r\x12\x0b\n\x03top\x18\x02 \x01(\r\x12\r\n\x05right\x18\x03 \x01(\r\x12\x0e\n\x06\x62ottom\x18\x04 \x01(\r\"}\n\x0b\x45mbedResult\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.lookalike.v1.EmbeddingH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.lookalike.v1.ItemStatusH\x00\x42\t\n\x07outcome\"M\n\rEmbedResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.lookalike.v1.EmbedResult\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xf0\x01\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x11\n\tproviders\x18\x05 \x03(\t\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.lookalike.v1.ModelManifest\x12\x1e\n\x16max_images_per_request\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x32\xa3\x01\n\x08\x45mbedder\x12@\n\x05\x45mbed\x12\x1a.lookalike.v1.EmbedRequest\x1a\x1b.lookalike.v1.EmbedResponse\x12U\n\x0cGetModelInfo\x12!.lookalike.v1.GetModelInfoRequest\x1a\".lookalike.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,16 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_end=134
   _globals['_EMBEDREQUEST']._serialized_start=136
   _globals['_EMBEDREQUEST']._serialized_end=211
-  _globals['_EMBEDDING']._serialized_start=213
-  _globals['_EMBEDDING']._serialized_end=317
-  _globals['_EMBEDRESULT']._serialized_start=319
-  _globals['_EMBEDRESULT']._serialized_end=444
-  _globals['_EMBEDRESPONSE']._serialized_start=446
-  _globals['_EMBEDRESPONSE']._serialized_end=523
-  _globals['_GETMODELINFOREQUEST']._serialized_start=525
-  _globals['_GETMODELINFOREQUEST']._serialized_end=546
-  _globals['_GETMODELINFORESPONSE']._serialized_start=549
-  _globals['_GETMODELINFORESPONSE']._serialized_end=789
-  _globals['_EMBEDDER']._serialized_start=792
-  _globals['_EMBEDDER']._serialized_end=955
+  _globals['_EMBEDDING']._serialized_start=214
+  _globals['_EMBEDDING']._serialized_end=351
+  _globals['_BOX']._serialized_start=353
+  _globals['_BOX']._serialized_end=416
+  _globals['_EMBEDRESULT']._serialized_start=418
+  _globals['_EMBEDRESULT']._serialized_end=543
+  _globals['_EMBEDRESPONSE']._serialized_start=545
+  _globals['_EMBEDRESPONSE']._serialized_end=622
+  _globals['_GETMODELINFOREQUEST']._serialized_start=624
+  _globals['_GETMODELINFOREQUEST']._serialized_end=645
+  _globals['_GETMODELINFORESPONSE']._serialized_start=648
+  _globals['_GETMODELINFORESPONSE']._serialized_end=888
+  _globals['_EMBEDDER']._serialized_start=891
+  _globals['_EMBEDDER']._serialized_end=1054
 # @@protoc_insertion_point(module_scope)

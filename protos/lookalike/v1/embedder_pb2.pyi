@@ -25,12 +25,26 @@ class EmbedRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_categories: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("vector", "categories")
+    __slots__ = ("vector", "categories", "face")
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    FACE_FIELD_NUMBER: _ClassVar[int]
     vector: _common_pb2.Vector
     categories: _containers.RepeatedCompositeFieldContainer[_common_pb2.CategoryProbability]
-    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., categories: _Optional[_Iterable[_Union[_common_pb2.CategoryProbability, _Mapping]]] = ...) -> None: ...
+    face: Box
+    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., categories: _Optional[_Iterable[_Union[_common_pb2.CategoryProbability, _Mapping]]] = ..., face: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("left", "top", "right", "bottom")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    left: int
+    top: int
+    right: int
+    bottom: int
+    def __init__(self, left: _Optional[int] = ..., top: _Optional[int] = ..., right: _Optional[int] = ..., bottom: _Optional[int] = ...) -> None: ...
 
 class EmbedResult(_message.Message):
     __slots__ = ("id", "embedding", "error")
