@@ -287,7 +287,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                      embedded_accuracy)
             if embedded_accuracy > feature_accuracy:
                 head, head_l2, val_features, head_on_embedding = embedded_head, embedded_l2, val_embedded, True
-        calibration = calibrate(head, val_features, val_targets)
+        if len(labels) > 1:  # one category (faces): every probability is 1, nothing to calibrate
+            calibration = calibrate(head, val_features, val_targets)
 
     temperature = calibration.temperature if calibration is not None else 1.0
     net = LookalikeNet(backbone, head, projection=projection, temperature=temperature,

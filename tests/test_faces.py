@@ -176,3 +176,16 @@ def test_web_query_preview_draws_the_face_box() -> None:
                                                            face=(100, 120, 300, 320)))).convert("RGB"))
     assert tuple(boxed[120, 200]) == FACE_BOX_COLOUR and tuple(boxed[200, 100]) == FACE_BOX_COLOUR
     assert np.array_equal(boxed[200:260, 150:250], plain[200:260, 150:250])  # inside the box: the photo
+
+
+def test_cli_bench_faces_measures_the_crop_against_plain_decoding(tmp_path: Path) -> None:
+    for person in (1, 3):
+        (tmp_path / f"s{person}").mkdir()
+        (tmp_path / f"s{person}" / "1.png").write_bytes(encoded(orl_face(person, 1)))
+    result = subprocess.run([sys.executable, "-m", "lookalike.tools.cli", "bench", "faces", "--images", str(tmp_path),
+                             "--seconds", "0.2", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["photos"] == 2 and report["faces_found"] == 2
+    assert [row["scenario"] for row in report["rows"]] == ["decode + resize (no crop)", "decode + face crop + resize"]
+    assert report["rows"][0]["ratio"] == 1.0 and all(row["images_per_second"] > 0 for row in report["rows"])

@@ -183,6 +183,13 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         photos = [image.read_bytes() for image in read_labelled_images(args.images or default_photos(Path(args.workdir)))]
         return run_soak_bench(model_dir, photos[:512], seconds=args.seconds, sample_seconds=args.sample_seconds,
                               clients=args.clients, catalogue_items=args.soak_items, as_json=args.json)
+    if args.service == "faces":
+        from lookalike.tools.bench_faces import run_faces_bench
+
+        if args.images is None:
+            raise SystemExit("bench faces: --images is required (photos with faces, e.g. a pasted set built by "
+                             "python -m lookalike.quality.faces)")
+        return run_faces_bench(args.images, seconds=args.seconds, as_json=args.json)
     if args.service == "filters":
         from lookalike.tools.bench_filters import run_filters_bench
 
@@ -322,10 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
                                               "or a soak: a long mixed load watching memory")
-    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak"],
+    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak", "faces"],
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
                             "filtered search against post-filtering and exact, and batch search; soak: both "
-                            "services under mixed load with auth on, for --seconds, e.g. 1800)")
+                            "services under mixed load with auth on, for --seconds, e.g. 1800; faces: the face "
+                            "crop's cost per image against plain decoding, on --images)")
     bench.add_argument("--ef", type=int, default=0,
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
     bench.add_argument("--model", type=Path, action="append",
