@@ -169,6 +169,14 @@ def export_onnx(net: nn.Module, path: Path, size: int,
     return path
 
 
+def model_identity(onnx_sha256: str, input_spec: manifest_pb2.InputSpec) -> str:
+    """The hex digest a model id ends with: the graph's sha256, and for a model that crops faces also the crop
+    settings, since the same graph behind another crop embeds other pixels (ids never mix in a shard)."""
+    if not input_spec.HasField("face_crop"):
+        return onnx_sha256
+    return hashlib.sha256(onnx_sha256.encode() + input_spec.face_crop.SerializeToString(deterministic=True)).hexdigest()
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -314,16 +322,16 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                  routing.expected_shards, routing.prior_weight,
                  ", ".join(f"{s.prior_weight:g} {s.map_at_10:.4f}" for s in routing.prior_weight_scores))
     sha256 = sha256_of(onnx_path)
+    input_spec = manifest_pb2.InputSpec(name=INPUT_NAME, layout="NHWC", dtype="uint8", height=settings.input_size,
+                                        width=settings.input_size, channels=3,
+                                        resize="face-crop, resize-bilinear" if crop else "resize-bilinear",
+                                        normalization="(x - 127) / 128", face_crop=crop.to_manifest() if crop else None)
     manifest = manifest_pb2.ModelManifest(
-        model_id=f"{settings.name}@{sha256[:12]}",
+        model_id=f"{settings.name}@{model_identity(sha256, input_spec)[:12]}",
         version=settings.version,
         onnx_file=ONNX_FILE,
         sha256=sha256,
-        input=manifest_pb2.InputSpec(name=INPUT_NAME, layout="NHWC", dtype="uint8", height=settings.input_size,
-                                     width=settings.input_size, channels=3,
-                                     resize="face-crop, resize-bilinear" if crop else "resize-bilinear",
-                                     normalization="(x - 127) / 128",
-                                     face_crop=crop.to_manifest() if crop else None),
+        input=input_spec,
         output=manifest_pb2.OutputSpec(embedding=EMBEDDING_OUTPUT, probabilities=PROBABILITIES_OUTPUT),
         embedding_dim=FEATURE_DIM if projection is None else settings.embedding.dimension,
         metric="cosine",

@@ -19,7 +19,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lookalike.quality.labelled_images import LabelledImage
 from lookalike.embedder.preprocess import FaceCrop
-from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, sha256_of
+from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, sha256_of
 from lookalike.codec import read_manifest, write_manifest
 from lookalike.v1 import manifest_pb2
 
@@ -103,7 +103,7 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
     manifest.CopyFrom(parent)
     sha256 = sha256_of(int8_path)
     name = parent.model_id.split("@")[0]
-    manifest.model_id = f"{name}-int8@{sha256[:12]}"
+    manifest.model_id = f"{name}-int8@{model_identity(sha256, parent.input)[:12]}"
     manifest.sha256 = sha256
     manifest.onnx_file = ONNX_FILE
     manifest.precision = "int8"

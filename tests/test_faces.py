@@ -127,6 +127,11 @@ def test_train_export_serve_search_on_a_few_orl_people(tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "model")
     assert manifest.input.face_crop.detector == "opencv-haar-frontalface-default"
     assert list(manifest.labels) == ["face"] and manifest.parity.passed
+    # The crop is part of the model's identity: the same graph without it would be another model.
+    from lookalike.exporter.export import model_identity
+
+    assert manifest.model_id.split("@")[1] == model_identity(manifest.sha256, manifest.input)[:12]
+    assert manifest.model_id.split("@")[1] != manifest.sha256[:12]
     evaluated = run("eval", "--model", str(tmp_path / "model"), "--catalog", str(tmp_path / "validation"),
                     "--queries", str(tmp_path / "validation"), "--one-category", "face", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
