@@ -66,14 +66,18 @@ class FaceCrop:
 
 # OpenCV's cascade is not documented as safe to share between threads: one per decode thread.
 _detectors = threading.local()
+# cv2's package bootstrap swaps modules while it imports: decode threads importing it at once saw a
+# half-made module (no cv2.data), so the first import and each detector's creation are serialised.
+_opencv_lock = threading.Lock()
 
 
 def _face_detector() -> Any:
     detector = getattr(_detectors, "haar", None)
     if detector is None:
-        import cv2  # opencv-python-headless, only for models that crop faces
+        with _opencv_lock:
+            import cv2  # opencv-python-headless, only for models that crop faces
 
-        detector = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+            detector = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         if detector.empty():
             raise RuntimeError("OpenCV's haarcascade_frontalface_default.xml did not load")
         _detectors.haar = detector

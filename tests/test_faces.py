@@ -194,3 +194,20 @@ def test_cli_bench_faces_measures_the_crop_against_plain_decoding(tmp_path: Path
     assert report["photos"] == 2 and report["faces_found"] == 2
     assert [row["scenario"] for row in report["rows"]] == ["decode + resize (no crop)", "decode + face crop + resize"]
     assert report["rows"][0]["ratio"] == 1.0 and all(row["images_per_second"] > 0 for row in report["rows"])
+
+
+def test_decode_threads_loading_the_detector_at_once_all_get_it() -> None:
+    """cv2's first import is not safe from several threads at once (a thread saw a module without cv2.data);
+    a fresh process whose decode threads all need the detector at the same moment must find faces in all."""
+    code = """
+from concurrent.futures import ThreadPoolExecutor
+from PIL import Image
+from lookalike.embedder.preprocess import FaceCrop, face_box
+face = Image.open(%r).convert("RGB")
+with ThreadPoolExecutor(8) as pool:
+    print(sum(box is not None for box in pool.map(lambda _: face_box(face, FaceCrop()), range(16))))
+""" % str(ORL / "s1" / "1.pgm")
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "16"
