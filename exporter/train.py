@@ -114,13 +114,27 @@ def projection_head(features: int, hidden: int, dimension: int) -> nn.Sequential
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, dimension))
 
 
+def validation_map(val_embedded: np.ndarray, val_labels: Sequence[str], train_embedded: np.ndarray,
+                   train_labels: Sequence[str]) -> float:
+    """What early stopping maximises: mAP@10 of the validation photos searched among the training photos when
+    they share labels (products seen in training), else among each other, each left out of its own results
+    (open set: people never seen in training, whom the training photos cannot match)."""
+    if set(val_labels) & set(train_labels):
+        return retrieval_map(val_embedded, val_labels, train_embedded, train_labels)
+    return retrieval_map(val_embedded, val_labels, val_embedded, val_labels, leave_one_out=True)
+
+
 def retrieval_map(queries: np.ndarray, query_labels: Sequence[str], catalogue: np.ndarray,
-                  catalogue_labels: Sequence[str], k: int = 10) -> float:
-    """Mean standard AP@k of exact cosine search (unit vectors)."""
+                  catalogue_labels: Sequence[str], k: int = 10, leave_one_out: bool = False) -> float:
+    """Mean standard AP@k of exact cosine search (unit vectors); with `leave_one_out` the queries are the
+    catalogue and each is removed from its own results."""
     totals: dict[str, int] = {}
     for label in catalogue_labels:
         totals[label] = totals.get(label, 0) + 1
     scores = queries @ catalogue.T
+    if leave_one_out:
+        np.fill_diagonal(scores, -np.inf)
+        k = min(k, scores.shape[1] - 1)
     if k < scores.shape[1]:
         # Partition first: early stopping runs this every epoch, over up to 60,000 catalogue items.
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -128,7 +142,7 @@ def retrieval_map(queries: np.ndarray, query_labels: Sequence[str], catalogue: n
     else:
         ranked = np.argsort(-scores, axis=1)[:, :k]
     labels = np.asarray(catalogue_labels)
-    return float(np.mean([average_precision(list(labels[row] == label), k, totals.get(label, 0))
+    return float(np.mean([average_precision(list(labels[row] == label), k, totals.get(label, 0) - leave_one_out)
                           for row, label in zip(ranked, query_labels)]))
 
 
@@ -201,8 +215,8 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
     embed = nn.Sequential(tower, heads.embedding, _Normalize())
 
     def validation_map() -> float:
-        return retrieval_map(run_batched(embed, val_cached, device=device), val_labels,
-                             run_batched(embed, train_views[0], device=device), catalogue_labels)
+        return validation_map(run_batched(embed, val_cached, device=device), val_labels,
+                              run_batched(embed, train_views[0], device=device), catalogue_labels)
 
     def snapshot(score: float, epoch: int) -> tuple[float, int, dict, dict | None]:
         return score, epoch, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None
@@ -277,7 +291,7 @@ def train_embedding(tower: Tower, train_views: np.ndarray, train_labels: Sequenc
     heads = _Heads(projection_head(feature_dim, settings.hidden, settings.dimension).to(device),
                    nn.Parameter((torch.randn(len(classes), settings.dimension) * 0.01).to(device)),
                    nn.Linear(feature_dim, int(categories.max()) + 1).to(device))
-    baseline = retrieval_map(frozen_val, val_labels, frozen_views[0], train_labels)
+    baseline = validation_map(frozen_val, val_labels, frozen_views[0], train_labels)
     score, epoch, history = _fit(frozen_tower, frozen_views, labels, categories, heads, frozen_val, val_labels,
                                  train_labels, settings, settings.head_epochs, settings.head_patience,
                                  settings.head_batch_size, settings.learning_rate)
