@@ -308,7 +308,7 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     log.info("parity: max |onnx - torch| = %.2e on %d images (tolerance %.0e)", parity.max_abs_diff,
              parity.images, parity.tolerance)
     routing = None
-    if known:
+    if known and len(labels) > 1:  # one category: one shard, nothing to route
         # The searcher's routing and merge, fitted with the validation photos as queries against the training
         # photos as the catalogue, through the graph just written (what the embedder will serve).
         catalogue_vectors, _ = embed_files(onnx_path, train, settings.input_size, face_crop=crop)
