@@ -114,7 +114,7 @@ def projection_head(features: int, hidden: int, dimension: int) -> nn.Sequential
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, dimension))
 
 
-def validation_map(val_embedded: np.ndarray, val_labels: Sequence[str], train_embedded: np.ndarray,
+def held_out_map(val_embedded: np.ndarray, val_labels: Sequence[str], train_embedded: np.ndarray,
                    train_labels: Sequence[str]) -> float:
     """What early stopping maximises: mAP@10 of the validation photos searched among the training photos when
     they share labels (products seen in training), else among each other, each left out of its own results
@@ -215,8 +215,8 @@ def _fit(tower: Tower, train_views: np.ndarray, labels: torch.Tensor, categories
     embed = nn.Sequential(tower, heads.embedding, _Normalize())
 
     def validation_map() -> float:
-        return validation_map(run_batched(embed, val_cached, device=device), val_labels,
-                              run_batched(embed, train_views[0], device=device), catalogue_labels)
+        return held_out_map(run_batched(embed, val_cached, device=device), val_labels,
+                            run_batched(embed, train_views[0], device=device), catalogue_labels)
 
     def snapshot(score: float, epoch: int) -> tuple[float, int, dict, dict | None]:
         return score, epoch, heads.state(), copy.deepcopy(tower.state_dict()) if tower.trainable() else None
@@ -291,7 +291,7 @@ def train_embedding(tower: Tower, train_views: np.ndarray, train_labels: Sequenc
     heads = _Heads(projection_head(feature_dim, settings.hidden, settings.dimension).to(device),
                    nn.Parameter((torch.randn(len(classes), settings.dimension) * 0.01).to(device)),
                    nn.Linear(feature_dim, int(categories.max()) + 1).to(device))
-    baseline = validation_map(frozen_val, val_labels, frozen_views[0], train_labels)
+    baseline = held_out_map(frozen_val, val_labels, frozen_views[0], train_labels)
     score, epoch, history = _fit(frozen_tower, frozen_views, labels, categories, heads, frozen_val, val_labels,
                                  train_labels, settings, settings.head_epochs, settings.head_patience,
                                  settings.head_batch_size, settings.learning_rate)

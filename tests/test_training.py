@@ -151,14 +151,14 @@ def test_early_stopping_scores_unseen_people_among_themselves() -> None:
     photos, not against training photos they can never match; shared labels keep the catalogue search."""
     import numpy as np
 
-    from lookalike.exporter.train import validation_map
+    from lookalike.exporter.train import held_out_map
 
     val = np.array([[1.0, 0.0], [0.96, 0.28], [0.0, 1.0], [0.28, 0.96]], np.float32)
     train = np.array([[0.6, 0.8]], np.float32)
     # a1's nearest other photo is a2 (rank 1), b1's is b2: AP@10 1 for every query.
-    assert validation_map(val, ["a", "a", "b", "b"], train, ["z"]) == pytest.approx(1.0)
+    assert held_out_map(val, ["a", "a", "b", "b"], train, ["z"]) == pytest.approx(1.0)
     # Swap two labels: each photo's nearest other has another label; its own comes 2nd (first and third photo)
     # or 3rd (second and fourth): (1/2 + 1/3 + 1/2 + 1/3) / 4.
-    assert validation_map(val, ["a", "b", "b", "a"], train, ["z"]) == pytest.approx(5 / 12)
+    assert held_out_map(val, ["a", "b", "b", "a"], train, ["z"]) == pytest.approx(5 / 12)
     # Shared labels: searched among the training photos (here the only one is an "a").
-    assert validation_map(val, ["a", "a", "b", "b"], train, ["a"]) == pytest.approx(0.5)
+    assert held_out_map(val, ["a", "a", "b", "b"], train, ["a"]) == pytest.approx(0.5)
