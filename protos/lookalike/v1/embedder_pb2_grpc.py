@@ -66,6 +66,8 @@ class EmbedderServicer:
         Per-image error codes (EmbedResult.error.code):
         INVALID_ARGUMENT    empty bytes, not an image, a truncated or corrupt file.
         RESOURCE_EXHAUSTED  more bytes or more pixels than the server's per-image limits.
+        FAILED_PRECONDITION the model crops faces (manifest input.face_crop, no_face "fail") and the
+        detector finds none in this image.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
