@@ -32,7 +32,7 @@ from lookalike.quality.retrieval_metrics import (average_precision, average_prec
                              precision_at, recall_at, top_k_accuracy)
 from lookalike.tools.processes import running_service
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
-from lookalike.routing import RoutingDefaults, model_routing
+from lookalike.routing import model_routing
 
 K_VALUES = (10, 100)
 DIAGNOSTIC = "fitted on these queries: diagnostic only"
@@ -68,7 +68,7 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
     with EmbedderClient(embedder) as embedder_client, SearcherClient(searcher) as searcher_client:
         info = embedder_client.model_info()
         model_id = info.model_id
-        fitted = RoutingDefaults.of_model(info.manifest)
+        fitted = info.manifest.routing if info.manifest.HasField("routing") else None
         source = "given" if None not in (prior_weight, threshold, max_shards) else \
             "model manifest (fitted on validation at export)" if fitted is not None else "searcher defaults"
         threshold, max_shards, given_weight = model_routing(info.manifest, threshold, max_shards, prior_weight)
@@ -157,10 +157,9 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
                                round(info.manifest.calibration.nll_after, 4)]},
         "manifest_routing": None if fitted is None else {
             "threshold": round(fitted.threshold, 6), "max_shards": fitted.max_shards,
-            "prior_weight": round(fitted.prior_weight, 6),
-            "validation_queries": info.manifest.routing.queries,
-            "validation_routing_recall": round(info.manifest.routing.routing_recall, 4),
-            "validation_shards": round(info.manifest.routing.expected_shards, 3)},
+            "prior_weight": round(fitted.prior_weight, 6), "validation_queries": fitted.queries,
+            "validation_routing_recall": round(fitted.routing_recall, 4),
+            "validation_shards": round(fitted.expected_shards, 3)},
         "routing_curve": routing_curve(query_categories, [query.category for query in queries], sorted(shard_sizes),
                                        max_shards),
     }
