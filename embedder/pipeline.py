@@ -50,13 +50,12 @@ class EmbeddingPipeline:
     def embed(self, images: Sequence[bytes]) -> list[ImageResult]:
         """Decodes every image (bad ones get their own error), then embeds the good ones in one go."""
         decoded = list(self._decoders.map(self._decode, range(len(images)), images))
-        good = [i for i, item in enumerate(decoded) if not isinstance(item, ServiceError)]
+        good = [(i, item) for i, item in enumerate(decoded) if not isinstance(item, ServiceError)]
         results = [ImageResult(error=item) if isinstance(item, ServiceError) else None for item in decoded]
         if good:
-            embeddings, probabilities = self.batcher.run(np.stack([decoded[i][0] for i in good]))  # type: ignore[index]
-            for row, i in enumerate(good):
-                results[i] = ImageResult(embedding=embeddings[row], probabilities=probabilities[row],
-                                         face=decoded[i][1])  # type: ignore[index]
+            embeddings, probabilities = self.batcher.run(np.stack([pixels for _, (pixels, _) in good]))
+            for row, (i, (_, face)) in enumerate(good):
+                results[i] = ImageResult(embedding=embeddings[row], probabilities=probabilities[row], face=face)
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

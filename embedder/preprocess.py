@@ -33,6 +33,8 @@ class ImageLimits:
 
 
 HAAR_FRONTAL_FACE = "opencv-haar-frontalface-default"
+# (left, top, right, bottom) in pixels of the upright image.
+Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _face_detector() -> Any:
     return detector
 
 
-def face_box(image: Image.Image, crop: FaceCrop) -> "Box | None":
+def face_box(image: Image.Image, crop: FaceCrop) -> Box | None:
     """(left, top, right, bottom) of the largest face the detector finds, with the margin, squared and
     clamped to the image; None when it finds none."""
     grey = np.asarray(image.convert("L"))
@@ -99,8 +101,6 @@ def face_box(image: Image.Image, crop: FaceCrop) -> "Box | None":
     top = min(max(y + h // 2 - side // 2, 0), image.height - side)
     return left, top, left + side, top + side
 
-
-Box = tuple[int, int, int, int]
 
 
 def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
