@@ -5,9 +5,11 @@ identical pixels.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,50 +35,64 @@ class ImageLimits:
 
 
 HAAR_FRONTAL_FACE = "opencv-haar-frontalface-default"
+DLIB_HOG_ALIGNED = "dlib-hog-5point-aligned"
+FACE_DETECTORS = (HAAR_FRONTAL_FACE, DLIB_HOG_ALIGNED)
 # (left, top, right, bottom) in pixels of the upright image.
 Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
 class FaceCrop:
-    """The manifest's face crop (manifest_pb2.FaceCrop): which face to cut out before resizing."""
+    """The manifest's face crop (manifest_pb2.FaceCrop): which face to cut out before resizing, and how."""
 
-    margin: float = 0.2
+    # dlib's aligned crop with margin 0.4 found the unseen validation people best, in scenes and alone
+    # (BENCHMARKS.md, "Face retrieval on ORL").
+    detector: str = DLIB_HOG_ALIGNED
+    margin: float = 0.4
     no_face: str = "fail"  # or "whole_image"
     scale_factor: float = 1.1
     min_neighbors: int = 5
     min_size: float = 0.1
+    upsample: int = 0
+
+    def __post_init__(self) -> None:
+        if self.detector not in FACE_DETECTORS:
+            raise ValueError(f"face_crop.detector is {self.detector!r}, expected one of {', '.join(FACE_DETECTORS)}")
+        if self.no_face not in ("fail", "whole_image"):
+            raise ValueError(f"face_crop.no_face is {self.no_face!r}, expected 'fail' or 'whole_image'")
 
     @classmethod
     def from_manifest(cls, spec: manifest_pb2.InputSpec) -> "FaceCrop | None":
         if not spec.HasField("face_crop"):
             return None
         crop = spec.face_crop
-        if crop.detector != HAAR_FRONTAL_FACE:
-            raise ValueError(f"input.face_crop.detector is {crop.detector!r}, expected {HAAR_FRONTAL_FACE!r}")
-        if crop.no_face not in ("fail", "whole_image"):
-            raise ValueError(f"input.face_crop.no_face is {crop.no_face!r}, expected 'fail' or 'whole_image'")
-        # float32 in the manifest: rounded back to the decimals they were written with.
-        return cls(round(crop.margin, 6), crop.no_face, round(crop.scale_factor, 6), crop.min_neighbors,
-                   round(crop.min_size, 6))
+        try:
+            # float32 in the manifest: rounded back to the decimals they were written with.
+            return cls(detector=crop.detector, margin=round(crop.margin, 6), no_face=crop.no_face,
+                       scale_factor=round(crop.scale_factor, 6), min_neighbors=crop.min_neighbors,
+                       min_size=round(crop.min_size, 6), upsample=crop.upsample)
+        except ValueError as error:
+            raise ValueError(f"input.{error}") from None
 
     def to_manifest(self) -> manifest_pb2.FaceCrop:
-        return manifest_pb2.FaceCrop(detector=HAAR_FRONTAL_FACE, margin=self.margin, no_face=self.no_face,
+        return manifest_pb2.FaceCrop(detector=self.detector, margin=self.margin, no_face=self.no_face,
                                      scale_factor=self.scale_factor, min_neighbors=self.min_neighbors,
-                                     min_size=self.min_size)
+                                     min_size=self.min_size, upsample=self.upsample)
 
 
-# OpenCV's cascade is not documented as safe to share between threads: one per decode thread.
+# Neither OpenCV's cascade nor dlib's detector is documented as safe to share between threads: one of each
+# per decode thread.
 _detectors = threading.local()
 # cv2's package bootstrap swaps modules while it imports: decode threads importing it at once saw a
-# half-made module (no cv2.data), so the first import and each detector's creation are serialised.
-_opencv_lock = threading.Lock()
+# half-made module (no cv2.data), so the first import and each detector's creation are serialised (dlib's
+# too, for the same reason).
+_import_lock = threading.Lock()
 
 
-def _face_detector() -> Any:
+def _haar_detector() -> Any:
     detector = getattr(_detectors, "haar", None)
     if detector is None:
-        with _opencv_lock:
+        with _import_lock:
             import cv2  # opencv-python-headless, only for models that crop faces
 
             detector = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
@@ -86,12 +102,45 @@ def _face_detector() -> Any:
     return detector
 
 
+def _dlib_models() -> tuple[Any, Any]:
+    """(HOG face detector, 5-point landmark predictor) of this thread."""
+    models = getattr(_detectors, "dlib", None)
+    if models is None:
+        with _import_lock:
+            import dlib  # dlib-bin, only for models that crop faces with it
+
+            # face_recognition_models' __init__ needs pkg_resources, gone from current setuptools: its data
+            # file is found through the package's location instead of importing it.
+            package = importlib.util.find_spec("face_recognition_models")
+            if package is None or not package.submodule_search_locations:
+                raise RuntimeError("face-recognition-models is not installed (it ships dlib's landmark model)")
+            landmarks = Path(package.submodule_search_locations[0]) / "models" / "shape_predictor_5_face_landmarks.dat"
+            models = (dlib.get_frontal_face_detector(), dlib.shape_predictor(str(landmarks)))
+        _detectors.dlib = models
+    return models
+
+
 def face_box(image: Image.Image, crop: FaceCrop) -> Box | None:
-    """(left, top, right, bottom) of the largest face the detector finds, with the margin, squared and
-    clamped to the image; None when it finds none."""
+    """(left, top, right, bottom) of the largest face the detector finds, with the margin, clamped to the
+    image; None when it finds none. (See `cut_face` for the pixels.)"""
+    face = cut_face(image, crop, (8, 8))
+    return face[1] if face is not None else None
+
+
+def cut_face(image: Image.Image, crop: FaceCrop, size: tuple[int, int]) -> tuple[Image.Image, Box] | None:
+    """The largest face in `image` as the model sees it before the final resize, and its box; None when the
+    detector finds no face. Haar: the box squared and clamped. dlib: the face turned eyes-level, `size`'s
+    longer side square (the chip dlib cuts); its box is the chip's square before turning."""
+    if crop.detector == DLIB_HOG_ALIGNED:
+        return _cut_aligned_face(image, crop, max(size))
+    box = _haar_box(image, crop)
+    return (image.crop(box), box) if box is not None else None
+
+
+def _haar_box(image: Image.Image, crop: FaceCrop) -> Box | None:
     grey = np.asarray(image.convert("L"))
     smallest = max(1, int(crop.min_size * min(grey.shape)))
-    faces = _face_detector().detectMultiScale(grey, scaleFactor=crop.scale_factor, minNeighbors=crop.min_neighbors,
+    faces = _haar_detector().detectMultiScale(grey, scaleFactor=crop.scale_factor, minNeighbors=crop.min_neighbors,
                                               minSize=(smallest, smallest))
     if len(faces) == 0:
         return None
@@ -101,6 +150,22 @@ def face_box(image: Image.Image, crop: FaceCrop) -> Box | None:
     top = min(max(y + h // 2 - side // 2, 0), image.height - side)
     return left, top, left + side, top + side
 
+
+def _cut_aligned_face(image: Image.Image, crop: FaceCrop, side: int) -> tuple[Image.Image, Box] | None:
+    import dlib
+
+    detector, landmarks = _dlib_models()
+    pixels = np.asarray(image)
+    faces = detector(pixels, crop.upsample)
+    if len(faces) == 0:
+        return None
+    face = max(faces, key=lambda rect: (rect.area(), -rect.left(), -rect.top()))
+    shape = landmarks(pixels, face)
+    chip = dlib.get_face_chip(pixels, shape, size=side, padding=crop.margin)
+    square = dlib.get_face_chip_details(shape, size=side, padding=crop.margin).rect
+    box = (max(0, round(square.left())), max(0, round(square.top())),
+           min(image.width, round(square.right())), min(image.height, round(square.bottom())))
+    return Image.fromarray(chip), box
 
 
 def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
@@ -148,9 +213,10 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
         image = _to_rgb(image)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
         raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
-    box = face_box(image, face_crop) if face_crop is not None else None
-    if box is not None:
-        image = image.crop(box)
+    face = cut_face(image, face_crop, size) if face_crop is not None else None
+    box = None
+    if face is not None:
+        image, box = face
     elif face_crop is not None and face_crop.no_face == "fail":
         raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
                                  "(its manifest's input.face_crop.no_face is 'fail')")

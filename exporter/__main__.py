@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from lookalike.embedder.preprocess import DLIB_HOG_ALIGNED, FACE_DETECTORS, FaceCrop
 from lookalike.quality.labelled_images import LabelledImage, in_one_category, read_labelled_images
 
 if TYPE_CHECKING:
@@ -83,11 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (a GPU)")
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="while fine-tuning, update BatchNorm statistics from the training batches")
-    parser.add_argument("--face-crop", action="store_true",
-                        help="crop each photo to its largest face (OpenCV's Haar cascade) before resizing, in "
-                             "training and, through the manifest, in the embedder")
-    parser.add_argument("--face-margin", type=float, default=0.2,
-                        help="with --face-crop: grow the face box by this fraction of its size on each side")
+    parser.add_argument("--face-crop", nargs="?", const=FaceCrop.detector, choices=FACE_DETECTORS, metavar="DETECTOR",
+                        help="crop each photo to its largest face before resizing, in training and, through the "
+                             f"manifest, in the embedder; DETECTOR is one of {', '.join(FACE_DETECTORS)} (default "
+                             f"{FaceCrop.detector})")
+    parser.add_argument("--face-margin", type=float, default=FaceCrop.margin,
+                        help=f"with --face-crop: grow the face box (Haar) or the aligned face (dlib) by this fraction "
+                             f"of its size on each side (default {FaceCrop.margin})")
+    parser.add_argument("--face-upsample", type=int, default=0,
+                        help=f"with --face-crop {DLIB_HOG_ALIGNED}: double the image this many times before "
+                             "detecting (finds faces under 80 pixels, about 4x the time each)")
     parser.add_argument("--no-face", choices=["fail", "whole-image"], default="fail",
                         help="with --face-crop: a photo without a face is refused (FAILED_PRECONDITION; left out of "
                              "training) or embedded whole")
@@ -129,7 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lookalike.exporter").setLevel(logging.INFO)
-    from lookalike.embedder.preprocess import FaceCrop
     from lookalike.exporter.efficientnet_lite import VARIANTS
     from lookalike.exporter.export import ExportSettings, export_default_model
 
@@ -137,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     validation = read_labelled_images(args.val) if args.val else []
     if args.one_category:
         train, validation = in_one_category(train, args.one_category), in_one_category(validation, args.one_category)
-    face_crop = FaceCrop(margin=args.face_margin, no_face=args.no_face.replace("-", "_")) if args.face_crop else None
+    face_crop = FaceCrop(detector=args.face_crop, margin=args.face_margin, no_face=args.no_face.replace("-", "_"),
+                         upsample=args.face_upsample) if args.face_crop else None
     embedding = training_settings(args) if args.train_embedding else None
     settings = ExportSettings(name=args.name or f"effnet-{args.backbone}", backbone=args.backbone, seed=args.seed,
                               input_size=args.input_size or VARIANTS[args.backbone].input_size, embedding=embedding,

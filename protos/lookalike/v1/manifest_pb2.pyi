@@ -119,20 +119,22 @@ class InputSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., resize: _Optional[str] = ..., normalization: _Optional[str] = ..., face_crop: _Optional[_Union[FaceCrop, _Mapping]] = ...) -> None: ...
 
 class FaceCrop(_message.Message):
-    __slots__ = ("detector", "margin", "no_face", "scale_factor", "min_neighbors", "min_size")
+    __slots__ = ("detector", "margin", "no_face", "scale_factor", "min_neighbors", "min_size", "upsample")
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     MARGIN_FIELD_NUMBER: _ClassVar[int]
     NO_FACE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     MIN_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLE_FIELD_NUMBER: _ClassVar[int]
     detector: str
     margin: float
     no_face: str
     scale_factor: float
     min_neighbors: int
     min_size: float
-    def __init__(self, detector: _Optional[str] = ..., margin: _Optional[float] = ..., no_face: _Optional[str] = ..., scale_factor: _Optional[float] = ..., min_neighbors: _Optional[int] = ..., min_size: _Optional[float] = ...) -> None: ...
+    upsample: int
+    def __init__(self, detector: _Optional[str] = ..., margin: _Optional[float] = ..., no_face: _Optional[str] = ..., scale_factor: _Optional[float] = ..., min_neighbors: _Optional[int] = ..., min_size: _Optional[float] = ..., upsample: _Optional[int] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
     __slots__ = ("embedding", "probabilities")
