@@ -269,6 +269,19 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
             raise ValueError("training an embedding needs validation images for early stopping")
         projection, training = train_embedding(tower, train_views, [image.label for image in train], targets,
                                                val_cached, [image.label for image in validation], embedding)
+        trained = training.get("finetuned_val_mAP@10", training["head_val_mAP@10"])
+        if trained < training["frozen_val_mAP@10"]:
+            # Training is meant to beat the ImageNet features on the validation people or products; when it
+            # does not, the better model on validation is the untouched backbone without the head.
+            log.warning("the trained embedding (validation mAP@10 %.4f) is below the frozen features (%.4f): "
+                        "exporting the frozen features", trained, training["frozen_val_mAP@10"])
+            training["kept"] = "frozen features (better on validation)"
+            backbone = load_imagenet_model(settings.backbone)
+            # The same cached inputs, through the untouched ImageNet blocks.
+            tower = Tower(backbone, tower.split, seed=settings.seed)
+            projection, split = None, None
+        else:
+            training["kept"] = "trained embedding"
     features = run_batched(tower, train_views[0], device=device)
     val_features = run_batched(tower, val_cached, device=device)[known_rows]
     del train_views, val_cached

@@ -1,14 +1,19 @@
-"""Face retrieval sets from ORL (seed 004's task): people split into training and unseen ones, and the unseen
-people's photos pasted onto real backgrounds, to show what a face crop is worth.
+"""Face retrieval sets from ORL (seed 004's task): people split three ways (training, validation, test), none
+in two of them, and the photos of the validation and test people also pasted onto real backgrounds, to show
+what a face crop is worth.
 
-`python -m lookalike.quality.faces ORL_ROOT BACKGROUNDS DEST` writes, from ORL_ROOT/<person>/*.pgm:
+`python -m lookalike.quality.faces ORL_ROOT BACKGROUNDS DEST` writes, from ORL_ROOT/<person>/*.pgm, people
+in natural order:
 
-- DEST/train/<person>/: every photo of the training people (the first `train_people` in natural order);
-- DEST/validation/<person>/: every photo of the other people (early stopping and fitting at export);
-- DEST/catalogue/<person>/ and DEST/queries/<person>/: the same unseen people's photos, split in halves
-  (catalogue: the first half of each person's photos; queries: the rest), what `lookalike eval` scores;
-- DEST/pasted-catalogue/, DEST/pasted-queries/: those photos pasted at a random position and scale onto a
-  random background photo (a labelled folder or list file, e.g. grocery's train.txt), seeded.
+- DEST/train/<person>/: every photo of the first `train_people` people;
+- DEST/validation/<person>/: every photo of the next `validation_people` people (early stopping and
+  choices at export: the exporter scores them leave-one-out among themselves);
+- DEST/catalogue/<person>/ and DEST/queries/<person>/: the remaining (test) people's photos, split in
+  halves (catalogue: the first half of each person's photos; queries: the rest), what `lookalike eval`
+  scores: nothing is fitted on them;
+- DEST/pasted-validation/, DEST/pasted-catalogue/, DEST/pasted-queries/: those photos pasted at a random
+  position and scale onto a random background photo (a labelled folder or list file, e.g. grocery's
+  train.txt), seeded.
 """
 from __future__ import annotations
 
@@ -42,11 +47,13 @@ def paste_onto(face: Image.Image, background: Image.Image, rng: random.Random) -
     return scene
 
 
-def build_face_sets(orl_root: Path, backgrounds: Path, dest: Path, train_people: int = 16, seed: int = 0) -> None:
+def build_face_sets(orl_root: Path, backgrounds: Path, dest: Path, train_people: int = 14,
+                    validation_people: int = 4, seed: int = 0) -> None:
     """Writes the sets described in the module docstring (DEST is replaced)."""
     people = sorted((p for p in Path(orl_root).iterdir() if p.is_dir()), key=lambda p: _natural(p.name))
-    if len(people) <= train_people:
-        raise ValueError(f"{orl_root} has {len(people)} people, need more than {train_people} to hold some out")
+    if len(people) <= train_people + validation_people:
+        raise ValueError(f"{orl_root} has {len(people)} people, need more than {train_people} + {validation_people} "
+                         "to hold some out for testing")
     scenes = [image.path for image in read_labelled_images(backgrounds)]
     rng = random.Random(seed)
     shutil.rmtree(dest, ignore_errors=True)
@@ -55,9 +62,10 @@ def build_face_sets(orl_root: Path, backgrounds: Path, dest: Path, train_people:
         if index < train_people:
             _copy(photos, Path(dest) / "train" / person.name)
             continue
-        _copy(photos, Path(dest) / "validation" / person.name)
         half = len(photos) // 2
-        for split, chosen in (("catalogue", photos[:half]), ("queries", photos[half:])):
+        splits = ([("validation", photos)] if index < train_people + validation_people
+                  else [("catalogue", photos[:half]), ("queries", photos[half:])])
+        for split, chosen in splits:
             _copy(chosen, Path(dest) / split / person.name)
             for photo in chosen:
                 pasted = paste_onto(Image.open(photo), Image.open(rng.choice(scenes)), rng)
@@ -78,11 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("orl", type=Path, help="ORL faces: ROOT/<person>/*.pgm")
     parser.add_argument("backgrounds", type=Path, help="photos without faces to paste onto (folder or list file)")
     parser.add_argument("dest", type=Path, help="where to write the sets (replaced)")
-    parser.add_argument("--train-people", type=int, default=16)
+    parser.add_argument("--train-people", type=int, default=14)
+    parser.add_argument("--validation-people", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build_face_sets(args.orl, args.backgrounds, args.dest, args.train_people, args.seed)
-    print(f"wrote {args.dest}: train, validation, catalogue, queries, pasted-catalogue, pasted-queries")
+    build_face_sets(args.orl, args.backgrounds, args.dest, args.train_people, args.validation_people, args.seed)
+    print(f"wrote {args.dest}: train, validation, catalogue, queries, pasted-validation, pasted-catalogue, "
+          "pasted-queries")
     return 0
 
 
