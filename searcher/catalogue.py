@@ -451,7 +451,7 @@ class Catalogue:
     def search(self, query: SearchQuery) -> SearchOutcome:
         shards = dict(self.shards)  # a consistent view while the log adds shards
         keys = self._search_keys()
-        ef = query.ef or self.config.ef
+        ef = max(query.ef, self.config.ef)  # a request may widen the search, never narrow it
         routed = plan(query.routing, keys, self.routing.threshold, self.routing.max_shards, self.routing.prior_weight)
         for probe in routed.probes:
             for key in keys[probe.category]:
@@ -468,10 +468,12 @@ class Catalogue:
             candidates: list[Hit] = []
             may_hold_more = False
             tasks = [(shards[key], probe) for probe in routed.probes for key in keys[probe.category]]
-            # hnswlib and numpy release the GIL while they search, so shards searched in parallel use
-            # every core a query alone would leave idle (global search over many shards, say).
-            run = (self._probe_pool.map if self._probe_pool is not None and len(tasks) > 1 else map)
-            for found, report in run(lambda task: self._probe(*task, query, ef, depth), tasks):
+            screen = self.config.screen_from_shards
+            if not query.distinct_products and screen and len(tasks) >= screen:
+                results = self._screened_probes(tasks, query, ef)
+            else:
+                results = self._probes(tasks, query, ef, depth)
+            for found, report in results:
                 outcome.probes.append(report)
                 candidates.extend(found)
                 may_hold_more |= len(found) == depth
@@ -484,13 +486,36 @@ class Catalogue:
                 return outcome
             depth = min(depth * 4, MAX_PRODUCT_DEPTH)
 
+    def _probes(self, tasks: list[tuple[Shard, PlannedProbe]], query: SearchQuery, ef: int,
+                depth: int) -> list[tuple[list[Hit], ProbeReport]]:
+        # hnswlib and numpy release the GIL while they search, so shards searched in parallel use
+        # every core a query alone would leave idle (global search over many shards, say).
+        run = (self._probe_pool.map if self._probe_pool is not None and len(tasks) > 1 else map)
+        return list(run(lambda task: self._probe(*task, query, ef, depth), tasks))
+
+    def _screened_probes(self, tasks: list[tuple[Shard, PlannedProbe]], query: SearchQuery,
+                         ef: int) -> list[tuple[list[Hit], ProbeReport]]:
+        """Many shards for one query's k: most of them hold none of its best k, yet each would be searched at
+        full ef. Every shard is first searched at screen_ef_fraction of ef; the shards holding any of the
+        merged best k are then searched again at full ef (their screening may have missed their other
+        good items), and the rest keep their screening answer, whose best is already below the k-th."""
+        screen_ef = max(query.k, round(ef * self.config.screen_ef_fraction))
+        results = self._probes(tasks, query, screen_ef, query.k)
+        best = {id(hit) for hit in merge_hits([hit for found, _ in results for hit in found], query.k)}
+        # (A shard small enough to be searched exactly has nothing more to give.)
+        holders = [position for position, (found, _) in enumerate(results)
+                   if len(tasks[position][0]) > self.config.exact_below and any(id(hit) in best for hit in found)]
+        for position, (found, report) in zip(holders, self._probes([tasks[p] for p in holders], query, ef, query.k)):
+            results[position] = found, dataclasses.replace(report, seconds=report.seconds + results[position][1].seconds)
+        return results
+
     def _probe(self, shard: Shard, probe: PlannedProbe, query: SearchQuery, ef: int,
                depth: int) -> tuple[list[Hit], ProbeReport]:
         SHARD_PROBES.labels(shard.category).inc()
         started = time.perf_counter()
         found = shard.search(query.vector, depth, ef, query.where)
-        # hnswlib never searches with an ef below k, nor below the index's own.
-        report = ProbeReport(probe.category, probe.probability, depth, max(ef, self.config.ef, depth), len(shard),
+        # hnswlib never searches with an ef below k.
+        report = ProbeReport(probe.category, probe.probability, depth, max(ef, depth), len(shard),
                              time.perf_counter() - started, shard.part, shard.parts, found.filter_matches,
                              found.filter_exact)
         return [Hit(item_id, similarity + probe.prior, similarity, shard.category, attributes, product)

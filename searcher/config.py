@@ -52,6 +52,10 @@ class SearcherConfig:
     max_batch_queries: int = 256
     # Threads searching one query's shards in parallel (0: one per CPU the cgroup quota allows; 1: in turn).
     probe_threads: int = 0
+    # A query searching at least this many shards (global search, say) screens them all at
+    # screen_ef_fraction of its ef, then searches at full ef only those holding its best k (0: never).
+    screen_from_shards: int = 8
+    screen_ef_fraction: float = 0.25
     # Capacity of a new shard; it doubles when full.
     initial_capacity: int = 1024
     max_k: int = 1000
@@ -107,6 +111,9 @@ class SearcherConfig:
             raise ValueError(f"probe_threads must be 0 (one per CPU) or more, got {self.probe_threads}")
         if not self.filter_exact_factor >= 0:
             raise ValueError(f"filter_exact_factor must be 0 or more, got {self.filter_exact_factor}")
+        if self.screen_from_shards < 0 or not 0 < self.screen_ef_fraction <= 1:
+            raise ValueError(f"screen_from_shards must be 0 (never) or more and screen_ef_fraction in (0, 1], got "
+                             f"{self.screen_from_shards} and {self.screen_ef_fraction}")
 
     def routing_defaults(self) -> RoutingDefaults:
         """The routing defaults: the routing model's fitted ones, else the routing_* settings."""

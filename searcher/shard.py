@@ -104,7 +104,9 @@ class Shard:
             index = hnswlib.Index(space="ip", dim=dimension)
             index.init_index(max_elements=settings.initial_capacity, ef_construction=settings.ef_construction,
                              M=settings.m, allow_replace_deleted=True, random_seed=100)
-        index.set_ef(settings.ef)
+        # hnswlib searches at max(the index's ef, k); each search asks for its own breadth (see `search`), so
+        # the index's ef stays at the minimum rather than imposing a floor on every search.
+        index.set_ef(1)
         index.set_num_threads(1)
         self.index = index
 
@@ -195,7 +197,7 @@ class Shard:
                     return self._exact(vector, k, where)
         # hnswlib's ef is one setting of the whole index, but a search keeps max(ef, k) candidates and returns
         # the best k: asking for `breadth` results and keeping the best k is the search at that ef, under the
-        # read lock, so searches with different ef run concurrently. Below the index's ef it searches at that.
+        # read lock, so searches with different ef run concurrently.
         breadth = max(ef, k)
         with self.lock.reading():
             count = len(self.label_of)

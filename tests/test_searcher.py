@@ -350,6 +350,38 @@ def test_request_ef_is_used_and_never_below_k_or_the_default(loaded, grocery_emb
     assert deep.probes[0].ef == 100
 
 
+def test_many_shards_are_screened_then_the_holders_searched_again_at_full_ef(tmp_path: Path,
+                                                                           grocery_embeddings: dict) -> None:
+    """Global search over many shards (one per grocery label): every shard is first searched at a quarter of
+    the ef, and only the shards holding the merged best k search again at the full ef. The hits come from
+    those shards, and recall against brute force is that of the search without screening."""
+    data = grocery_embeddings
+    items = [pb.Item(id=image.item_id, category=image.label, vector=pack_vector(vector), model_id=data["model_id"])
+             for image, vector in zip(data["catalogue"], data["catalogue_vectors"])]
+    ids = np.array([image.item_id for image in data["catalogue"]])
+    shards = len({image.label for image in data["catalogue"]})
+    assert shards >= 8  # the default screen_from_shards
+    recalls: dict[int, list[float]] = {0: [], 8: []}
+    for screen_from in recalls:
+        started, channel = start_searcher(tmp_path / str(screen_from), snapshot_interval=0, exact_below=0,
+                                          screen_from_shards=screen_from)
+        upsert(channel, items)
+        for query in data["query_vectors"]:
+            response = search(channel, query, data["model_id"], k=K, ef=128)
+            assert len(response.probes) == shards
+            full = {probe.category for probe in response.probes if probe.ef == 128}
+            if screen_from:
+                assert {probe.ef for probe in response.probes} <= {32, 128}
+                assert {hit.category for hit in response.hits} <= full and 1 <= len(full) <= K
+            else:
+                assert len(full) == shards
+            expected = list(ids[exact_top_k(data["catalogue_vectors"], query, K)])
+            recalls[screen_from].append(recall([hit.id for hit in response.hits], expected))
+        channel.close()
+        started.stop(None)
+    assert np.mean(recalls[8]) >= 0.95 and np.mean(recalls[8]) >= np.mean(recalls[0]) - 0.01, recalls
+
+
 def test_probability_routing_with_no_known_category_falls_back_to_all_shards(loaded, grocery_embeddings: dict) -> None:
     _, channel = loaded
     routing = pb.Routing(probabilities=pb.ProbabilityRouting(categories=[
