@@ -196,6 +196,17 @@ def test_cli_bench_searcher_prints_ratios() -> None:
     assert all(row["recall_probed"] >= 0.9 for row in report["rows"] if "(SearchBatch)" not in row["routing"])
 
 
+def test_cli_bench_servers_compares_the_thread_pool_and_asyncio_servers() -> None:
+    result = run_cli("bench", "servers", "--items", "3000", "--dimension", "32", "--seconds", "0.2", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [(row["path"].split(",")[0], row["clients"]) for row in rows] == [
+        ("servicer in process (decode", 1), ("servicer in process (decode", 8)] + [
+        (server, clients) for server in ("grpc.server", "grpc.aio server", "grpc.aio server") for clients in (1, 8)]
+    assert all(row["queries_per_second"] > 0 and row["client_cpu_ms"] > 0 for row in rows)
+    assert rows[0]["server_cpu_ms"] is None and all(row["server_cpu_ms"] > 0 for row in rows[2:])
+
+
 def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
     """--model, repeated: every scenario for each model, named by its id, ratios against its own in-process loop."""
     from lookalike.codec import read_manifest
