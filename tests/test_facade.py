@@ -207,6 +207,23 @@ def test_cli_bench_servers_compares_the_thread_pool_and_asyncio_servers() -> Non
     assert rows[0]["server_cpu_ms"] is None and all(row["server_cpu_ms"] > 0 for row in rows[2:])
 
 
+@pytest.mark.slow
+def test_cli_bench_peers_runs_every_system_on_the_same_vectors() -> None:
+    """Chroma (its server) and Milvus Lite, installed on first use into var/peers-venv (kept for later runs),
+    against the searcher on a small catalogue: every system and mode at recall@10 >= 0.95."""
+    result = run_cli("bench", "peers", "--items", "3000", "--dimension", "32", "--seconds", "0.2", "--json",
+                     timeout=1200)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [system["system"] for system in report["systems"]] == ["lookalike", "chroma", "milvus-lite"]
+    for system in report["systems"]:
+        assert system["ingest_items_per_second"] > 0 and system["server_memory_bytes_per_item"] > 0
+        assert [(row["mode"], row["clients"]) for row in system["rows"]] == [
+            ("category-scoped", 1), ("category-scoped", 8), ("global", 1), ("global", 8)]
+        assert all(row["recall_at_10"] >= 0.95 and row["queries_per_second"] > 0 for row in system["rows"])
+    assert all(row["lookalike_over_this"] == 1.0 for row in report["systems"][0]["rows"])
+
+
 def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
     """--model, repeated: every scenario for each model, named by its id, ratios against its own in-process loop."""
     from lookalike.codec import read_manifest

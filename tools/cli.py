@@ -190,6 +190,12 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
             raise SystemExit("bench faces: --images is required (photos with faces, e.g. a pasted set built by "
                              "python -m lookalike.quality.faces)")
         return run_faces_bench(args.images, seconds=args.seconds, as_json=args.json)
+    if args.service == "peers":
+        from lookalike.tools.bench_peers import PEERS, run_peers_bench
+
+        return run_peers_bench(items=args.items, dimension=args.dimension, seconds=args.seconds,
+                               venv_dir=Path(args.peers_venv), peer_timeout=args.peer_timeout,
+                               peers=tuple(args.peer or PEERS), as_json=args.json)
     if args.service == "servers":
         from lookalike.tools.bench_servers import run_servers_bench
 
@@ -333,12 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
                                               "or a soak: a long mixed load watching memory")
-    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak", "faces", "servers"],
+    bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak", "faces", "servers",
+                                            "peers"],
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
                             "filtered search against post-filtering and exact, and batch search; soak: both "
                             "services under mixed load with auth on, for --seconds, e.g. 1800; faces: the face "
                             "crop's cost per image against plain decoding, on --images; servers: one Search's cost in the "
-                            "thread-pool gRPC server against grpc.aio)")
+                            "thread-pool gRPC server against grpc.aio; peers: the searcher against Chroma and Milvus "
+                            "Lite on the same vectors, installed on first use into --peers-venv)")
+    bench.add_argument("--peers-venv", default="var/peers-venv",
+                       help="peers: the virtual environment holding Chroma and Milvus Lite (created when missing)")
+    bench.add_argument("--peer", action="append", choices=["chroma", "milvus-lite"],
+                       help="peers: which peer to run, repeatable (default: both)")
+    bench.add_argument("--peer-timeout", type=float, default=1800.0,
+                       help="peers: seconds one peer may take (ingest, ef search and rows); past it, reported unfinished")
     bench.add_argument("--ef", type=int, default=0,
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
     bench.add_argument("--model", type=Path, action="append",
@@ -353,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the store)")
     bench.add_argument("--store", default="", help="replicas: a PostgreSQL DSN to measure against (default: a "
                                                    "throwaway local server)")
-    bench.add_argument("--items", type=int, default=100_000, help="searcher, filters, servers: catalogue size")
+    bench.add_argument("--items", type=int, default=100_000, help="searcher, filters, servers, peers: catalogue size")
     bench.add_argument("--dimension", type=int, default=256, help="searcher, filters: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
