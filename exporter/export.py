@@ -276,9 +276,10 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
             log.warning("the trained embedding (validation mAP@10 %.4f) is below the frozen features (%.4f): "
                         "exporting the frozen features", trained, training["frozen_val_mAP@10"])
             training["kept"] = "frozen features (better on validation)"
-            backbone = load_imagenet_model(settings.backbone)
-            # The same cached inputs, through the untouched ImageNet blocks.
-            tower = Tower(backbone, tower.split, seed=settings.seed)
+            if tower.trainable():
+                # Fine-tuning changed the blocks: the same cached inputs, through the ImageNet ones again.
+                backbone = load_imagenet_model(settings.backbone)
+                tower = Tower(backbone, tower.split, seed=settings.seed)
             projection, split = None, None
         else:
             training["kept"] = "trained embedding"

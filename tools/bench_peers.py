@@ -34,7 +34,7 @@ import numpy as np
 
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from lookalike.tools.bench_searcher import synthetic
-from lookalike.tools.peers_driver import EFS, K, TARGET, load, measure_system
+from lookalike.tools.peers_driver import EFS, K, TARGET, measure_system
 from lookalike.tools.processes import running_service
 
 PEER_PACKAGES = ("chromadb==1.5.9", "milvus-lite==3.2.2", "pymilvus==3.0.2")
@@ -78,14 +78,15 @@ def run_peers_bench(items: int = 100_000, dimension: int = 256, categories: int 
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "items": items, "dimension": dimension, "categories": categories, "queries": queries,
         "peers": list(PEER_PACKAGES), "systems": [], "unfinished": []}
+    # What peers_driver.load reads back in the peers' environment.
+    arrays = {"vectors": vectors, "categories": labels, "queries": query_vectors, "query_categories": query_labels,
+              "exact_global": exact_global, "exact_scoped": exact_scoped}
     try:
-        for name, array in (("vectors", vectors), ("categories", labels), ("queries", query_vectors),
-                            ("query_categories", query_labels), ("exact_global", exact_global),
-                            ("exact_scoped", exact_scoped)):
+        for name, array in arrays.items():
             np.save(data / f"{name}.npy", array)
         searcher = LookalikeSearcher(data / "lookalike")
         try:
-            report["systems"].append(measure_system("lookalike", searcher, load(data), seconds))
+            report["systems"].append(measure_system("lookalike", searcher, arrays, seconds))
         finally:
             searcher.close()
         print(f"lookalike: {json.dumps(report['systems'][-1])}", file=sys.stderr, flush=True)
