@@ -255,13 +255,17 @@ class Shard:
         with self.lock.reading():
             live = len(self.label_of)
             capacity = self.index.get_max_elements()
-            deleted = self.index.get_current_count() - live
-        # hnswlib keeps per slot: the vector, level-0 links (2*M ids), a link count and a label;
-        # upper levels add about 1/ln(M) of that for links.
-        per_slot = self.dimension * 4 + 2 * self.settings.m * 4 + 4 + 8
+            used = self.index.get_current_count()
+            deleted = used - live
+        # hnswlib keeps per item in use: the vector, level-0 links (2*M ids), a link count and a label (upper
+        # levels and the label map add about a tenth); per slot of capacity a lock, a level and a pointer; per
+        # index 65,536 label locks (2.6 MB, measured: what 20 shards of 5,000 items spend beyond one index).
+        per_item = self.dimension * 4 + 2 * self.settings.m * 4 + 4 + 8
+        per_slot = 40 + 4 + 8
+        per_index = 65_536 * 40
         table = self._by_label.nbytes if self._by_label is not None else 0
         return {"items": live, "deleted": max(deleted, 0), "capacity": capacity,
-                "memory_bytes": int(capacity * per_slot * 1.1) + table}
+                "memory_bytes": int(used * per_item * 1.1) + capacity * per_slot + per_index + table}
 
     # -- snapshots ---------------------------------------------------------------------------------
 

@@ -218,6 +218,8 @@ def test_cli_bench_peers_runs_every_system_on_the_same_vectors() -> None:
     assert [system["system"] for system in report["systems"]] == ["lookalike", "chroma", "milvus-lite"]
     for system in report["systems"]:
         assert system["ingest_items_per_second"] > 0 and system["server_memory_bytes_per_item"] > 0
+        # (At 3,000 items the growth over the second half is within the allocator's noise: present, not sized.)
+        assert isinstance(system["server_memory_bytes_per_further_item"], float)
         assert [(row["mode"], row["clients"]) for row in system["rows"]] == [
             ("category-scoped", 1), ("category-scoped", 8), ("global", 1), ("global", 8)]
         assert all(row["recall_at_10"] >= 0.95 and row["queries_per_second"] > 0 for row in system["rows"])

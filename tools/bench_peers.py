@@ -10,7 +10,8 @@ neighbourhoods overlap), the same 500 queries, each system through its own clien
 
 Each system, each mode, searches at the smallest ef of 16, 32, ... that reaches recall@10 >= 0.95 against
 exact search over the same scope; then queries/s and p50/p99 at 1 and 8 client threads, ingest rate
-(batches of 1000 through the client) and the server's memory per item (resident set growth).
+(batches of 1000 through the client) and the server's memory per item (resident set growth), over all the
+items and over the second half of them (without each system's fixed costs).
 
 The peers are not project dependencies: they are installed on first use into their own virtual
 environment (`--peers-venv`, default var/peers-venv) at the versions below, and driven by
@@ -116,7 +117,8 @@ def run_peers_bench(items: int = 100_000, dimension: int = 256, categories: int 
           f"system at its smallest ef reaching recall@10 >= {TARGET}; peers: {', '.join(PEER_PACKAGES)}")
     for system in report["systems"]:
         print(f"{system['system']:<12} ingest {system['ingest_items_per_second']:>9} items/s   server memory "
-              f"{system['server_memory_bytes_per_item']:>8} bytes/item")
+              f"{system['server_memory_bytes_per_item']:>8} bytes/item, "
+              f"{system['server_memory_bytes_per_further_item']:>8} per item of the second half")
     print(f"{'system':<12} {'mode':<16} {'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'recall@10':>9} "
           f"{'ef':>5} {'lookalike/this':>14}")
     for system in report["systems"]:
