@@ -136,7 +136,9 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                           "shard_categories": [probe.category for probe in outcome.probes],
                           "shard_seconds": [probe.seconds for probe in outcome.probes],
                           "shard_ef": [probe.ef for probe in outcome.probes]})
-        return _search_response(outcome)
+        response = searcher_pb2.SearchResponse()
+        _fill_search_response(response, outcome)
+        return response
 
     @rpc_method
     def SearchBatch(self, request: searcher_pb2.SearchBatchRequest,
@@ -145,14 +147,22 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         count = len(request.queries)
         if not 1 <= count <= self._config.max_batch_queries:
             raise InvalidArgument(f"queries has {count} entries, expected 1 to {self._config.max_batch_queries}")
-        response = searcher_pb2.SearchBatchResponse()
+        checked: list[SearchQuery | ServiceError] = []
         for position, query in enumerate(request.queries):
-            result = response.results.add()
             try:
-                outcome = catalogue.search(self._query(query, f"queries[{position}]."))
-                result.response.CopyFrom(_search_response(outcome))
+                checked.append(self._query(query, f"queries[{position}]."))
             except ServiceError as error:
-                result.status.CopyFrom(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
+                checked.append(error)
+        valid = [query for query in checked if isinstance(query, SearchQuery)]
+        found = iter(catalogue.search_many(valid))
+        response = searcher_pb2.SearchBatchResponse()
+        for query in checked:
+            result = response.results.add()
+            outcome = next(found) if isinstance(query, SearchQuery) else query
+            if isinstance(outcome, ServiceError):
+                result.status.CopyFrom(common_pb2.ItemStatus(code=outcome.code.value[0], message=str(outcome)))
+            else:
+                _fill_search_response(result.response, outcome)
         annotate(lambda: {"queries": count,
                           "failed_queries": sum(result.status.code != 0 for result in response.results)})
         return response
@@ -218,8 +228,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             parts=placement.parts))
 
 
-def _search_response(outcome: SearchOutcome) -> searcher_pb2.SearchResponse:
-    response = searcher_pb2.SearchResponse(unknown_categories=outcome.unknown_categories)
+def _fill_search_response(response: searcher_pb2.SearchResponse, outcome: SearchOutcome) -> None:
+    response.unknown_categories.extend(outcome.unknown_categories)
     for hit in outcome.hits:
         response.hits.add(id=hit.id, score=hit.score, similarity=hit.similarity, category=hit.category,
                           attributes=hit.attributes, product=hit.product, product_matches=hit.product_matches)
@@ -227,4 +237,3 @@ def _search_response(outcome: SearchOutcome) -> searcher_pb2.SearchResponse:
         response.probes.add(category=probe.category, probability=probe.probability, k=probe.k, ef=probe.ef,
                             items=probe.items, seconds=probe.seconds, part=probe.part, parts=probe.parts,
                             filter_matches=probe.filter_matches, filter_exact=probe.filter_exact)
-    return response

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from lookalike.client.connection import InvalidArgumentError
+from lookalike.client.connection import FailedPreconditionError, InvalidArgumentError
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 from lookalike.filter_text import parse_filter
 from lookalike.quality.grocery_products import product_attributes
@@ -243,10 +243,14 @@ def test_batch_search_equals_one_by_one(filtered: tuple[str, SearcherClient], gr
         requests.append(search_request(query, model_id, options["k"], options["routing"], 0, options["filter"],
                                        options["distinct_products"]))
         singles.append(client.search(query, model_id, **options))
+    # One query the server refuses before searching, one the search itself refuses (another model's vector):
+    # each gets its own error in its place, the others their answers, whichever lane searched them.
     bad = search_request(grocery_embeddings["query_vectors"][0], model_id, 0, None, 0)
-    answers = client.search_batch(requests[:12] + [bad] + requests[12:])
+    other_model = search_request(grocery_embeddings["query_vectors"][0], "another-model", 5, None, 0)
+    answers = client.search_batch(requests[:12] + [bad] + requests[12:17] + [other_model] + requests[17:])
     assert isinstance(answers[12], InvalidArgumentError) and "queries[12].k is 0" in answers[12].details
-    for single, answer in zip(singles, answers[:12] + answers[13:]):
+    assert isinstance(answers[18], FailedPreconditionError) and "another-model" in answers[18].details
+    for single, answer in zip(singles, answers[:12] + answers[13:18] + answers[19:]):
         assert [(h.id, h.product_matches) for h in answer.hits] == [(h.id, h.product_matches) for h in single.hits]
     with pytest.raises(grpc.RpcError) as refused:
         client.stub.SearchBatch(pb.SearchBatchRequest(), timeout=10)
