@@ -234,8 +234,11 @@ def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
                      "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
-    assert {row["model"] for row in rows} == {read_manifest(model_dir).model_id} and len(rows) == 12
+    assert {row["model"] for row in rows} == {read_manifest(model_dir).model_id} and len(rows) == 14
     assert rows[0]["ratio_to_in_process"] == 1.0 and all(row["images_per_second"] > 0 for row in rows)
+    # Each gRPC row also against the in-process decode + run loop with as many images per call.
+    assert [row["ratio_to_same_work_in_process"] for row in rows[1:3]] == [1.0, 1.0]
+    assert all(row["ratio_to_same_work_in_process"] > 0 for row in rows[1:7])
 
 
 def test_cli_bench_filters_prints_every_method() -> None:

@@ -1,11 +1,13 @@
 """`lookalike bench`: embedder throughput and latency through gRPC against in-process ONNX Runtime.
 
 Every figure is measured in the same run on the same model and the same real photos:
-- baseline: a plain in-process ONNX Runtime loop over pre-decoded batches of 32 (the model's ceiling),
-  and a naive in-process loop that decodes and runs one image at a time;
+- baselines: a plain in-process ONNX Runtime loop over pre-decoded batches of 32 (the model's ceiling), and
+  in-process loops that decode and run one image at a time, and eight at a time (the work a gRPC call of
+  one or eight photos asks for, done in the caller's process);
 - the embedder as a separate process, called over gRPC by 1 and by 8 concurrent clients, with its
   micro-batching on and, for comparison, off.
-Ratios are against the in-process batch-32 loop.
+`ratio` is against the in-process batch-32 loop; `same-work ratio` against the in-process decode + run loop
+with as many images per call.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     ratio_to_in_process: float = 0.0
+    ratio_to_same_work_in_process: float = 0.0
 
 
 def _row(model: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
@@ -57,12 +60,15 @@ def bench_model(model_dir: Path, name: str, photos: list[bytes], seconds: float)
                  measure(lambda: len(model.run(batch)[0]), seconds, 1))]
     cycle = iter(range(1 << 62))
 
-    def naive() -> int:
-        model.run(decode_image(photos[next(cycle) % len(photos)], size)[None])
-        return 1
+    def decode_and_run(count: int) -> int:
+        start = next(cycle) * count % (len(photos) - count)
+        model.run(np.stack([decode_image(photo, size) for photo in photos[start:start + count]]))
+        return count
 
     rows.append(_row(name, "in-process decode + ONNX Runtime, one image at a time", 1, 1,
-                     measure(naive, seconds, 1)))
+                     measure(lambda: decode_and_run(1), seconds, 1)))
+    rows.append(_row(name, "in-process decode + ONNX Runtime, 8 images at a time", 1, 8,
+                     measure(lambda: decode_and_run(8), seconds, 1)))
     servers = [("gRPC embedder, micro-batching", {}, [(1, 1), (8, 1), (8, 8)]),
                ("gRPC embedder, batching off (max_batch 1)", {"LOOKALIKE_EMBEDDER_MAX_BATCH": "1"}, [(8, 1)])]
     for scenario, env, loads in servers:
@@ -78,8 +84,11 @@ def bench_model(model_dir: Path, name: str, photos: list[bytes], seconds: float)
 
                     rows.append(_row(name, scenario, clients, per_call, measure(remote, seconds, clients)))
     ceiling = rows[0].images_per_second
+    same_work = {row.images_per_call: row.images_per_second for row in rows[1:3]}
     for row in rows:
         row.ratio_to_in_process = round(row.images_per_second / ceiling, 3)
+        if row.images_per_call in same_work:
+            row.ratio_to_same_work_in_process = round(row.images_per_second / same_work[row.images_per_call], 3)
     return rows
 
 
@@ -121,8 +130,9 @@ def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | N
         return 0
     print(f"embedder benchmark on {machine}; {len(photos)} real photos from {source}; {seconds:.0f} s per row")
     width = max(9, *(len(r.model) for r in rows))
-    print(f"{'model':<{width}} {'scenario':<54} {'clients':>7} {'img/call':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}")
+    print(f"{'model':<{width}} {'scenario':<54} {'clients':>7} {'img/call':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'ratio':>6} {'same-work ratio':>15}")
     for r in rows:
         print(f"{r.model:<{width}} {r.scenario:<54} {r.clients:>7} {r.images_per_call:>8} {r.images_per_second:>8} "
-              f"{r.p50_ms:>8} {r.p99_ms:>8} {r.ratio_to_in_process:>6}")
+              f"{r.p50_ms:>8} {r.p99_ms:>8} {r.ratio_to_in_process:>6} {r.ratio_to_same_work_in_process or '':>15}")
     return 0
