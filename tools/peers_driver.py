@@ -147,10 +147,12 @@ def measure_system(name: str, peer: Any, arrays: dict[str, np.ndarray], seconds:
     names = category_names(categories)
     report: dict[str, Any] = {"system": name, "rows": []}
     idle = benchmarking.resident_bytes(peer.server_pid)
+    # (A catalogue of one batch has no half to stop at: its further items are all of them.)
     half = len(vectors) // 2 // BATCH * BATCH
+    at_half = idle
     started, pause = time.perf_counter(), 0.0
     for start in range(0, len(vectors), BATCH):
-        if start == half:
+        if start == half and half:
             # Memory at half the items (any index built on first use built), so that the growth over the second
             # half, per item, shows what each further item costs apart from a system's fixed costs (the searcher
             # pays a fixed cost per shard). Not counted in the ingest time.
