@@ -21,6 +21,10 @@ class EmbedderConfig:
     providers: tuple[str, ...] = ("cpu",)
     # ONNX Runtime intra-op threads; 0: one per CPU the process may use (its cgroup quota and affinity).
     threads: int = 0
+    # Let those threads busy-wait for the next batch instead of sleeping. Off: the spin-wait measured a core's
+    # worth of CPU between requests, taken from decoding and from a searcher on the same node, for about
+    # 0.5 ms less latency at one client (BENCHMARKS.md).
+    spin_wait: bool = False
     # Micro-batching: when the model frees up it takes everything queued, up to max_batch images; with
     # max_delay_ms > 0 it also waits that long for a batch to fill (0 measured best on 2 CPU cores: a
     # lone client pays no wait, and under load requests pile up while the model runs anyway).
@@ -84,6 +88,7 @@ HELP = {
     "address": "host:port to listen on (port 0 picks one, printed at start)",
     "providers": "comma-separated execution providers in priority order: tensorrt,cuda,cpu",
     "threads": "ONNX Runtime intra-op threads (0: one per CPU the cgroup quota allows)",
+    "spin_wait": "ONNX Runtime threads busy-wait between batches (lower latency alone, a core's worth of CPU)",
     "max_batch": "largest inference batch",
     "max_delay_ms": "extra wait for a batch to fill, in ms",
     "max_queued_images": "images waiting beyond which requests are refused",

@@ -62,6 +62,7 @@ class OnnxModel:
         options = ort.SessionOptions()
         # 0: one thread per CPU the pod may use (its cgroup quota), not per core of the node.
         options.intra_op_num_threads = config.threads or available_cpus()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin_wait else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.requested_providers = [_PROVIDER_NAMES[name] for name in config.providers]
         self.session = ort.InferenceSession(str(onnx_path), options,

@@ -197,6 +197,19 @@ def test_model_changed_after_export_is_refused(model_dir: Path, tmp_path: Path) 
         OnnxModel(EmbedderConfig(model_dir=copy))
 
 
+def test_onnx_runtime_threads_sleep_between_batches_unless_asked(model_dir: Path) -> None:
+    """--spin-wait is off by default: ONNX Runtime's busy-wait took a core between requests (BENCHMARKS.md)."""
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.model import OnnxModel
+
+    def spinning(config: EmbedderConfig) -> str:
+        options = OnnxModel(config).session.get_session_options()
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(EmbedderConfig.from_args(["--model", str(model_dir)])) == "0"
+    assert spinning(EmbedderConfig.from_args(["--model", str(model_dir), "--spin-wait"])) == "1"
+
+
 def test_reflection_lists_the_services(embedder) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
