@@ -74,6 +74,7 @@ web: setup
 bench: setup
 	$(PY) -m lookalike.tools.cli bench embedder --workdir $(DEMO_DIR) $(BENCH_ARGS)
 	$(PY) -m lookalike.tools.cli bench searcher $(BENCH_ARGS)
+	$(PY) -m lookalike.tools.cli bench photo --workdir $(DEMO_DIR) $(BENCH_ARGS)
 
 # Regenerates the checked-in stubs (tests/test_protos.py fails when they are stale).
 protos: $(STAMP)

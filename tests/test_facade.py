@@ -241,6 +241,20 @@ def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
     assert all(row["ratio_to_same_work_in_process"] > 0 for row in rows[1:7])
 
 
+def test_cli_bench_photo_times_each_call_alone_and_both_in_turn(model_dir: Path) -> None:
+    """Embed alone, Search alone, then photo to results, each with every process's CPU per call."""
+    result = run_cli("bench", "photo", "--model", str(model_dir), "--items", "120", "--seconds", "0.3", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["catalogue"] == 120 and report["queries"] > 0
+    embed, search, photo = report["rows"]
+    assert [embed["path"], search["path"]] == ["Embed alone", "Search alone"] and photo["path"].startswith("photo")
+    assert all(row["calls"] > 0 and row["p50_ms"] > 0 and row["client_cpu_ms"] > 0 for row in report["rows"])
+    assert embed["embedder_cpu_ms"] > 0 and search["searcher_cpu_ms"] > 0
+    assert photo["embed_p50_ms"] < photo["p50_ms"] and photo["search_p50_ms"] < photo["p50_ms"]
+    assert photo["ratio"] == round(photo["p50_ms"] / (embed["p50_ms"] + search["p50_ms"]), 3)
+
+
 def test_cli_bench_filters_prints_every_method() -> None:
     result = run_cli("bench", "filters", "--items", "3000", "--dimension", "32", "--seconds", "0.2", "--ef", "64",
                      "--json")

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -29,22 +28,12 @@ import numpy as np
 
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 from lookalike.tools.bench_searcher import synthetic
-from lookalike.tools.benchmarking import measure, p50_p99_ms
+from lookalike.tools.benchmarking import measure, own_cpu_seconds, p50_p99_ms, process_cpu_seconds
 from lookalike.tools.processes import running_service
 
 MODEL = "synthetic@bench"
 CATEGORY = "all"
 K = 10
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_servers_bench(items: int = 20_000, dimension: int = 256, queries: int = 500, seconds: float = 5.0,
@@ -79,10 +68,10 @@ def run_servers_bench(items: int = 20_000, dimension: int = 256, queries: int = 
                 servicer.Search(request, None).SerializeToString()
                 return 1
 
-            cpu = _own_cpu_seconds()
+            cpu = own_cpu_seconds()
             rate, latencies = measure(in_process, seconds, clients)
             rows.append(_row("servicer in process (decode, search, encode)", clients, rate, latencies, seconds,
-                             None, _own_cpu_seconds() - cpu))
+                             None, own_cpu_seconds() - cpu))
         catalogue.close()
 
         for label, module, args in (
@@ -93,11 +82,11 @@ def run_servers_bench(items: int = 20_000, dimension: int = 256, queries: int = 
                 client.search(query_vectors[0], MODEL, K, routing_for(categories=[CATEGORY]))
                 for clients in (1, 8):
                     counter = iter(range(1 << 62))
-                    server_cpu, client_cpu = _cpu_seconds(process.pid), _own_cpu_seconds()
+                    server_cpu, client_cpu = process_cpu_seconds(process.pid), own_cpu_seconds()
                     rate, latencies = measure(lambda: (client.stub.Search(requests[next(counter) % queries]), 1)[1],
                                               seconds, clients)
-                    rows.append(_row(label, clients, rate, latencies, seconds, _cpu_seconds(process.pid) - server_cpu,
-                                     _own_cpu_seconds() - client_cpu))
+                    rows.append(_row(label, clients, rate, latencies, seconds,
+                                     process_cpu_seconds(process.pid) - server_cpu, own_cpu_seconds() - client_cpu))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     for row in rows:

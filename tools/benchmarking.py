@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmark commands."""
 from __future__ import annotations
 
+import os
+import resource
 import threading
 import time
 from pathlib import Path
@@ -46,6 +48,18 @@ def default_photos(workdir: Path) -> Path:
     from lookalike.quality.fashion_mnist import materialize
 
     return materialize(workdir / "fashion-mnist", "test", 30)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) another process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds (user + system) this process has used so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def resident_bytes(pid: int) -> int:

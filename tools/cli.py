@@ -205,6 +205,11 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
         return run_filters_bench(items=args.items, dimension=args.dimension, seconds=args.seconds, ef=args.ef,
                                  as_json=args.json)
+    if args.service == "photo":
+        from lookalike.tools.bench_photo import run_photo_bench
+
+        return run_photo_bench(Path(args.workdir), seconds=args.seconds, catalogue_size=args.items, as_json=args.json,
+                               models=args.model)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -340,13 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
                                               "or a soak: a long mixed load watching memory")
     bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak", "faces", "servers",
-                                            "peers"],
+                                            "peers", "photo"],
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
                             "filtered search against post-filtering and exact, and batch search; soak: both "
                             "services under mixed load with auth on, for --seconds, e.g. 1800; faces: the face "
                             "crop's cost per image against plain decoding, on --images; servers: one Search's cost in the "
                             "thread-pool gRPC server against grpc.aio; peers: the searcher against Chroma and Milvus "
-                            "Lite on the same vectors, installed on first use into --peers-venv)")
+                            "Lite on the same vectors, installed on first use into --peers-venv; photo: one photo to ranked "
+                            "results through both services, 1 client, against each call alone, with each process's "
+                            "CPU per call)")
     bench.add_argument("--peers-venv", default="var/peers-venv",
                        help="peers: the virtual environment holding Chroma and Milvus Lite (created when missing)")
     bench.add_argument("--peer", action="append", choices=["chroma", "milvus-lite"],
@@ -356,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ef", type=int, default=0,
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
     bench.add_argument("--model", type=Path, action="append",
-                       help="embedder: a model folder to measure, repeatable (default: the benchmarks' model and its "
+                       help="embedder, photo: a model folder to measure, repeatable (default: the benchmarks' model and its "
                             "int8 twin); soak: the model folder (default: the benchmarks' model)")
     bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
     bench.add_argument("--soak-items", type=int, default=1000,
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the store)")
     bench.add_argument("--store", default="", help="replicas: a PostgreSQL DSN to measure against (default: a "
                                                    "throwaway local server)")
-    bench.add_argument("--items", type=int, default=100_000, help="searcher, filters, servers, peers: catalogue size")
+    bench.add_argument("--items", type=int, default=100_000, help="searcher, filters, servers, peers: catalogue size; photo: most catalogue photos")
     bench.add_argument("--dimension", type=int, default=256, help="searcher, filters: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
