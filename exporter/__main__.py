@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", type=int,
                         help="square input the graph takes (the embedder resizes photos to it; default: the "
                              "backbone's own, 224 / 240 / 260)")
-    parser.add_argument("--head-l2", type=head_l2_value, default=1e-3,
-                        help="L2 penalty of the category head (default 0.001), or 'auto' to choose it by the "
-                             "validation photos' log-likelihood (needs --val)")
+    parser.add_argument("--head-l2", type=head_l2_value, default=None,
+                        help="L2 penalty of the category head, or 'auto' (the default) to choose it by the "
+                             "validation photos' log-likelihood (without --val: 0.001)")
     parser.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (a GPU)")
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="while fine-tuning, update BatchNorm statistics from the training batches")

@@ -268,16 +268,18 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert shards == sorted(shards) and all(1 <= count <= 4 for count in shards)
 
 
-def test_head_l2_chosen_on_validation_has_the_lowest_validation_loss(grocery_embeddings: dict,
-                                                                    tmp_path: Path) -> None:
+def test_head_l2_chosen_on_validation_has_the_lowest_validation_loss(grocery_embeddings: dict, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """Real backbone features: the head kept by fit_head_on_validation beats every other penalty of the grid on
-    validation negative log-likelihood at its own temperature; without validation photos the choice is refused."""
+    validation negative log-likelihood at its own temperature; without validation photos the default export
+    says so and takes the fixed fallback penalty."""
     import numpy as np
     import torch
     from torch.nn import functional as F
 
     from lookalike.exporter.export import ExportSettings, export_default_model
-    from lookalike.exporter.head import HEAD_L2_GRID, fit_head_on_validation, fit_linear_head, fit_temperature
+    from lookalike.exporter.head import (FALLBACK_HEAD_L2, HEAD_L2_GRID, fit_head_on_validation, fit_linear_head,
+                                         fit_temperature)
 
     labels = grocery_embeddings["labels"]
     train_x = grocery_embeddings["catalogue_vectors"]
@@ -296,5 +298,9 @@ def test_head_l2_chosen_on_validation_has_the_lowest_validation_loss(grocery_emb
     losses = {penalty: validation_loss(fit_linear_head(train_x, train_y, len(labels), l2=penalty))
               for penalty in HEAD_L2_GRID}
     assert validation_loss(head) == pytest.approx(min(losses.values()), rel=1e-5)
-    with pytest.raises(ValueError, match="needs validation images"):
-        export_default_model(grocery_embeddings["catalogue"][:4], tmp_path, ExportSettings(head_l2=None))
+    with caplog.at_level("WARNING", logger="lookalike.exporter.export"):
+        catalogue = grocery_embeddings["catalogue"]
+        two_categories = [image for image in catalogue if image.category == catalogue[0].category][:2] + \
+            [image for image in catalogue if image.category != catalogue[0].category][:2]
+        manifest = export_default_model(two_categories, tmp_path, ExportSettings(parity_images=2))
+    assert f"using {FALLBACK_HEAD_L2:g}" in caplog.text and "chosen on validation" not in manifest.backbone
