@@ -19,6 +19,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
+import grpc
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
@@ -29,6 +30,10 @@ from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, Ro
 from lookalike.v1 import common_pb2, searcher_pb2
 
 log = logging.getLogger(__name__)
+
+# Pauses before each try of a search when a category moved or split since the map was read (see
+# _until_settled): about 2.5 s in all, past a group's heartbeat (follow_interval, 1 s by default).
+MOVED_RETRY_PAUSES = (0.0, 0.1, 0.3, 0.6, 1.5)
 
 Response = TypeVar("Response")
 
@@ -160,36 +165,57 @@ class ShardMapClient:
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
                distinct_products: bool = False) -> searcher_pb2.SearchResponse:
-        for attempt in range(2):
-            self.shard_map()
+        def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             routed, owned = self._plan(routing)
-            response = search_owners(routed, owned, lambda group, part: self.groups[group].search(
+            return [routed], [search_owners(routed, owned, lambda group, part: self.groups[group].search(
                 vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
-                self.strict, distinct_products)
-            moved = self._moved(routed, response)
-            if not moved or attempt:
-                return response
-            log.info("categories %s moved since the map was read; refreshing it", sorted(moved))
-            self.shard_map(refresh=True)
-        raise AssertionError("unreachable")
+                self.strict, distinct_products)]
+
+        answer = self._until_settled(ask)[0]
+        if isinstance(answer, LookalikeError):
+            raise answer
+        return answer
 
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[BatchAnswer]:
-        """Many searches, one SearchBatch per group that any of them probes (read the map again and retried
-        once when a category moved meanwhile)."""
-        for attempt in range(2):
-            self.shard_map()
+        """Many searches, one SearchBatch per group that any of them probes."""
+        def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
-            answers = search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
-                                          lambda group, parts: self.groups[group].search_batch(parts, timeout),
-                                          self._pool, self.strict)
-            moved = {category for (routed, _), answer in zip(planned, answers)
-                     if not isinstance(answer, LookalikeError) for category in self._moved(routed, answer)}
-            if not moved or attempt:
+            routes = [routed for routed, _ in planned]
+            return routes, search_owners_batch(requests, routes, [owned for _, owned in planned],
+                                               lambda group, parts: self.groups[group].search_batch(parts, timeout),
+                                               self._pool, self.strict)
+
+        return self._until_settled(ask)
+
+    def _until_settled(self, ask: Callable[[], tuple[list[RoutingPlan], list[BatchAnswer]]]) -> list[BatchAnswer]:
+        """ask()'s answers under the current map; asked again, the map re-read after a pause, while a planned
+        category lacks an answer for some part with no unreachable group to explain it: a group no longer
+        serves what the map places on it (the category moved or split), or does not serve it yet (groups
+        take up a new layout at their next heartbeat). Still lacking after the last try, the category is named
+        in missing_shards, or the query fails when the client is strict: never a silently partial answer."""
+        moved: list[set[str]] = []
+        for attempt, pause in enumerate(MOVED_RETRY_PAUSES):
+            time.sleep(pause)
+            self.shard_map(refresh=attempt > 0)
+            routes, answers = ask()
+            moved = [set() if isinstance(answer, LookalikeError) else self._moved(routed, answer)
+                     for routed, answer in zip(routes, answers)]
+            if not any(moved):
                 return answers
-            log.info("categories %s moved since the map was read; refreshing it", sorted(moved))
-            self.shard_map(refresh=True)
-        raise AssertionError("unreachable")
+            log.info("categories %s moved or split since the map was read; reading it again",
+                     sorted(set().union(*moved)))
+        for position, (routed, categories) in enumerate(zip(routes, moved)):
+            if not categories:
+                continue
+            unsettled = [c for c in routed.categories if c in categories]
+            if self.strict:
+                answers[position] = UnavailableError(grpc.StatusCode.UNAVAILABLE, (
+                    f"no group answered for every part of {unsettled} after {len(MOVED_RETRY_PAUSES)} tries: "
+                    "they are moving or being split"), "Searcher.Search")
+            else:
+                answers[position].missing_shards.extend(unsettled)
+        return answers
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         """Every group's shards that the map places on it, summed; sequence is the lowest any group applied."""
