@@ -29,7 +29,7 @@ from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class Hit:
     score: float
     similarity: float
     category: str
-    attributes: dict[str, str]
+    attributes: Mapping[str, str]
     product: str = ""
     # With distinct_products: how many of the product's photos were among the candidates.
     product_matches: int = 0

@@ -15,7 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from types import MappingProxyType
+from typing import Iterable, Mapping, Sequence
 
 import hnswlib
 import numpy as np
@@ -27,6 +28,8 @@ from lookalike.serving.cpus import available_cpus
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+# What an item without attributes answers with: one shared read-only mapping, not an empty dict per item.
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class ShardAnswer:
     """A shard's hits, best first, as (id, cosine similarity, attributes, product); with a filter, how many
     of its items passed it and whether they were searched exactly."""
 
-    hits: list[tuple[str, float, dict[str, str], str]]
+    hits: list[tuple[str, float, Mapping[str, str], str]]
     filter_matches: int = 0
     filter_exact: bool = False
 
@@ -85,8 +88,10 @@ class Shard:
         self.dimension = dimension
         self.settings = settings
         self.lock = ReadWriteLock()
+        # Per item the Python side keeps little (a catalogue is millions of these): the id's label, the label's
+        # id (a list by label, None where removed), and attributes and product key only for items that have them.
         self.label_of: dict[str, int] = {}
-        self.id_of: dict[int, str] = {}
+        self.id_of: list[str | None] = []
         self.attributes: dict[str, dict[str, str]] = {}
         # Product key of each item that has one.
         self.products: dict[str, str] = {}
@@ -113,7 +118,7 @@ class Shard:
     # -- writes ------------------------------------------------------------------------------------
 
     def _labelled_attributes(self) -> Iterable[tuple[int, dict[str, str]]]:
-        return ((label, self.attributes[item_id]) for item_id, label in self.label_of.items())
+        return ((label, self.attributes.get(item_id, NO_ATTRIBUTES)) for item_id, label in self.label_of.items())
 
     def apply(self, seq: int, removed: Sequence[str] = (), ids: Sequence[str] = (), vectors: np.ndarray | None = None,
               attributes: Sequence[dict[str, str]] = (), products: Sequence[str] = ()) -> None:
@@ -126,7 +131,7 @@ class Shard:
             for item_id in removed:
                 label = self.label_of.pop(item_id, None)
                 if label is not None:
-                    del self.id_of[label]
+                    self.id_of[label] = None
                     self.attributes.pop(item_id, None)
                     self.products.pop(item_id, None)
                     self.columns.clear(label)
@@ -162,7 +167,7 @@ class Shard:
             self.next_label += len(fresh)
             for row, label in zip(fresh, labels):
                 self.label_of[ids[row]] = label
-                self.id_of[label] = ids[row]
+                self.id_of.append(ids[row])
             # Large batches (bulk indexing, start-up replay) insert on every CPU the pod may use; hnswlib's own
             # parallel insert is safe while we hold the write lock.
             threads = available_cpus() if len(fresh) >= 256 else 1
@@ -177,7 +182,10 @@ class Shard:
             # The last write of an id repeated in one batch wins, as in the index.
             self._by_label[labels] = vectors
         for item_id, attrs, product in zip(ids, attributes, products):
-            self.attributes[item_id] = dict(attrs)
+            if attrs:
+                self.attributes[item_id] = dict(attrs)
+            else:
+                self.attributes.pop(item_id, None)
             self.columns.set(self.label_of[item_id], attrs)
             if product:
                 self.products[item_id] = product
@@ -213,8 +221,8 @@ class Shard:
                                 for label, distance in zip(labels[0][:k], distances[0][:k])],
                                matches if passing is not None else 0)
 
-    def _hit(self, item_id: str, similarity: float) -> tuple[str, float, dict[str, str], str]:
-        return item_id, similarity, self.attributes[item_id], self.products.get(item_id, "")
+    def _hit(self, item_id: str, similarity: float) -> tuple[str, float, Mapping[str, str], str]:
+        return item_id, similarity, self.attributes.get(item_id, NO_ATTRIBUTES), self.products.get(item_id, "")
 
     def _exact(self, vector: np.ndarray, k: int, where: AttributeFilter | None) -> ShardAnswer:
         """Brute force over the live items, or those passing `where` (the caller holds the read lock)."""
@@ -308,8 +316,11 @@ class Shard:
         shard = cls(meta["category"], meta["model_id"], meta["dimension"], settings, index,
                     meta.get("part", 0), meta.get("parts", 1))
         shard.label_of = {item_id: int(label) for item_id, label in meta["labels"].items()}
-        shard.id_of = {label: item_id for item_id, label in shard.label_of.items()}
-        shard.attributes = meta["attributes"]
+        shard.id_of = [None] * meta["next_label"]
+        for item_id, label in shard.label_of.items():
+            shard.id_of[label] = item_id
+        # Snapshots written before attributes were kept only when present hold empty ones.
+        shard.attributes = {item_id: attrs for item_id, attrs in meta["attributes"].items() if attrs}
         shard.products = meta.get("products", {})  # snapshots written before products had none
         shard.columns.set_live(np.fromiter(shard.label_of.values(), dtype=np.int64, count=len(shard.label_of)))
         shard.next_label = meta["next_label"]

@@ -220,6 +220,28 @@ def test_replace_move_delete_and_slot_reuse(tmp_path: Path) -> None:
     started.stop(None)
 
 
+def test_attributes_follow_each_replace_and_survive_restart(tmp_path: Path) -> None:
+    vectors = np.eye(4, dtype=np.float32)
+    make = lambda i, attributes: pb.Item(id=f"sku{i}", category="a", vector=pack_vector(vectors[i]),  # noqa: E731
+                                         model_id="m", attributes=attributes)
+
+    def attributes_of(channel: grpc.Channel) -> dict[str, dict[str, str]]:
+        return {h.id: dict(h.attributes) for h in search(channel, vectors[0], "m", k=4, ef=16).hits}
+
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    upsert(channel, [make(0, {"colour": "red"}), make(1, {}), make(2, {"size": "M"})])
+    assert attributes_of(channel) == {"sku0": {"colour": "red"}, "sku1": {}, "sku2": {"size": "M"}}
+    # Replacing an item replaces its attributes, to none as well.
+    upsert(channel, [make(0, {}), make(1, {"colour": "blue"})])
+    expected = {"sku0": {}, "sku1": {"colour": "blue"}, "sku2": {"size": "M"}}
+    assert attributes_of(channel) == expected
+    assert started.catalogue.snapshot() > 0
+    started.stop(None)
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    assert attributes_of(channel) == expected
+    started.stop(None)
+
+
 def test_health_reports_serving_with_per_shard_names(tmp_path: Path) -> None:
     started, channel = start_searcher(tmp_path, snapshot_interval=0)
     upsert(channel, [pb.Item(id="x", category="shoes", vector=pack_vector(np.ones(4, np.float32)), model_id="m")])
