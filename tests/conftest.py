@@ -1,6 +1,7 @@
 """Shared fixtures: the real data sets, a real exported model, a real embedder server on port 0."""
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from pathlib import Path
@@ -8,13 +9,20 @@ from typing import Iterator
 
 import grpc
 import pytest
+from hypothesis import settings
 
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.tools.postgres import postgres_available, running_postgres
 
+# The property tests draw the same examples on every run unless asked to explore (HYPOTHESIS_PROFILE=explore),
+# so a CI run passes or fails on the code, not on the draw.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(__import__("os").environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
 GROCERY = DATASETS / "grocery"
 CLOTHING = DATASETS / "clothing-small"
 
