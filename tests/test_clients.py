@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ import pytest
 
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, UnavailableError
 from lookalike.client.embedder_client import EmbedderClient
+from lookalike.tools.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_client_embeds_paths_and_bytes_and_reports_bad_images(embedder, grocery_val: list) -> None:

@@ -19,7 +19,7 @@ from lookalike.client.indexing import index_catalogue
 from lookalike.client.facade import Lookalike
 from lookalike.client.searcher_client import SearcherClient
 from tests.conftest import ROOT, start_searcher
-from tests.test_clients import free_port
+from lookalike.tools.processes import free_port
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lookalike.client.connection import ChannelSettings, UnavailableError
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from tests.conftest import start_searcher
-from tests.test_clients import free_port
+from lookalike.tools.processes import free_port
 
 
 def scrape(port: int) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,16 +25,10 @@ from lookalike.client.searcher_client import CatalogueItem, SearcherClient
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.codec import pack_vector
 from lookalike.routing import Routing
-from lookalike.tools.processes import running_service
+from lookalike.tools.processes import free_port, running_service
 from lookalike.v1 import common_pb2, searcher_pb2 as pb, searcher_pb2_grpc
 from tests.conftest import store_in
 from tests.test_searcher_durability import CATEGORIES, DIM, MODEL, State, check_state, holds, listing, random_vector
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def replica_args(data: Path, dsn: str, *extra: str) -> list[str]:

@@ -18,7 +18,7 @@ from lookalike.client.embedder_client import EmbedderClient
 from lookalike.client.facade import Lookalike
 from lookalike.client.indexing import index_catalogue
 from tests.conftest import GROCERY, ROOT, start_searcher
-from tests.test_clients import free_port
+from lookalike.tools.processes import free_port
 from tests.test_packaging import lint_with, wheel  # noqa: F401 - wheel is a fixture
 
 pytest.importorskip("streamlit", reason="the web extra is not installed (pip install 'lookalike[web]')")

@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 from lookalike.client.connection import ChannelSettings
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
-from lookalike.tools.processes import running_service
+from lookalike.tools.processes import free_port, running_service
 
 MODEL = "synthetic@bench"
 CATEGORIES = 10
@@ -44,12 +43,6 @@ def _vectors(count: int, dimension: int, seed: int) -> np.ndarray:
 
 def _items(vectors: np.ndarray, prefix: str) -> list[CatalogueItem]:
     return [CatalogueItem(f"{prefix}-{i}", f"category-{i % CATEGORIES}", vector, MODEL) for i, vector in enumerate(vectors)]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _percentiles_ms(values: list[float]) -> dict[str, float]:
@@ -130,7 +123,7 @@ def _lag(a: SearcherClient, b: SearcherClient, vectors: np.ndarray, writes_per_s
 
 def _failover(work: Path, dsn: str, kills: int, dimension: int) -> dict:
     """SIGKILL a replica while a client searches back to back through a round-robin channel over both."""
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     query = _vectors(1, dimension, 9)[0]
     replicas: list[tuple[ExitStack, object]] = []
 

@@ -6,12 +6,13 @@ import importlib.util
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+
+from lookalike.tools.processes import free_port
 
 # initdb refuses to run as root, so as root the server runs as this user (Debian's package creates it).
 SERVER_USER = "postgres"
@@ -55,13 +56,6 @@ def _server_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam(FALLBACK_USER)
 
 
-def _free_port() -> int:
-    # The kernel's pick, released at once: another process could take it before postgres binds (rare).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_postgres(base_dir: Path) -> Iterator[str]:
     """Start a PostgreSQL server on 127.0.0.1 with a database `lookalike`, yield its DSN, stop it on exit."""
@@ -92,7 +86,7 @@ def running_postgres(base_dir: Path) -> Iterator[str]:
         # --locale=C: works without generated locales and sorts bytewise, the same on every machine.
         run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync")
         _own(sockets, user)
-        port = _free_port()
+        port = free_port()
         # Settings go into postgresql.conf rather than `pg_ctl -o`, which passes them through a shell.
         # fsync=off (with synchronous_commit, full_page_writes) trades crash safety for speed: fine for tests.
         with (data / "postgresql.conf").open("a") as conf:

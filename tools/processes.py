@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -10,6 +11,15 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 _LISTENING = re.compile(r"listening on port (\d+)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel picks as free, released at once, for a server that cannot take port 0 (PostgreSQL,
+    Streamlit, a metrics endpoint, a replica that must come back on the same port). Another process could take
+    it before the server binds: rare, and the server then fails to start, saying so."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from lookalike.tools.processes import stop_process
+from lookalike.tools.processes import free_port, stop_process
 
 SAMPLE_QUERIES = 8
 
@@ -26,14 +25,6 @@ def app_path() -> Path:
     if spec is None or spec.origin is None:
         raise FileNotFoundError("lookalike.web.app is not installed: pip install 'lookalike[web]'")
     return Path(spec.origin)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    # Streamlit takes no port 0, so ask the kernel for a free one and hand it over (a small race, fine
-    # for a local demo and tests).
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def streamlit_command(embedder: str, searcher: str, samples: Sequence[Path], port: int,
