@@ -96,7 +96,6 @@ class Shard:
         # Product key of each item that has one.
         self.products: dict[str, str] = {}
         self.columns = AttributeColumns(settings.numeric_attributes, self._labelled_attributes)
-        self.next_label = 0
         # Every label's vector in one matrix, for exact search (a small shard, a selective filter): hnswlib's
         # get_items copies vector by vector, too slow per query. Built on first use, then kept by each write.
         self._by_label: np.ndarray | None = None
@@ -117,7 +116,12 @@ class Shard:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def _labelled_attributes(self) -> Iterable[tuple[int, dict[str, str]]]:
+    @property
+    def next_label(self) -> int:
+        """The label the next new item gets: labels are never reused, so one past the last given."""
+        return len(self.id_of)
+
+    def _labelled_attributes(self) -> Iterable[tuple[int, Mapping[str, str]]]:
         return ((label, self.attributes.get(item_id, NO_ATTRIBUTES)) for item_id, label in self.label_of.items())
 
     def apply(self, seq: int, removed: Sequence[str] = (), ids: Sequence[str] = (), vectors: np.ndarray | None = None,
@@ -164,7 +168,6 @@ class Shard:
             if needed > self.index.get_max_elements():
                 self.index.resize_index(max(needed, 2 * self.index.get_max_elements()))
             labels = list(range(self.next_label, self.next_label + len(fresh)))
-            self.next_label += len(fresh)
             for row, label in zip(fresh, labels):
                 self.label_of[ids[row]] = label
                 self.id_of.append(ids[row])
@@ -323,7 +326,6 @@ class Shard:
         shard.attributes = {item_id: attrs for item_id, attrs in meta["attributes"].items() if attrs}
         shard.products = meta.get("products", {})  # snapshots written before products had none
         shard.columns.set_live(np.fromiter(shard.label_of.values(), dtype=np.int64, count=len(shard.label_of)))
-        shard.next_label = meta["next_label"]
         shard.applied_seq = shard.content_seq = shard.snapshot_seq = meta["seq"]
         shard.snapshot_time = meta["written_at"]
         return shard
