@@ -22,10 +22,13 @@ PACKAGE_DIRS := $(addsuffix /,protos/lookalike protos/lookalike/v1 serving quali
 # editable mode lays lookalike.* out as one tree of links under build/, so tools that walk a package's
 # folder (lint-imports) see the whole package; it links files, so a module added or removed in a
 # package folder re-runs this step.
-$(STAMP): pyproject.toml requirements.lock $(PACKAGE_DIRS)
+# hnswlib is built first, from its sdist with a smaller lock table (third_party/hnswlib/build_wheel.py says why).
+$(STAMP): pyproject.toml requirements.lock $(PACKAGE_DIRS) third_party/hnswlib/build_wheel.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --constraint requirements.lock -e '.[all,dev]' --config-settings editable_mode=strict
+	$(PY) third_party/hnswlib/build_wheel.py $(VENV)/wheels
+	$(PY) -m pip install --quiet --constraint requirements.lock \
+	  $(VENV)/wheels/hnswlib-*.whl -e '.[all,dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # Re-resolves requirements.lock from pyproject.toml's ranges (newest versions that fit).

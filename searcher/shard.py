@@ -8,6 +8,7 @@ allow_replace_deleted; a wrong dimension raises a bare RuntimeError (callers val
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -28,6 +29,16 @@ from lookalike.serving.cpus import available_cpus
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+
+
+def _label_locks() -> int:
+    """How many label locks each hnswlib index allocates: 65,536 in PyPI's build, fewer in the one `make` and
+    the searcher image install (third_party/hnswlib/build_wheel.py), whose version names the count."""
+    _, _, count = importlib.metadata.version("hnswlib").partition("+locks")
+    return int(count) if count.isdigit() else 65_536
+
+
+HNSWLIB_LABEL_LOCKS = _label_locks()
 # What an item without attributes answers with: one shared read-only mapping, not an empty dict per item.
 NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
@@ -270,10 +281,10 @@ class Shard:
             deleted = used - live
         # hnswlib keeps per item in use: the vector, level-0 links (2*M ids), a link count and a label (upper
         # levels and the label map add about a tenth); per slot of capacity a lock, a level and a pointer; per
-        # index 65,536 label locks (2.6 MB, measured: what 20 shards of 5,000 items spend beyond one index).
+        # index its label locks (40 bytes each).
         per_item = self.dimension * 4 + 2 * self.settings.m * 4 + 4 + 8
         per_slot = 40 + 4 + 8
-        per_index = 65_536 * 40
+        per_index = HNSWLIB_LABEL_LOCKS * 40
         table = self._by_label.nbytes if self._by_label is not None else 0
         return {"items": live, "deleted": max(deleted, 0), "capacity": capacity,
                 "memory_bytes": int(used * per_item * 1.1) + capacity * per_slot + per_index + table}

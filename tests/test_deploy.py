@@ -384,6 +384,7 @@ def test_dockerfile_invariants(dockerfile: Path) -> None:
         assert packages and all("=" in package for package in packages), f"unpinned apt packages: {packages}"
     if "searcher" in dockerfile.name:
         assert "HNSWLIB_NO_NATIVE=1" in text
+        assert "third_party/hnswlib/build_wheel.py" in text, "the image runs hnswlib as `make` builds it"
 
 
 def test_gpu_image_installs_onnxruntime_gpu_not_the_cpu_build() -> None:

@@ -5,6 +5,8 @@ break on purpose; in the checkout `lint-imports` works too, over the strict edit
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import re
 import subprocess
 import sys
@@ -71,3 +73,16 @@ def test_serving_importing_torch_breaks_a_contract(wheel: Path, tmp_path: Path) 
     result = lint_with(wheel, tmp_path, "embedder/trained.py", "import torch")
     assert result.returncode != 0
     assert "Serving never imports the exporter, the tools or torch BROKEN" in result.stdout
+
+
+def test_the_searcher_runs_on_the_hnswlib_build_with_the_small_lock_table() -> None:
+    """`make` installs hnswlib from third_party/hnswlib/build_wheel.py (PyPI's build spends 2.6 MB of label
+    locks on every shard), and GetStats' memory estimate counts the locks the installed build allocates."""
+    from lookalike.searcher.shard import HNSWLIB_LABEL_LOCKS
+
+    spec = importlib.util.spec_from_file_location("build_wheel", ROOT / "third_party" / "hnswlib" / "build_wheel.py")
+    assert spec is not None and spec.loader is not None
+    build_wheel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_wheel)
+    assert importlib.metadata.version("hnswlib") == build_wheel.LOCAL_VERSION
+    assert HNSWLIB_LABEL_LOCKS == build_wheel.LABEL_LOCKS
