@@ -167,6 +167,11 @@ class Shard:
 
     def _add(self, ids: Sequence[str], vectors: np.ndarray, attributes: Sequence[dict[str, str]],
              products: Sequence[str]) -> None:
+        if len(set(ids)) < len(ids):
+            # The last write of an id repeated in one batch wins; a new id written twice must not take two labels.
+            rows = sorted({item_id: row for row, item_id in enumerate(ids)}.values())
+            ids, vectors = [ids[row] for row in rows], vectors[rows]
+            attributes, products = [attributes[row] for row in rows], [products[row] for row in rows]
         existing = [row for row, item_id in enumerate(ids) if item_id in self.label_of]
         fresh = [row for row, item_id in enumerate(ids) if item_id not in self.label_of]
         if existing:
@@ -193,7 +198,6 @@ class Shard:
                 grown = np.zeros((max(self.next_label, 2 * len(self._by_label)), self.dimension), np.float32)
                 grown[:len(self._by_label)] = self._by_label
                 self._by_label = grown
-            # The last write of an id repeated in one batch wins, as in the index.
             self._by_label[labels] = vectors
         for item_id, attrs, product in zip(ids, attributes, products):
             if attrs:

@@ -220,6 +220,20 @@ def test_replace_move_delete_and_slot_reuse(tmp_path: Path) -> None:
     started.stop(None)
 
 
+def test_an_id_repeated_in_one_upsert_is_one_item_with_the_last_write(tmp_path: Path) -> None:
+    vectors = np.eye(4, dtype=np.float32)
+    make = lambda i, v, colour: pb.Item(id=f"sku{i}", category="a", vector=pack_vector(vectors[v]),  # noqa: E731
+                                        model_id="m", attributes={"colour": colour})
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, exact_below=0)  # through the graph
+    upsert(channel, [make(0, 0, "red"), make(1, 1, "red"), make(0, 2, "blue")])
+    hits = search(channel, vectors[2], "m", k=4, ef=16).hits
+    assert [h.id for h in hits] == ["sku0", "sku1"]
+    assert hits[0].similarity == pytest.approx(1.0, abs=1e-5) and dict(hits[0].attributes) == {"colour": "blue"}
+    assert stub(channel).Delete(pb.DeleteRequest(ids=["sku0"])).deleted == 1
+    assert [h.id for h in search(channel, vectors[2], "m", k=4, ef=16).hits] == ["sku1"]
+    started.stop(None)
+
+
 def test_attributes_follow_each_replace_and_survive_restart(tmp_path: Path) -> None:
     vectors = np.eye(4, dtype=np.float32)
     make = lambda i, attributes: pb.Item(id=f"sku{i}", category="a", vector=pack_vector(vectors[i]),  # noqa: E731
