@@ -37,8 +37,9 @@ def _replace_once(path: Path, old: str, new: str) -> None:
 
 def build(wheel_dir: Path) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    for wheel in wheel_dir.glob(f"hnswlib-{LOCAL_VERSION}-*.whl"):
-        return wheel
+    built = next(wheel_dir.glob(f"hnswlib-{LOCAL_VERSION}-*.whl"), None)
+    if built is not None:  # the venv's install step re-runs when pyproject.toml changes; the build need not
+        return built
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "hnswlib",
