@@ -26,9 +26,8 @@ PACKAGE_DIRS := $(addsuffix /,protos/lookalike protos/lookalike/v1 serving quali
 $(STAMP): pyproject.toml requirements.lock $(PACKAGE_DIRS) third_party/hnswlib/build_wheel.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) third_party/hnswlib/build_wheel.py $(VENV)/wheels
-	$(PY) -m pip install --quiet --constraint requirements.lock \
-	  $(VENV)/wheels/hnswlib-*.whl -e '.[all,dev]' --config-settings editable_mode=strict
+	wheel=$$($(PY) third_party/hnswlib/build_wheel.py $(VENV)/wheels) && \
+	  $(PY) -m pip install --quiet --constraint requirements.lock "$$wheel" -e '.[all,dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # Re-resolves requirements.lock from pyproject.toml's ranges (newest versions that fit).

@@ -29,6 +29,8 @@ from lookalike.serving.cpus import available_cpus
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+# What an item without attributes answers with: one shared read-only mapping, not an empty dict per item.
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 def _label_locks() -> int:
@@ -39,8 +41,6 @@ def _label_locks() -> int:
 
 
 HNSWLIB_LABEL_LOCKS = _label_locks()
-# What an item without attributes answers with: one shared read-only mapping, not an empty dict per item.
-NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ COPY exporter /src/exporter
 COPY tools /src/tools
 # hnswlib with a smaller lock table, as `make` installs it (third_party/hnswlib/build_wheel.py says why).
 COPY third_party/hnswlib /src/third_party/hnswlib
-RUN /opt/venv/bin/python /src/third_party/hnswlib/build_wheel.py /tmp/wheels \
-    && /opt/venv/bin/pip install --constraint /src/requirements.lock /tmp/wheels/hnswlib-*.whl "/src[searcher]"
+RUN wheel=$(/opt/venv/bin/python /src/third_party/hnswlib/build_wheel.py /tmp/wheels) \
+    && /opt/venv/bin/pip install --constraint /src/requirements.lock "$wheel" "/src[searcher]"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 10001 lookalike && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin lookalike \

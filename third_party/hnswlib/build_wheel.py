@@ -26,6 +26,7 @@ VERSION = "0.8.0"
 SDIST_SHA256 = "cb6d037eedebb34a7134e7dc78966441dfd04c9cf5ee93911be911ced951c44c"
 LABEL_LOCKS = 1024
 LOCAL_VERSION = f"{VERSION}+locks{LABEL_LOCKS}"
+WHEEL_PATTERN = f"hnswlib-{LOCAL_VERSION}-*.whl"
 
 
 def _replace_once(path: Path, old: str, new: str) -> None:
@@ -37,7 +38,7 @@ def _replace_once(path: Path, old: str, new: str) -> None:
 
 def build(wheel_dir: Path) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    built = next(wheel_dir.glob(f"hnswlib-{LOCAL_VERSION}-*.whl"), None)
+    built = next(wheel_dir.glob(WHEEL_PATTERN), None)
     if built is not None:  # the venv's install step re-runs when pyproject.toml changes; the build need not
         return built
     with tempfile.TemporaryDirectory() as scratch:
@@ -56,7 +57,7 @@ def build(wheel_dir: Path) -> Path:
         _replace_once(source / "setup.py", f"__version__ = '{VERSION}'", f"__version__ = '{LOCAL_VERSION}'")
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheel_dir),
                         str(source)], check=True)
-    return next(wheel_dir.glob(f"hnswlib-{LOCAL_VERSION}-*.whl"))
+    return next(wheel_dir.glob(WHEEL_PATTERN))
 
 
 if __name__ == "__main__":
