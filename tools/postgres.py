@@ -41,6 +41,8 @@ def postgres_available() -> str | None:
         return f"PostgreSQL binaries (initdb, pg_ctl, postgres) not found in {where}; `make setup` installs them"
     if importlib.util.find_spec("psycopg") is None:
         return "psycopg is not installed (pip install -e '.[postgresql]')"
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        return "as root the server runs as another user through setpriv, which is missing (Debian's util-linux)"
     return None
 
 
@@ -56,6 +58,18 @@ def _server_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam(FALLBACK_USER)
 
 
+def run_as_prefix(user: pwd.struct_passwd | None) -> list[str]:
+    """The command prefix that runs a program as `user` with root dropped entirely (supplementary groups too).
+
+    setpriv rather than subprocess's user=/group=: those make Python fork() instead of vfork(), and fork()
+    runs gRPC's at-fork handlers in the child, which crash it (SIGSEGV, about 1 start in 20) once the calling
+    process has gRPC channels or servers, as a test session does.
+    """
+    if user is None:
+        return []
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"]
+
+
 @contextlib.contextmanager
 def running_postgres(base_dir: Path) -> Iterator[str]:
     """Start a PostgreSQL server on 127.0.0.1 with a database `lookalike`, yield its DSN, stop it on exit."""
@@ -63,12 +77,11 @@ def running_postgres(base_dir: Path) -> Iterator[str]:
     if bin_dir is None:
         raise RuntimeError(postgres_available() or "PostgreSQL binaries not found")
     user = _server_user()
-    # Drop root entirely (its supplementary groups too) for the server's own processes.
-    as_user: dict = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    as_user = run_as_prefix(user)
 
     def run(*args: str, check: bool = True) -> None:
-        done = subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=root, capture_output=True, text=True,
-                              **as_user)
+        done = subprocess.run([*as_user, str(bin_dir / args[0]), *args[1:]], cwd=root, capture_output=True,
+                              text=True)
         if check and done.returncode != 0:  # say why: initdb's and the server's own words
             server_log = log.read_text(errors="replace")[-4000:] if log.exists() else ""
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stdout}{done.stderr}{server_log}")
@@ -77,7 +90,7 @@ def running_postgres(base_dir: Path) -> Iterator[str]:
     if user is not None:
         # pytest's basetemp (/tmp/pytest-of-root) is 0700, which the server user cannot traverse; then use
         # a private folder of its own under /tmp rather than loosening the permissions of pytest's tree.
-        if subprocess.run(["test", "-w", str(root)], **as_user).returncode != 0:
+        if subprocess.run([*as_user, "test", "-w", str(root)]).returncode != 0:
             root, owned_temp = _own(Path(tempfile.mkdtemp(prefix="lookalike-pg-")), user), True
     data, sockets, log = root / "data", root / "sockets", root / "server.log"
     started = False
