@@ -45,6 +45,17 @@ def head_l2_value(text: str) -> float | None:
     return value
 
 
+def ema_decay_value(text: str) -> float:
+    """--ema-decay: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 up to, not including, 1") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 up to, not including, 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lookalike.exporter.efficientnet_lite import VARIANTS  # imports Torch: after main() has set MKL_CBWR
 
@@ -81,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-l2", type=head_l2_value, default=None,
                         help="L2 penalty of the category head, or 'auto' (the default) to choose it by the "
                              "validation photos' log-likelihood (without --val: 0.001)")
+    parser.add_argument("--ema-decay", type=ema_decay_value, metavar="DECAY",
+                        help="while fine-tuning, validate and export an exponential moving average of the weights "
+                             "with this decay per batch (for example 0.99) instead of the weights as trained")
     parser.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (a GPU)")
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="while fine-tuning, update BatchNorm statistics from the training batches")
@@ -112,6 +126,7 @@ def training_settings(args: argparse.Namespace) -> TrainSettings:
 
     chosen: dict = dict(FINETUNE_DEFAULTS, finetune_from=args.finetune_from) if args.finetune_from is not None else {}
     given = {"views": args.views, "backbone_learning_rate": args.backbone_learning_rate, "batch_size": args.batch_size,
+             "ema_decay": args.ema_decay,
              "epochs" if args.finetune_from is not None else "head_epochs": args.epochs}
     chosen.update({name: value for name, value in given.items() if value is not None})
     return TrainSettings(loss=args.train_embedding, seed=args.seed, device=args.device,

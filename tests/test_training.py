@@ -146,6 +146,27 @@ def test_exporter_refuses_a_device_it_cannot_use(capsys) -> None:
     assert "--device cuda: expected cpu, or cuda on a machine where torch sees a GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("decay", ["1", "-0.1", "fast"])
+def test_exporter_refuses_an_ema_decay_outside_0_to_1(decay: str, capsys) -> None:
+    from lookalike.exporter.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--catalog", "no-such-folder", "--out", "unused", "--train-embedding", "cosface",
+              "--finetune-from", "11", "--ema-decay", decay])
+    assert stopped.value.code == 2
+    assert f"--ema-decay: {decay!r}: expected a number from 0 up to, not including, 1" in capsys.readouterr().err
+
+
+def test_ema_decay_reaches_the_fine_tuning_settings() -> None:
+    from lookalike.exporter.__main__ import build_parser, training_settings
+
+    args = build_parser().parse_args(["--catalog", "c", "--out", "o", "--train-embedding", "cosface",
+                                      "--finetune-from", "11", "--ema-decay", "0.99"])
+    assert training_settings(args).ema_decay == 0.99
+    assert training_settings(build_parser().parse_args(["--catalog", "c", "--out", "o", "--train-embedding",
+                                                         "cosface"])).ema_decay is None
+
+
 def test_early_stopping_scores_unseen_people_among_themselves() -> None:
     """Open set (faces): validation labels absent from training are scored leave-one-out among the validation
     photos, not against training photos they can never match; shared labels keep the catalogue search."""
@@ -162,3 +183,39 @@ def test_early_stopping_scores_unseen_people_among_themselves() -> None:
     assert held_out_map(val, ["a", "b", "b", "a"], train, ["z"]) == pytest.approx(5 / 12)
     # Shared labels: searched among the training photos (here the only one is an "a").
     assert held_out_map(val, ["a", "a", "b", "b"], train, ["a"]) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_weight_averaging_validates_and_keeps_the_average(grocery_train: list, grocery_val: list, tmp_path) -> None:
+    """--ema-decay: decay 0 is the weights as trained, bit for bit; a real decay keeps other weights, between
+    where fine-tuning started and where it went."""
+    labels = sorted({image.label for image in grocery_val})[:3]
+    train = [image for image in grocery_train if image.label in labels][:18]
+    validation = [image for image in grocery_val if image.label in labels][:6]
+    trunk = trunk_session(load_imagenet_model(), 14, 224, tmp_path)
+    views = cache_activations(trunk, train, 224, views=2)
+    val_cached = cache_activations(trunk, validation, 224)[0]
+    categories = sorted({image.category for image in train})
+
+    def finetuned(ema_decay: float | None) -> tuple[dict, dict]:
+        backbone = load_imagenet_model()
+        # patience beyond the epochs: the last epoch is kept whatever its score, so the runs compare
+        settings = TrainSettings(finetune_from=14, views=2, head_epochs=3, epochs=2, patience=3, batch_size=6,
+                                 backbone_learning_rate=1e-3, ema_decay=ema_decay)
+        _, report = train_embedding(Tower(backbone, 14), views, [image.label for image in train],
+                                    [categories.index(image.category) for image in train], val_cached,
+                                    [image.label for image in validation], settings)
+        return {name: value.clone() for name, value in backbone.state_dict().items()}, report
+
+    start = load_imagenet_model().state_dict()
+    as_trained, report = finetuned(None)
+    assert report["finetune_best_epoch"] > 0, "fine-tuning never beat the heads: nothing to compare"
+    assert all(torch.equal(value, finetuned(0.0)[0][name]) for name, value in as_trained.items())
+    averaged, averaged_report = finetuned(0.9)
+    assert averaged_report["finetune_best_epoch"] > 0
+    block = "_blocks.15._project_conv.weight"
+    moved, moved_averaged = (as_trained[block] - start[block]).norm(), (averaged[block] - start[block]).norm()
+    assert 0 < moved_averaged < moved
+    for name, value in start.items():  # frozen blocks and BatchNorm statistics stay as loaded either way
+        if not name.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")) or "running_" in name:
+            assert torch.equal(averaged[name], value), name
