@@ -40,6 +40,7 @@ quiet() {
 # fast instead of hanging the check.
 start_server() {  # name, command...
     local name=$1 log="$work/$1.log"; shift
+    : >"$log"  # exists before the first poll: the backgrounded command may not have opened it yet
     "$@" >"$log" 2>&1 &
     pids+=($!)
     local pid=$! deadline=$((SECONDS + 90))
