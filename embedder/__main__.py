@@ -14,8 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = EmbedderConfig.from_args(argv)
     started, port = create_server(config)
-    print(f"embedder listening on port {port}", flush=True)
-    serve_until_signalled(started, config.grace_seconds)
+    serve_until_signalled(started, config.grace_seconds, f"embedder listening on port {port}")
     return 0
 
 

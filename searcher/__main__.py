@@ -27,8 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # What an operator must fix (an unreachable database, a malformed --store): one line, no traceback.
         logging.getLogger("lookalike.searcher").error("cannot start: %s", error)
         return 1
-    print(f"searcher listening on port {port}", flush=True)
-    serve_until_signalled(started, config.grace_seconds)
+    serve_until_signalled(started, config.grace_seconds, f"searcher listening on port {port}")
     return 0
 
 

@@ -122,8 +122,9 @@ class RunningServer:
         """What the service frees once no request runs any more."""
 
 
-def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
-    """Blocks until SIGTERM/SIGINT, then stops the server gracefully (see RunningServer.stop)."""
+def serve_until_signalled(running: RunningServer, grace_seconds: float, ready_line: str) -> None:
+    """Prints `ready_line` (what callers wait for), blocks until SIGTERM/SIGINT, then stops the server
+    gracefully (see RunningServer.stop)."""
     stopping = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -132,5 +133,8 @@ def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    # Announced only now: a SIGTERM sent as soon as the line is read must find the handler, not the default
+    # action, which kills the process without its graceful stop (the searcher's final snapshot).
+    print(ready_line, flush=True)
     stopping.wait()
     running.stop(grace_seconds)

@@ -195,3 +195,13 @@ def test_parallel_search_upsert_delete_end_in_the_acknowledged_state(tmp_path: P
     started, channel = start_searcher(tmp_path, snapshot_interval=0)
     check_state(searcher_pb2_grpc.SearcherStub(channel), final, {})
     started.stop(None)
+
+
+def test_a_sigterm_sent_as_soon_as_the_server_says_it_listens_stops_it_gracefully(tmp_path: Path) -> None:
+    """The ready line is printed after the signal handlers are installed: a SIGTERM sent the moment a caller
+    reads it takes the graceful path (exit 0, the final snapshot), never the default action's kill."""
+    lines: list[str] = []
+    with running_service("lookalike.searcher", ["--data", str(tmp_path)], log_lines=lines) as (process, _):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert any("signal 15: shutting down" in line for line in lines), "".join(lines[-20:])
