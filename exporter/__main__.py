@@ -8,7 +8,7 @@ import random
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from lookalike.embedder.preprocess import DLIB_HOG_ALIGNED, FACE_DETECTORS, FaceCrop
 from lookalike.quality.labelled_images import LabelledImage, in_one_category, read_labelled_images
@@ -32,28 +32,27 @@ def per_category_sample(images: Sequence[LabelledImage], limit: int, seed: int) 
     return sorted(sample, key=lambda image: image.item_id)
 
 
+def checked_number(text: str, accepted: Callable[[float], bool], expected: str) -> float:
+    """A flag's number, or argparse's error naming the value and what was expected."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not accepted(value):  # NaN fails every comparison: a non-number is refused here too
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return value
+
+
 def head_l2_value(text: str) -> float | None:
     """--head-l2: a non-negative penalty, or 'auto' (None: chosen on the validation photos)."""
     if text == "auto":
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number or 'auto'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number or 'auto'")
-    return value
+    return checked_number(text, lambda value: value >= 0, "a non-negative number or 'auto'")
 
 
 def ema_decay_value(text: str) -> float:
     """--ema-decay: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 up to, not including, 1") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 up to, not including, 1")
-    return value
+    return checked_number(text, lambda value: 0 <= value < 1, "a number from 0 up to, not including, 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
