@@ -4,6 +4,9 @@ Training runs on the CPU here; `--device cuda` runs the same code on a GPU (meas
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -51,32 +54,53 @@ def test_training_views_are_seeded_and_keep_shape(grocery_val: list) -> None:
                               random_view(pixels[0], np.random.default_rng(2)))
 
 
+# What fine-tuning from block 14 trains in Lite0: its last two blocks, the head conv and its BatchNorm.
+TRAINED_FROM_14 = ("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")
+
+
+@dataclass(frozen=True)
+class SmallFinetuningSet:
+    """18 photos of 3 grocery products (6 to validate) as Lite0's frozen trunk up to block 14 outputs them."""
+
+    views: np.ndarray
+    val_cached: np.ndarray
+    labels: list[str]
+    categories: list[int]
+    val_labels: list[str]
+
+    @classmethod
+    def of(cls, grocery_train: list, grocery_val: list, scratch: Path) -> SmallFinetuningSet:
+        products = sorted({image.label for image in grocery_val})[:3]
+        train = [image for image in grocery_train if image.label in products][:18]
+        validation = [image for image in grocery_val if image.label in products][:6]
+        trunk = trunk_session(load_imagenet_model(), 14, 224, scratch)
+        categories = sorted({image.category for image in train})
+        return cls(cache_activations(trunk, train, 224, views=2), cache_activations(trunk, validation, 224)[0],
+                   [image.label for image in train], [categories.index(image.category) for image in train],
+                   [image.label for image in validation])
+
+    def finetuned(self, **settings) -> tuple[dict, dict]:
+        """Fine-tunes a fresh Lite0 from block 14 for 2 epochs; returns (its weights after, the report)."""
+        backbone = load_imagenet_model()
+        chosen = TrainSettings(finetune_from=14, views=2, head_epochs=3, epochs=2, batch_size=6,
+                               backbone_learning_rate=1e-3, **settings)
+        _, report = train_embedding(Tower(backbone, 14), self.views, self.labels, self.categories, self.val_cached,
+                                    self.val_labels, chosen)
+        return {name: value.clone() for name, value in backbone.state_dict().items()}, report
+
+
 @pytest.mark.slow
 def test_finetuning_trains_only_the_blocks_after_the_split(grocery_train: list, grocery_val: list, tmp_path) -> None:
     """Blocks before the split, and every BatchNorm statistic, stay as loaded; blocks after it move."""
-    labels = sorted({image.label for image in grocery_val})[:3]
-    train = [image for image in grocery_train if image.label in labels][:18]
-    validation = [image for image in grocery_val if image.label in labels][:6]
-    backbone = load_imagenet_model()
-    before = {name: value.clone() for name, value in backbone.state_dict().items()}
-    trunk = trunk_session(backbone, 14, 224, tmp_path)
-    views = cache_activations(trunk, train, 224, views=2)
-    val_cached = cache_activations(trunk, validation, 224)[0]
-    categories = sorted({image.category for image in train})
-    settings = TrainSettings(finetune_from=14, views=2, head_epochs=3, epochs=2, patience=2, batch_size=6,
-                             backbone_learning_rate=1e-3)
-    head, report = train_embedding(Tower(backbone, 14), views, [image.label for image in train],
-                                   [categories.index(image.category) for image in train], val_cached,
-                                   [image.label for image in validation], settings)
+    before = load_imagenet_model().state_dict()
+    after, report = SmallFinetuningSet.of(grocery_train, grocery_val, tmp_path).finetuned(patience=2)
     assert report["finetune_from"] == 14 and 0 <= report["finetuned_val_mAP@10"] <= 1
-    after = backbone.state_dict()
-    trained = ("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")
     for name, value in before.items():
-        if not name.startswith(trained) or "running_" in name or "num_batches" in name:
+        if not name.startswith(TRAINED_FROM_14) or "running_" in name or "num_batches" in name:
             assert torch.equal(after[name], value), name
     if report["finetune_best_epoch"] > 0:  # epoch 0 would mean the fitted heads alone were best
         assert any(not torch.equal(after[name], before[name]) for name in before
-                   if name.startswith(trained) and name.endswith("weight"))
+                   if name.startswith(TRAINED_FROM_14) and name.endswith("weight"))
 
 
 def test_device_views_scale_a_flat_photo_only_in_brightness() -> None:
@@ -189,23 +213,11 @@ def test_early_stopping_scores_unseen_people_among_themselves() -> None:
 def test_weight_averaging_validates_and_keeps_the_average(grocery_train: list, grocery_val: list, tmp_path) -> None:
     """--ema-decay: decay 0 is the weights as trained, bit for bit; a real decay keeps other weights, between
     where fine-tuning started and where it went."""
-    labels = sorted({image.label for image in grocery_val})[:3]
-    train = [image for image in grocery_train if image.label in labels][:18]
-    validation = [image for image in grocery_val if image.label in labels][:6]
-    trunk = trunk_session(load_imagenet_model(), 14, 224, tmp_path)
-    views = cache_activations(trunk, train, 224, views=2)
-    val_cached = cache_activations(trunk, validation, 224)[0]
-    categories = sorted({image.category for image in train})
+    photos = SmallFinetuningSet.of(grocery_train, grocery_val, tmp_path)
 
     def finetuned(ema_decay: float | None) -> tuple[dict, dict]:
-        backbone = load_imagenet_model()
         # patience beyond the epochs: the last epoch is kept whatever its score, so the runs compare
-        settings = TrainSettings(finetune_from=14, views=2, head_epochs=3, epochs=2, patience=3, batch_size=6,
-                                 backbone_learning_rate=1e-3, ema_decay=ema_decay)
-        _, report = train_embedding(Tower(backbone, 14), views, [image.label for image in train],
-                                    [categories.index(image.category) for image in train], val_cached,
-                                    [image.label for image in validation], settings)
-        return {name: value.clone() for name, value in backbone.state_dict().items()}, report
+        return photos.finetuned(patience=3, ema_decay=ema_decay)
 
     start = load_imagenet_model().state_dict()
     as_trained, report = finetuned(None)
@@ -218,5 +230,5 @@ def test_weight_averaging_validates_and_keeps_the_average(grocery_train: list, g
     moved, moved_averaged = (as_trained[block] - start[block]).norm(), (averaged[block] - start[block]).norm()
     assert 0 < moved_averaged < moved
     for name, value in start.items():  # frozen blocks and BatchNorm statistics stay as loaded either way
-        if not name.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")) or "running_" in name:
+        if not name.startswith(TRAINED_FROM_14) or "running_" in name:
             assert torch.equal(averaged[name], value), name
