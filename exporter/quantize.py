@@ -1,6 +1,8 @@
-"""Static int8 quantisation (QDQ, per-channel weights) calibrated on real images, with measured drift.
+"""Reduced-precision twins of an fp32 model folder, each with its drift from the fp32 graph measured on real images.
 
-Static, not dynamic: dynamic int8 measured 7-15x slower than fp32 for CNNs on these CPUs.
+int8: static quantisation (QDQ, per-channel weights) calibrated on real images. Static, not dynamic: dynamic
+int8 measured 7-15x slower than fp32 for CNNs on these CPUs.
+fp16: the backbone's convolutions in half precision, for GPUs (tensor cores); fp32 stays the reference.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.onnx_model import OnnxModel as GraphEditor
 
 from lookalike.quality.labelled_images import LabelledImage
 from lookalike.embedder.preprocess import FaceCrop
@@ -26,6 +29,7 @@ from lookalike.v1 import manifest_pb2
 log = logging.getLogger(__name__)
 
 METHOD = "static-int8-qdq-per-channel"
+FP16_METHOD = "fp16-backbone"
 # Convolutions carry nearly all the compute; Clip (ReLU6) and Add are included so each activation is
 # quantised on its clipped range rather than the convolution's raw one (cosine to fp32 0.82 -> 0.92 on
 # grocery val). The head, pooling and normalisation stay fp32, so probabilities and norms stay exact.
@@ -85,30 +89,70 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
                         reduce_range=True)
         shutil.move(str(Path(scratch) / ONNX_FILE), int8_path)
 
-    fp32_embeddings, fp32_probabilities = embed_files(Path(fp32_dir) / parent.onnx_file, validation, size,
-                                                      face_crop=crop)
-    int8_embeddings, int8_probabilities = embed_files(int8_path, validation, size, face_crop=crop)
+    drift = measure_drift(Path(fp32_dir), parent, int8_path, validation, METHOD, calibration_images=len(calibration))
+    return write_twin_manifest(parent, int8_dir, "int8", drift)
+
+
+def half_precision_model(fp32_dir: Path, fp16_dir: Path, validation: Sequence[LabelledImage]) -> manifest_pb2.ModelManifest:
+    """fp32 model folder -> fp16 model folder whose manifest records its drift from the fp32 graph.
+
+    Everything up to the last convolution runs in fp16; pooling, the heads, the normalisation and the softmax
+    stay fp32 (a few kFLOPs), so vectors stay unit length and probabilities sum to one at fp32 precision.
+    Inputs (uint8 pixels) and outputs (float32) keep their types, so the embedder serves it like the fp32 graph.
+    """
+    parent = read_manifest(fp32_dir)
+    fp16_dir = Path(fp16_dir)
+    fp16_dir.mkdir(parents=True, exist_ok=True)
+    fp16_path = fp16_dir / ONNX_FILE
+    graph = GraphEditor(onnx.load(str(Path(fp32_dir) / parent.onnx_file)))
+    nodes = graph.nodes()
+    last_conv = max(index for index, node in enumerate(nodes) if node.op_type == "Conv")
+    # ONNX Runtime's converter, then its own clean-up: the fp32 -> fp16 -> fp32 casts the converter leaves
+    # between the nodes kept in fp32 go (they would round the embedding's norm to fp16), and the casts it
+    # appends at the end are sorted into place.
+    graph.convert_float_to_float16(keep_io_types=True, node_block_list=[node.name for node in nodes[last_conv + 1:]])
+    graph.topological_sort()
+    onnx.save(graph.model, str(fp16_path))
+    drift = measure_drift(Path(fp32_dir), parent, fp16_path, validation, FP16_METHOD, calibration_images=0)
+    return write_twin_manifest(parent, fp16_dir, "fp16", drift)
+
+
+def measure_drift(fp32_dir: Path, parent: manifest_pb2.ModelManifest, twin_path: Path,
+                  validation: Sequence[LabelledImage], method: str, calibration_images: int) -> manifest_pb2.QuantizationDrift:
+    """How far a reduced-precision graph's outputs are from its fp32 parent's on the same images."""
+    size = parent.input.height
+    crop = FaceCrop.from_manifest(parent.input)
+    fp32_embeddings, fp32_probabilities = embed_files(fp32_dir / parent.onnx_file, validation, size, face_crop=crop)
+    twin_embeddings, twin_probabilities = embed_files(twin_path, validation, size, face_crop=crop)
+    cosines = np.sum(fp32_embeddings * twin_embeddings, axis=1)
     drift = manifest_pb2.QuantizationDrift(
-        method=METHOD,
+        method=method,
         parent_model_id=parent.model_id,
-        calibration_images=len(calibration),
+        calibration_images=calibration_images,
         validation_images=len(validation),
-        mean_cosine=float(np.mean(np.sum(fp32_embeddings * int8_embeddings, axis=1))),
-        top10_overlap=top_k_overlap(fp32_embeddings, int8_embeddings, k=min(10, len(validation) - 1)),
-        category_agreement=float(np.mean(fp32_probabilities.argmax(1) == int8_probabilities.argmax(1))),
+        mean_cosine=float(np.mean(cosines)),
+        top10_overlap=top_k_overlap(fp32_embeddings, twin_embeddings, k=min(10, len(validation) - 1)),
+        category_agreement=float(np.mean(fp32_probabilities.argmax(1) == twin_probabilities.argmax(1))),
+        min_cosine=float(np.min(cosines)),
     )
-    log.info("int8 drift: mean cosine %.4f, top-10 overlap %.3f, category agreement %.3f",
-             drift.mean_cosine, drift.top10_overlap, drift.category_agreement)
+    log.info("%s drift: mean cosine %.4f (lowest %.4f), top-10 overlap %.3f, category agreement %.3f", method,
+             drift.mean_cosine, drift.min_cosine, drift.top10_overlap, drift.category_agreement)
+    return drift
+
+
+def write_twin_manifest(parent: manifest_pb2.ModelManifest, twin_dir: Path, precision: str,
+                        drift: manifest_pb2.QuantizationDrift) -> manifest_pb2.ModelManifest:
+    """The parent's manifest, re-identified for the twin's graph and carrying its drift; written beside it."""
     manifest = manifest_pb2.ModelManifest()
     manifest.CopyFrom(parent)
-    sha256 = sha256_of(int8_path)
+    sha256 = sha256_of(twin_dir / ONNX_FILE)
     name = parent.model_id.split("@")[0]
-    manifest.model_id = f"{name}-int8@{model_identity(sha256, parent.input)[:12]}"
+    manifest.model_id = f"{name}-{precision}@{model_identity(sha256, parent.input)[:12]}"
     manifest.sha256 = sha256
     manifest.onnx_file = ONNX_FILE
-    manifest.precision = "int8"
+    manifest.precision = precision
     manifest.ClearField("parity")
     manifest.quantization.CopyFrom(drift)
     manifest.created_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    write_manifest(int8_dir, manifest)
+    write_manifest(twin_dir, manifest)
     return manifest

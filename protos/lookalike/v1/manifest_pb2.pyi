@@ -157,7 +157,7 @@ class ParityCheck(_message.Message):
     def __init__(self, images: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., tolerance: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class QuantizationDrift(_message.Message):
-    __slots__ = ("method", "parent_model_id", "calibration_images", "validation_images", "mean_cosine", "top10_overlap", "category_agreement")
+    __slots__ = ("method", "parent_model_id", "calibration_images", "validation_images", "mean_cosine", "top10_overlap", "category_agreement", "min_cosine")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PARENT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class QuantizationDrift(_message.Message):
     MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
     TOP10_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
     method: str
     parent_model_id: str
     calibration_images: int
@@ -172,4 +173,5 @@ class QuantizationDrift(_message.Message):
     mean_cosine: float
     top10_overlap: float
     category_agreement: float
-    def __init__(self, method: _Optional[str] = ..., parent_model_id: _Optional[str] = ..., calibration_images: _Optional[int] = ..., validation_images: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., top10_overlap: _Optional[float] = ..., category_agreement: _Optional[float] = ...) -> None: ...
+    min_cosine: float
+    def __init__(self, method: _Optional[str] = ..., parent_model_id: _Optional[str] = ..., calibration_images: _Optional[int] = ..., validation_images: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., top10_overlap: _Optional[float] = ..., category_agreement: _Optional[float] = ..., min_cosine: _Optional[float] = ...) -> None: ...
