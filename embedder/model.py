@@ -65,6 +65,10 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin_wait else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.requested_providers = [_PROVIDER_NAMES[name] for name in config.providers]
+        if any(name != "cpu" for name in config.providers) and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN installed from PyPI (nvidia-* wheels beside it) only once
+            # they are loaded; system-wide libraries (the CUDA base image) load either way. CPU builds: a no-op.
+            ort.preload_dlls()
         self.session = ort.InferenceSession(str(onnx_path), options,
                                             providers=[_provider_options(name, config) for name in config.providers])
         self.providers: list[str] = self.session.get_providers()

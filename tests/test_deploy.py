@@ -313,6 +313,22 @@ def test_the_gpu_image_asks_only_for_providers_it_ships() -> None:
     assert "tensorrt" not in installs, "TensorRT installed: then the image may ask for it"
 
 
+# The CUDA major each pinned onnxruntime-gpu release links, read with `readelf -d` from its
+# libonnxruntime_providers_cuda.so (1.31.1: libcudart.so.13, libcublas.so.13, libcublasLt.so.13). A new pin
+# adds its own line, read the same way.
+ONNXRUNTIME_GPU_CUDA_MAJOR = {"1.31.1": 13}
+
+
+def test_the_gpu_image_pins_an_onnxruntime_gpu_built_for_its_cuda() -> None:
+    """onnxruntime-gpu on a base image of another CUDA major cannot load its CUDA provider, and the embedder
+    then stays NOT_SERVING: the pinned release and the base image's CUDA must agree."""
+    text = (DEPLOY / "docker" / "embedder-gpu.Dockerfile").read_text()
+    cuda_major = int(re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-", text, re.MULTILINE).group(1))
+    pinned = re.search(r"^ARG ONNXRUNTIME_GPU=(\S+)$", text, re.MULTILINE).group(1)
+    assert ONNXRUNTIME_GPU_CUDA_MAJOR.get(pinned) == cuda_major, (pinned, cuda_major)
+    assert '"onnxruntime-gpu==${ONNXRUNTIME_GPU}"' in text
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_what_an_hpa_scales_carries_no_replicas(overlay: str) -> None:
     objects = render(overlay)

@@ -3,9 +3,14 @@
 # that says which providers this image serves with).
 # Build from the repository root: docker build -f deploy/docker/embedder-gpu.Dockerfile -t lookalike-embedder-gpu:0.1.0 .
 # The base image, once for both stages. NVIDIA publishes full CUDA versions only (no floating minor tag),
-# and onnxruntime-gpu is built against a CUDA minor: moving it is a deliberate change. Digest: deploy/README.md.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# and onnxruntime-gpu is built for one CUDA major: the two move together, deliberately. PyPI's
+# onnxruntime-gpu 1.31.1 links CUDA 13 and cuDNN 9 (readelf -d libonnxruntime_providers_cuda.so:
+# libcudart.so.13, libcublas.so.13); on a CUDA 12 base its CUDA provider would not load and the embedder
+# would stay NOT_SERVING. Digest: deploy/README.md.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG ONNXRUNTIME_GPU=1.31.1
 FROM ${CUDA_IMAGE} AS build
+ARG ONNXRUNTIME_GPU
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends python3.12=3.12.3-1ubuntu0.8 python3.12-venv=3.12.3-1ubuntu0.8 \
     && rm -rf /var/lib/apt/lists/*
@@ -20,7 +25,7 @@ COPY searcher /src/searcher
 COPY exporter /src/exporter
 COPY tools /src/tools
 # The embedder-gpu extra names onnxruntime-gpu instead of onnxruntime: they share one module.
-RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder-gpu]"
+RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder-gpu]" "onnxruntime-gpu==${ONNXRUNTIME_GPU}"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
