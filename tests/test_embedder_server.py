@@ -219,22 +219,35 @@ def test_reflection_lists_the_services(embedder) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_provider_matches_cpu(model_dir: Path, image_bytes: list[bytes]) -> None:
-    """On a GPU machine with onnxruntime-gpu: CUDA is active, health SERVING, vectors match the CPU's."""
+def test_cuda_provider_matches_cpu_in_fp32_and_fp16(model_dir: Path, image_bytes: list[bytes], tmp_path: Path,
+                                                    grocery_val: list) -> None:
+    """On a GPU machine with onnxruntime-gpu: CUDA is active and the vectors match the CPU's fp32 ones, for the
+    fp32 graph and for its fp16 twin."""
+    import shutil
+    import subprocess
+
     import onnxruntime as ort
 
     from lookalike.embedder.config import EmbedderConfig
     from lookalike.embedder.model import OnnxModel
     from lookalike.embedder.preprocess import decode_image
+    from lookalike.exporter.quantize import half_precision_model
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("no CUDA execution provider (CPU-only onnxruntime or no GPU)")
-    gpu = OnnxModel(EmbedderConfig(model_dir=model_dir, providers=("cuda", "cpu")))
+    # onnxruntime-gpu lists CUDA among its providers on any machine; a GPU must be there too.
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not shutil.which("nvidia-smi") or \
+            subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
+        pytest.skip("no NVIDIA GPU with onnxruntime-gpu's CUDA execution provider here")
     cpu = OnnxModel(EmbedderConfig(model_dir=model_dir))
-    assert gpu.providers[0] == "CUDAExecutionProvider" and not gpu.missing_gpu_providers
-    pixels = np.stack([decode_image(data, gpu.input_size) for data in image_bytes])
-    for a, b in zip(gpu.run(pixels), cpu.run(pixels)):
-        np.testing.assert_allclose(a, b, atol=1e-3)
+    pixels = np.stack([decode_image(data, cpu.input_size) for data in image_bytes])
+    expected_embeddings, expected_probabilities = cpu.run(pixels)
+    half_precision_model(model_dir, tmp_path / "fp16", grocery_val[:16])
+    for folder, tolerance in ((model_dir, 1e-3), (tmp_path / "fp16", 1e-2)):
+        gpu = OnnxModel(EmbedderConfig(model_dir=folder, providers=("cuda", "cpu")))
+        assert gpu.providers[0] == "CUDAExecutionProvider" and not gpu.missing_gpu_providers
+        embeddings, probabilities = gpu.run(pixels)
+        np.testing.assert_allclose(embeddings, expected_embeddings, atol=tolerance)
+        np.testing.assert_allclose(probabilities, expected_probabilities, atol=tolerance)
+        assert np.min(np.sum(embeddings * expected_embeddings, axis=1)) >= 0.999
 
 
 def test_processes_share_a_port_only_when_asked(model_dir: Path) -> None:

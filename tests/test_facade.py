@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -239,6 +240,38 @@ def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
     # Each gRPC row also against the in-process decode + run loop with as many images per call.
     assert [row["ratio_to_same_work_in_process"] for row in rows[1:3]] == [1.0, 1.0]
     assert all(row["ratio_to_same_work_in_process"] > 0 for row in rows[1:7])
+
+
+def test_cli_bench_gpu_runs_every_step_on_the_cpu_and_refuses_a_missing_gpu(model_dir: Path, tmp_path: Path) -> None:
+    """The GPU run prepared for a GPU machine, here with --providers cpu (CI has no GPU): parity of fp32 and the
+    fp16 twin it writes beside the model, in-process rows with and without IOBinding, host decode and gRPC rows.
+    Asked for CUDA where onnxruntime has none, it stops with the provider named instead of measuring the CPU."""
+    import shutil
+
+    from tests.conftest import GROCERY
+
+    if not GROCERY.is_dir():
+        pytest.skip(f"real photos not found at {GROCERY}")
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    result = run_cli("bench", "gpu", "--model", str(model), "--images", str(GROCERY / "val.txt"), "--providers", "cpu",
+                     "--batch-sizes", "1,4", "--seconds", "0.2", "--gpu-clients", "2", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [(p["precision"], p["providers"]) for p in report["parity"]] == [
+        ("fp32", ["CPUExecutionProvider"]), ("fp16", ["CPUExecutionProvider"])]
+    assert all(p["min_cosine"] >= 0.999 and p["category_agreement"] >= 0.9 for p in report["parity"])
+    assert (tmp_path / "model-fp16" / "manifest.json").is_file()
+    steps = [(r["step"].split(",")[0], r["precision"], r["images_per_call"], r["clients"]) for r in report["rows"]]
+    in_process = [("in-process", precision, size, 1) for precision in ("fp32", "fp16") for size in (1, 4) for _ in (0, 1)]
+    grpc_rows = [("gRPC embedder from JPEG bytes", precision, per_call, clients) for precision in ("fp32", "fp16")
+                 for per_call, clients in ((1, 1), (8, 2), (32, 2))]
+    assert steps == in_process + [("JPEG decode on the host", "-", 1, os.cpu_count())] + grpc_rows
+    assert all(r["images_per_second"] > 0 and r["gpu_utilisation_percent"] is None for r in report["rows"])
+
+    missing = run_cli("bench", "gpu", "--model", str(model), "--images", str(GROCERY / "val.txt"), "--providers",
+                      "cuda,cpu", "--batch-sizes", "1", "--seconds", "0.2")
+    assert missing.returncode != 0 and "CUDAExecutionProvider requested but not active" in missing.stderr
 
 
 def test_cli_bench_photo_times_each_call_alone_and_both_in_turn(model_dir: Path) -> None:

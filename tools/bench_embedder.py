@@ -16,7 +16,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +45,19 @@ class Measurement:
 def _row(model: str, scenario: str, clients: int, per_call: int, result: tuple[float, list[float]]) -> Measurement:
     rate, latencies = result
     return Measurement(model, scenario, clients, per_call, round(rate, 1), *p50_p99_ms(latencies))
+
+
+def embedding_calls(client: EmbedderClient, photos: list[bytes], per_call: int) -> Callable[[], int]:
+    """A call for `measure`: each sends the next `per_call` photos (cycling through them) and returns how many
+    were embedded. One call is made here first, so connecting is not measured."""
+    client.embed(photos[:per_call])
+    counter = iter(range(1 << 62))
+
+    def remote() -> int:
+        start = next(counter) * per_call % (len(photos) - per_call)
+        return len(client.embed(photos[start:start + per_call], top_categories=5))
+
+    return remote
 
 
 def bench_model(model_dir: Path, name: str, photos: list[bytes], seconds: float) -> list[Measurement]:
@@ -77,14 +90,8 @@ def bench_model(model_dir: Path, name: str, photos: list[bytes], seconds: float)
         with running_service("lookalike.embedder", ["--model", str(model_dir)], env=env) as (_, port):
             for clients, per_call in loads:
                 with EmbedderClient(f"127.0.0.1:{port}") as client:
-                    client.embed(photos[:per_call])
-                    counter = iter(range(1 << 62))
-
-                    def remote() -> int:
-                        start = next(counter) * per_call % (len(photos) - per_call)
-                        return len(client.embed(photos[start:start + per_call], top_categories=5))
-
-                    rows.append(_row(name, scenario, clients, per_call, measure(remote, seconds, clients)))
+                    rows.append(_row(name, scenario, clients, per_call,
+                                     measure(embedding_calls(client, photos, per_call), seconds, clients)))
     ceiling = rows[0].images_per_second
     same_work = {row.images_per_call: row.images_per_second for row in rows[1:3]}
     for row in rows:

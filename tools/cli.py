@@ -205,6 +205,15 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
         return run_filters_bench(items=args.items, dimension=args.dimension, seconds=args.seconds, ef=args.ef,
                                  as_json=args.json)
+    if args.service == "gpu":
+        from lookalike.tools.bench_gpu import run_gpu_bench
+
+        if not args.model or not args.images:
+            raise SystemExit("bench gpu: --model (an fp32 model folder; its fp16 twin is written beside it) and "
+                             "--images (real photos, at least 33) are required")
+        return run_gpu_bench(args.model[0], args.images, providers=args.providers.split(","),
+                             batch_sizes=[int(size) for size in args.batch_sizes.split(",")], seconds=args.seconds,
+                             clients=args.gpu_clients, as_json=args.json)
     if args.service == "photo":
         from lookalike.tools.bench_photo import run_photo_bench
 
@@ -345,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
                                               "or a soak: a long mixed load watching memory")
     bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak", "faces", "servers",
-                                            "peers", "photo"],
+                                            "peers", "photo", "gpu"],
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
                             "filtered search against post-filtering and exact, and batch search; soak: both "
                             "services under mixed load with auth on, for --seconds, e.g. 1800; faces: the face "
@@ -353,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "thread-pool gRPC server against grpc.aio; peers: the searcher against Chroma and Milvus "
                             "Lite on the same vectors, installed on first use into --peers-venv; photo: one photo to ranked "
                             "results through both services, 1 client, against each call alone, with each process's "
-                            "CPU per call)")
+                            "CPU per call; gpu: the embedder on --providers (CUDA), fp32 against its fp16 twin: parity, "
+                            "in-process by batch size, host decode and gRPC from JPEG bytes, with the GPU's utilisation)")
     bench.add_argument("--peers-venv", default="var/peers-venv",
                        help="peers: the virtual environment holding Chroma and Milvus Lite (created when missing)")
     bench.add_argument("--peer", action="append", choices=["chroma", "milvus-lite"],
@@ -364,8 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
     bench.add_argument("--model", type=Path, action="append",
                        help="embedder, photo: a model folder to measure, repeatable (default: the benchmarks' model and its "
-                            "int8 twin); soak: the model folder (default: the benchmarks' model)")
+                            "int8 twin); soak: the model folder (default: the benchmarks' model); gpu: the fp32 model folder (required)")
     bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
+    bench.add_argument("--providers", default="cuda,cpu", help="gpu: the embedder's execution providers, in order")
+    bench.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256",
+                       help="gpu: in-process batch sizes to measure, comma-separated")
+    bench.add_argument("--gpu-clients", type=int, default=0,
+                       help="gpu: concurrent gRPC clients for the many-photo rows (0: two per CPU core)")
     bench.add_argument("--soak-items", type=int, default=1000,
                        help="soak: catalogue items, filled first, then re-indexed and deleted over the run")
     bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: seconds between samples")
