@@ -139,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # oneMKL picks code paths by memory alignment unless told not to, so the same sums could round
     # differently from run to run; set before Torch first calls into it.
     os.environ.setdefault("MKL_CBWR", "AUTO")
+    # cuBLAS repeats its sums only with a fixed workspace, and Torch's deterministic mode refuses every
+    # matrix product on a GPU without it; read when cuBLAS starts, so set before Torch first uses it.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads < 0:

@@ -1,6 +1,7 @@
 """The exporter on real photos with the pip-installed ImageNet weights: parity, manifest, int8 and fp16 drift."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -252,6 +253,28 @@ def test_the_same_export_command_writes_the_same_model_byte_for_byte(tmp_path: P
     assert manifests[0] == manifests[1]
     assert manifests[0]["export_threads"] >= 1 and "routing" in manifests[0] and "calibration" in manifests[0]
 
+
+
+def test_a_gpu_export_keeps_cublas_deterministic_and_warns_instead_of_stopping(monkeypatch) -> None:
+    """On CUDA, Torch's deterministic mode refuses every matrix product unless cuBLAS has a fixed workspace, and
+    stops at any operation without a deterministic kernel. The exporter sets the workspace before Torch starts
+    cuBLAS, and on a GPU only warns (naming the operation) so a run on a machine lent for minutes completes; on
+    the CPU the mode stays strict. (CUDA itself cannot run here: this checks what the exporter asks Torch for.)"""
+    from lookalike.exporter.__main__ import main
+    from lookalike.exporter.export import deterministic_torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    threads = torch.get_num_threads()
+    try:
+        deterministic_torch(threads, "cuda")
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        deterministic_torch(threads, "cpu")
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.set_num_threads(threads)
 
 @pytest.mark.slow
 def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
