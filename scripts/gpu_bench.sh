@@ -29,14 +29,6 @@ nvidia-smi || echo "no nvidia-smi: the providers decide where this runs ($provid
 "$python" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
 "$python" -m lookalike.tools.cli bench gpu --model .gpu/model --images .gpu/datasets/grocery/val.txt --providers "$providers" --seconds 2 \
   --json > "$out/bench-gpu.json"
-"$python" - "$out/bench-gpu.json" <<'PY'
-import json, sys
-report = json.load(open(sys.argv[1]))
-print(report["machine"])
-for p in report["parity"]:
-    print("parity", p)
-for r in report["rows"]:
-    print(f"{r['step']:<44} {r['precision']:>5} {r['images_per_call']:>4} x{r['clients']:<3} {r['images_per_second']:>9} img/s"
-          f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  GPU {r['gpu_utilisation_percent']}% {r['gpu_memory_mib']} MiB")
-PY
+"$python" -c "import json, sys; from lookalike.tools.bench_gpu import print_report; print_report(json.load(open(sys.argv[1])))" \
+  "$out/bench-gpu.json"
 LOOKALIKE_DATASETS=$PWD/.gpu/datasets "$python" -m pytest -q -p no:cacheprovider -m gpu $(grep -l "pytest.mark.gpu" tests/test_*.py) 2>&1 | tee "$out/gpu-tests.log" | tail -5

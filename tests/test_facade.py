@@ -242,7 +242,8 @@ def test_cli_bench_embedder_measures_the_given_models(model_dir: Path) -> None:
     assert all(row["ratio_to_same_work_in_process"] > 0 for row in rows[1:7])
 
 
-def test_cli_bench_gpu_runs_every_step_on_the_cpu_and_refuses_a_missing_gpu(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_bench_gpu_runs_every_step_on_the_cpu_and_refuses_a_missing_gpu(model_dir: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
     """The GPU run prepared for a GPU machine, here with --providers cpu (CI has no GPU): parity of fp32 and the
     fp16 twin it writes beside the model, in-process rows with and without IOBinding, host decode and gRPC rows.
     Asked for CUDA where onnxruntime has none, it stops with the provider named instead of measuring the CPU."""
@@ -268,6 +269,13 @@ def test_cli_bench_gpu_runs_every_step_on_the_cpu_and_refuses_a_missing_gpu(mode
                  for per_call, clients in ((1, 1), (8, 2), (32, 2))]
     assert steps == in_process + [("JPEG decode on the host", "-", 1, os.cpu_count())] + grpc_rows
     assert all(r["images_per_second"] > 0 and r["gpu_utilisation_percent"] is None for r in report["rows"])
+    # The saved report reads back as the table scripts/gpu_bench.sh prints: a line per parity and per row.
+    from lookalike.tools.bench_gpu import print_report
+
+    print_report(report)
+    table = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("parity ") for line in table) == 2
+    assert [line.split("  ")[0] for line in table[-len(report["rows"]):]] == [r["step"] for r in report["rows"]]
 
     missing = run_cli("bench", "gpu", "--model", str(model), "--images", str(GROCERY / "val.txt"), "--providers",
                       "cuda,cpu", "--batch-sizes", "1", "--seconds", "0.2")

@@ -241,20 +241,29 @@ def run_gpu_bench(model_dir: Path, images: Path, providers: Sequence[str] = ("cu
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
                f"{platform.python_version()}; GPU: {_gpu_name()}; onnxruntime {ort.__version__} "
                f"({', '.join(ort.get_available_providers())})")
+    report = {"machine": machine, "model": manifest.model_id, "images": str(images), "input_px": size[0],
+              "seconds_per_row": seconds, "photos": len(photos), "parity": [asdict(p) for p in parities],
+              "rows": [asdict(r) for r in rows]}
     if as_json:
-        print(json.dumps({"machine": machine, "model": manifest.model_id, "images": str(images),
-                          "parity": [asdict(p) for p in parities], "rows": [asdict(r) for r in rows]}, indent=2))
-        return 0
-    print(f"GPU benchmark on {machine}")
-    print(f"model {manifest.model_id} at {size[0]} px; {len(photos)} real photos from {images}; {seconds:g} s per row")
-    for p in parities:
-        print(f"parity {p.precision} ({p.model}) on {', '.join(p.providers)} against fp32 on the CPU, {p.images} "
-              f"photos: mean cosine {p.mean_cosine}, lowest {p.min_cosine}, category agreement {p.category_agreement}")
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    """The benchmark's report as a table; also reads back a report saved with --json (scripts/gpu_bench.sh)."""
+    print(f"GPU benchmark on {report['machine']}")
+    print(f"model {report['model']} at {report['input_px']} px; {report['photos']} real photos from {report['images']}; "
+          f"{report['seconds_per_row']:g} s per row")
+    for p in report["parity"]:
+        print(f"parity {p['precision']} ({p['model']}) on {', '.join(p['providers'])} against fp32 on the CPU, "
+              f"{p['images']} photos: mean cosine {p['mean_cosine']}, lowest {p['min_cosine']}, category agreement "
+              f"{p['category_agreement']}")
     print(f"{'step':<44} {'precision':>9} {'img/call':>8} {'clients':>7} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'GPU %':>6} {'GPU MiB':>8}")
-    for r in rows:
-        utilisation = "-" if r.gpu_utilisation_percent is None else r.gpu_utilisation_percent
-        memory = "-" if r.gpu_memory_mib is None else r.gpu_memory_mib
-        print(f"{r.step:<44} {r.precision:>9} {r.images_per_call:>8} {r.clients:>7} {r.images_per_second:>9} "
-              f"{r.p50_ms:>8} {r.p99_ms:>8} {utilisation:>6} {memory:>8}")
-    return 0
+    for r in report["rows"]:
+        utilisation = "-" if r["gpu_utilisation_percent"] is None else r["gpu_utilisation_percent"]
+        memory = "-" if r["gpu_memory_mib"] is None else r["gpu_memory_mib"]
+        print(f"{r['step']:<44} {r['precision']:>9} {r['images_per_call']:>8} {r['clients']:>7} "
+              f"{r['images_per_second']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} {utilisation:>6} {memory:>8}")
