@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from lookalike.embedder.config import EmbedderConfig
+from lookalike.embedder.model import OnnxModel
 from lookalike.exporter.efficientnet_lite import load_imagenet_model
 from lookalike.exporter.export import check_parity, decode_files, export_onnx, onnx_session, sha256_of
 from lookalike.codec import read_manifest
 
 GRANNY_SMITH = 948  # ImageNet class index
+
+
+def served_model(model_dir: Path) -> OnnxModel:
+    """The model folder as the embedder serves it (its own ONNX Runtime session, one thread)."""
+    return OnnxModel(EmbedderConfig(model_dir=model_dir, threads=1))
 
 
 @pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
@@ -130,14 +137,23 @@ def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_t
     assert 0.95 <= drift.mean_cosine <= 1.0 and 0.7 <= drift.top10_overlap <= 1.0
     assert read_manifest(tmp_path / "int8") == int8
 
+    # The recorded drift is what the two served graphs really give on those photos, measured here again.
+    validation = random.Random(2).sample(grocery_val, 40)
+    pixels = decode_files(validation, parent.input.height)
+    fp32_vectors, fp32_probabilities = served_model(model_dir).run(pixels)
+    int8_vectors, int8_probabilities = served_model(tmp_path / "int8").run(pixels)
+    cosines = np.sum(fp32_vectors * int8_vectors, axis=1)
+    assert drift.mean_cosine == pytest.approx(float(cosines.mean()), abs=1e-4)
+    assert drift.min_cosine == pytest.approx(float(cosines.min()), abs=1e-4)
+    assert drift.category_agreement == pytest.approx(
+        float(np.mean(fp32_probabilities.argmax(1) == int8_probabilities.argmax(1))))
+
 
 def test_fp16_model_records_its_drift_and_serves_like_fp32(model_dir: Path, tmp_path: Path, grocery_val: list) -> None:
     """The backbone's convolutions in fp16, the tail in fp32: unit vectors and float32 outputs for the embedder,
     drift from fp32 measured on real photos, and the same bytes from the same fp32 model."""
     import onnx
 
-    from lookalike.embedder.config import EmbedderConfig
-    from lookalike.embedder.model import OnnxModel
     from lookalike.exporter.quantize import half_precision_model
 
     photos = random.Random(2).sample(grocery_val, 40)
@@ -158,28 +174,46 @@ def test_fp16_model_records_its_drift_and_serves_like_fp32(model_dir: Path, tmp_
     weights = {tensor.name: tensor.data_type for tensor in graph.graph.initializer}
     conv_types = {weights[node.input[1]] for node in graph.graph.node if node.op_type == "Conv"}
     assert conv_types == {onnx.TensorProto.FLOAT16}
-    served = OnnxModel(EmbedderConfig(model_dir=tmp_path / "fp16", threads=1))
-    embeddings, probabilities = served.run(decode_files(photos[:4], parent.input.height))
+    pixels = decode_files(photos[:4], parent.input.height)
+    embeddings, probabilities = served_model(tmp_path / "fp16").run(pixels)
     assert embeddings.dtype == probabilities.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    # Served by the embedder, the fp16 graph gives the fp32 graph's vectors and categories on the same photos.
+    fp32_embeddings, fp32_probabilities = served_model(model_dir).run(pixels)
+    assert np.sum(embeddings * fp32_embeddings, axis=1).min() >= 0.999
+    assert (probabilities.argmax(1) == fp32_probabilities.argmax(1)).all()
+    np.testing.assert_allclose(probabilities, fp32_probabilities, atol=0.01)
 
     again = half_precision_model(model_dir, tmp_path / "again", photos[:8])
     assert again.sha256 == fp16.sha256
 
 
-def test_temperature_is_fitted_on_validation_and_folded_into_the_graph(model_dir: Path) -> None:
-    manifest = read_manifest(model_dir)
+def test_temperature_is_fitted_on_validation_and_folded_into_the_graph(tmp_path: Path, grocery_train: list,
+                                                                       grocery_val: list) -> None:
+    """A head held back by a heavy L2 penalty is under-confident: the temperature fitted on the validation
+    photos sharpens it, is kept, and the graph the embedder serves gives the calibrated probabilities."""
+    from lookalike.exporter.__main__ import per_category_sample
+    from lookalike.exporter.export import ExportSettings, export_default_model
+    from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
+
+    validation = random.Random(0).sample(grocery_val, 24)
+    manifest = export_default_model(per_category_sample(grocery_train, 5, seed=0), tmp_path,
+                                    ExportSettings(parity_images=4, head_l2=1.0), validation=validation)
     calibration = manifest.calibration
-    assert calibration.images == 24 and 0.05 <= calibration.fitted_temperature <= 20
+    # Measured: temperature 0.228, ECE 0.573 -> 0.207, NLL 2.171 -> 0.989 on these 24 photos.
+    assert calibration.method == "temperature" and calibration.images == 24
     assert manifest.temperature == pytest.approx(calibration.temperature)
-    assert 0 <= calibration.ece_after <= calibration.ece_before <= 1
-    assert calibration.nll_before > 0 and calibration.nll_after > 0
-    if calibration.method == "temperature":
-        assert calibration.temperature == pytest.approx(calibration.fitted_temperature)
-        assert calibration.nll_after <= calibration.nll_before  # the temperature minimises validation NLL
-    else:
-        assert calibration.method == "none" and calibration.temperature == 1.0
+    assert calibration.temperature == pytest.approx(calibration.fitted_temperature) and calibration.temperature < 1
+    assert 0 <= calibration.ece_after < calibration.ece_before - 0.1
+    assert 0 < calibration.nll_after < calibration.nll_before - 0.1  # the temperature minimises validation NLL
+
+    # Served, the validation photos get the calibrated probabilities (the "after" figures), not the raw head's.
+    labels = list(manifest.labels)
+    targets = np.array([labels.index(image.category) for image in validation])
+    _, served = served_model(tmp_path).run(decode_files(validation, manifest.input.height))
+    assert negative_log_likelihood(served, targets) == pytest.approx(calibration.nll_after, abs=1e-4)
+    assert expected_calibration_error(served, targets) == pytest.approx(calibration.ece_after, abs=1e-4)
 
 
 def test_a_temperature_that_would_raise_the_calibration_error_is_not_kept() -> None:
@@ -320,8 +354,13 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert report["category_top1_accuracy"] <= report["category_top_k_accuracy"]["2"] \
         <= report["category_top_k_accuracy"]["3"] <= 1
     assert set(report["modes"]) >= {"global", "top-1 shard", "adaptive"}
-    for metrics in report["modes"].values():
-        assert 0 <= metrics["mAP@10"] <= 1 and 0 <= metrics["NN-recall@10"] <= 1
+    # The same photos, searched through the real services, give what the exporter measured for the chosen
+    # routing with exact search: its validation mAP@10, routing recall and shards.
+    routed = report["modes"][f"adaptive + prior {fitted.prior_weight:g}"]
+    scores = {round(score.prior_weight, 4): score.map_at_10 for score in fitted.prior_weight_scores}
+    assert routed["mAP@10"] == pytest.approx(scores[round(fitted.prior_weight, 4)], abs=1e-3)
+    assert (routed["routing_recall"], routed["shards_probed"]) == pytest.approx(
+        (fitted.routing_recall, fitted.expected_shards), abs=1e-3)
     assert report["modes"]["global"]["NN-recall@10"] == 1.0 and report["modes"]["global"]["scanned_share"] == 1.0
     assert len(report["confusion"]["matrix"]) == 4
     shards = [point["shards_probed"] for point in report["routing_curve"]]
