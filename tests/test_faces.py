@@ -141,8 +141,8 @@ def test_face_crop_round_trips_through_the_manifest() -> None:
 @pytest.mark.slow
 def test_train_export_serve_search_on_a_few_orl_people(tmp_path: Path) -> None:
     """Identity retrieval end to end: 6 people train the embedding, 3 others (never seen in training) are the
-    validation; the model crops faces (its manifest says so); the embedder refuses a photo without a face
-    with FAILED_PRECONDITION and embeds faces; eval searches the unseen people's photos."""
+    validation; the model crops faces (its manifest says so); eval, through the real services, finds each unseen
+    person's other photos. (A photo without a face: the next test.)"""
     orl_people(tmp_path, {"train": range(1, 7), "validation": range(7, 10)}, photos=10)
     run = lambda *args: subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT,  # noqa: E731
                                        capture_output=True, text=True, timeout=600)
@@ -165,8 +165,9 @@ def test_train_export_serve_search_on_a_few_orl_people(tmp_path: Path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     assert report["queries"] == 30 and report["catalogue_items"] == 30
-    # Each query finds itself first; R@1 counts it, so the identity figure that matters is mAP@10.
-    assert report["modes"]["global"]["R@1"] == 1.0 and 0 < report["modes"]["global"]["mAP@10"] <= 1
+    # Each query finds itself first; R@1 counts it, so the identity figure that matters is mAP@10: measured
+    # 0.993 (the exporter's log: 0.940 for the ImageNet features before the embedding trained, 0.996 after).
+    assert report["modes"]["global"]["R@1"] == 1.0 and report["modes"]["global"]["mAP@10"] >= 0.95
 
 
 def test_embedder_refuses_a_photo_without_a_face_and_embeds_faces(tmp_path: Path, model_dir: Path) -> None:
