@@ -14,8 +14,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-from lookalike.client.connection import ChannelSettings, UnavailableError
+from lookalike.client.connection import ChannelSettings, InvalidArgumentError, UnavailableError
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from tests.conftest import start_searcher
 from lookalike.tools.processes import free_port
@@ -24,6 +25,21 @@ from lookalike.tools.processes import free_port
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a scrape; 0 for a series not there yet (a counter that has not counted)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return 0.0
+
+
+def counted(before: str, after: str, name: str, **labels: str) -> float:
+    """How much a series grew between two scrapes: the registry is process-wide, so other tests' counts are
+    already in it."""
+    return sample(after, name, **labels) - sample(before, name, **labels)
 
 
 def test_embedder_metrics(model_dir: Path, image_bytes: list[bytes]) -> None:
@@ -35,14 +51,24 @@ def test_embedder_metrics(model_dir: Path, image_bytes: list[bytes]) -> None:
     started, port = create_server(EmbedderConfig(model_dir=model_dir, address="127.0.0.1:0", metrics_port=metrics_port))
     try:
         with EmbedderClient(f"127.0.0.1:{port}") as client:
-            client.embed(image_bytes[:3])
-            client.embed([b"broken"])
-        text = scrape(metrics_port)
+            client.model_info()
+            before = scrape(metrics_port)
+            embedded = client.embed(image_bytes[:3])
+            broken = client.embed([b"broken"])
+        after = scrape(metrics_port)
     finally:
         started.stop(None)
-    assert 'lookalike_rpc_requests_total{code="OK",method="Embed"}' in text
-    assert 'lookalike_rpc_latency_seconds_bucket{code="OK",le="0.5",method="Embed"}' in text
-    assert "lookalike_embedder_batch_images_count" in text and "lookalike_embedder_queue_delay_seconds_sum" in text
+    assert all(result.ok for result in embedded) and not broken[0].ok
+    # A bad image is refused in its own result of an OK response: two Embed calls, both OK.
+    assert counted(before, after, "lookalike_rpc_requests_total", code="OK", method="Embed") == 2
+    assert counted(before, after, "lookalike_rpc_latency_seconds_count", code="OK", method="Embed") == 2
+    assert counted(before, after, "lookalike_rpc_latency_seconds_bucket", code="OK", method="Embed", le="+Inf") == 2
+    # The three photos reach the model, in one batch or more; the undecodable bytes never do.
+    batches = counted(before, after, "lookalike_embedder_batch_images_count")
+    assert counted(before, after, "lookalike_embedder_batch_images_sum") == 3 and 1 <= batches <= 3
+    assert counted(before, after, "lookalike_embedder_queue_delay_seconds_count") == batches
+    assert counted(before, after, "lookalike_embedder_inference_seconds_count") == batches
+    assert counted(before, after, "lookalike_embedder_inference_seconds_sum") > 0
 
 
 def test_searcher_metrics(tmp_path: Path) -> None:
@@ -51,20 +77,23 @@ def test_searcher_metrics(tmp_path: Path) -> None:
     try:
         with SearcherClient(f"127.0.0.1:{started.port}") as client:
             vectors = np.eye(4, dtype=np.float32)
+            before = scrape(metrics_port)
             client.upsert([CatalogueItem(f"i{n}", "hats", v, "m") for n, v in enumerate(vectors)])
             client.delete(["i0"])
             client.search(vectors[1], "m", k=2, routing=routing_for(categories=["hats"]))
-            with pytest.raises(Exception):
+            with pytest.raises(InvalidArgumentError, match="k"):
                 client.search(vectors[1], "m", k=0)
-        text = scrape(metrics_port)
+        after = scrape(metrics_port)
     finally:
         channel.close()
         started.stop(None)
-    assert 'lookalike_searcher_shard_items{category="hats"} 3.0' in text
-    assert 'lookalike_searcher_shard_deleted_slots{category="hats"} 1.0' in text
-    assert 'lookalike_searcher_shard_probes_total{category="hats"}' in text
-    # The counter is process-wide: other tests in this process may have counted refused searches too.
-    assert re.search(r'lookalike_rpc_requests_total\{code="INVALID_ARGUMENT",method="Search"\} [1-9]', text)
+    assert sample(after, "lookalike_searcher_shard_items", category="hats") == 3
+    assert sample(after, "lookalike_searcher_shard_deleted_slots", category="hats") == 1
+    assert counted(before, after, "lookalike_searcher_shard_probes_total", category="hats") == 1
+    assert counted(before, after, "lookalike_rpc_requests_total", code="OK", method="Search") == 1
+    assert counted(before, after, "lookalike_rpc_requests_total", code="INVALID_ARGUMENT", method="Search") == 1
+    assert counted(before, after, "lookalike_rpc_requests_total", code="OK", method="Upsert") == 1
+    assert counted(before, after, "lookalike_rpc_requests_total", code="OK", method="Delete") == 1
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
