@@ -59,9 +59,13 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 vectors = st.builds(lambda values, dimension, raw: common_pb2.Vector(
     values=raw if raw is not None else np.asarray(values, dtype="<f4").tobytes(), dimension=dimension),
     st.lists(floats, max_size=20), st.integers(0, 2**32 - 1), st.none() | st.binary(max_size=64))
+# Vectors the searcher takes (the anchor's dimension, finite), so that some items are accepted and read back.
+fitting_vectors = st.builds(lambda values: common_pb2.Vector(values=np.asarray(values, dtype="<f4").tobytes(),
+                                                            dimension=DIM),
+                            st.lists(st.floats(-1, 1, width=32), min_size=DIM, max_size=DIM))
 items = st.builds(lambda i, c, v, m, a: pb.Item(id=i, category=c, vector=v, model_id=m, attributes=a),
                   st.sampled_from(["anchor", "sku-1", ""]) | texts, st.sampled_from(["hats", "coats"]) | texts,
-                  vectors, st.sampled_from([MODEL, "other@2"]) | texts,
+                  fitting_vectors | vectors, st.sampled_from([MODEL, "other@2"]) | texts,
                   st.dictionaries(texts, texts, max_size=12))
 routings = st.one_of(st.none(), st.builds(lambda c: pb.Routing(explicit=pb.ExplicitRouting(categories=c)),
                                           st.lists(texts, max_size=5)),
@@ -81,12 +85,20 @@ def call(method, request) -> None:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(items, max_size=6))
 def test_arbitrary_upserts(searcher: searcher_pb2_grpc.SearcherStub, batch: list[pb.Item]) -> None:
+    sent = [item for item in batch if item.id != "anchor"]
     try:
-        response = searcher.Upsert(pb.UpsertRequest(items=[i for i in batch if i.id != "anchor"]), timeout=10)
-        assert len(response.statuses) == len([i for i in batch if i.id != "anchor"])
-        assert all(s.code != grpc.StatusCode.INTERNAL.value[0] for s in response.statuses)
+        response = searcher.Upsert(pb.UpsertRequest(items=sent), timeout=10)
     except grpc.RpcError as error:
         assert error.code() in REFUSALS, f"{error.code()}: {error.details()}"
+    else:
+        assert len(response.statuses) == len(sent)
+        assert all(s.code != grpc.StatusCode.INTERNAL.value[0] for s in response.statuses)
+        # What was accepted is there: the last accepted version of each id is found by its own vector.
+        accepted = {item.id: item for item, status in zip(sent, response.statuses) if status.code == 0}
+        for item in accepted.values():
+            found = searcher.Search(pb.SearchRequest(vector=item.vector, model_id=item.model_id, k=1000, routing=pb.Routing(
+                explicit=pb.ExplicitRouting(categories=[item.category]))), timeout=10)
+            assert item.id in {hit.id for hit in found.hits}, f"accepted {item.id!r} is not in {item.category!r}"
     assert anchor_intact(searcher)
 
 

@@ -17,6 +17,10 @@ def tagged(count: int, tag: int) -> np.ndarray:
 
 
 class RecordingModel:
+    """A stand-in for the ONNX model, on purpose: the batcher only calls a function of a batch, and these tests
+    need rows that say whose they are and a model whose speed they set. Batching in front of the real ONNX
+    Runtime session is tested through the server (test_embedder_server.py, concurrent requests share batches)."""
+
     def __init__(self, delay: float = 0.0) -> None:
         self.batch_sizes: list[int] = []
         self.delay = delay

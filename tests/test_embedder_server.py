@@ -159,7 +159,9 @@ def test_concurrent_requests_share_batches(embedder, image_bytes: list[bytes]) -
         np.testing.assert_allclose(np.frombuffer(output, "<f4"), np.frombuffer(reference, "<f4"), atol=1e-5)
     batches = stats.batches - before_batches
     assert stats.images - before_images == 25
-    assert batches < 25, "concurrent single-image requests were never batched together"
+    # Measured: 4 batches (the reference alone, then 24 requests from 8 threads in 3). At most 12 means every
+    # batch but the reference's carried 2 images or more on average.
+    assert batches <= 12, f"{batches} batches for 25 single-image requests: concurrent requests were not batched"
 
 
 def test_requested_gpu_provider_that_is_not_active_keeps_health_not_serving(model_dir: Path) -> None:

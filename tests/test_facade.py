@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,7 +166,8 @@ def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stdout + first.stderr
     report = json.loads(first.stdout[first.stdout.index("{"):])
     assert report["catalogue_items"] == 300 and report["indexed_now"] == 300 and report["queries"] == 20
-    assert 0.0 < report["mAP@10"] <= 1.0 and report["routing_recall"] > 0.5
+    # Measured: mAP@10 0.90, routing recall 1.0 at 2.25 shards (chance mAP@10 with 10 even categories: about 0.1).
+    assert report["mAP@10"] >= 0.7 and report["routing_recall"] >= 0.9 and report["failed"] == 0
     assert Path(report["contact_sheet"]).is_file()
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
@@ -220,7 +222,7 @@ def test_cli_bench_peers_runs_every_system_on_the_same_vectors() -> None:
     for system in report["systems"]:
         assert system["ingest_items_per_second"] > 0 and system["server_memory_bytes_per_item"] > 0
         # (At 3,000 items the growth over the second half is within the allocator's noise: present, not sized.)
-        assert isinstance(system["server_memory_bytes_per_further_item"], float)
+        assert math.isfinite(system["server_memory_bytes_per_further_item"])
         assert [(row["mode"], row["clients"]) for row in system["rows"]] == [
             ("category-scoped", 1), ("category-scoped", 8), ("global", 1), ("global", 8)]
         assert all(row["recall_at_10"] >= 0.95 and row["queries_per_second"] > 0 for row in system["rows"])
