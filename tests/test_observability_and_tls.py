@@ -3,7 +3,6 @@ certificates (mTLS), and certificates renewed under load without a restart."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 import time
