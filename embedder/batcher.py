@@ -38,8 +38,10 @@ class _Job:
     images: np.ndarray
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
-    # Images in the inference batch this job ran in (its own and other requests'), for the trace.
+    # Images in the inference batch this job ran in (its own and other requests'), and how long the job
+    # waited for that batch to start, for the trace.
     batch_images: int = 0
+    queue_seconds: float = 0.0
 
 
 @dataclass
@@ -87,7 +89,7 @@ class MicroBatcher:
             self._condition.notify()
         results = [job.future.result(timeout) for job in jobs]
         annotate(lambda: {"inference_batch_images": [job.batch_images for job in jobs],
-                          "queue_seconds": time.monotonic() - jobs[0].enqueued})
+                          "queue_seconds": max(job.queue_seconds for job in jobs)})
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def close(self) -> None:
@@ -142,6 +144,6 @@ class MicroBatcher:
             offset = 0
             for job in batch:
                 count = len(job.images)
-                job.batch_images = len(images)
+                job.batch_images, job.queue_seconds = len(images), started - job.enqueued
                 job.future.set_result((embeddings[offset:offset + count], probabilities[offset:offset + count]))
                 offset += count

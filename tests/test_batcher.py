@@ -96,3 +96,26 @@ def test_a_failing_batch_fails_its_callers_and_the_next_batch_works() -> None:
     first, _ = batcher.run(tagged(2, 5))
     batcher.close()
     assert (first == 5).all()
+
+
+def test_the_trace_says_how_long_a_request_waited_for_its_batch_not_for_its_answer() -> None:
+    """queue_seconds on the RPC's span is the wait before inference started (about max_delay for a lone
+    request), not the wait for the result, which also holds the model's 0.3 s."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    batcher = MicroBatcher(RecordingModel(delay=0.3), max_batch=16, max_delay_seconds=0.01, max_queued_images=100)
+    try:
+        with provider.get_tracer("test").start_as_current_span("rpc"):
+            started = time.monotonic()
+            batcher.run(tagged(2, 1))
+            answered = time.monotonic() - started
+    finally:
+        batcher.close()
+    attributes = spans.get_finished_spans()[0].attributes
+    assert attributes["lookalike.inference_batch_images"] == (2,)
+    assert 0.01 <= attributes["lookalike.queue_seconds"] < 0.2 < 0.3 <= answered
