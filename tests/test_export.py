@@ -367,6 +367,19 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert shards == sorted(shards) and all(1 <= count <= 4 for count in shards)
 
 
+def test_eval_report_says_where_each_routing_value_came_from() -> None:
+    from lookalike.tools.evaluate import routing_source
+
+    given = {"threshold": 0.9, "max shards": 3, "prior weight": 0.0}
+    assert routing_source(given, manifest_has_routing=True) == "given"
+    assert routing_source({**given, "max shards": None, "prior weight": None}, manifest_has_routing=True) == \
+        "threshold given, the rest from the model manifest (fitted on validation at export)"
+    assert routing_source(dict.fromkeys(given), manifest_has_routing=True) == \
+        "model manifest (fitted on validation at export)"
+    assert routing_source({**given, "threshold": None}, manifest_has_routing=False) == \
+        "max shards, prior weight given, the rest from the searcher defaults"
+
+
 def test_head_l2_chosen_on_validation_has_the_lowest_validation_loss(grocery_embeddings: dict, tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Real backbone features: the head kept by fit_head_on_validation beats every other penalty of the grid on

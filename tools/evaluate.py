@@ -60,6 +60,16 @@ def _mode_metrics(rows: list[dict]) -> dict:
             "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 3)}
 
 
+def routing_source(given: dict[str, float | int | None], manifest_has_routing: bool) -> str:
+    """Where the routing values of a report came from: the ones given (not None), the rest from the model's
+    manifest, or from the searcher's defaults for a model without fitted routing."""
+    rest = "model manifest (fitted on validation at export)" if manifest_has_routing else "searcher defaults"
+    named = [name for name, value in given.items() if value is not None]
+    if len(named) == len(given):
+        return "given"
+    return f"{', '.join(named)} given, the rest from the {rest}" if named else rest
+
+
 def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], queries: Sequence[LabelledImage],
              prior_weight: float | None = None, threshold: float | None = None, max_shards: int | None = None,
              fit_on_queries: bool = False) -> dict:
@@ -69,8 +79,8 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         info = embedder_client.model_info()
         model_id = info.model_id
         fitted = info.manifest.routing if info.manifest.HasField("routing") else None
-        source = "given" if None not in (prior_weight, threshold, max_shards) else \
-            "model manifest (fitted on validation at export)" if fitted is not None else "searcher defaults"
+        source = routing_source({"threshold": threshold, "max shards": max_shards, "prior weight": prior_weight},
+                                fitted is not None)
         threshold, max_shards, given_weight = model_routing(info.manifest, threshold, max_shards, prior_weight)
         prior_weight = round(given_weight or 0.0, 6)  # the manifest's float32, as written
         catalogue_vectors, _ = _embed(embedder_client, catalogue)
