@@ -284,12 +284,18 @@ def test_cli_bench_gpu_runs_every_step_on_the_cpu_and_refuses_a_missing_gpu(mode
     assert missing.returncode != 0 and "CUDAExecutionProvider requested but not active" in missing.stderr
 
 
-def test_cli_bench_photo_times_each_call_alone_and_both_in_turn(model_dir: Path) -> None:
-    """Embed alone, Search alone, then photo to results, each with every process's CPU per call."""
-    result = run_cli("bench", "photo", "--model", str(model_dir), "--items", "120", "--seconds", "0.3", "--json")
+def test_cli_bench_photo_times_each_call_alone_and_both_in_turn(model_dir: Path, grocery_val: list,
+                                                                tmp_path: Path) -> None:
+    """Embed alone, Search alone, then photo to results, each with every process's CPU per call; the query
+    photos from --images."""
+    for image in grocery_val[:3]:
+        (tmp_path / "queries" / image.category).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "queries" / image.category / image.path.name).write_bytes(image.read_bytes())
+    result = run_cli("bench", "photo", "--model", str(model_dir), "--items", "120", "--seconds", "0.3", "--json",
+                     "--images", str(tmp_path / "queries"))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["catalogue"] == 120 and report["queries"] > 0
+    assert report["catalogue"] == 120 and report["queries"] == 3
     embed, search, photo = report["rows"]
     assert [embed["path"], search["path"]] == ["Embed alone", "Search alone"] and photo["path"].startswith("photo")
     assert all(row["calls"] > 0 and row["p50_ms"] > 0 and row["client_cpu_ms"] > 0 for row in report["rows"])

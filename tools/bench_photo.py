@@ -49,15 +49,17 @@ class PhotoRow:
     ratio: float | None = None
 
 
-def photo_sets(workdir: Path, catalogue_size: int) -> tuple[list[LabelledImage], list[bytes]]:
+def photo_sets(workdir: Path, catalogue_size: int, queries: Path | None = None) -> tuple[list[LabelledImage], list[bytes]]:
     """(catalogue, query photos): grocery's train and val lists when beside the checkout, else Fashion-MNIST
-    (the benchmarks' model's training photos, and test photos)."""
-    queries_source = default_photos(workdir)
-    if queries_source.name == "val.txt":
-        catalogue = read_labelled_images(queries_source.with_name("train.txt"))
+    (the benchmarks' model's training photos, and test photos); `queries` (a folder or list file) replaces the
+    query photos, the catalogue stays."""
+    default_queries = default_photos(workdir)
+    if default_queries.name == "val.txt":
+        catalogue = read_labelled_images(default_queries.with_name("train.txt"))
     else:
         catalogue = read_labelled_images(benchmark_model(workdir)[1])
-    return catalogue[:catalogue_size], [image.read_bytes() for image in read_labelled_images(queries_source)]
+    photos = [image.read_bytes() for image in read_labelled_images(queries or default_queries)]
+    return catalogue[:catalogue_size], photos
 
 
 def bench_model(model_dir: Path, name: str, catalogue: list[LabelledImage], queries: list[bytes],
@@ -106,22 +108,23 @@ def bench_model(model_dir: Path, name: str, catalogue: list[LabelledImage], quer
 
 
 def run_photo_bench(workdir: Path, seconds: float = 20.0, catalogue_size: int = 100_000, as_json: bool = False,
-                    models: Sequence[Path] | None = None) -> int:
-    """The benchmarks' model and its int8 twin, or the given model folders (each named by its manifest's id)."""
+                    models: Sequence[Path] | None = None, queries: Path | None = None) -> int:
+    """The benchmarks' model and its int8 twin, or the given model folders (each named by its manifest's id);
+    the query photos from `queries` when given."""
     if models:
         measured = [(model, read_manifest(model).model_id) for model in models]
     else:
         model_dir, catalog = benchmark_model(workdir)
         measured = [(model_dir, "fp32"), (ensure_int8(model_dir, catalog), "int8")]
-    catalogue, queries = photo_sets(workdir, catalogue_size)
+    catalogue, photos = photo_sets(workdir, catalogue_size, queries)
     started = time.perf_counter()
-    rows = [row for model, name in measured for row in bench_model(model, name, catalogue, queries, seconds)]
+    rows = [row for model, name in measured for row in bench_model(model, name, catalogue, photos, seconds)]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     if as_json:
-        print(json.dumps({"machine": machine, "catalogue": len(catalogue), "queries": len(queries),
+        print(json.dumps({"machine": machine, "catalogue": len(catalogue), "queries": len(photos),
                           "rows": [asdict(row) for row in rows]}, indent=2))
         return 0
-    print(f"photo to results on {machine}: {len(catalogue)} catalogue photos, {len(queries)} query photos, 1 client, "
+    print(f"photo to results on {machine}: {len(catalogue)} catalogue photos, {len(photos)} query photos, 1 client, "
           f"{seconds:.0f} s per row ({time.perf_counter() - started:.0f} s in all)")
     width = max(5, *(len(row.model) for row in rows))
     print(f"{'model':<{width}} {'path':<38} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms per call: embedder':>26} "

@@ -218,7 +218,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from lookalike.tools.bench_photo import run_photo_bench
 
         return run_photo_bench(Path(args.workdir), seconds=args.seconds, catalogue_size=args.items, as_json=args.json,
-                               models=args.model)
+                               models=args.model, queries=args.images)
     if args.service == "searcher":
         from lookalike.tools.bench_searcher import run_searcher_bench
 
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dimension", type=int, default=256, help="searcher, filters: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
-                                                   "else Fashion-MNIST test)")
+                                                   "else Fashion-MNIST test); photo: the query photos")
     bench.add_argument("--seconds", type=float, default=6.0, help="duration of each measurement")
     bench.add_argument("--json", action="store_true", help="print results as JSON")
     bench.set_defaults(run=_bench)
