@@ -196,7 +196,13 @@ def test_cli_bench_searcher_prints_ratios() -> None:
     assert {"one shard (top-1 category)", "adaptive (threshold 0.9, at most 4 shards)", "all shards"} < routings
     assert any("mixed per request" in r for r in routings) and any("(SearchBatch)" in r for r in routings)
     assert all(row["ratio"] > 0 for row in report["rows"])
-    assert all(row["recall_probed"] >= 0.9 for row in report["rows"] if "(SearchBatch)" not in row["routing"])
+    # Every answer lies in the probed shards, so it cannot hold more of the global top 10 than of theirs.
+    assert all(row["recall_probed"] >= 0.9 and 0 < row["recall_global"] <= row["recall_probed"]
+               for row in report["rows"])
+    # One shard searched one query per call or 32 per call: the same index and ef, the same answers.
+    recalls = {row["routing"]: (row["recall_probed"], row["recall_global"]) for row in report["rows"]
+               if row["path"] == "gRPC searcher"}
+    assert recalls["one shard, 32 queries per call (SearchBatch)"] == recalls["one shard (top-1 category)"]
 
 
 def test_cli_bench_servers_compares_the_thread_pool_and_asyncio_servers() -> None:

@@ -45,6 +45,22 @@ class QueryRow:
     ratio: float = 0.0
 
 
+def exact_top_k(similarities: np.ndarray, labels: np.ndarray, allowed: list[list[int]] | None = None) -> list[set[int]]:
+    """Each query's exact top K item numbers: over the whole catalogue, or over the categories in allowed[i]."""
+    if allowed is None:
+        return [set(row.tolist()) for row in np.argsort(-similarities, axis=1)[:, :K]]
+    exact = []
+    for i, categories in enumerate(allowed):
+        items = np.flatnonzero(np.isin(labels, categories))
+        exact.append(set(items[np.argsort(-similarities[i, items])[:K]].tolist()))
+    return exact
+
+
+def recall(answers: list[set[int]], exact: list[set[int]]) -> float:
+    """Mean recall@K of the answers against the exact sets."""
+    return round(float(np.mean([len(answer & truth) / K for answer, truth in zip(answers, exact)])), 4)
+
+
 def synthetic(count: int, dimension: int, categories: int, offset: float, spread: float,
               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(unit vectors, category index per vector, unit category centres).
@@ -168,7 +184,7 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
     from lookalike.routing import Routing, plan
 
     count = len(query_vectors)
-    exact_global = np.argsort(-similarities, axis=1)[:, :K]
+    exact_global = exact_top_k(similarities, labels)
     index_of = {name: i for i, name in enumerate(names)}
     plans = {
         "one shard (top-1 category)": [[names[int(p.argmax())]] for p in probabilities],
@@ -196,69 +212,78 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
             hits = client.search(query_vectors[i], MODEL, K, routings[mode][i]).hits
             return [int(hit.id.split("-")[1]) for hit in hits]
 
-        exact_probed = []
-        for i in range(count):
-            allowed = np.flatnonzero(np.isin(labels, [index_of[name] for name in shard_lists[i]]))
-            exact_probed.append(set(allowed[np.argsort(-similarities[i, allowed])[:K]].tolist()))
+        exact_probed = exact_top_k(similarities, labels, [[index_of[name] for name in shards] for shards in shard_lists])
+        if mode == "one shard (top-1 category)":
+            exact_one_shard = exact_probed
         recalls = {}
         for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
             answers = [set(fn(i)) for i in range(count)]
-            recalls[path] = (np.mean([len(a & exact_probed[i]) / K for i, a in enumerate(answers)]),
-                             np.mean([len(a & set(exact_global[i].tolist())) / K for i, a in enumerate(answers)]))
+            recalls[path] = (recall(answers, exact_probed), recall(answers, exact_global))
         mean_shards = float(np.mean([len(s) for s in shard_lists]))
         for clients in (1, 8):
             baseline = None
             for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
                 counter = iter(range(1 << 62))
                 rate, latencies = measure(lambda: (fn(next(counter) % count), 1)[1], seconds, clients)
-                row = QueryRow(mode, path, clients, round(rate, 1), *p50_p99_ms(latencies),
-                               round(float(recalls[path][0]), 4), round(float(recalls[path][1]), 4), round(mean_shards, 2))
+                row = QueryRow(mode, path, clients, round(rate, 1), *p50_p99_ms(latencies), *recalls[path],
+                               round(mean_shards, 2))
                 baseline = baseline or rate
                 row.ratio = round(rate / baseline, 3)
                 rows.append(row)
-    rows += _mixed_ef_rows(client, indexes, query_vectors, plans["one shard (top-1 category)"], index_of, similarities,
-                           labels, seconds, ef)
-    rows += _batch_rows(client, indexes, query_vectors, plans["one shard (top-1 category)"], index_of, seconds)
+    one_shard = plans["one shard (top-1 category)"]
+    rows += _mixed_ef_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global),
+                           seconds, ef)
+    rows += _batch_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global), seconds)
     return rows
 
 
 def _batch_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, shard_lists: list[list[str]],
-                index_of: dict[str, int], seconds: float, batch: int = 32) -> list[QueryRow]:
+                index_of: dict[str, int], exact: tuple[list[set[int]], list[set[int]]], seconds: float,
+                batch: int = 32) -> list[QueryRow]:
     """One-shard searches 32 per call: SearchBatch through gRPC against in-process knn_query over the same
-    32 queries (grouped by shard, one knn_query per shard, one thread), at 1 client."""
+    32 queries (grouped by shard, one knn_query per shard, one thread), at 1 client. exact: each query's exact
+    top K in its shard and over everything."""
     count = len(query_vectors)
     requests = [search_request(query_vectors[i], MODEL, K, routing_for(categories=shard_lists[i]), 0)
                 for i in range(count)]
     shard_of = np.array([index_of[shards[0]] for shards in shard_lists])
 
-    def local() -> int:
-        start = next(counter) * batch % (count - batch)
-        members = np.arange(start, start + batch)
+    def local(members: np.ndarray) -> list[set[int]]:
+        answers: dict[int, set[int]] = {}
         for shard in np.unique(shard_of[members]):
             chosen = members[shard_of[members] == shard]
-            indexes[shard].knn_query(query_vectors[chosen], k=K, num_threads=1)
-        return batch
+            ids, _ = indexes[shard].knn_query(query_vectors[chosen], k=K, num_threads=1)
+            answers.update(zip(chosen.tolist(), (set(row.tolist()) for row in ids)))
+        return [answers[i] for i in members.tolist()]
 
-    def remote() -> int:
-        start = next(counter) * batch % (count - batch)
-        client.search_batch(requests[start:start + batch])
-        return batch
+    def remote(members: np.ndarray) -> list[set[int]]:
+        return [{int(hit.id.split("-")[1]) for hit in response.hits}
+                for response in client.search_batch(requests[members[0]:members[-1] + 1])]
 
     rows, baseline = [], 0.0
     for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
+        answers = [answer for start in range(0, count, batch) for answer in fn(np.arange(start, min(start + batch, count)))]
         counter = iter(range(1 << 62))
-        rate, latencies = measure(fn, seconds, 1)
+
+        def one_call() -> int:
+            start = next(counter) * batch % (count - batch)
+            fn(np.arange(start, start + batch))
+            return batch
+
+        rate, latencies = measure(one_call, seconds, 1)
         baseline = baseline or rate
         rows.append(QueryRow(f"one shard, {batch} queries per call (SearchBatch)", path, 1, round(rate, 1),
-                             *p50_p99_ms(latencies), 0.0, 0.0, 1.0, round(rate / baseline, 3)))
+                             *p50_p99_ms(latencies), recall(answers, exact[0]), recall(answers, exact[1]), 1.0,
+                             round(rate / baseline, 3)))
     return rows
 
 
 def _mixed_ef_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, shard_lists: list[list[str]],
-                   index_of: dict[str, int], similarities: np.ndarray, labels: np.ndarray, seconds: float,
+                   index_of: dict[str, int], exact: tuple[list[set[int]], list[set[int]]], seconds: float,
                    ef: int) -> list[QueryRow]:
     """One-shard searches whose requests mix ef, 2 ef and 4 ef, at 8 clients: they must not serialise.
-    In process, the same search at a larger ef is a larger k cut back to K (hnswlib keeps max(ef, k))."""
+    In process, the same search at a larger ef is a larger k cut back to K (hnswlib keeps max(ef, k)).
+    exact: each query's exact top K in its shard and over everything."""
     count = len(query_vectors)
     efs = (ef, 2 * ef, 4 * ef)
     routings = [routing_for(categories=shards) for shards in shard_lists]
@@ -273,19 +298,15 @@ def _mixed_ef_rows(client: SearcherClient, indexes: list, query_vectors: np.ndar
         hits = client.search(query_vectors[i], MODEL, K, routings[i], ef=efs[i % 3]).hits
         return [int(hit.id.split("-")[1]) for hit in hits]
 
-    exact = []
-    for i in range(count):
-        allowed = np.flatnonzero(labels == index_of[shard_lists[i][0]])
-        exact.append(set(allowed[np.argsort(-similarities[i, allowed])[:K]].tolist()))
     rows, baseline = [], 0.0
     for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
         found = [set(fn(i)) for i in range(count)]
-        recall = round(float(np.mean([len(f & e) / K for f, e in zip(found, exact)])), 4)
         counter = iter(range(1 << 62))
         rate, latencies = measure(lambda: (fn(next(counter) % count), 1)[1], seconds, 8)
         baseline = baseline or rate
         rows.append(QueryRow(f"one shard, ef {efs[0]}/{efs[1]}/{efs[2]} mixed per request", path, 8, round(rate, 1),
-                             *p50_p99_ms(latencies), recall, 0.0, 1.0, round(rate / baseline, 3)))
+                             *p50_p99_ms(latencies), recall(found, exact[0]), recall(found, exact[1]), 1.0,
+                             round(rate / baseline, 3)))
     return rows
 
 
