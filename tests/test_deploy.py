@@ -403,6 +403,26 @@ def test_dockerfile_invariants(dockerfile: Path) -> None:
         assert "third_party/hnswlib/build_wheel.py" in text, "the image runs hnswlib as `make` builds it"
 
 
+@pytest.mark.parametrize("dockerfile", [d for d in DOCKERFILES if d.name != "model.Dockerfile"], ids=lambda p: p.name)
+def test_what_a_service_image_copies_builds_the_package(dockerfile: Path, tmp_path: Path) -> None:
+    """The source tree each service image copies into /src builds the lookalike wheel (setuptools refuses a
+    package folder that pyproject maps and the image left out). Docker itself cannot run here."""
+    source = tmp_path / "src"
+    for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), flags=re.MULTILINE):
+        *paths, destination = line.split()
+        if not destination.startswith("/src"):
+            continue
+        target = source / destination.removeprefix("/src").strip("/")
+        for path in paths:
+            copied = target / Path(path).name if destination.endswith("/") else target
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (ROOT / path).is_dir() else shutil.copy)(ROOT / path, copied)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "wheels"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert [wheel.name.split("-")[0] for wheel in (tmp_path / "wheels").glob("*.whl")] == ["lookalike"]
+
+
 def test_gpu_image_installs_onnxruntime_gpu_not_the_cpu_build() -> None:
     import tomllib
 

@@ -24,6 +24,7 @@ COPY embedder /src/embedder
 COPY searcher /src/searcher
 COPY exporter /src/exporter
 COPY tools /src/tools
+COPY web /src/web
 # The embedder-gpu extra names onnxruntime-gpu instead of onnxruntime: they share one module.
 RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder-gpu]" "onnxruntime-gpu==${ONNXRUNTIME_GPU}"
 

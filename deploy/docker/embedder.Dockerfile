@@ -16,6 +16,7 @@ COPY embedder /src/embedder
 COPY searcher /src/searcher
 COPY exporter /src/exporter
 COPY tools /src/tools
+COPY web /src/web
 RUN /opt/venv/bin/pip install --constraint /src/requirements.lock "/src[embedder]"
 
 FROM ${PYTHON_IMAGE}

@@ -18,6 +18,7 @@ COPY embedder /src/embedder
 COPY searcher /src/searcher
 COPY exporter /src/exporter
 COPY tools /src/tools
+COPY web /src/web
 # hnswlib with a smaller lock table, as `make` installs it (third_party/hnswlib/build_wheel.py says why).
 COPY third_party/hnswlib /src/third_party/hnswlib
 RUN wheel=$(/opt/venv/bin/python /src/third_party/hnswlib/build_wheel.py /tmp/wheels) \
