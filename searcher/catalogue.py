@@ -147,6 +147,10 @@ class Catalogue:
         self._probe_lanes = config.probe_threads or available_cpus()
         self._probe_pool = (ThreadPoolExecutor(self._probe_lanes, thread_name_prefix="probe")
                             if self._probe_lanes > 1 else None)
+        # Told (started, stopped) whenever the categories this replica serves change: the server's per-shard
+        # health names follow them.
+        self.on_categories: Callable[[set[str], set[str]], None] | None = None
+        self._announced: set[str] = set()
         self._load()
 
     # -- which shards are held here ----------------------------------------------------------------
@@ -298,6 +302,7 @@ class Catalogue:
                     shutil.rmtree(self._snapshot_dir(key), ignore_errors=True)
             for key in wanted & set(self._leaving):
                 del self._leaving[key]
+            self._announce()
         self._split_oversized()
 
     def _split_oversized(self) -> None:
@@ -344,12 +349,26 @@ class Catalogue:
         with self._apply_mutex:
             while True:
                 if at_least and self.applied_seq >= at_least:
-                    return self.applied_seq
+                    break
                 batch = self.store.changes(self.applied_seq)
                 self._saw(batch.store_head)
                 self._apply(batch)
                 if batch.head >= batch.store_head:
-                    return self.applied_seq
+                    break
+            self._announce()
+            return self.applied_seq
+
+    def announce_categories(self) -> None:
+        """Tells on_categories every category served now that it has not been told of yet (and any it was
+        told of that is no longer served)."""
+        with self._apply_mutex:
+            self._announce()
+
+    def _announce(self) -> None:
+        serving = {category for category, _, _ in self.shards}
+        if self.on_categories is not None and serving != self._announced:
+            self.on_categories(serving - self._announced, self._announced - serving)
+            self._announced = serving
 
     def _saw(self, head: int) -> None:
         if head > max(self.applied_seq, self._unapplied[-1][0] if self._unapplied else 0):

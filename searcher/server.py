@@ -38,7 +38,8 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
     """Starts serving health at once, loads the shards (NOT_SERVING meanwhile), then reports SERVING.
 
     Health names: "" and lookalike.v1.Searcher for the whole server, and lookalike.v1.Searcher/<category>
-    for each shard loaded at start-up.
+    for each category it serves: SERVING from when its first shard is loaded, created or taken over here,
+    NOT_SERVING once the last has moved away.
     """
     server, health_servicer = build_server(max_workers=config.grpc_workers, max_message_bytes=config.max_message_bytes,
                                            service_names=[SERVICE_NAME], auth_tokens=config.auth_tokens,
@@ -55,9 +56,16 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
         server.stop(None)
         raise
     servicer.attach(catalogue)
+
+    def shard_health(started: set[str], stopped: set[str]) -> None:
+        for category in started:
+            health_servicer.set(f"{SERVICE_NAME}/{category}", health_pb2.HealthCheckResponse.SERVING)
+        for category in stopped:
+            health_servicer.set(f"{SERVICE_NAME}/{category}", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    catalogue.on_categories = shard_health
+    catalogue.announce_categories()
     catalogue.start_background()
-    for category in sorted({category for category, _, _ in catalogue.shards}):
-        health_servicer.set(f"{SERVICE_NAME}/{category}", health_pb2.HealthCheckResponse.SERVING)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     collector = None

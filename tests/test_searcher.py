@@ -264,6 +264,13 @@ def test_health_reports_serving_with_per_shard_names(tmp_path: Path) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", "lookalike.v1.Searcher", "lookalike.v1.Searcher/shoes"):
         assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+    # A category first written while serving gets its name too.
+    with pytest.raises(grpc.RpcError) as unknown:
+        health.Check(health_pb2.HealthCheckRequest(service="lookalike.v1.Searcher/hats"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    upsert(channel, [pb.Item(id="y", category="hats", vector=pack_vector(np.ones(4, np.float32)), model_id="m")])
+    hats = health.Check(health_pb2.HealthCheckRequest(service="lookalike.v1.Searcher/hats"))
+    assert hats.status == health_pb2.HealthCheckResponse.SERVING
     started.stop(None)
 
 
