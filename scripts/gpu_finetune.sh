@@ -4,8 +4,10 @@
 # quality targets 2 CPU cores cannot reach (issue 19), one exporter run per job, each fitted on its validation
 # photos only. Each model folder comes back under $OUT/<job>/ with its ONNX graph cut in parts under the 16 MiB a
 # returned file may have; here: `cat model.onnx.part-* > model.onnx`, then `lookalike eval` (BENCHMARKS.md).
-#   JOBS      the jobs, in order (default "fashion-mnist clothing"; also clothing-lite1). Each returns four files
-#             (two parts, manifest, log) and a call returns at most eight: two jobs a call.
+#   JOBS      the jobs, in order (default "fashion-mnist clothing"; also clothing-lite1, and clothing-ema and
+#             clothing-lite1-ema: the same with the weight averaging that helped every CPU clothing run at
+#             416 px, --ema-decay 0.99). Each returns four files (two parts, manifest, log) and a call returns at
+#             most eight: two jobs a call.
 #   PYTHON    the machine's Python with torch, numpy, Pillow, onnx and onnxruntime (default python3)
 #   DEVICE    where training runs (default cuda)
 #   REHEARSE  1: 20 photos per class and 1 epoch, to check every step on a CPU (DEVICE=cpu); no figures
@@ -55,6 +57,14 @@ materialize(work / 'fm-train', 'train', train, source=source); materialize(work 
       export_model clothing-lite1 --backbone lite1 --catalog "$clothing/train" --val "$clothing/validation" \
         --train-embedding cosface --input-size 288 --finetune-from 0 --batch-size 128 --epochs 30 \
         --backbone-learning-rate 2e-4 ;;
-    *) echo "unknown job $job: expected fashion-mnist, clothing or clothing-lite1" >&2; exit 2 ;;
+    clothing-ema)
+      export_model clothing-ema --catalog "$clothing/train" --val "$clothing/validation" --train-embedding cosface \
+        --input-size 288 --finetune-from 0 --batch-size 128 --epochs 30 --backbone-learning-rate 2e-4 --ema-decay 0.99 ;;
+    clothing-lite1-ema)
+      export_model clothing-lite1-ema --backbone lite1 --catalog "$clothing/train" --val "$clothing/validation" \
+        --train-embedding cosface --input-size 288 --finetune-from 0 --batch-size 128 --epochs 30 \
+        --backbone-learning-rate 2e-4 --ema-decay 0.99 ;;
+    *) echo "unknown job $job: expected fashion-mnist, clothing, clothing-lite1, clothing-ema or clothing-lite1-ema" >&2
+       exit 2 ;;
   esac
 done
