@@ -5,9 +5,9 @@
 # photos only. Each model folder comes back under $OUT/<job>/ with its ONNX graph cut in parts under the 16 MiB a
 # returned file may have; here: `cat model.onnx.part-* > model.onnx`, then `lookalike eval` (BENCHMARKS.md).
 #   JOBS      the jobs, in order (default "fashion-mnist clothing"; also clothing-lite1, and clothing-ema and
-#             clothing-lite1-ema: the same with the weight averaging that helped every CPU clothing run at
-#             416 px, --ema-decay 0.99). Each returns four files (two parts, manifest, log) and a call returns at
-#             most eight: two jobs a call.
+#             clothing-lite1-ema: the same with weight averaging, --ema-decay 0.99, which lifted the 416-px CPU
+#             clothing run, not the 288/352-px ones, and is untried with the whole network). Each returns four
+#             files (two parts, manifest, log) and a call returns at most eight: two jobs a call.
 #   PYTHON    the machine's Python with torch, numpy, Pillow, onnx and onnxruntime (default python3)
 #   DEVICE    where training runs (default cuda)
 #   REHEARSE  1: 20 photos per class and 1 epoch, to check every step on a CPU (DEVICE=cpu); no figures
