@@ -213,8 +213,6 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
             return [int(hit.id.split("-")[1]) for hit in hits]
 
         exact_probed = exact_top_k(similarities, labels, [[index_of[name] for name in shards] for shards in shard_lists])
-        if mode == "one shard (top-1 category)":
-            exact_one_shard = exact_probed
         recalls = {}
         for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
             answers = [set(fn(i)) for i in range(count)]
@@ -231,6 +229,7 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
                 row.ratio = round(rate / baseline, 3)
                 rows.append(row)
     one_shard = plans["one shard (top-1 category)"]
+    exact_one_shard = exact_top_k(similarities, labels, [[index_of[shards[0]]] for shards in one_shard])
     rows += _mixed_ef_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global),
                            seconds, ef)
     rows += _batch_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global), seconds)
