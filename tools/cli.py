@@ -142,9 +142,11 @@ def _shards(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from lookalike.codec import read_manifest
     from lookalike.quality.labelled_images import in_one_category, read_labelled_images
     from lookalike.tools.evaluate import run_eval
 
+    read_manifest(args.model)  # a wrong --model fails here, not after the services were started
     catalogue, queries = read_labelled_images(args.catalog), read_labelled_images(args.queries)
     if args.one_category:
         catalogue, queries = in_one_category(catalogue, args.one_category), in_one_category(queries, args.one_category)

@@ -52,7 +52,13 @@ def running_service(module: str, args: Sequence[str], startup_timeout: float = 1
     threading.Thread(target=read_output, daemon=True).start()
     try:
         if not ready.wait(startup_timeout) or not port:
-            raise RuntimeError(f"{module} did not start within {startup_timeout:.0f}s:\n{''.join(log_lines[-30:])}")
+            try:  # its output ended without the line: it is exiting
+                ended = process.wait(5) if ready.is_set() else None
+            except subprocess.TimeoutExpired:
+                ended = None
+            what = f"exited with code {ended} before serving" if ended is not None else \
+                f"did not start within {startup_timeout:.0f}s"
+            raise RuntimeError(f"{module} {what}:\n{''.join(log_lines[-30:])}")
         yield process, port[0]
     finally:
         stop_process(process, 30)

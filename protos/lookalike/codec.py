@@ -43,8 +43,11 @@ def unpack_vector(vector: common_pb2.Vector, field: str = "vector") -> np.ndarra
 
 def read_manifest(model_dir: Path) -> manifest_pb2.ModelManifest:
     """The manifest in a model folder."""
-    text = (Path(model_dir) / MANIFEST_FILE).read_text(encoding="utf-8")
-    return json_format.Parse(text, manifest_pb2.ModelManifest())
+    path = Path(model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"model folder {model_dir} has no {MANIFEST_FILE}: expected a folder written by "
+                                f"`lookalike export` (model.onnx and {MANIFEST_FILE})")
+    return json_format.Parse(path.read_text(encoding="utf-8"), manifest_pb2.ModelManifest())
 
 
 def write_manifest(model_dir: Path, manifest: manifest_pb2.ModelManifest) -> Path:
