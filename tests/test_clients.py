@@ -74,6 +74,20 @@ def test_cli_embed_prints_categories_and_exit_codes(embedder, grocery_val: list,
     assert "ERROR INVALID_ARGUMENT" in bad.stdout and "is not a readable image" in bad.stdout
     missing = run_cli("embed", "--embedder", target, str(tmp_path / "absent.jpg"))
     assert missing.returncode == 2 and "absent.jpg" in missing.stderr
+    folder = run_cli("embed", "--embedder", target, str(tmp_path))
+    assert folder.returncode == 2 and folder.stderr.startswith("lookalike embed: [Errno 21] Is a directory")
+
+
+def test_cli_refuses_bad_values_naming_the_flag(tmp_path: Path) -> None:
+    """Refused before anything is contacted, with argparse's usage exit code (2) and the flag named."""
+    for args, expected in [(("search", "q.jpg", "-k", "0"), "argument -k: 0 is below 1"),
+                           (("embed", "q.jpg", "--top", "-1"), "argument --top: -1 is below 0"),
+                           (("index", str(tmp_path), "--batch-size", "0"), "argument --batch-size: 0 is below 1"),
+                           (("index", str(tmp_path), "--concurrency", "two"),
+                            "argument --concurrency: 'two' is not an integer"),
+                           (("search", "q.jpg", "--searcher", ","), "lookalike search: --searcher is ','")]:
+        result = run_cli(*args)
+        assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
 
 
 def test_cli_serve_embedder_starts_and_answers(model_dir: Path, grocery_val: list) -> None:
@@ -96,6 +110,10 @@ def test_a_folder_without_a_model_is_named_as_such(tmp_path: Path) -> None:
     evaluated = run_cli("eval", "--model", str(tmp_path), "--catalog", str(tmp_path), "--queries", str(tmp_path))
     assert evaluated.returncode == 2
     assert evaluated.stderr.startswith(f"lookalike eval: model folder {tmp_path} has no manifest.json")
+    (tmp_path / "manifest.json").write_text('{"model_id": 7}')
+    corrupt = run_cli("eval", "--model", str(tmp_path), "--catalog", str(tmp_path), "--queries", str(tmp_path))
+    assert corrupt.returncode == 2
+    assert corrupt.stderr.startswith(f"lookalike eval: {tmp_path / 'manifest.json'} is not a model manifest")
 
 
 def test_searcher_client_round_trip_and_cli_serve(tmp_path: Path) -> None:

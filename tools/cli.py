@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lookalike.client.connection import LookalikeError
 
@@ -54,12 +54,28 @@ def _embed(args: argparse.Namespace, rest: list[str]) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum` (argparse names the flag when it is not)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
 def _searcher_target(text: str) -> str | list[str]:
     """One address; replicas of one searcher as a gRPC target (ipv4:a,b or dns:///name); or comma-separated
     pod addresses in StatefulSet ordinal order (sharded by category)."""
     if text.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
         return text
     targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--searcher is {text!r}, expected host:port, ipv4:a:1,b:2, dns:///name:port or "
+                         "comma-separated pod addresses")
     return targets if len(targets) > 1 else targets[0]
 
 
@@ -249,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed image files with a running embedder and print their categories")
     embed.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
     embed.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
-    embed.add_argument("--top", type=int, default=3, help="categories to show per image (0: all)")
+    embed.add_argument("--top", type=at_least(0), default=3, help="categories to show per image (0: all)")
     embed.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     embed.add_argument("--vectors", action="store_true", help="include vectors in --json output")
     embed.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -268,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--journal", type=Path, help="file recording stored ids, so a rerun skips them")
     index.add_argument("--predict-categories", action="store_true",
                        help="store each image in its predicted category instead of its folder's")
-    index.add_argument("--batch-size", type=int, default=32, help="images per request")
-    index.add_argument("--concurrency", type=int, default=2, help="requests in flight")
+    index.add_argument("--batch-size", type=at_least(1), default=32, help="images per request")
+    index.add_argument("--concurrency", type=at_least(1), default=2, help="requests in flight")
     index.add_argument("--json", action="store_true", help="print the summary as JSON")
     index.set_defaults(run=_index)
 
@@ -282,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--shard-map", action="store_true",
                         help="--searcher is any searcher of replica groups sharing PostgreSQL: find the groups "
                              "through their shard map")
-    search.add_argument("-k", type=int, default=10, help="how many matches")
+    search.add_argument("-k", type=at_least(1), default=10, help="how many matches")
     search.add_argument("--routing", default="adaptive",
                         help="adaptive (by predicted probabilities), top1, all, or comma-separated categories")
     search.add_argument("--prior-weight", type=float,
@@ -414,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LookalikeError as error:
         print(f"lookalike {args.command}: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing or unreadable file, a folder given for a file, a bad value
         print(f"lookalike {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
 

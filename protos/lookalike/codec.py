@@ -47,7 +47,10 @@ def read_manifest(model_dir: Path) -> manifest_pb2.ModelManifest:
     if not path.is_file():
         raise FileNotFoundError(f"model folder {model_dir} has no {MANIFEST_FILE}: expected a folder written by "
                                 f"`lookalike export` (model.onnx and {MANIFEST_FILE})")
-    return json_format.Parse(path.read_text(encoding="utf-8"), manifest_pb2.ModelManifest())
+    try:
+        return json_format.Parse(path.read_text(encoding="utf-8"), manifest_pb2.ModelManifest())
+    except json_format.ParseError as error:
+        raise ValueError(f"{path} is not a model manifest: {error}") from error
 
 
 def write_manifest(model_dir: Path, manifest: manifest_pb2.ModelManifest) -> Path:
