@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence, TextIO
 
+import grpc
+
+from lookalike.client.connection import LookalikeError
 from lookalike.client.facade import IndexResult, Lookalike
+
+# Refusals every later batch would meet too (after the client's own retries): the run stops at the first
+# instead of spending the retries again on each remaining batch.
+STOPS_THE_RUN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
 class CatalogueImage(Protocol):
@@ -104,8 +111,13 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
 
     Idempotent: ids are upserted, and ids the journal records as stored (same file size and mtime) are
     skipped, so an interrupted run resumes where it stopped. use_labels=False stores each image in its
-    predicted category instead of its folder's.
+    predicted category instead of its folder's. A batch that fails is listed in the summary and the run goes
+    on, except for a service that is down or refuses the caller (STOPS_THE_RUN): that error is raised once
+    the batches already in flight end, and what they stored is in the journal.
     """
+    for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
+        if value < 1:
+            raise ValueError(f"{name} is {value}, expected 1 or more")
     started = time.perf_counter()
     record = Journal(journal)
     if record.done and lookalike.searcher.stats().items == 0:
@@ -116,12 +128,21 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
     meter = _Progress(len(pending), progress)
     batches = [pending[start:start + batch_size] for start in range(0, len(pending), batch_size)]
 
+    stopped: list[LookalikeError] = []
+
     def run(batch: list[CatalogueImage]) -> IndexResult:
+        if stopped:
+            return IndexResult()  # not tried: still pending in the journal
         try:
             result = lookalike.index([image.path for image in batch], [image.item_id for image in batch],
                                      categories=[image.category for image in batch] if use_labels else None,
                                      attributes=[{"label": image.label, "path": str(image.path)} for image in batch])
-        except Exception as error:  # noqa: BLE001 - one failed batch must not stop the catalogue
+        except LookalikeError as error:
+            if error.code in STOPS_THE_RUN:
+                stopped.append(error)
+                return IndexResult()
+            result = IndexResult(failed=[(image.item_id, f"{type(error).__name__}: {error}") for image in batch])
+        except Exception as error:  # noqa: BLE001 - one failed batch (an unreadable file, ...) must not stop the catalogue
             result = IndexResult(failed=[(image.item_id, f"{type(error).__name__}: {error}") for image in batch])
         record.record([keys[item_id] for item_id in result.indexed])
         meter.advance(len(result.indexed), len(result.failed))
@@ -131,5 +152,7 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
         for result in pool.map(run, batches):
             summary.indexed += len(result.indexed)
             summary.failed.extend(result.failed)
+    if stopped:
+        raise stopped[0]
     summary.seconds = time.perf_counter() - started
     return summary

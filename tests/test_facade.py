@@ -120,6 +120,22 @@ def test_catalogue_indexing_resumes_and_reports_failures(services: tuple[str, st
         assert lookalike.searcher.stats().items == 40
 
 
+def test_catalogue_indexing_stops_when_the_embedder_is_down(services: tuple[str, str], grocery_val: list,
+                                                              tmp_path: Path) -> None:
+    """Every batch would meet the same UNAVAILABLE: the run raises it instead of listing the whole catalogue
+    as failed batch by batch; nothing is recorded as stored."""
+    from lookalike.client.connection import ChannelSettings, UnavailableError
+
+    down = ChannelSettings(f"127.0.0.1:{free_port()}", retries=1, backoff_initial=0.05, timeout=5)
+    journal = tmp_path / "journal.txt"
+    with Lookalike(down, services[1]) as lookalike:
+        with pytest.raises(UnavailableError):
+            index_catalogue(lookalike, grocery_val[:40], journal=journal, batch_size=8, progress=None)
+        with pytest.raises(ValueError, match="batch_size is 0, expected 1 or more"):
+            index_catalogue(lookalike, grocery_val[:8], batch_size=0, progress=None)
+    assert not journal.exists() or journal.read_text().strip() == ""
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
