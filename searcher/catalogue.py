@@ -148,9 +148,11 @@ class Catalogue:
         self._probe_pool = (ThreadPoolExecutor(self._probe_lanes, thread_name_prefix="probe")
                             if self._probe_lanes > 1 else None)
         # Told (started, stopped) whenever the categories this replica serves change: the server's per-shard
-        # health names follow them.
+        # health names follow them. Told outside _apply_mutex (a health update may wait on its watchers'
+        # streams, which must never hold up writes), one announcement at a time so they arrive in order.
         self.on_categories: Callable[[set[str], set[str]], None] | None = None
         self._announced: set[str] = set()
+        self._announce_lock = threading.Lock()
         self._load()
 
     # -- which shards are held here ----------------------------------------------------------------
@@ -302,7 +304,7 @@ class Catalogue:
                     shutil.rmtree(self._snapshot_dir(key), ignore_errors=True)
             for key in wanted & set(self._leaving):
                 del self._leaving[key]
-            self._announce()
+        self.announce_categories()
         self._split_oversized()
 
     def _split_oversized(self) -> None:
@@ -355,20 +357,19 @@ class Catalogue:
                 self._apply(batch)
                 if batch.head >= batch.store_head:
                     break
-            self._announce()
-            return self.applied_seq
+            applied = self.applied_seq
+        self.announce_categories()
+        return applied
 
     def announce_categories(self) -> None:
         """Tells on_categories every category served now that it has not been told of yet (and any it was
-        told of that is no longer served)."""
-        with self._apply_mutex:
-            self._announce()
-
-    def _announce(self) -> None:
-        serving = {category for category, _, _ in self.shards}
-        if self.on_categories is not None and serving != self._announced:
-            self.on_categories(serving - self._announced, self._announced - serving)
-            self._announced = serving
+        told of that is no longer served). Not to be called holding _apply_mutex."""
+        with self._announce_lock:
+            with self._apply_mutex:
+                serving = {category for category, _, _ in self.shards}
+            if self.on_categories is not None and serving != self._announced:
+                self.on_categories(serving - self._announced, self._announced - serving)
+                self._announced = serving
 
     def _saw(self, head: int) -> None:
         if head > max(self.applied_seq, self._unapplied[-1][0] if self._unapplied else 0):

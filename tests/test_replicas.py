@@ -408,13 +408,21 @@ def test_moving_a_category_between_groups_keeps_every_answer(two_groups) -> None
         time.sleep(0.2)
     assert category in {s.category for s in stubs[2].GetStats(pb.GetStatsRequest(), timeout=5).shards}
     assert answers(client, queries) == before
-    # Each replica's health name for the category follows it: b's replica took it up, a's let it go.
-    statuses = []
-    for port in [port for ports in groups.ports.values() for port in ports]:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            statuses.append(health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=f"lookalike.v1.Searcher/{category}"), timeout=5).status)
-    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2 + [health_pb2.HealthCheckResponse.SERVING]
+    # Each replica's health name for the category follows it: b's replica took it up, a's let it go (told
+    # just after the shard is dropped, so polled).
+    def statuses() -> list[int]:
+        found = []
+        for port in [port for ports in groups.ports.values() for port in ports]:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                found.append(health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=f"lookalike.v1.Searcher/{category}"), timeout=5).status)
+        return found
+
+    expected = [health_pb2.HealthCheckResponse.NOT_SERVING] * 2 + [health_pb2.HealthCheckResponse.SERVING]
+    deadline = time.monotonic() + 10
+    while statuses() != expected:
+        assert time.monotonic() < deadline, f"health names {statuses()}, expected {expected}"
+        time.sleep(0.2)
 
 
 def test_move_category_refuses_what_it_cannot_do(two_groups, tmp_path: Path) -> None:
