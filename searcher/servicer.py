@@ -30,10 +30,13 @@ def unit_vector(vector: common_pb2.Vector, field: str, max_dimension: int) -> np
         raise InvalidArgument(f"{field} has {values.shape[0]} values, limit is {max_dimension}")
     if not np.isfinite(values).all():
         raise InvalidArgument(f"{field} contains NaN or infinite values, expected finite float32 values")
-    norm = float(np.linalg.norm(values))
+    # In float64: the float32 norm of values near float32's limits overflows to inf (which would store zeros)
+    # or underflows (which would store a vector short of unit length).
+    wide = values.astype(np.float64)
+    norm = float(np.linalg.norm(wide))
     if norm == 0.0:
         raise InvalidArgument(f"{field} is all zeros, expected a non-zero embedding")
-    return (values / norm).astype(np.float32)
+    return (wide / norm).astype(np.float32)
 
 
 def _key(value: str, field: str) -> str:

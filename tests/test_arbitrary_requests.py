@@ -62,7 +62,9 @@ vectors = st.builds(lambda values, dimension, raw: common_pb2.Vector(
 # Vectors the searcher takes (the anchor's dimension, finite), so that some items are accepted and read back.
 fitting_vectors = st.builds(lambda values: common_pb2.Vector(values=np.asarray(values, dtype="<f4").tobytes(),
                                                             dimension=DIM),
-                            st.lists(st.floats(-1, 1, width=32), min_size=DIM, max_size=DIM))
+                            st.lists(st.floats(-1, 1, width=32) | st.floats(width=32, allow_nan=False,
+                                                                            allow_infinity=False),
+                                     min_size=DIM, max_size=DIM))
 items = st.builds(lambda i, c, v, m, a: pb.Item(id=i, category=c, vector=v, model_id=m, attributes=a),
                   st.sampled_from(["anchor", "sku-1", ""]) | texts, st.sampled_from(["hats", "coats"]) | texts,
                   fitting_vectors | vectors, st.sampled_from([MODEL, "other@2"]) | texts,
@@ -98,7 +100,10 @@ def test_arbitrary_upserts(searcher: searcher_pb2_grpc.SearcherStub, batch: list
         for item in accepted.values():
             found = searcher.Search(pb.SearchRequest(vector=item.vector, model_id=item.model_id, k=1000, routing=pb.Routing(
                 explicit=pb.ExplicitRouting(categories=[item.category]))), timeout=10)
-            assert item.id in {hit.id for hit in found.hits}, f"accepted {item.id!r} is not in {item.category!r}"
+            similarity = {hit.id: hit.similarity for hit in found.hits}
+            assert item.id in similarity, f"accepted {item.id!r} is not in {item.category!r}"
+            # Stored as given: its own vector finds it at similarity 1 (duplicates may tie, so not rank 1).
+            assert similarity[item.id] == pytest.approx(1.0, abs=1e-4)
     assert anchor_intact(searcher)
 
 

@@ -341,6 +341,17 @@ class TestBadInput:
         # The valid item was stored (it replaced k0 with the same vector as "new" would have).
         self.before = self.state(server)
 
+    def test_vectors_at_float32_limits_are_stored_at_unit_length(self, server: grpc.Channel) -> None:
+        """Finite values whose float32 norm overflows (3e38) or underflows (1e-23) are normalised exactly,
+        not stored as zeros or short of unit length: each is found by its own direction at similarity 1."""
+        for n, scale in enumerate((3e38, 1e-23)):
+            direction = np.zeros(8, np.float32)
+            direction[n + 2] = 1.0
+            assert upsert(server, [self.item(id=f"edge{n}", vector=pack_vector(direction * np.float32(scale)))])
+            hits = search(server, direction, "m", k=1, routing=explicit(self.item().category)).hits
+            assert (hits[0].id, round(hits[0].similarity, 5)) == (f"edge{n}", 1.0)
+        self.before = self.state(server)
+
     def test_k_zero_and_above_limit(self, server: grpc.Channel) -> None:
         for k in (0, 51):
             error = self.refused(search, server, np.ones(8, np.float32), "m", k)
