@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, call_with_retries_async, library_error, tracer
-from lookalike.client.embedder_client import EmbeddedImage, ImageInput, embed_requests, embedded_image
+from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, check_one_per_image, embed_requests,
+                                              embedded_image)
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
                                      record_upserts, routing_request, search_result, upsert_batches)
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
@@ -126,6 +127,7 @@ class AsyncLookalike:
                     categories: Sequence[str | None] | None = None,
                     attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
                     products: Sequence[str] | None = None, replace_products: bool = False) -> IndexResult:
+        check_one_per_image(images, ids=ids, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, await self.model_id(), categories, attributes, products)

@@ -41,9 +41,18 @@ def read_image(image: ImageInput) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
+def check_one_per_image(images: Sequence[object], **per_image: Sequence[object] | None) -> None:
+    """Refuses per-image lists (ids, categories, ...) that do not have one entry per image: zipped, a short
+    one would silently drop images."""
+    for name, values in per_image.items():
+        if values is not None and len(values) != len(images):
+            raise ValueError(f"{name} has {len(values)} entries, expected one per image ({len(images)})")
+
+
 def embed_requests(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
                    max_images: int) -> list[embedder_pb2.EmbedRequest]:
     """The Embed requests for a list of images, each within the server's per-request limit."""
+    check_one_per_image(images, ids=ids)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
     return [embedder_pb2.EmbedRequest(top_categories=top_categories, images=[
         embedder_pb2.Image(data=read_image(image), id=image_id)

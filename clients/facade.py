@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, library_error, tracer
-from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput
+from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput, check_one_per_image
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, routing_for, search_request
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient
@@ -197,6 +197,7 @@ class Lookalike:
         `products` gives each image's product key; with `replace_products`, these images become all the
         photos of their products (the products' other stored photos are removed).
         """
+        check_one_per_image(images, ids=ids, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, self.model_id, categories, attributes, products)

@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -61,6 +62,17 @@ def test_predicted_categories_and_bad_images(services: tuple[str, str], grocery_
         assert result.failed[0][0] == "bad" and "INVALID_ARGUMENT" in result.failed[0][1]
         predicted = lookalike.embedder.embed([grocery_val[0].path], top_categories=1)[0].top_category
         assert lookalike.search(grocery_val[0].path, k=1, routing="top1").matches[0].category == predicted
+        # Per-image lists of another length would drop images silently when zipped: refused, nothing sent.
+        items = lookalike.searcher.stats().items
+        for call, expected in [(lambda: lookalike.index([grocery_val[1].path, grocery_val[2].path], ["one"]),
+                                "ids has 1 entries, expected one per image (2)"),
+                               (lambda: lookalike.index([grocery_val[1].path], ["one"], categories=[]),
+                                "categories has 0 entries, expected one per image (1)"),
+                               (lambda: lookalike.embedder.embed([grocery_val[1].path], ids=["a", "b"]),
+                                "ids has 2 entries, expected one per image (1)")]:
+            with pytest.raises(ValueError, match=re.escape(expected)):
+                call()
+        assert lookalike.searcher.stats().items == items
 
 
 def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list) -> None:
