@@ -162,12 +162,20 @@ class ShardMapClient:
         return {c for c in routed.categories if c not in response.missing_shards
                 and any((c, part) not in answered for part in range(len(self.placements[c])))}
 
+    def _placed_group(self, name: str) -> SearcherClient:
+        """The client of a group the map places categories on; a group the map lists no live replica for
+        (all down since the map was read, or never up) is unreachable like a group that does not answer."""
+        if name not in self.groups:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"replica group {name!r} has no live replica in the "
+                                   "shard map", "Searcher.Search")
+        return self.groups[name]
+
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
                distinct_products: bool = False) -> searcher_pb2.SearchResponse:
         def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             routed, owned = self._plan(routing)
-            return [routed], [search_owners(routed, owned, lambda group, part: self.groups[group].search(
+            return [routed], [search_owners(routed, owned, lambda group, part: self._placed_group(group).search(
                 vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
                 self.strict, distinct_products)]
 
@@ -183,7 +191,7 @@ class ShardMapClient:
             planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
             routes = [routed for routed, _ in planned]
             return routes, search_owners_batch(requests, routes, [owned for _, owned in planned],
-                                               lambda group, parts: self.groups[group].search_batch(parts, timeout),
+                                               lambda group, parts: self._placed_group(group).search_batch(parts, timeout),
                                                self._pool, self.strict)
 
         return self._until_settled(ask)

@@ -380,6 +380,17 @@ def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_
     item = CatalogueItem("while-b-is-down", placed_on_b[0], query, MODEL)
     assert client.upsert([item]).statuses[0].code == 0
     strict.close()
+    # Once b has no live replica (15 s without a heartbeat), a new client's map places categories on b but
+    # lists no target for it: b's shards are named missing the same way, and strict mode refuses.
+    deadline = time.monotonic() + 40
+    with ShardMapClient(groups.seed) as watcher:
+        while "b" in {group.name for group in watcher.shard_map(refresh=True).groups}:
+            assert time.monotonic() < deadline, "b stayed in the map"
+            time.sleep(0.5)
+    with ShardMapClient(groups.seed) as fresh, ShardMapClient(groups.seed, strict=True) as fresh_strict:
+        assert sorted(fresh.search(query, MODEL, k=10, timeout=3).missing_shards) == placed_on_b
+        with pytest.raises(UnavailableError, match="replica group 'b' has no live replica"):
+            fresh_strict.search(query, MODEL, k=10, timeout=3)
     groups.start("b", 0)
     wait_converged(groups.stubs())
     assert client.search(query, MODEL, k=1, routing=Routing.explicit([placed_on_b[0]]).to_message()).hits[0].id == item.id
