@@ -190,9 +190,9 @@ class ShardMapClient:
         def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
             routes = [routed for routed, _ in planned]
-            return routes, search_owners_batch(requests, routes, [owned for _, owned in planned],
-                                               lambda group, parts: self._placed_group(group).search_batch(parts, timeout),
-                                               self._pool, self.strict)
+            return routes, search_owners_batch(
+                requests, routes, [owned for _, owned in planned],
+                lambda group, parts: self._placed_group(group).search_batch(parts, timeout), self._pool, self.strict)
 
         return self._until_settled(ask)
 
