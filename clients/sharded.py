@@ -164,7 +164,9 @@ class ShardedSearcherClient:
         self._fan_out({pod: (lambda pod=pod, ids=ids: self.pods[pod].delete(ids, timeout))
                        for pod, ids in strays.items()})
         self.categories().update(items[i].category for members in positions.values() for i in members)
-        return searcher_pb2.UpsertResponse(statuses=statuses, sequence=max(r.sequence for r in responses.values()))
+        # No items: no pod was written, nothing to acknowledge (sequence 0).
+        return searcher_pb2.UpsertResponse(statuses=statuses,
+                                           sequence=max((r.sequence for r in responses.values()), default=0))
 
     def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
                products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:

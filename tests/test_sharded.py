@@ -88,3 +88,4 @@ def test_moving_an_item_to_a_category_on_another_pod_and_deleting_it(clusters, g
     deleted = sharded.delete([image.item_id, "never-stored"])
     assert deleted.deleted == 1 and list(deleted.missing) == ["never-stored"]
     assert image.item_id not in {h.id for h in sharded.search(vector, data["model_id"], k=5).hits}
+    assert list(sharded.upsert([]).statuses) == []  # nothing to send: no pod is asked
