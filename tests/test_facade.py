@@ -176,6 +176,14 @@ def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None
     assert matches[0]["id"] == f"shoes/{query.stem}" and len(matches) == 3
     text = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address)
     assert text.returncode == 0 and "probed:" in text.stdout and f"shoes/{query.stem}" in text.stdout
+    # Categories without a shard are named; when none of those asked for has one, nothing was searched: exit 1.
+    typo = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address,
+                   "--routing", "adaptiv", "--json")
+    assert typo.returncode == 1 and "no shard for: adaptiv" in typo.stderr
+    assert json.loads(typo.stdout)["unknown_categories"] == ["adaptiv"] and json.loads(typo.stdout)["matches"] == []
+    partly = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address,
+                     "--routing", "shoes,shoez")
+    assert partly.returncode == 0 and "no shard for: shoez" in partly.stderr and f"shoes/{query.stem}" in partly.stdout
     unreachable = run_cli("search", str(query), "--embedder", f"127.0.0.1:{free_port()}", "--searcher",
                           searcher_address, timeout=120)
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr

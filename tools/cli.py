@@ -109,16 +109,20 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
         except ValueError as error:  # a filter that does not parse
             print(error, file=sys.stderr)
             return 2
+    # Named categories the searcher has no shard for (a typo, or --routing adaptiv taken as a category).
+    if result.unknown_categories:
+        print("no shard for: " + ", ".join(result.unknown_categories), file=sys.stderr)
+    nothing_searched = isinstance(routing, list) and set(routing) <= set(result.unknown_categories)
     if args.json:
         print(json.dumps({
             "categories": [{"category": c, "probability": round(p, 6)} for c, p in result.categories[:5]],
             "probes": [{"category": p.category, "probability": round(p.probability, 6), "items": p.items,
                         "ms": round(p.seconds * 1000, 3)} for p in result.probes],
-            "missing_shards": result.missing_shards,
+            "missing_shards": result.missing_shards, "unknown_categories": result.unknown_categories,
             "matches": [{"id": m.id, "score": round(m.score, 6), "category": m.category, "attributes": m.attributes,
                          "product": m.product, "product_matches": m.product_matches} for m in result.matches],
             "embed_ms": round(result.embed_seconds * 1000, 2), "search_ms": round(result.search_seconds * 1000, 2)}))
-        return EXIT_OK
+        return EXIT_FAILED if nothing_searched else EXIT_OK
     print("predicted: " + ", ".join(f"{c} {p:.3f}" for c, p in result.categories[:3]))
     print("probed: " + ", ".join(f"{p.category} ({p.items} items" + (f", {p.filter_matches} pass the filter"
                                                                       if args.filter else "") + ")"
@@ -128,7 +132,7 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
     for rank, match in enumerate(result.matches, start=1):
         product = f"  product {match.product} ({match.product_matches} photos)" if args.distinct_products else ""
         print(f"{rank:>3}. {match.id}  {match.score:.4f}  {match.category}{product}")
-    return EXIT_OK
+    return EXIT_FAILED if nothing_searched else EXIT_OK
 
 
 def _shards(args: argparse.Namespace, rest: list[str]) -> int:
