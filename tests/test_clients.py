@@ -101,9 +101,9 @@ def test_cli_serve_embedder_starts_and_answers(model_dir: Path, grocery_val: lis
 def test_a_folder_without_a_model_is_named_as_such(tmp_path: Path) -> None:
     """The embedder started on a folder with no manifest exits saying so (and the caller is told it exited,
     not that it was slow); eval refuses the folder before starting anything."""
-    from lookalike.tools.processes import running_service
+    from lookalike.tools.processes import ServiceStartError, running_service
 
-    with pytest.raises(RuntimeError, match="lookalike.embedder exited with code 1 before serving") as failed:
+    with pytest.raises(ServiceStartError, match="lookalike.embedder exited with code 1 before serving") as failed:
         with running_service("lookalike.embedder", ["--model", str(tmp_path)]):
             pass
     assert f"model folder {tmp_path} has no manifest.json" in str(failed.value)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lookalike.client.connection import LookalikeError
+from lookalike.tools.processes import ServiceStartError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -437,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:  # a missing or unreadable file, a folder given for a file, a bad value
         print(f"lookalike {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except ServiceStartError as error:  # a service or the web app it started exited or never became ready
+        print(f"lookalike {args.command}: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

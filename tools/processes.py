@@ -22,6 +22,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+class ServiceStartError(RuntimeError):
+    """A server (or the web app) that exited or never became ready: its last output is in the message."""
+
+
 @contextmanager
 def running_service(module: str, args: Sequence[str], startup_timeout: float = 180.0,
                     env: dict[str, str] | None = None,
@@ -58,7 +62,7 @@ def running_service(module: str, args: Sequence[str], startup_timeout: float = 1
                 ended = None
             what = f"exited with code {ended} before serving" if ended is not None else \
                 f"did not start within {startup_timeout:.0f}s"
-            raise RuntimeError(f"{module} {what}:\n{''.join(log_lines[-30:])}")
+            raise ServiceStartError(f"{module} {what}:\n{''.join(log_lines[-30:])}")
         yield process, port[0]
     finally:
         stop_process(process, 30)

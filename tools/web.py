@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from lookalike.tools.processes import free_port, stop_process
+from lookalike.tools.processes import ServiceStartError, free_port, stop_process
 
 SAMPLE_QUERIES = 8
 
@@ -82,7 +82,7 @@ def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), 
         deadline = time.monotonic() + startup_timeout
         while not _healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the web app did not start at {url}:\n{''.join(output[-30:])}")
+                raise ServiceStartError(f"the web app did not start at {url}:\n{''.join(output[-30:])}")
             time.sleep(0.25)
         yield process, url
     finally:
