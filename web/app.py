@@ -235,8 +235,8 @@ def sidebar(settings: AppSettings, info: embedder_pb2.GetModelInfoResponse | Non
                            help="adaptive routing probes the most probable categories until their probabilities "
                                 "add up to this")
     # A number, not a slider: a slider's range would have to follow the shard count, which changes.
-    max_shards = int(bar.number_input("Most shards probed (adaptive)", min_value=1, value=start.max_shards, step=1,
-                                      key="max_shards"))
+    max_shards = int(bar.number_input("Most shards probed (adaptive)", min_value=1, max_value=1000,
+                                      value=min(max(start.max_shards, 1), 1000), step=1, key="max_shards"))
     prior_weight = bar.slider("Prior weight", 0.0, 2.0, min(start.prior_weight, 2.0), 0.01, key="prior_weight",
                               help="hits from all probed shards merge by cosine + weight × ln p(category)")
     if fitted is not None:
