@@ -23,6 +23,7 @@ import numpy as np
 
 from lookalike.tools.benchmarking import measure, p50_p99_ms, resident_bytes
 from lookalike.tools.processes import running_service
+from lookalike.client.connection import LookalikeError
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 
 MODEL = "synthetic@bench"
@@ -256,8 +257,11 @@ def _batch_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
         return [answers[i] for i in members.tolist()]
 
     def remote(members: np.ndarray) -> list[set[int]]:
-        return [{int(hit.id.split("-")[1]) for hit in response.hits}
-                for response in client.search_batch(requests[members[0]:members[-1] + 1])]
+        answers = client.search_batch(requests[members[0]:members[-1] + 1])
+        for answer in answers:
+            if isinstance(answer, LookalikeError):
+                raise answer  # a benchmark with a refused query measures nothing
+        return [{int(hit.id.split("-")[1]) for hit in answer.hits} for answer in answers]
 
     rows, baseline = [], 0.0
     for path, fn in (("in-process hnswlib", local), ("gRPC searcher", remote)):
