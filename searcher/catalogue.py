@@ -415,11 +415,12 @@ class Catalogue:
     # -- writes ------------------------------------------------------------------------------------
 
     def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = (),
-               replace_products: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
+               replace_products: Sequence[str] = (), carried: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
         """Stores items durably and serves them before returning; items whose shard is locked to another
         model or dimension are refused one by one. `names` are the items' fields in error messages. The
-        stored photos of `replace_products` that `items` does not write again are removed in the same write."""
-        outcome = self.store.upsert(items, self.group, replace_products)
+        stored photos of `replace_products` that `items` does not write again are removed in the same write,
+        except the ids in `carried` (items of the request refused before they got here)."""
+        outcome = self.store.upsert(items, self.group, replace_products, carried)
         outcomes = [ItemOutcome() for _ in items]
         for position, (category, (model_id, dimension)) in outcome.refused.items():
             item = items[position]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -39,6 +39,15 @@ def unit_vector(vector: common_pb2.Vector, field: str, max_dimension: int) -> np
     return (wide / norm).astype(np.float32)
 
 
+def _once_each(categories: Sequence[str], field: str, suffix: str = "") -> None:
+    """Refuses a routing list naming a category twice: each entry would probe its shard again."""
+    seen: set[str] = set()
+    for position, category in enumerate(categories):
+        if category in seen:
+            raise InvalidArgument(f"{field}[{position}]{suffix} repeats {category!r}, expected each category once")
+        seen.add(category)
+
+
 def _key(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} is empty, expected a non-empty string")
@@ -48,6 +57,8 @@ def _key(value: str, field: str) -> str:
 def _optional_key(value: str, field: str) -> str:
     if len(value.encode()) > MAX_KEY_BYTES:
         raise InvalidArgument(f"{field} is {len(value.encode())} bytes, limit is {MAX_KEY_BYTES}")
+    if "\x00" in value:  # PostgreSQL's text cannot hold it: refused here for every store alike
+        raise InvalidArgument(f"{field} contains a NUL character at {value.index(chr(0))}, expected text without it")
     return value
 
 
@@ -108,7 +119,9 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                 statuses.append(None)
             except ServiceError as error:
                 statuses.append(common_pb2.ItemStatus(code=error.code.value[0], message=str(error)))
-        outcomes, seq = (catalogue.upsert(valid, [f"items[{p}]" for p in positions], replace_products)
+        # A refused item's stored photo is not one the request leaves out: replace_products keeps it.
+        refused_ids = [item.id for item, status in zip(request.items, statuses) if status is not None]
+        outcomes, seq = (catalogue.upsert(valid, [f"items[{p}]" for p in positions], replace_products, refused_ids)
                          if valid or replace_products else ([], catalogue.applied_seq))
         for position, outcome in zip(positions, outcomes):
             error = outcome.error
@@ -179,13 +192,16 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         vector = unit_vector(request.vector, f"{at}vector", self._config.max_dimension)
         model_id = _key(request.model_id, f"{at}model_id")
         mode = request.routing.WhichOneof("mode") if request.HasField("routing") else None
-        if mode == "explicit" and not request.routing.explicit.categories:
-            raise InvalidArgument(f"{at}routing.explicit.categories is empty, expected at least one category")
+        if mode == "explicit":
+            if not request.routing.explicit.categories:
+                raise InvalidArgument(f"{at}routing.explicit.categories is empty, expected at least one category")
+            _once_each(request.routing.explicit.categories, f"{at}routing.explicit.categories")
         if mode == "probabilities":
             routing = request.routing.probabilities
             field = f"{at}routing.probabilities"
             if not routing.categories:
                 raise InvalidArgument(f"{field}.categories is empty, expected the embedder's category probabilities")
+            _once_each([entry.category for entry in routing.categories], f"{field}.categories", ".category")
             for position, entry in enumerate(routing.categories):
                 if not (math.isfinite(entry.probability) and 0.0 <= entry.probability <= 1.0):
                     raise InvalidArgument(f"{field}.categories[{position}].probability is {entry.probability}, "

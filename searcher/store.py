@@ -289,13 +289,14 @@ class Store(ABC):
     # -- writes (one transaction each, durable when they return) -----------------------------------
 
     def upsert(self, items: Sequence[ItemWrite], home_group: str = "default",
-               replace_products: Sequence[str] = ()) -> UpsertOutcome:
+               replace_products: Sequence[str] = (), carried: Sequence[str] = ()) -> UpsertOutcome:
         """Stores items (replacing by id) unless their shard is locked to another model or dimension.
 
         An item that changes category leaves a tombstone in its old category. A repeated id in one
         request: the last write wins. A new category is placed on a live replica group by rendezvous
         hashing (on `home_group` when none is live), in the same transaction. The stored photos of
-        `replace_products` that `items` does not write again are removed in the same transaction.
+        `replace_products` that `items` does not write again are removed in the same transaction, except the
+        ids in `carried` (a request's items refused before they got here: the request still carries them).
         """
         with self._writing() as conn:
             locks = self._locks(conn)
@@ -304,7 +305,7 @@ class Store(ABC):
             refused: dict[int, tuple[str, tuple[str, int]]] = {}
             new_shards, rows, tombstones = [], [], []
             now = time.time()
-            rewritten = {item.id for item in items}
+            rewritten = {item.id for item in items} | set(carried)
             replaced = {item_id: category for item_id, category, _ in self._placed(conn, "product", replace_products)
                         if item_id not in rewritten}
             for item_id, category in replaced.items():
@@ -442,9 +443,14 @@ class Store(ABC):
                     self._run(conn, "UPDATE placements SET building = 0 WHERE category = ?", (category,))
 
     def move(self, category: str, group: str) -> Placement | None:
-        """Starts moving a whole category to `group` (None: the category has no placement)."""
+        """Starts moving a whole category to `group` (None: the category has no placement). A category being
+        split is not moved: one of its new parts is returned, for the caller to refuse."""
         with self._writing() as conn:
-            current = [p for p in self._placements(conn, category) if not p.building]
+            placements = self._placements(conn, category)
+            building = [p for p in placements if p.building]
+            if building:
+                return building[0]
+            current = placements
             if len(current) != 1 or current[0].parts != 1:
                 return None if not current else current[0]
             moving_to = "" if current[0].group == group else group

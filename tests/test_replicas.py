@@ -508,3 +508,21 @@ def test_a_category_past_max_shard_items_splits_across_groups_and_answers_the_sa
         wait_converged(groups.stubs())
         assert answers(client, queries) == answers(single, queries)
         assert client.stats().items == single.stats().items
+
+
+def test_a_category_being_split_is_not_moved(fresh_database: str, tmp_path: Path) -> None:
+    """A move asked while a category's parts are still building records nothing (the split's completion
+    would drop the whole placement, and the move with it): the store hands back a building part, which
+    MoveCategory refuses with FAILED_PRECONDITION."""
+    from lookalike.searcher.store import ItemWrite, open_store
+
+    store = open_store(fresh_database, tmp_path, "unused.sqlite3")
+    try:
+        store.upsert([ItemWrite(f"i{n}", "bags", random_vector(np.random.default_rng(n)), {}, MODEL) for n in range(4)],
+                     "a")
+        assert sum(placement.building for placement in store.split("bags", 2)) == 2
+        answer = store.move("bags", "b")
+        assert answer.building and answer.parts == 2
+        assert not any(placement.moving_to for placement in store.placements())
+    finally:
+        store.close()

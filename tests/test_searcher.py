@@ -357,6 +357,36 @@ class TestBadInput:
             error = self.refused(search, server, np.ones(8, np.float32), "m", k)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and f"k is {k}, expected 1 to 50" in error.details()
 
+    def test_a_category_named_twice_in_routing(self, server: grpc.Channel) -> None:
+        """Each repeat would probe its shard again (a request of many repeats, work without bound): refused."""
+        twice = explicit("c", "d", "c")
+        error = self.refused(search, server, np.ones(8, np.float32), "m", 5, twice)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "routing.explicit.categories[2] repeats 'c', expected each category once" in error.details()
+        probabilities = pb.Routing(probabilities=pb.ProbabilityRouting(categories=[
+            common_pb2.CategoryProbability(category="c", probability=0.0)] * 3, max_shards=4))
+        error = self.refused(search, server, np.ones(8, np.float32), "m", 5, probabilities)
+        assert "routing.probabilities.categories[1].category repeats 'c'" in error.details()
+
+    def test_nul_in_a_key_is_refused_per_item(self, server: grpc.Channel) -> None:
+        """PostgreSQL's text cannot hold NUL: refused per item on every store, not a failed whole request."""
+        response = stub(server).Upsert(pb.UpsertRequest(items=[self.item(id="a\x00b"), self.item(id="k1")]))
+        assert [s.code for s in response.statuses] == [3, 0]
+        assert "items[0].id contains a NUL character at 1" in response.statuses[0].message
+        error = self.refused(stub(server).Delete, pb.DeleteRequest(ids=["k\x00"]))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "ids[0] contains a NUL" in error.details()
+        self.before = self.state(server)
+
+    def test_replacing_a_product_keeps_a_photo_whose_new_version_was_refused(self, server: grpc.Channel) -> None:
+        """The request still carries the refused photo: replace_products removes only the photos it leaves out."""
+        upsert(server, [self.item(id=f"p{n}", product="P") for n in (1, 2)])
+        bad = self.item(id="p2", product="P", vector=pack_vector(np.full(8, np.nan, np.float32)))
+        response = stub(server).Upsert(pb.UpsertRequest(items=[bad], replace_products=["P"]))
+        assert response.statuses[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        stored = {h.id for h in search(server, np.ones(8, np.float32), "m", k=50).hits}
+        assert "p2" in stored and "p1" not in stored  # p1 was left out of P's photos; p2 was carried
+        self.before = self.state(server)
+
     def test_oversized_batch_and_message(self, server: grpc.Channel) -> None:
         error = self.refused(stub(server).Upsert, pb.UpsertRequest(items=[self.item(id=f"n{i}") for i in range(11)]))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "items has 11 entries, limit is 10" in error.details()
