@@ -59,7 +59,8 @@ class EmbedderServicer:
         Status codes:
         OK                  every image has a result (an embedding or its own error).
         INVALID_ARGUMENT    no images, or more images than the server's max_images_per_request.
-        RESOURCE_EXHAUSTED  the request is larger than the server's max message size.
+        RESOURCE_EXHAUSTED  the request is larger than the server's max message size, or the images
+        waiting for inference would pass the server's max_queued_images; retry later.
         UNAVAILABLE         the model is not loaded yet or the server is shutting down; retry.
         DEADLINE_EXCEEDED   the caller's deadline passed before the batch was embedded.
         INTERNAL            an unexpected failure (logged on the server with its traceback).

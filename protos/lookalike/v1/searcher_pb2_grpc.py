@@ -92,9 +92,11 @@ class SearcherServicer:
         dimension, NaN or infinite values, a zero vector.
         FAILED_PRECONDITION the item's model_id or dimension differs from the shard's lock.
         INVALID_ARGUMENT    also: an attribute the searcher declares numeric whose value is not a finite
-        number; too many attributes or attribute bytes.
+        number; too many attributes or attribute bytes; an id, category, model_id or
+        product with a NUL character or over 256 bytes.
         With replace_products, every stored photo of those products that the request does not carry
-        again is removed in the same durable write (INVALID_ARGUMENT for an empty product key).
+        again is removed in the same durable write (INVALID_ARGUMENT for an empty product key). An item
+        refused above is still carried: its stored version stays.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,8 +123,9 @@ class SearcherServicer:
         OK                  hits (possibly fewer than k, possibly none when the probed shards are
         empty). Explicit routing to a category that has no shard yields no hits
         for it and is reported in SearchResponse.unknown_categories.
-        INVALID_ARGUMENT    k = 0 or above max_k; vector dimension mismatch with its byte length;
-        NaN or infinite values; routing with no categories; threshold not in (0, 1];
+        INVALID_ARGUMENT    k = 0 or above max_k; ef above 10 x max_k; vector dimension mismatch with its
+        byte length; NaN or infinite values; routing with no categories, or naming a
+        category twice; threshold not in (0, 1];
         a bad filter: a condition with no test (or one this server does not know),
         an empty attribute name, an empty one_of, a range without bounds or with a
         NaN bound, a range on an attribute the searcher does not declare numeric, or
@@ -153,7 +156,8 @@ class SearcherServicer:
         """Reports per-shard sizes, memory and snapshot state.
 
         Status codes:
-        OK                  always.
+        OK                  the stats.
+        UNAVAILABLE         still loading, or the shared store is unreachable; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
