@@ -3,7 +3,8 @@
 Each shard keeps its attributes as columns over HNSW labels (lookalike.searcher.shard): per attribute a
 code per label (the index of its string value), and for the attributes the searcher declares numeric a
 float per label. Columns are built the first time a filter names the attribute and then kept up to date
-by every write, so a filter costs a few vectorised comparisons over the shard, whatever its selectivity.
+by every write (at most MAX_COLUMNS of each kind per shard, the oldest dropped past it), so a filter costs a
+few vectorised comparisons over the shard, whatever its selectivity.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from lookalike.serving.errors import InvalidArgument
 from lookalike.v1 import searcher_pb2
 
 MAX_CONDITIONS = 32
+MAX_ONE_OF_VALUES = 1024
+# Columns kept per shard and kind; past it the oldest is dropped (rebuilt if named again), so filters naming
+# ever new attributes cannot grow a shard's memory, or the work of every write, without bound.
+MAX_COLUMNS = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ def _test(condition: searcher_pb2.Condition, numeric_attributes: frozenset[str],
     if kind == "one_of":
         if not condition.one_of.values:
             raise InvalidArgument(f"{field}.one_of is empty, expected at least one value")
+        if len(condition.one_of.values) > MAX_ONE_OF_VALUES:
+            raise InvalidArgument(f"{field}.one_of has {len(condition.one_of.values)} values, limit is "
+                                  f"{MAX_ONE_OF_VALUES}")
         return Test(condition.attribute, tuple(condition.one_of.values), negate=condition.negate)
     if kind == "range":
         if condition.attribute not in numeric_attributes:
@@ -147,7 +155,8 @@ class AttributeColumns:
                 value = attributes.get(attribute)
                 if value is not None:
                     codes[label] = vocabulary.setdefault(value, len(vocabulary))
-            column = self._codes[attribute] = (codes, vocabulary)
+            column = (codes, vocabulary)
+            _keep(self._codes, attribute, column)
         return column
 
     def _number_column(self, attribute: str) -> np.ndarray:
@@ -157,7 +166,7 @@ class AttributeColumns:
             for label, attributes in self._current():
                 value = attributes.get(attribute)
                 numbers[label] = _as_number(value)
-            self._numbers[attribute] = numbers
+            _keep(self._numbers, attribute, numbers)
         return numbers
 
     def mask(self, where: AttributeFilter) -> np.ndarray:
@@ -177,6 +186,15 @@ class AttributeColumns:
                 result = (codes == wanted[0]) if len(wanted) == 1 else np.isin(codes, wanted)
             passing &= ~result if test.negate else result
         return passing
+
+
+def _keep(columns: dict[str, object], attribute: str, column: object) -> None:
+    """Caches a column built under a read lock, dropping the oldest past MAX_COLUMNS. Readers may run this at
+    once: list() and pop(key, None) are single steps under the interpreter lock, and a dropped column is
+    only rebuilt when named again."""
+    columns[attribute] = column
+    while len(columns) > MAX_COLUMNS:
+        columns.pop(list(columns)[0], None)
 
 
 def _as_number(value: str | None) -> float:

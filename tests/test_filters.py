@@ -217,6 +217,8 @@ def test_bad_filters_and_product_requests_are_refused(small: tuple[SearcherClien
         "filter.all[0].range has a NaN bound": pb.Filter(all=[pb.Condition(attribute="price",
                                                                            range=pb.NumericRange(lt=math.nan))]),
         "filter.all[0].range has no bounds": pb.Filter(all=[pb.Condition(attribute="price", range=pb.NumericRange())]),
+        "filter.all[0].one_of has 1025 values, limit is 1024": pb.Filter(all=[pb.Condition(
+            attribute="brand", one_of=pb.StringList(values=[f"b{n}" for n in range(1025)]))]),
     }
     for message, flt in bad.items():
         with pytest.raises(InvalidArgumentError) as refused:
@@ -316,3 +318,20 @@ def test_a_database_from_before_products_opens_and_keeps_its_items(tmp_path: Pat
     (item,) = store.items_after("hats", 0, 1)
     assert (item.id, item.product, item.attributes) == ("old-1", "", {"price": "3"})
     store.close()
+
+
+def test_columns_kept_per_shard_are_bounded() -> None:
+    """Filters naming ever new attributes keep at most MAX_COLUMNS columns per kind; a dropped column is rebuilt
+    when named again and answers as before."""
+    from lookalike.searcher.filters import MAX_COLUMNS, AttributeColumns, AttributeFilter, Test
+
+    rows = {label: {"colour": "red" if label % 2 else "blue"} for label in range(10)}
+    columns = AttributeColumns(frozenset(), lambda: rows.items())
+    columns.set_live(np.array(list(rows)))
+    red = AttributeFilter((Test("colour", ("red",)),))
+    expected = np.array([label % 2 == 1 for label in range(len(rows))])
+    assert (columns.mask(red)[:len(rows)] == expected).all()
+    for n in range(3 * MAX_COLUMNS):
+        assert not columns.mask(AttributeFilter((Test(f"never-stored-{n}", ("x",)),)))[:len(rows)].any()
+    assert len(columns._codes) == MAX_COLUMNS and "colour" not in columns._codes
+    assert (columns.mask(red)[:len(rows)] == expected).all()

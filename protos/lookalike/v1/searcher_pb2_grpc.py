@@ -127,9 +127,10 @@ class SearcherServicer:
         byte length; NaN or infinite values; routing with no categories, or naming a
         category twice; threshold not in (0, 1];
         a bad filter: a condition with no test (or one this server does not know),
-        an empty attribute name, an empty one_of, a range without bounds or with a
-        NaN bound, a range on an attribute the searcher does not declare numeric, or
-        more than 32 conditions. The message names the field (filter.all[2].range).
+        an empty attribute name, an empty one_of or one of over 1,024 values, a range
+        without bounds or with a NaN bound, a range on an attribute the searcher does
+        not declare numeric, or more than 32 conditions. The message names the field
+        (filter.all[2].range).
         FAILED_PRECONDITION the request's model_id or dimension differs from a probed shard's lock.
         UNAVAILABLE         still loading or shutting down; retry.
         """
