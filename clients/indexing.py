@@ -137,12 +137,10 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
             result = lookalike.index([image.path for image in batch], [image.item_id for image in batch],
                                      categories=[image.category for image in batch] if use_labels else None,
                                      attributes=[{"label": image.label, "path": str(image.path)} for image in batch])
-        except LookalikeError as error:
-            if error.code in STOPS_THE_RUN:
+        except Exception as error:  # noqa: BLE001 - one failed batch (an unreadable file, ...) must not stop the catalogue
+            if isinstance(error, LookalikeError) and error.code in STOPS_THE_RUN:
                 stopped.append(error)
                 return IndexResult()
-            result = IndexResult(failed=[(image.item_id, f"{type(error).__name__}: {error}") for image in batch])
-        except Exception as error:  # noqa: BLE001 - one failed batch (an unreadable file, ...) must not stop the catalogue
             result = IndexResult(failed=[(image.item_id, f"{type(error).__name__}: {error}") for image in batch])
         record.record([keys[item_id] for item_id in result.indexed])
         meter.advance(len(result.indexed), len(result.failed))
