@@ -127,7 +127,8 @@ class AsyncLookalike:
                     categories: Sequence[str | None] | None = None,
                     attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
                     products: Sequence[str] | None = None, replace_products: bool = False) -> IndexResult:
-        check_one_per_image(images, ids=ids, categories=categories, attributes=attributes, products=products)
+        # ids are checked by embed; the other per-image lists before anything is sent
+        check_one_per_image(images, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, await self.model_id(), categories, attributes, products)

@@ -197,7 +197,8 @@ class Lookalike:
         `products` gives each image's product key; with `replace_products`, these images become all the
         photos of their products (the products' other stored photos are removed).
         """
-        check_one_per_image(images, ids=ids, categories=categories, attributes=attributes, products=products)
+        # ids are checked by embed; the other per-image lists before anything is sent
+        check_one_per_image(images, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, self.model_id, categories, attributes, products)
