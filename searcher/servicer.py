@@ -57,7 +57,7 @@ def _key(value: str, field: str) -> str:
 def _optional_key(value: str, field: str) -> str:
     if len(value.encode()) > MAX_KEY_BYTES:
         raise InvalidArgument(f"{field} is {len(value.encode())} bytes, limit is {MAX_KEY_BYTES}")
-    if "\x00" in value:  # PostgreSQL's text cannot hold it: refused here for every store alike
+    if chr(0) in value:  # PostgreSQL's text cannot hold it: refused here for every store alike
         raise InvalidArgument(f"{field} contains a NUL character at {value.index(chr(0))}, expected text without it")
     return value
 

@@ -446,11 +446,10 @@ class Store(ABC):
         """Starts moving a whole category to `group` (None: the category has no placement). A category being
         split is not moved: one of its new parts is returned, for the caller to refuse."""
         with self._writing() as conn:
-            placements = self._placements(conn, category)
-            building = [p for p in placements if p.building]
+            current = self._placements(conn, category)
+            building = [p for p in current if p.building]
             if building:
                 return building[0]
-            current = placements
             if len(current) != 1 or current[0].parts != 1:
                 return None if not current else current[0]
             moving_to = "" if current[0].group == group else group
