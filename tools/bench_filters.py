@@ -161,5 +161,5 @@ def _ef_for_recall(catalogue: np.ndarray, queries: np.ndarray, similarities: np.
     index = hnswlib.Index(space="ip", dim=catalogue.shape[1])
     index.init_index(max_elements=len(catalogue), ef_construction=config.ef_construction, M=config.m)
     index.add_items(catalogue, np.arange(len(catalogue)), num_threads=-1)
-    return smallest_ef_for_recall([index], [np.arange(len(catalogue))], queries, similarities,
+    return smallest_ef_for_recall([index], np.zeros(len(catalogue), dtype=np.int64), queries, similarities,
                                   np.zeros(len(queries), dtype=np.int64), target)

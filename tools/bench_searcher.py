@@ -115,7 +115,7 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
         index.add_items(vectors[members[c]], members[c], num_threads=-1)
         indexes.append(index)
     report["hnswlib_build_items_per_second"] = round(count / (time.perf_counter() - started), 1)
-    ef = smallest_ef_for_recall(indexes, members, query_vectors, similarities, probabilities.argmax(1), target=0.95)
+    ef = smallest_ef_for_recall(indexes, labels, query_vectors, similarities, probabilities.argmax(1), target=0.95)
     for index in indexes:
         index.set_ef(ef)
     report["ef"] = ef
@@ -156,13 +156,13 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
     return 0
 
 
-def smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: np.ndarray, similarities: np.ndarray,
+def smallest_ef_for_recall(indexes: list, labels: np.ndarray, queries: np.ndarray, similarities: np.ndarray,
                             top_shard: np.ndarray, target: float) -> int:
     """The smallest ef (64, 128, ...) at which in-process hnswlib reaches `target` recall@10 both over all
-    shards and within each query's most probable shard (each against exact search over the same items)."""
-    exact = np.argsort(-similarities, axis=1)[:, :K]
-    exact_in_shard = [set(members[s][np.argsort(-similarities[i, members[s]])[:K]].tolist())
-                      for i, s in enumerate(top_shard)]
+    shards and within each query's most probable shard (each against exact search over the same items).
+    labels[i] is the shard (index into `indexes`) holding item i."""
+    exact = exact_top_k(similarities, labels)
+    exact_in_shard = exact_top_k(similarities, labels, [[shard] for shard in top_shard.tolist()])
     for ef in (64, 128, 256, 512, 1024):
         found = []
         for index in indexes:
@@ -171,9 +171,8 @@ def smallest_ef_for_recall(indexes: list, members: list[np.ndarray], queries: np
         ids = np.concatenate([f[0] for f in found], axis=1)
         distances = np.concatenate([f[1] for f in found], axis=1)
         best = np.take_along_axis(ids, np.argsort(distances, axis=1)[:, :K], axis=1)
-        global_recall = np.mean([len(set(best[i]) & set(exact[i])) / K for i in range(len(queries))])
-        shard_recall = np.mean([len(set(found[s][0][i].tolist()) & exact_in_shard[i]) / K
-                                for i, s in enumerate(top_shard)])
+        global_recall = recall([set(row.tolist()) for row in best], exact)
+        shard_recall = recall([set(found[s][0][i].tolist()) for i, s in enumerate(top_shard)], exact_in_shard)
         if min(global_recall, shard_recall) >= target:
             return ef
     return 1024
