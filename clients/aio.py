@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, call_with_retries_async, library_error, tracer
-from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, check_one_per_image, embed_requests,
-                                              embedded_image)
+from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
+                                              embed_requests, embedded_image)
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
                                      record_upserts, routing_request, search_result, upsert_batches)
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
@@ -26,7 +26,7 @@ class AsyncEmbedderClient:
         self.settings = _settings(target)
         self.channel = self.settings.open_aio()
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
-        self._max_images: int | None = None
+        self._limits: RequestLimits | None = None
 
     async def model_info(self, timeout: float | None = None) -> embedder_pb2.GetModelInfoResponse:
         return await call_with_retries_async(self.stub.GetModelInfo, embedder_pb2.GetModelInfoRequest(),
@@ -34,10 +34,10 @@ class AsyncEmbedderClient:
 
     async def embed(self, images: Sequence[ImageInput], ids: Sequence[str] | None = None, top_categories: int = 0,
                     timeout: float | None = None) -> list[EmbeddedImage]:
-        if self._max_images is None:
-            self._max_images = (await self.model_info(timeout)).max_images_per_request or 64
+        if self._limits is None:
+            self._limits = RequestLimits.of(await self.model_info(timeout), self.settings)
         results: list[EmbeddedImage] = []
-        for request in embed_requests(images, ids, top_categories, self._max_images):
+        for request in embed_requests(images, ids, top_categories, self._limits):
             response = await call_with_retries_async(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
             results.extend(embedded_image(result) for result in response.results)
         return results

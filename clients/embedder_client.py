@@ -49,15 +49,46 @@ def check_one_per_image(images: Sequence[object], **per_image: Sequence[object] 
             raise ValueError(f"{name} has {len(values)} entries, expected one per image ({len(images)})")
 
 
+# What an image adds to a request besides its bytes and id: field tags and length prefixes.
+IMAGE_FRAMING_BYTES = 16
+# Room kept below the message-size limit for the request's own fields.
+REQUEST_FRAMING_BYTES = 64 * 1024
+# What a server too old to report its limits accepts by default.
+DEFAULT_MAX_IMAGES = 64
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one Embed request may carry: the server's image count, and the smaller of the server's and the
+    channel's message size."""
+
+    images: int
+    bytes: int
+
+    @classmethod
+    def of(cls, info: embedder_pb2.GetModelInfoResponse, settings: ChannelSettings) -> "RequestLimits":
+        message_bytes = min(info.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES, settings.max_message_bytes)
+        return cls(info.max_images_per_request or DEFAULT_MAX_IMAGES, message_bytes - REQUEST_FRAMING_BYTES)
+
+
 def embed_requests(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
-                   max_images: int) -> list[embedder_pb2.EmbedRequest]:
-    """The Embed requests for a list of images, each within the server's per-request limit."""
+                   limits: RequestLimits) -> list[embedder_pb2.EmbedRequest]:
+    """The Embed requests for a list of images, each within the server's image count and message size, so
+    one bad image fails alone; an image larger than a message travels alone and is refused alone."""
     check_one_per_image(images, ids=ids)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
-    return [embedder_pb2.EmbedRequest(top_categories=top_categories, images=[
-        embedder_pb2.Image(data=read_image(image), id=image_id)
-        for image, image_id in zip(images[start:start + max_images], ids[start:start + max_images])])
-        for start in range(0, len(images), max_images)]
+    requests: list[embedder_pb2.EmbedRequest] = []
+    size = 0
+    for image, image_id in zip(images, ids):
+        data = read_image(image)
+        image_size = len(data) + len(image_id.encode()) + IMAGE_FRAMING_BYTES
+        if not requests or len(requests[-1].images) == limits.images or size + image_size > limits.bytes:
+            requests.append(embedder_pb2.EmbedRequest(top_categories=top_categories))
+            size = 0
+        requests[-1].images.add(data=data, id=image_id)
+        size += image_size
+    return requests
 
 
 def embedded_image(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
@@ -77,7 +108,7 @@ class EmbedderClient:
         self.settings = target if isinstance(target, ChannelSettings) else ChannelSettings(target)
         self.channel = self.settings.open()
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
-        self._max_images: int | None = None
+        self._limits: RequestLimits | None = None
 
     def model_info(self, timeout: float | None = None) -> embedder_pb2.GetModelInfoResponse:
         """The served model: id, sha256, dimension, labels, active providers, limits."""
@@ -87,10 +118,10 @@ class EmbedderClient:
     def embed(self, images: Sequence[ImageInput], ids: Sequence[str] | None = None, top_categories: int = 0,
               timeout: float | None = None) -> list[EmbeddedImage]:
         """Embeds images (bytes or paths), split into requests the server accepts; one result per image."""
-        if self._max_images is None:
-            self._max_images = self.model_info(timeout).max_images_per_request or 64
+        if self._limits is None:
+            self._limits = RequestLimits.of(self.model_info(timeout), self.settings)
         results: list[EmbeddedImage] = []
-        for request in embed_requests(images, ids, top_categories, self._max_images):
+        for request in embed_requests(images, ids, top_categories, self._limits):
             response = call_with_retries(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
             results.extend(embedded_image(result) for result in response.results)
         return results

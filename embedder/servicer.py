@@ -69,4 +69,5 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             model_id=model.manifest.model_id, sha256=model.manifest.sha256, dimension=model.manifest.embedding_dim,
             labels=self._labels, providers=model.providers, manifest=model.manifest,
             max_images_per_request=self._config.max_images_per_request,
-            max_image_bytes=self._config.max_image_bytes, max_image_pixels=self._config.max_image_pixels)
+            max_image_bytes=self._config.max_image_bytes, max_image_pixels=self._config.max_image_pixels,
+            max_message_bytes=self._config.max_message_bytes)

@@ -1,6 +1,7 @@
 """The embedder client and the `lookalike` CLI against a real embedder."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, InvalidArgumentError, UnavailableError
-from lookalike.client.embedder_client import EmbedderClient
+from lookalike.client.embedder_client import EmbedderClient, RequestLimits, embed_requests
 from lookalike.tools.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,45 @@ def test_client_embeds_paths_and_bytes_and_reports_bad_images(embedder, grocery_
     assert "images[2] is not a readable image" in results[10].error  # index within its request
     again = EmbedderClient(f"127.0.0.1:{started.port}").embed([paths[0]])[0]
     np.testing.assert_array_equal(again.vector, results[0].vector)
+
+
+def test_client_keeps_each_request_within_the_servers_message_size(embedder, grocery_val: list) -> None:
+    """The fixture's server receives at most 4 MiB a message and 8 images a request: six 1.5-MiB photos (a real
+    JPEG padded after its end, which decoders ignore) go in requests of two, so each is embedded; sent as one
+    request of 9 MiB the server would refuse all six together. The asyncio client splits the same way."""
+    from lookalike.client.aio import AsyncEmbedderClient
+
+    started, _ = embedder
+    photo = grocery_val[0].path.read_bytes()
+    large = photo + bytes(3 * 512 * 1024 - len(photo))
+    with EmbedderClient(f"127.0.0.1:{started.port}") as client:
+        assert client.model_info().max_message_bytes == 4 * 1024 * 1024
+        alone = client.embed([photo])[0]
+        results = client.embed([large] * 6, ids=[f"large-{i}" for i in range(6)])
+
+    async def embed_async() -> list:
+        async with AsyncEmbedderClient(f"127.0.0.1:{started.port}") as async_client:
+            return await async_client.embed([large] * 6)
+
+    for answers in (results, asyncio.run(embed_async())):
+        assert [r.error for r in answers] == [""] * 6
+        for result in answers:
+            np.testing.assert_allclose(result.vector, alone.vector, atol=1e-6)
+    assert [r.id for r in results] == [f"large-{i}" for i in range(6)]
+
+
+def test_embed_requests_split_by_count_and_by_bytes() -> None:
+    limits = RequestLimits(images=3, bytes=1000)
+    sizes = [len(request.images) for request in embed_requests([b"x" * 10] * 7, None, 0, limits)]
+    assert sizes == [3, 3, 1]
+    # 400-byte images, 16 bytes of framing and a one-character id each: two fit in 1,000 bytes, not three.
+    sizes = [len(request.images) for request in embed_requests([b"x" * 400] * 5, None, 0, limits)]
+    assert sizes == [2, 2, 1]
+    # An image larger than a message travels alone (the server refuses that request, and only it).
+    requests = embed_requests([b"small", b"x" * 5000, b"small"], ["a", "b", "c"], 2, limits)
+    assert [[image.id for image in request.images] for request in requests] == [["a"], ["b"], ["c"]]
+    assert all(request.top_categories == 2 for request in requests)
+    assert embed_requests([], None, 0, limits) == []
 
 
 def test_deadline_surfaces_as_timeout_error(embedder, grocery_val: list) -> None:

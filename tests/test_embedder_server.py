@@ -51,6 +51,7 @@ def test_model_info(embedder, model_dir: Path) -> None:
     assert info.model_id.startswith("effnet-lite0@") and info.dimension == 1280
     assert len(info.labels) == 43 and info.providers == ["CPUExecutionProvider"]
     assert info.manifest.sha256 == info.sha256 and info.max_images_per_request == 8
+    assert info.max_message_bytes == 4 * 1024 * 1024
 
 
 def test_jpeg_png_webp_embed_to_unit_vectors_with_probabilities(embedder, image_bytes: list[bytes]) -> None:

@@ -69,7 +69,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "sha256", "dimension", "labels", "providers", "manifest", "max_images_per_request", "max_image_bytes", "max_image_pixels")
+    __slots__ = ("model_id", "sha256", "dimension", "labels", "providers", "manifest", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_message_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     sha256: str
     dimension: int
@@ -88,4 +89,5 @@ class GetModelInfoResponse(_message.Message):
     max_images_per_request: int
     max_image_bytes: int
     max_image_pixels: int
-    def __init__(self, model_id: _Optional[str] = ..., sha256: _Optional[str] = ..., dimension: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., providers: _Optional[_Iterable[str]] = ..., manifest: _Optional[_Union[_manifest_pb2.ModelManifest, _Mapping]] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., sha256: _Optional[str] = ..., dimension: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., providers: _Optional[_Iterable[str]] = ..., manifest: _Optional[_Union[_manifest_pb2.ModelManifest, _Mapping]] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
