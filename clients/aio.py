@@ -10,7 +10,7 @@ from lookalike.client.connection import ChannelSettings, LookalikeError, call_wi
 from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
                                               embed_requests, embedded_image)
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
-                                     record_upserts, routing_request, search_result, upsert_batches)
+                                     record_upserts, refused_products, routing_request, search_result, upsert_batches)
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
                                               search_request)
 from lookalike.routing import model_routing
@@ -132,7 +132,7 @@ class AsyncLookalike:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, await self.model_id(), categories, attributes, products)
-            for batch, replaced in upsert_batches(items, replace_products):
+            for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products)):
                 record_upserts(batch, await self.searcher.upsert(batch, timeout, replaced), result)
             return result
 

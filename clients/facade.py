@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, Union
+from typing import Collection, Mapping, Sequence, Union
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput, check_one_per_image
@@ -105,10 +105,19 @@ def catalogue_items(embedded: Sequence[EmbeddedImage], model_id: str, categories
     return items, result
 
 
-def upsert_batches(items: Sequence[CatalogueItem], replace: bool) -> list[tuple[list[CatalogueItem], list[str]]]:
+def refused_products(embedded: Sequence[EmbeddedImage], products: Sequence[str] | None) -> set[str]:
+    """The products with a photo the embedder refused: replacing them would remove that photo's stored version."""
+    if products is None:
+        return set()
+    return {product for image, product in zip(embedded, products) if product and not image.ok}
+
+
+def upsert_batches(items: Sequence[CatalogueItem], replace: bool,
+                   not_replaced: Collection[str] = ()) -> list[tuple[list[CatalogueItem], list[str]]]:
     """Items in Upsert-sized batches, each with the products it replaces: with `replace`, each product in the
-    batch where it first appears (so a product's photos in later batches are not removed again)."""
-    batches, seen = [], set()
+    batch where it first appears (so a product's photos in later batches are not removed again), except
+    those in `not_replaced`, whose items are stored without removing anything."""
+    batches, seen = [], set(not_replaced)
     for start in range(0, len(items), UPSERT_BATCH):
         batch = list(items[start:start + UPSERT_BATCH])
         first = [p for p in dict.fromkeys(item.product for item in batch) if p and p not in seen] if replace else []
@@ -195,14 +204,15 @@ class Lookalike:
 
         Each image goes to its given category, or to the embedder's most probable one when none is given.
         `products` gives each image's product key; with `replace_products`, these images become all the
-        photos of their products (the products' other stored photos are removed).
+        photos of their products (the products' other stored photos are removed). A product with a photo
+        the embedder refused is not replaced: its other photos are stored and nothing of it is removed.
         """
         # ids are checked by embed; the other per-image lists before anything is sent
         check_one_per_image(images, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, self.model_id, categories, attributes, products)
-            for batch, replaced in upsert_batches(items, replace_products):
+            for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products)):
                 record_upserts(batch, self.searcher.upsert(batch, timeout, replaced), result)
             return result
 

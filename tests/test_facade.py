@@ -19,7 +19,7 @@ from lookalike.client.aio import AsyncLookalike
 from lookalike.quality.labelled_images import LabelledImage
 from lookalike.client.connection import ChannelSettings
 from lookalike.client.indexing import index_catalogue
-from lookalike.client.facade import Lookalike
+from lookalike.client.facade import IndexResult, Lookalike
 from lookalike.client.searcher_client import SearcherClient
 from tests.conftest import ROOT, start_searcher
 from lookalike.tools.processes import free_port
@@ -73,6 +73,36 @@ def test_predicted_categories_and_bad_images(services: tuple[str, str], grocery_
             with pytest.raises(ValueError, match=re.escape(expected)):
                 call()
         assert lookalike.searcher.stats().items == items
+
+
+def test_replacing_a_product_with_a_refused_photo_removes_nothing_of_it(services: tuple[str, str],
+                                                                         grocery_val: list) -> None:
+    """A product whose new photos include one the embedder refuses is not replaced: its good photos are stored,
+    and none of its stored photos is removed (the refused photo's stored version above all), through the
+    sync and the asyncio facade; a product whose photos all embed is replaced as asked."""
+    photos = [image.path.read_bytes() for image in grocery_val[:6]]
+    ids, products = ["tote-front", "tote-back", "tote-side", "cap-1", "cap-2"], ["tote"] * 3 + ["cap"] * 2
+
+    def stored() -> set[str]:
+        with Lookalike(*services) as lookalike:
+            return {m.id for m in lookalike.search(photos[0], k=50, routing="all").matches}
+
+    with Lookalike(*services) as lookalike:
+        assert not lookalike.index(photos[:5], ids, products=products).failed
+    assert stored() == set(ids)
+    with Lookalike(*services) as lookalike:
+        result = lookalike.index([photos[5], b"not a photo", photos[3]], ["tote-front", "tote-back", "cap-1"],
+                                 products=["tote", "tote", "cap"], replace_products=True)
+    assert result.indexed == ["tote-front", "cap-1"] and result.failed[0][0] == "tote-back"
+    assert stored() == {"tote-front", "tote-back", "tote-side", "cap-1"}  # cap-2 left out of cap's photos
+
+    async def replace_async() -> IndexResult:
+        async with AsyncLookalike(*services) as lookalike:
+            return await lookalike.index([b"not a photo", photos[1]], ["tote-front", "tote-back"],
+                                         products=["tote", "tote"], replace_products=True)
+
+    assert asyncio.run(replace_async()).indexed == ["tote-back"]
+    assert stored() == {"tote-front", "tote-back", "tote-side", "cap-1"}
 
 
 def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list) -> None:
