@@ -29,7 +29,7 @@ from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -172,12 +172,12 @@ class Catalogue:
         wanted = {p.key for p in self.placements if self.group in (p.group, p.moving_to)}
         return wanted | {(category, 0, 1) for category in self.locks if category not in placed}
 
-    def _search_keys(self) -> dict[str, list[ShardKey]]:
-        """category -> the shards held here that a search of it probes: those of its serving layout
+    def _search_keys(self, shards: Iterable[ShardKey]) -> dict[str, list[ShardKey]]:
+        """category -> the shards among `shards` that a search of it probes: those of its serving layout
         (the whole category, or the parts of a finished split), never parts still being built."""
         serving = {p.category: p.parts for p in self.placements if not p.building}
         keys: dict[str, list[ShardKey]] = defaultdict(list)
-        for key in sorted(self.shards):
+        for key in sorted(shards):
             if key[2] == serving.get(key[0], 1):
                 keys[key[0]].append(key)
         return keys
@@ -477,7 +477,7 @@ class Catalogue:
         """The query's best k over the shards its routing picks; `spread`: its shards searched in the probe lanes
         (False: one after another, in this thread)."""
         shards = dict(self.shards)  # a consistent view while the log adds shards
-        keys = self._search_keys()
+        keys = self._search_keys(shards)
         ef = max(query.ef, self.config.ef)  # a request may widen the search, never narrow it
         routed = plan(query.routing, keys, self.routing.threshold, self.routing.max_shards, self.routing.prior_weight)
         for probe in routed.probes:

@@ -474,3 +474,30 @@ def test_probability_routing_with_no_known_category_falls_back_to_all_shards(loa
     response = search(channel, grocery_embeddings["query_vectors"][0], grocery_embeddings["model_id"], routing=routing)
     assert len(response.probes) == len({i.category for i in grocery_embeddings["catalogue"]})
     assert len(response.hits) == K
+
+
+def test_a_search_meeting_a_new_category_mid_way_answers_from_its_own_view(tmp_path: Path) -> None:
+    """A search takes one view of the shards; a category whose first item lands while the search plans is not
+    in that view (the search used to plan over the live shards and look the new one up in its view: KeyError,
+    INTERNAL). The interleaving is forced by writing inside the planning step."""
+    from lookalike.routing import Routing
+    from lookalike.searcher.catalogue import Catalogue, SearchQuery
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite
+
+    catalogue = Catalogue(SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1))
+    vector = np.full(8, 1 / np.sqrt(8), np.float32)
+    try:
+        catalogue.upsert([ItemWrite("a1", "A", vector, {}, "m")])
+        planning = catalogue._search_keys
+
+        def a_write_meanwhile(*view: object) -> object:
+            if "B" not in catalogue.locks:
+                catalogue.upsert([ItemWrite("b1", "B", vector, {}, "m")])
+            return planning(*view)
+
+        catalogue._search_keys = a_write_meanwhile  # type: ignore[method-assign]
+        assert [hit.id for hit in catalogue.search(SearchQuery(vector, "m", 5, routing=Routing())).hits] == ["a1"]
+        assert {hit.id for hit in catalogue.search(SearchQuery(vector, "m", 5, routing=Routing())).hits} == {"a1", "b1"}
+    finally:
+        catalogue.close()
