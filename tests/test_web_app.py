@@ -25,7 +25,7 @@ pytest.importorskip("streamlit", reason="the web extra is not installed (pip ins
 from streamlit.testing.v1 import AppTest  # noqa: E402 - only once streamlit is known to be there
 
 from lookalike.tools.web import app_path  # noqa: E402
-from lookalike.web.app import plain  # noqa: E402
+from lookalike.web.app import ROUTING_MODES, plain  # noqa: E402
 
 # A small catalogue: every probed shard holds at least 12 items, so any routing fills a top 10.
 CATEGORIES = ("Apple", "Juice", "Milk", "Yoghurt", "Melon", "Tomato")
@@ -189,6 +189,55 @@ def test_bad_uploads_show_the_servers_message_and_the_page_keeps_working(page: t
     assert len(at.container(key="results").image) == 10
 
 
+def _with_broken_exif(photo: Path) -> bytes:
+    """The photo as a PNG whose eXIf chunk holds no TIFF header: Pillow's exif_transpose raises SyntaxError
+    on it, while the embedder takes the photo as it is (browsers show it too)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(photo) as image:
+        image.convert("RGB").save(buffer, "PNG", exif=b"XX\x00*\x00\x00\x00\x08")
+    return buffer.getvalue()
+
+
+def test_photos_with_a_broken_exif_block_are_shown_as_they_are(services: tuple[str, str], query: tuple[object, str],
+                                                               grocery_train: list, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalogue's thumbnails and the query's preview show such a photo unturned instead of failing."""
+    from dataclasses import replace
+
+    from PIL import Image, ImageOps
+
+    from lookalike.web.app import query_preview
+
+    photo, _ = query
+    broken = _with_broken_exif(photo.path)
+    with Image.open(io.BytesIO(broken)) as image, pytest.raises(SyntaxError):
+        ImageOps.exif_transpose(image)
+    # A catalogue of one such photo per category.
+    catalogue = []
+    for item in catalogue_photos(grocery_train)[::PER_CATEGORY]:
+        path = tmp_path / f"{item.path.stem}.png"
+        path.write_bytes(_with_broken_exif(item.path))
+        catalogue.append(replace(item, path=path))
+    with indexed_searcher(services[0], tmp_path / "searcher", catalogue) as searcher_address:
+        monkeypatch.setattr("sys.argv", ["app.py", "--embedder", services[0], "--searcher", searcher_address,
+                                         "--sample", str(photo.path)])
+        at = AppTest.from_file(str(app_path()), default_timeout=RUN_TIMEOUT).run()
+        # A sound query first: every hit's thumbnail is such a photo.
+        at.radio(key="routing").set_value("global").run()
+        assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+        assert len(at.container(key="results").image) == len(catalogue)
+        # Then such a photo as the query: its preview too.
+        at.file_uploader(key="upload").set_value(("broken-exif.png", broken, "image/png")).run()
+        assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+        assert f"**Query:** uploaded {plain('broken-exif.png')}" in _texts(at)
+        assert len(at.image) == 1 + len(catalogue) + len(ROUTING_MODES), "the preview, the grid, the comparison"
+        assert len(at.container(key="results").image) == len(catalogue)
+    # With the box a face model draws, too.
+    assert query_preview(broken, face=(2, 2, 20, 20)) is not None
+
+
 def test_a_server_that_is_down_gives_a_clear_message(services: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
                                                      grocery_val: list) -> None:
     embedder_address, searcher_address = services
@@ -220,6 +269,15 @@ def test_settings_come_from_arguments_or_the_environment(tmp_path: Path) -> None
     # A test runner's own arguments are ignored.
     from_env = parse_settings(["-q", "tests/test_web_app.py", "--setup-show"], environ)
     assert (from_env.embedder, from_env.searcher, from_env.samples) == ("e:3", "s:4", tuple(samples))
+
+
+def test_the_page_shows_visitors_no_tracebacks() -> None:
+    """An unexpected exception reaches the browser as a generic message; its details only the console."""
+    from lookalike.tools.web import streamlit_command
+
+    command = streamlit_command("e:1", "s:2", [], 8501)
+    assert command[command.index("--client.showErrorDetails") + 1] == "none"
+    assert command.index("--client.showErrorDetails") < command.index("--")
 
 
 def test_a_web_app_import_of_the_tools_breaks_its_contract(wheel: Path, tmp_path: Path) -> None:

@@ -34,10 +34,13 @@ def streamlit_command(embedder: str, searcher: str, samples: Sequence[Path], por
     for sample in samples:
         app_args += ["--sample", str(Path(sample).resolve())]
     # Headless (no browser opened), no usage statistics sent anywhere, no file watcher (nothing here
-    # edits the app while it runs, and watching costs CPU), and the viewer's toolbar (no "Deploy").
+    # edits the app while it runs, and watching costs CPU), the viewer's toolbar (no "Deploy"), and an
+    # unexpected exception shown to the visitor as a generic message only: its type, message and
+    # traceback go to the page's console output, not the browser.
     return [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.headless", "true",
             "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", *app_args]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--client.showErrorDetails", "none",
+            "--", *app_args]
 
 
 def page_url(address: str, port: int) -> str:
