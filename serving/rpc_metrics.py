@@ -1,6 +1,7 @@
 """Prometheus metrics shared by both servers: per-RPC counts and latency by status, and the HTTP exporter."""
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any, Callable
@@ -50,7 +51,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 
 def serve_metrics(port: int) -> int:
-    """Starts the /metrics HTTP endpoint (port 0: none); returns the port."""
+    """Starts the /metrics HTTP endpoint (port 0: none) on every address, IPv6 and IPv4 (gRPC listens on [::]
+    too: an IPv6-only cluster could not scrape 0.0.0.0), or IPv4 alone where the host has no IPv6; returns
+    the port."""
     if port:
-        start_http_server(port)
+        try:
+            # One IPv6 socket takes IPv4 too where net.ipv6.bindv6only is 0, Linux's default.
+            start_http_server(port, addr="::")
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise
+            log.warning("metrics: no IPv6 on this host (%s): /metrics listens on IPv4 only", error)
+            start_http_server(port)
     return port

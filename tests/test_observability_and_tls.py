@@ -2,7 +2,9 @@
 certificates (mTLS), and certificates renewed under load without a restart."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +26,54 @@ from lookalike.tools.processes import free_port
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+def scrape_at(host: str, port: int) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to the host, whatever the env
+    with opener.open(f"http://{host}:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def ipv6_loopback_missing() -> str:
+    """Why this machine cannot reach [::1] (no IPv6, or no IPv6 loopback address); empty when it can."""
+    if not socket.has_ipv6:
+        return "Python was built without IPv6"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError as error:
+        return f"this machine has no IPv6 loopback ([::1]: {error})"
+    return ""
+
+
+def test_the_metrics_endpoint_answers_on_ipv4_and_ipv6() -> None:
+    """gRPC listens on [::]; so must /metrics, or Prometheus cannot scrape a pod on an IPv6-only cluster."""
+    from lookalike.serving.rpc_metrics import serve_metrics
+
+    port = serve_metrics(free_port())
+    assert "lookalike_rpc_requests_total" in scrape_at("127.0.0.1", port)
+    reason = ipv6_loopback_missing()
+    if reason:
+        pytest.skip(f"IPv6 half not checked: {reason}")
+    assert "lookalike_rpc_requests_total" in scrape_at("[::1]", port)
+
+
+def test_the_metrics_endpoint_falls_back_to_ipv4_without_ipv6(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from lookalike.serving import rpc_metrics
+
+    serving = rpc_metrics.start_http_server
+
+    def without_ipv6(port: int, addr: str = "0.0.0.0") -> object:
+        if ":" in addr:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return serving(port, addr=addr)
+
+    monkeypatch.setattr(rpc_metrics, "start_http_server", without_ipv6)
+    with caplog.at_level("WARNING", logger="lookalike.serving.rpc_metrics"):
+        port = rpc_metrics.serve_metrics(free_port())
+    assert "lookalike_rpc_requests_total" in scrape_at("127.0.0.1", port)
+    assert "IPv4 only" in caplog.text
 
 
 def sample(text: str, name: str, **labels: str) -> float:
