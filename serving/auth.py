@@ -5,7 +5,8 @@ SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`), so the file never holds
 nest: `read` (Embed, GetModelInfo, Search, SearchBatch, GetStats, GetShardMap) < `write` (Upsert, Delete) < `admin`
 (anything that changes layout: MoveCategory). Health and reflection need no token, so probes keep
 working. A call without a known token is UNAUTHENTICATED; with too small a role, PERMISSION_DENIED;
-neither message ever echoes the token. The file is re-read when it changes (a rotated Secret).
+neither message ever echoes the token. The file is re-read when it changes (a rotated Secret); a rewrite
+that does not load leaves the last good tokens in use (logged once), while a bad file at start-up stops it.
 """
 from __future__ import annotations
 
@@ -29,35 +30,65 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
                  "/grpc.reflection.v1.ServerReflection/")
 
 
+# The stamp of a tokens file that cannot be read (missing, unreadable).
+_UNREADABLE = (0, 0, -1)
+
+
 class TokenFile:
-    """The hashed tokens of a file, re-read whenever its modification time or size changes."""
+    """The hashed tokens of a file, re-read whenever it changes (inode, modification time or size).
+
+    A file that does not load at start-up stops the start. One rewritten later that does not load (a typo in
+    a role, a truncated hash, a file gone) leaves the last good tokens in use, with one error in the log per
+    change, like renewed certificates that do not load (serving/tls.py): a bad rotation must not refuse every
+    caller, and the next good rewrite is read as usual."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._roles: list[tuple[bytes, str]] = []
-        self.roles()  # a missing or malformed file fails at start-up, not at the first call
+        # A missing or malformed file fails at start-up, not at the first call.
+        self._stamp = self._file_stamp()
+        self._roles = self._parse(self.path.read_text(encoding="utf-8"))
+        # A rewrite that failed to load is not re-read (nor logged again) on every call until it changes.
+        self._refused: tuple[int, int, int] | None = None
+        log.info("read %d tokens from %s", len(self._roles), self.path)
+
+    def _file_stamp(self) -> tuple[int, int, int]:
+        # Inode too: kubelet swaps a whole folder of new files in, which may keep sizes and mtimes.
+        stat = os.stat(self.path)
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def roles(self) -> list[tuple[bytes, str]]:
-        stat = os.stat(self.path)
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        """The (SHA-256 digest, role) pairs of the file's last contents that loaded."""
         with self._lock:
-            if stamp != self._stamp:
-                self._roles = self._parse(self.path.read_text(encoding="utf-8"))
-                self._stamp = stamp
-                log.info("read %d tokens from %s", len(self._roles), self.path)
-            return self._roles
+            try:
+                stamp = self._file_stamp()
+            except OSError:
+                stamp = _UNREADABLE
+            if stamp in (self._stamp, self._refused):
+                return self._roles  # unchanged, or a rewrite already refused
+            try:
+                roles = self._parse(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+                self._refused = stamp
+                log.error("auth: keeping the %d tokens read before; the rewritten tokens file does not load: %s",
+                          len(self._roles), error)
+                return self._roles
+            self._stamp, self._roles = stamp, roles
+            log.info("read %d tokens from %s", len(roles), self.path)
+            return roles
 
     def _parse(self, text: str) -> list[tuple[bytes, str]]:
         roles = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            parts = line.split()
-            if len(parts) != 2 or parts[0] not in ROLES or len(parts[1]) != 64:
-                raise ValueError(f"{self.path}:{number}: expected 'ROLE SHA256_HEX' with ROLE one of {ROLES}")
-            roles.append((bytes.fromhex(parts[1]), parts[0]))
+            try:
+                role, digest = line.split()
+                if role not in ROLES or len(digest) != 64:
+                    raise ValueError(role)
+                roles.append((bytes.fromhex(digest), role))  # ValueError when not hexadecimal
+            except ValueError:
+                raise ValueError(f"{self.path}:{number}: expected 'ROLE SHA256_HEX' with ROLE one of {ROLES}") from None
         return roles
 
     def role_of(self, token: str) -> str | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -104,10 +105,50 @@ def test_the_client_takes_its_token_from_the_environment_or_a_file(guarded, tmp_
     assert client(started).upsert([ITEM]).statuses[0].code == 0
 
 
-def test_a_malformed_tokens_file_stops_the_start(tmp_path: Path) -> None:
+def test_a_malformed_rewrite_keeps_the_last_good_tokens(guarded, caplog: pytest.LogCaptureFixture) -> None:
+    """A rotated Secret with one bad line must not take every call down: the tokens read before stay in use,
+    the file's problem is logged once, and the next good rewrite is read as usual."""
+    started, tokens = guarded
+    assert client(started, TOKENS["read"]).stats().items == 0
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    typo = f"raed {hashlib.sha256(b'reader-token-2').hexdigest()}"  # line 5: after the comment and three tokens
+    staging = tokens.with_suffix(".tmp")
+    staging.write_text(tokens.read_text() + typo + "\n")
+    staging.replace(tokens)
+    with caplog.at_level(logging.WARNING, logger="lookalike.serving.auth"):
+        for _ in range(3):
+            assert client(started, TOKENS["read"]).stats().items == 0, "a token still valid keeps working"
+        assert refusal(lambda: client(started, "guessed-token").stats()).code == grpc.StatusCode.UNAUTHENTICATED
+        assert refusal(lambda: client(started, "reader-token-2").stats()).code == grpc.StatusCode.UNAUTHENTICATED
+    logged = [record for record in caplog.records if record.name == "lookalike.serving.auth"]
+    assert len(logged) == 1, "logged once per change of the file, not once per call"
+    assert logged[0].levelno == logging.ERROR and f"{tokens}:5: expected 'ROLE SHA256_HEX'" in logged[0].getMessage()
+    time.sleep(0.01)
+    write_tokens(tokens, {"read": "reader-token-2"})
+    assert client(started, "reader-token-2").stats().items == 0
+    assert refusal(lambda: client(started, TOKENS["read"]).stats()).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_tokens_file_gone_missing_keeps_the_last_good_tokens(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from lookalike.serving.auth import TokenFile
+
     tokens = tmp_path / "tokens"
-    tokens.write_text("owner abc\n")
-    with pytest.raises(ValueError, match="expected 'ROLE SHA256_HEX'"):
+    write_tokens(tokens, TOKENS)
+    token_file = TokenFile(tokens)
+    tokens.unlink()
+    with caplog.at_level(logging.WARNING, logger="lookalike.serving.auth"):
+        assert [token_file.role_of(TOKENS["write"]) for _ in range(3)] == ["write"] * 3
+    assert caplog.text.count("does not load") == 1 and str(tokens) in caplog.text
+    write_tokens(tokens, {"admin": "admin-token-2"})
+    assert token_file.role_of("admin-token-2") == "admin" and token_file.role_of(TOKENS["write"]) is None
+
+
+@pytest.mark.parametrize("line", ["owner abc", "read " + "z" * 64, "write " + "ab" * 31, "read"])
+def test_a_malformed_tokens_file_stops_the_start(tmp_path: Path, line: str) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# role sha256(token)\n{line}\n")
+    with pytest.raises(ValueError, match=f"^{tokens}:2: expected 'ROLE SHA256_HEX'"):
         start_searcher(tmp_path / "data", snapshot_interval=0, auth_tokens=tokens)
 
 
