@@ -187,20 +187,19 @@ class Catalogue:
     def _load(self) -> None:
         started = time.perf_counter()
         head = self.store.head()
-        pruned = self.store.pruned_to()
         self.locks = self.store.shard_locks()
         self.placements = self.store.placements()
         replayed = 0
         for key in sorted(self._wanted()):
             if key[0] in self.locks:
-                self.shards[key], rows = self._build(key, head, pruned.get(key[0], 0))
+                self.shards[key], rows = self._build(key, head)
                 replayed += rows
         self.applied_seq = head
         log.info("loaded %d shards, %d items (%d rows replayed after snapshots) in %.2fs, at sequence %d",
                  len(self.shards), sum(len(s) for s in self.shards.values()), replayed, time.perf_counter() - started,
                  head)
 
-    def _build(self, key: ShardKey, up_to: int, pruned_to: int) -> tuple[Shard, int]:
+    def _build(self, key: ShardKey, up_to: int) -> tuple[Shard, int]:
         """The shard as of log position `up_to`: its snapshot when usable, plus the log after it."""
         category, part, parts = key
         model_id, dimension = self.locks[category]
@@ -210,16 +209,24 @@ class Catalogue:
         except Exception:  # noqa: BLE001 - a bad snapshot is rebuilt from the store
             log.exception("snapshot of shard %r is unreadable; rebuilding it from the store", key)
         if shard is not None and not ((shard.category, shard.part, shard.parts) == key and shard.model_id == model_id
-                                      and shard.dimension == dimension and pruned_to <= shard.applied_seq <= up_to):
-            # Another shard's or model's, older than the removals still on record, or newer than the
-            # store (a database restored from an older backup): the store is the truth, so rebuild.
-            log.info("snapshot of shard %r (sequence %d) does not fit the store (%d, pruned to %d); rebuilding",
-                     key, shard.applied_seq, up_to, pruned_to)
+                                      and shard.dimension == dimension and shard.applied_seq <= up_to):
+            # Another shard's or model's, or newer than the store (a database restored from an older
+            # backup): the store is the truth, so rebuild.
+            log.info("snapshot of shard %r (sequence %d) does not fit the store (at %d); rebuilding", key,
+                     shard.applied_seq, up_to)
             shard = None
         if shard is None:
             shard = Shard(category, model_id, dimension, self.settings, part=part, parts=parts)
         since = shard.applied_seq
         removals = self.store.removals_after(category, since, up_to)
+        pruned_to = self.store.pruned_to().get(category, 0)  # read after the removals: covers any pruned before
+        if 0 < since < pruned_to:
+            # Removals after the snapshot are gone (pruned before this build read them, perhaps by another
+            # replica meanwhile): the snapshot could keep deleted items, so build from the items alone.
+            log.info("snapshot of shard %r (sequence %d) is older than its pruned removals (%d); rebuilding", key,
+                     since, pruned_to)
+            shard = Shard(category, model_id, dimension, self.settings, part=part, parts=parts)
+            since, removals = 0, []
         if removals:  # removing an id the shard does not hold is a no-op, so no need to filter by part
             self._put(shard, [], [removal.id for removal in removals], removals[-1].seq)
         replayed = len(removals)
@@ -284,7 +291,6 @@ class Catalogue:
                                      tuple(sorted(self.shards))))
         placements = self.store.placements()
         locks = self.store.shard_locks()
-        pruned = self.store.pruned_to()
         with self._apply_mutex:
             self.placements = placements
             self.locks.update(locks)
@@ -294,7 +300,7 @@ class Catalogue:
                     # Built from the store up to where this replica is; the log after that reaches it
                     # like any other shard's.
                     log.info("building shard %r for group %r from the store", key, self.group)
-                    self.shards[key], _ = self._build(key, self.applied_seq, pruned.get(key[0], 0))
+                    self.shards[key], _ = self._build(key, self.applied_seq)
             now = time.time()
             for key in sorted(set(self.shards) - wanted):
                 if now - self._leaving.setdefault(key, now) >= self.config.move_grace:
@@ -382,7 +388,7 @@ class Catalogue:
                 # Removals this shard never saw were pruned (it fell behind the retention): rebuild.
                 log.warning("shard %r is behind pruned removals (%d < %d); rebuilding it from the store",
                             key, shard.applied_seq, pruned_to)
-                self.shards[key], _ = self._build(key, batch.head, pruned_to)
+                self.shards[key], _ = self._build(key, batch.head)
         new = {item.category: (item.model_id, int(item.vector.shape[0])) for item in batch.items
                if item.category not in self.locks}
         if new:

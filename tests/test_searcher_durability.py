@@ -205,3 +205,40 @@ def test_a_sigterm_sent_as_soon_as_the_server_says_it_listens_stops_it_gracefull
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert any("signal 15: shutting down" in line for line in lines), "".join(lines[-20:])
+
+
+def test_removals_pruned_while_a_shard_is_built_do_not_bring_deleted_items_back(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica loads a snapshot, then reads the removals after it; another replica prunes those removals in
+    between (its own snapshot covers them). The build must notice and start from the items alone: before, the
+    pruned delete was never replayed and the deleted item was served for good. The prune is forced at that
+    moment; SQLite stands in for the shared store."""
+    from lookalike.routing import Routing
+    from lookalike.searcher.catalogue import Catalogue, SearchQuery
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite, SqliteStore
+
+    config = SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1)
+    rng = np.random.default_rng(0)
+    deleted, kept = random_vector(rng), random_vector(rng)
+    first = Catalogue(config)
+    first.upsert([ItemWrite("X", "C", deleted, {}, MODEL), ItemWrite("Y", "C", kept, {}, MODEL)])
+    assert first.snapshot() == 1  # C's snapshot holds X
+    first.delete(["X"])
+    first.store.close()  # gone without a final snapshot: C's snapshot still holds X
+
+    reading = SqliteStore.removals_after
+
+    def pruned_just_before(store: SqliteStore, category: str, after: int, up_to: int) -> list:
+        store.prune_tombstones(category, store.head())
+        return reading(store, category, after, up_to)
+
+    monkeypatch.setattr(SqliteStore, "removals_after", pruned_just_before)
+    second = Catalogue(config)
+    monkeypatch.setattr(SqliteStore, "removals_after", reading)
+    try:
+        hits = second.search(SearchQuery(deleted, MODEL, 5, routing=Routing()), spread=False).hits
+        assert [hit.id for hit in hits] == ["Y"]
+    finally:
+        second.close()
+
