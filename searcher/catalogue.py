@@ -144,6 +144,9 @@ class Catalogue:
         self._unapplied: deque[tuple[int, float]] = deque()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
+        # One snapshot pass at a time: two saving one shard would delete each other's files (shutdown's
+        # final pass waits here for a background pass that outlasted its join).
+        self._snapshot_lock = threading.Lock()
         self._probe_lanes = config.probe_threads or available_cpus()
         self._probe_pool = (ThreadPoolExecutor(self._probe_lanes, thread_name_prefix="probe")
                             if self._probe_lanes > 1 else None)
@@ -332,12 +335,13 @@ class Catalogue:
         written = 0
         # Replicas sharing a store may be behind this one: keep removals they may still need to read.
         older_than = time.time() - self.config.tombstone_retention if self.store.shared else 0.0
-        for key, shard in list(self.shards.items()):
-            if not shard.needs_snapshot:
-                continue
-            shard.save(self._snapshot_dir(key))
-            self.store.prune_tombstones(key[0], shard.snapshot_seq, older_than)
-            written += 1
+        with self._snapshot_lock:
+            for key, shard in list(self.shards.items()):
+                if not shard.needs_snapshot:
+                    continue
+                shard.save(self._snapshot_dir(key))
+                self.store.prune_tombstones(key[0], shard.snapshot_seq, older_than)
+                written += 1
         return written
 
     def close(self) -> None:

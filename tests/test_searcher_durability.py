@@ -242,3 +242,51 @@ def test_removals_pruned_while_a_shard_is_built_do_not_bring_deleted_items_back(
     finally:
         second.close()
 
+
+def test_snapshot_passes_never_save_a_shard_twice_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown's final snapshot pass may start while a background pass is still saving (its join gives up
+    after a while): two saves of one shard in one folder deleted each other's files (FileNotFoundError, the
+    rest of the shards left unsaved). Passes now take turns; each save is made slow to hold the window open."""
+    from lookalike.searcher.catalogue import Catalogue
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.shard import Shard
+    from lookalike.searcher.store import ItemWrite
+
+    catalogue = Catalogue(SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1))
+    rng = np.random.default_rng(1)
+    catalogue.upsert([ItemWrite(f"{category}-{n}", category, random_vector(rng), {}, MODEL)
+                      for category in CATEGORIES[:2] for n in range(20)])
+    saving, most_at_once, errors = [0], [0], []
+    save = Shard.save
+
+    def slow_save(shard: Shard, directory: Path) -> None:
+        saving[0] += 1
+        most_at_once[0] = max(most_at_once[0], saving[0])
+        time.sleep(0.3)
+        try:
+            save(shard, directory)
+        finally:
+            saving[0] -= 1
+
+    def snapshot() -> None:
+        try:
+            catalogue.snapshot()
+        except Exception as error:  # noqa: BLE001 - collected for the assertion below
+            errors.append(error)
+
+    monkeypatch.setattr(Shard, "save", slow_save)
+    passes = [threading.Thread(target=snapshot) for _ in range(2)]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join()
+    monkeypatch.setattr(Shard, "save", save)
+    assert not errors and most_at_once[0] == 1
+    catalogue.close()
+    reopened = Catalogue(SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1))
+    try:
+        assert sum(len(shard) for shard in reopened.shards.values()) == 40
+        assert all(shard.applied_seq == reopened.applied_seq for shard in reopened.shards.values())
+    finally:
+        reopened.close()
+
