@@ -260,6 +260,8 @@ def test_cnpg_cluster() -> None:
     assert re.fullmatch(r"\d+(\.\d+)?[MGT]i", spec["storage"]["size"])
     assert spec["bootstrap"]["initdb"] == {"database": "lookalike", "owner": "lookalike"}
     assert spec.get("enablePDB", True) is True
+    # Acknowledged writes survive a failover only with a synchronous standby (sequence numbers never reused).
+    assert spec["postgresql"]["synchronous"] == {"method": "any", "number": 1, "dataDurability": "required"}
     assert spec["resources"]["requests"] and spec["resources"]["limits"]
     # The operator writes lookalike-postgres-app (named after the cluster) itself; a rendered one would fight it.
     assert DSN_SECRET == f"{cluster['metadata']['name']}-app"
