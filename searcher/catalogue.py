@@ -363,6 +363,9 @@ class Catalogue:
                 if at_least and self.applied_seq >= at_least:
                     break
                 batch = self.store.changes(self.applied_seq)
+                if batch.store_head < self.applied_seq:
+                    self._rebuild_all(batch.store_head)
+                    continue
                 self._saw(batch.store_head)
                 self._apply(batch)
                 if batch.head >= batch.store_head:
@@ -370,6 +373,19 @@ class Catalogue:
             applied = self.applied_seq
         self.announce_categories()
         return applied
+
+    def _rebuild_all(self, store_head: int) -> None:
+        """The store's log ends before what this replica applied: its later writes are gone (a failover that
+        lost commits, a database restored under a running searcher), and the next writes will reuse their
+        sequence numbers. Every shard is rebuilt from the store's items, its snapshots deleted (they hold
+        the lost writes, and would pass for current once the log grows past them)."""
+        log.error("the store's log ends at sequence %d, before this replica's %d: writes after it were lost by the "
+                  "store; rebuilding every shard from it", store_head, self.applied_seq)
+        for key in list(self.shards):
+            shutil.rmtree(self._snapshot_dir(key), ignore_errors=True)
+            self.shards[key], _ = self._build(key, store_head)
+        self.applied_seq = store_head
+        self._unapplied.clear()
 
     def announce_categories(self) -> None:
         """Tells on_categories every category served now that it has not been told of yet (and any it was

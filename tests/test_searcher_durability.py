@@ -290,3 +290,50 @@ def test_snapshot_passes_never_save_a_shard_twice_at_once(tmp_path: Path, monkey
     finally:
         reopened.close()
 
+
+def test_a_store_that_lost_its_last_writes_is_followed_from_its_items_again(tmp_path: Path) -> None:
+    """The store's log ends before what a running replica applied (a failover that lost commits; here the
+    SQLite file is put back to a copy taken earlier): the replica's follower must not skip the writes that
+    now reuse those sequence numbers. It rebuilds every shard from the store's items and deletes its
+    snapshots, which hold the lost writes; the next writes are served, and so after a restart."""
+    import shutil
+    import sqlite3
+
+    from lookalike.routing import Routing
+    from lookalike.searcher.catalogue import Catalogue, SearchQuery
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite, SqliteStore
+
+    config = SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1)
+    rng = np.random.default_rng(2)
+    query = random_vector(rng)
+
+    def served(catalogue: Catalogue) -> list[str]:
+        return sorted(hit.id for hit in catalogue.search(SearchQuery(query, MODEL, 10, routing=Routing()),
+                                                         spread=False).hits)
+
+    catalogue = Catalogue(config)
+    catalogue.upsert([ItemWrite("X", "C", random_vector(rng), {}, MODEL)])  # sequence 1
+    database = tmp_path / "catalogue.sqlite3"
+    source, copy = sqlite3.connect(database), sqlite3.connect(tmp_path / "earlier.sqlite3")
+    source.backup(copy)
+    source.close()
+    copy.close()
+    catalogue.upsert([ItemWrite(i, "C", random_vector(rng), {}, MODEL) for i in ("Y", "Z")])  # 2, 3: to be lost
+    catalogue.snapshot()
+    catalogue.store.close()
+    shutil.copy(tmp_path / "earlier.sqlite3", database)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    catalogue.store = SqliteStore(database)
+    catalogue.catch_up()  # what the follower does each round
+    assert served(catalogue) == ["X"] and catalogue.applied_seq == 1
+    assert catalogue.upsert([ItemWrite("W", "C", random_vector(rng), {}, MODEL)])[1] == 2  # reuses sequence 2
+    assert catalogue.upsert([ItemWrite("V", "C", random_vector(rng), {}, MODEL)])[1] == 3
+    assert served(catalogue) == ["V", "W", "X"]
+    catalogue.store.close()
+    restarted = Catalogue(config)
+    try:
+        assert served(restarted) == ["V", "W", "X"]
+    finally:
+        restarted.close()
