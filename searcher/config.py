@@ -9,6 +9,10 @@ from lookalike.codec import read_manifest
 from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, RoutingDefaults
 from lookalike.serving.settings import parse_config
 
+# A third of the 15 s after which the shard map takes a silent replica as gone (Store.LIVE_SECONDS): two
+# heartbeats may be late without the replica dropping out.
+MAX_FOLLOW_INTERVAL = 5.0
+
 ENV_PREFIX = "LOOKALIKE_SEARCHER_"
 
 
@@ -103,6 +107,10 @@ class SearcherConfig:
         if self.follow_interval <= 0 or self.store_timeout <= 0:
             raise ValueError(f"follow_interval and store_timeout must be positive, got {self.follow_interval} "
                              f"and {self.store_timeout}")
+        if self.follow_interval > MAX_FOLLOW_INTERVAL:
+            # Heartbeats go out once per interval; a replica not heard from for Store.LIVE_SECONDS counts as gone.
+            raise ValueError(f"follow_interval must be at most {MAX_FOLLOW_INTERVAL:g} seconds (a replica not heard "
+                             f"from for 15 s counts as gone), got {self.follow_interval}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
         if not self.routing_prior_weight >= 0:
@@ -138,7 +146,7 @@ class SearcherConfig:
                             helps={"data_dir": "data folder: the SQLite database and the index snapshots",
                                    "store": "empty: SQLite in --data; postgresql://user@host/db: PostgreSQL shared by replicas "
                                             "(libpq PG* variables apply, e.g. PGPASSWORD from a Secret)",
-                                   "follow_interval": "shared store: seconds between polls without a notification",
+                                   "follow_interval": "shared store: seconds between polls without a notification and between heartbeats (at most 5)",
                                    "tombstone_retention": "shared store: seconds removals are kept for lagging replicas",
                                    "group": "shared store: this replica's group (replicas of a group serve the same "
                                             "categories)",

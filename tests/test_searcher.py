@@ -501,3 +501,13 @@ def test_a_search_meeting_a_new_category_mid_way_answers_from_its_own_view(tmp_p
         assert {hit.id for hit in catalogue.search(SearchQuery(vector, "m", 5, routing=Routing())).hits} == {"a1", "b1"}
     finally:
         catalogue.close()
+
+
+def test_a_follow_interval_longer_than_a_heartbeat_may_lag_is_refused(tmp_path: Path) -> None:
+    """Heartbeats go out once per follow interval and a replica silent for 15 s counts as gone: an interval of
+    20 s made every replica drop out of the shard map between heartbeats. Refused, naming the setting."""
+    from lookalike.searcher.config import SearcherConfig
+
+    with pytest.raises(ValueError, match=r"follow_interval must be at most 5 seconds .* got 20"):
+        SearcherConfig(data_dir=tmp_path, follow_interval=20)
+    assert SearcherConfig(data_dir=tmp_path, follow_interval=5).follow_interval == 5
