@@ -10,6 +10,7 @@ searcher holding everything.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import defaultdict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
@@ -117,13 +118,16 @@ class ShardedSearcherClient:
     """SearcherClient's API over several pods (targets in StatefulSet ordinal order)."""
 
     def __init__(self, targets: Sequence[str | ChannelSettings], threshold: float = DEFAULT_THRESHOLD,
-                 max_shards: int = DEFAULT_MAX_SHARDS) -> None:
+                 max_shards: int = DEFAULT_MAX_SHARDS, refresh_seconds: float = 10.0) -> None:
         if not targets:
             raise ValueError("targets is empty, expected one address per searcher pod")
         self.pods = [SearcherClient(target) for target in targets]
         self.threshold, self.max_shards = threshold, max_shards
+        # Categories other clients create reach this one's searches within this many seconds.
+        self.refresh_seconds = refresh_seconds
         self._pool = ThreadPoolExecutor(max_workers=len(self.pods), thread_name_prefix="pods")
         self._categories: set[str] | None = None
+        self._fetched_at = float("-inf")
 
     def owner(self, category: str) -> SearcherClient:
         return self.pods[owner_of(category, len(self.pods))]
@@ -133,10 +137,12 @@ class ShardedSearcherClient:
         return {pod: future.result() for pod, future in futures.items()}
 
     def categories(self, refresh: bool = False) -> set[str]:
-        """Categories that have a shard on some pod (cached; writes through this client keep it current)."""
-        if self._categories is None or refresh:
+        """Categories that have a shard on some pod (cached for refresh_seconds; writes through this client
+        add theirs at once)."""
+        if self._categories is None or refresh or time.monotonic() - self._fetched_at >= self.refresh_seconds:
             stats = self._fan_out({i: pod.stats for i, pod in enumerate(self.pods)})
             self._categories = {shard.category for response in stats.values() for shard in response.shards}
+            self._fetched_at = time.monotonic()
         return self._categories
 
     def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,

@@ -1,6 +1,7 @@
 """Scale-out: three real searcher processes behind the sharded client answer exactly like one searcher."""
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -89,3 +90,23 @@ def test_moving_an_item_to_a_category_on_another_pod_and_deleting_it(clusters, g
     assert deleted.deleted == 1 and list(deleted.missing) == ["never-stored"]
     assert image.item_id not in {h.id for h in sharded.search(vector, data["model_id"], k=5).hits}
     assert list(sharded.upsert([]).statuses) == []  # nothing to send: no pod is asked
+
+
+def test_a_category_another_client_creates_is_searched_once_the_cache_ages(clusters, grocery_embeddings: dict) -> None:
+    """The category list is cached; a category created through another client (another process indexing) was
+    never searched by this one, nor known to explicit routing. Now the list is read again after refresh_seconds."""
+    _, sharded = clusters
+    data = grocery_embeddings
+    vector, model_id = data["catalogue_vectors"][1], data["model_id"]
+    assert "Brand new" not in sharded.categories()
+    with ShardedSearcherClient([pod.settings.target for pod in sharded.pods]) as other:
+        assert other.upsert([CatalogueItem("fresh-1", "Brand new", vector, model_id)]).statuses[0].code == 0
+    sharded.refresh_seconds = 0.2
+    try:
+        time.sleep(0.3)
+        found = sharded.search(vector, model_id, k=3, routing=routing_for(categories=["Brand new"]))
+        assert [h.id for h in found.hits] == ["fresh-1"] and not found.unknown_categories
+        assert "fresh-1" in {h.id for h in sharded.search(vector, model_id, k=3, ef=EXHAUSTIVE_EF).hits}
+    finally:
+        sharded.refresh_seconds = 10.0
+        sharded.delete(["fresh-1"])
