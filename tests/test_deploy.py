@@ -349,6 +349,12 @@ def test_servers_drain_before_sigterm_and_probes_have_time(overlay: str) -> None
         container = spec["containers"][0]
         delay = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert delay > 0 and spec["terminationGracePeriodSeconds"] > delay + 10, name
+        # The drain after SIGTERM gets what the pod's grace leaves after preStop, less a few seconds to exit
+        # (the searcher's final snapshot needs more), so in-flight calls are not cut short by a small setting.
+        config = config_of(render(overlay), name)
+        drain = float(next(value for key, value in config.items() if key.endswith("_GRACE_SECONDS")))
+        exit_time = 60 if name.startswith("searcher") else 5
+        assert drain >= 15 and delay + drain + exit_time <= spec["terminationGracePeriodSeconds"], (overlay, name)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["timeoutSeconds"] >= 2, f"{overlay}: {name} {probe}"
 
