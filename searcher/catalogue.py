@@ -220,6 +220,12 @@ class Catalogue:
             shard = None
         if shard is None:
             shard = Shard(category, model_id, dimension, self.settings, part=part, parts=parts)
+        return self._replay(shard, key, up_to)
+
+    def _replay(self, shard: Shard, key: ShardKey, up_to: int) -> tuple[Shard, int]:
+        """`shard` brought from its applied sequence to `up_to` from the store (removals, then items), and the rows
+        replayed. A shard older than its category's pruned removals is replaced by one filled from the items."""
+        category, part, parts = key
         since = shard.applied_seq
         removals = self.store.removals_after(category, since, up_to)
         pruned_to = self.store.pruned_to().get(category, 0)  # read after the removals: covers any pruned before
@@ -228,7 +234,7 @@ class Catalogue:
             # replica meanwhile): the snapshot could keep deleted items, so build from the items alone.
             log.info("snapshot of shard %r (sequence %d) is older than its pruned removals (%d); rebuilding", key,
                      since, pruned_to)
-            shard = Shard(category, model_id, dimension, self.settings, part=part, parts=parts)
+            shard = Shard(category, shard.model_id, shard.dimension, self.settings, part=part, parts=parts)
             since, removals = 0, []
         if removals:  # removing an id the shard does not hold is a no-op, so no need to filter by part
             self._put(shard, [], [removal.id for removal in removals], removals[-1].seq)
@@ -297,13 +303,20 @@ class Catalogue:
         with self._apply_mutex:
             self.placements = placements
             self.locks.update(locks)
+            arriving = [key for key in sorted(self._wanted() - set(self.shards)) if key[0] in self.locks]
+            built_at = self.applied_seq
+        # Built outside the apply lock (a whole category read from the store: minutes for a large one), so
+        # this replica keeps applying the log, acknowledging writes and reporting alive meanwhile.
+        built: dict[ShardKey, Shard] = {}
+        for key in arriving:
+            log.info("building shard %r for group %r from the store", key, self.group)
+            built[key], _ = self._build(key, built_at)
+        with self._apply_mutex:
             wanted = self._wanted()
-            for key in sorted(wanted - set(self.shards)):
-                if key[0] in self.locks:
-                    # Built from the store up to where this replica is; the log after that reaches it
-                    # like any other shard's.
-                    log.info("building shard %r for group %r from the store", key, self.group)
-                    self.shards[key], _ = self._build(key, self.applied_seq)
+            for key, shard in built.items():
+                if key in wanted and key not in self.shards:
+                    # The log applied while it was built; after this, the log reaches it like any other shard.
+                    self.shards[key], _ = self._replay(shard, key, self.applied_seq)
             now = time.time()
             for key in sorted(set(self.shards) - wanted):
                 if now - self._leaving.setdefault(key, now) >= self.config.move_grace:

@@ -526,3 +526,55 @@ def test_a_category_being_split_is_not_moved(fresh_database: str, tmp_path: Path
         assert not any(placement.moving_to for placement in store.placements())
     finally:
         store.close()
+
+
+def test_a_replica_building_a_category_moved_to_it_keeps_applying_writes(fresh_database: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking up a category that moved into its group, a replica reads the category whole from the store (minutes
+    for a large one). It did so holding its apply lock: meanwhile it applied nothing, writes through it waited
+    past their deadlines and it stopped reporting alive. Now the build runs beside: with the build held open,
+    a write through the replica is acknowledged, and a write made to the moving category meanwhile is in the
+    shard once it is served. In process, over the test's PostgreSQL."""
+    from lookalike.searcher.catalogue import Catalogue
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite
+
+    def replica(group: str) -> Catalogue:
+        return Catalogue(SearcherConfig(data_dir=tmp_path / group, store=fresh_database, group=group,
+                                        snapshot_interval=0, probe_threads=1))
+
+    rng = np.random.default_rng(5)
+    a, b = replica("a"), replica("b")
+    try:
+        a.upsert([ItemWrite(f"c{n}", "C", random_vector(rng), {}, MODEL) for n in range(50)])
+        a.heartbeat()
+        b.heartbeat()
+        a.move("C", "b")
+        building, release = threading.Event(), threading.Event()
+        build = Catalogue._build
+
+        def held_open(catalogue: Catalogue, key: tuple, up_to: int) -> tuple:
+            if catalogue is b and key[0] == "C":
+                building.set()
+                release.wait(30)
+            return build(catalogue, key, up_to)
+
+        monkeypatch.setattr(Catalogue, "_build", held_open)
+        taking_up = threading.Thread(target=b.heartbeat)
+        taking_up.start()
+        assert building.wait(10)
+        acknowledged: list[int] = []
+        writing = threading.Thread(target=lambda: acknowledged.append(
+            b.upsert([ItemWrite("d1", "D", random_vector(rng), {}, MODEL)])[1]))
+        writing.start()
+        writing.join(5)
+        assert acknowledged, "the write waited for the build"
+        a.upsert([ItemWrite("c-late", "C", random_vector(rng), {}, MODEL)])
+        assert b.catch_up() > acknowledged[0]
+        release.set()
+        taking_up.join(30)
+        assert len(b.shards[("C", 0, 1)]) == 51 and "c-late" in b.shards[("C", 0, 1)].label_of
+    finally:
+        release.set()
+        a.close()
+        b.close()
