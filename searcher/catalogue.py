@@ -52,6 +52,10 @@ SNAPSHOTS = "snapshots"
 # Photos each shard returns per product wanted, at first and at most (distinct_products searches).
 PRODUCT_DEPTH = 4
 MAX_PRODUCT_DEPTH = 4096
+# A shard is rebuilt with labels for its live items only once it has given out more than twice as many labels
+# as it holds items, plus this many (labels are never reused, and the exact-search table, the id list and
+# the filter columns are sized by label: without it, memory grew with every item ever added).
+COMPACT_SLACK_LABELS = 1024
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,7 @@ class Catalogue:
     def _snapshot_loop(self) -> None:
         while not self._stop.wait(self.config.snapshot_interval):
             try:
+                self.compact()
                 self.snapshot()
             except Exception:  # noqa: BLE001 - keep serving; the store still has everything
                 log.exception("background snapshot failed")
@@ -342,6 +347,26 @@ class Catalogue:
                 log.info("category %r holds %d items, over %d: splitting it into %d parts", placement.category,
                          len(shard), limit, parts)
                 self.store.split(placement.category, parts)
+
+    def compact(self) -> int:
+        """Rebuilds from the store each shard whose labels are mostly of removed items, with labels for its live
+        items only; returns how many. Built outside the apply lock, then brought up to the log applied meanwhile
+        and swapped in, so searches and writes go on."""
+        compacted = 0
+        for key, shard in list(self.shards.items()):
+            if shard.next_label <= 2 * len(shard) + COMPACT_SLACK_LABELS:
+                continue
+            with self._apply_mutex:
+                built_at = self.applied_seq
+            fresh = Shard(key[0], shard.model_id, shard.dimension, self.settings, part=key[1], parts=key[2])
+            fresh, _ = self._replay(fresh, key, built_at)
+            with self._apply_mutex:
+                if self.shards.get(key) is shard:
+                    log.info("shard %r: %d labels given for %d items; rebuilt with %d", key, shard.next_label,
+                             len(shard), len(fresh))
+                    self.shards[key], _ = self._replay(fresh, key, self.applied_seq)
+                    compacted += 1
+        return compacted
 
     def snapshot(self) -> int:
         """Writes a snapshot of every shard changed since its last one; returns how many were written."""

@@ -337,3 +337,43 @@ def test_a_store_that_lost_its_last_writes_is_followed_from_its_items_again(tmp_
         assert served(restarted) == ["V", "W", "X"]
     finally:
         restarted.close()
+
+
+def test_a_shard_whose_labels_are_mostly_of_removed_items_is_rebuilt_compact(tmp_path: Path) -> None:
+    """Labels are never reused, and the exact-search table, the id list and the filter columns are sized by
+    label: a catalogue replacing its items under new ids grew in memory with every item ever added. A shard
+    holding 200 items after 2,000 labels given is rebuilt from the store with 200, answering as before, the
+    removed items staying removed; its snapshot and a restart keep the compact form."""
+    from lookalike.routing import Routing
+    from lookalike.searcher.catalogue import Catalogue, SearchQuery
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite
+
+    config = SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1)
+    rng = np.random.default_rng(3)
+    catalogue = Catalogue(config)
+    for generation in range(10):
+        catalogue.upsert([ItemWrite(f"g{generation}-{n}", "C", random_vector(rng), {"generation": str(generation)},
+                                    MODEL) for n in range(200)])
+        if generation:
+            catalogue.delete([f"g{generation - 1}-{n}" for n in range(200)])
+    shard = catalogue.shards[("C", 0, 1)]
+    assert (len(shard), shard.next_label) == (200, 2000)
+    queries = [random_vector(rng) for _ in range(20)]
+
+    def answers(searcher: Catalogue) -> list[list[str]]:
+        return [[hit.id for hit in searcher.search(SearchQuery(query, MODEL, 10, routing=Routing()), spread=False).hits]
+                for query in queries]
+
+    before = answers(catalogue)
+    assert catalogue.compact() == 1 and catalogue.compact() == 0
+    compacted = catalogue.shards[("C", 0, 1)]
+    assert (len(compacted), compacted.next_label) == (200, 200)
+    assert answers(catalogue) == before and all(hit.startswith("g9-") for answer in before for hit in answer)
+    assert compacted.attributes["g9-7"] == {"generation": "9"}
+    catalogue.close()
+    restarted = Catalogue(config)
+    try:
+        assert restarted.shards[("C", 0, 1)].next_label == 200 and answers(restarted) == before
+    finally:
+        restarted.close()
