@@ -35,8 +35,10 @@ NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 def _label_locks() -> int:
     """How many label locks each hnswlib index allocates: 65,536 in PyPI's build, fewer in the one `make` and
-    the searcher image install (third_party/hnswlib/build_wheel.py), whose version names the count."""
-    _, _, count = importlib.metadata.version("hnswlib").partition("+locks")
+    the searcher image install (third_party/hnswlib/build_wheel.py), whose local version names the count
+    (0.8.0+locks1024.savenogil)."""
+    _, _, local = importlib.metadata.version("hnswlib").partition("+locks")
+    count = local.split(".")[0]
     return int(count) if count.isdigit() else 65_536
 
 
