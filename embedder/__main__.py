@@ -6,12 +6,13 @@ from typing import Sequence
 
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.server import create_server
-from lookalike.serving.server import serve_until_signalled
+from lookalike.serving.server import exit_on_signal_while_starting, serve_until_signalled
 from lookalike.serving.tracing import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
+    exit_on_signal_while_starting()
     config = EmbedderConfig.from_args(argv)
     started, port = create_server(config)
     serve_until_signalled(started, config.grace_seconds, f"embedder listening on port {port}")

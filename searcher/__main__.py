@@ -7,7 +7,7 @@ from typing import Sequence
 
 from threadpoolctl import threadpool_limits
 
-from lookalike.serving.server import serve_until_signalled
+from lookalike.serving.server import exit_on_signal_while_starting, serve_until_signalled
 from lookalike.serving.tracing import configure_logging
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.server import create_server
@@ -16,6 +16,7 @@ from lookalike.searcher.store import StoreUnavailable
 
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
+    exit_on_signal_while_starting()
     config = SearcherConfig.from_args(argv)
     # The searcher spreads its work over its own probe lanes. OpenBLAS's helper threads busy-wait after
     # each product (an exact scan of a small shard): measured 20-30 ms of CPU per 2 ms search, a core

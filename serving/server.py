@@ -122,6 +122,18 @@ class RunningServer:
         """What the service frees once no request runs any more."""
 
 
+def exit_on_signal_while_starting() -> None:
+    """Until serve_until_signalled takes over, SIGTERM and SIGINT end the process at once (exit 128 + signal).
+    In a container the server is PID 1, which ignores a signal it has no handler for: a pod deleted while it
+    loads (a model, shards rebuilt from the store, a database not up yet) waited out its whole grace period."""
+    def leave(signum: int, _frame: object) -> None:
+        log.info("signal %d while starting: exiting", signum)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+
+
 def serve_until_signalled(running: RunningServer, grace_seconds: float, ready_line: str) -> None:
     """Prints `ready_line` (what callers wait for), blocks until SIGTERM/SIGINT, then stops the server
     gracefully (see RunningServer.stop)."""

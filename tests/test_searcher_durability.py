@@ -377,3 +377,37 @@ def test_a_shard_whose_labels_are_mostly_of_removed_items_is_rebuilt_compact(tmp
         assert restarted.shards[("C", 0, 1)].next_label == 200 and answers(restarted) == before
     finally:
         restarted.close()
+
+
+def test_a_sigterm_while_starting_ends_the_server_at_once(tmp_path: Path) -> None:
+    """A server is its container's PID 1, which ignores a signal it has no handler for: a pod deleted while its
+    searcher waited for PostgreSQL (or rebuilt shards) sat out its whole grace period. The server handles
+    SIGTERM from the start of main and exits at once with 143 (here: a store that never answers, 30 s of
+    waiting allowed). The handler shows in /proc's caught-signal mask before the signal is sent."""
+    import subprocess
+    import sys
+
+    from lookalike.tools.processes import free_port
+
+    store = f"postgresql://lookalike@127.0.0.1:{free_port()}/nothing"
+    process = subprocess.Popen([sys.executable, "-m", "lookalike.searcher", "--data", str(tmp_path), "--store", store,
+                                "--store-timeout", "30", "--address", "127.0.0.1:0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+            if caught & (1 << (signal.SIGTERM - 1)):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the searcher never installed a SIGTERM handler")
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < 5
+        assert "signal 15 while starting: exiting" in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
