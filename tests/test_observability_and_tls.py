@@ -298,6 +298,44 @@ def test_tls_port_and_plaintext_health_port(tmp_path: Path) -> None:
         started.stop(None)
 
 
+def test_the_health_port_answers_while_every_handler_thread_is_busy() -> None:
+    """Kubelet's startup and readiness probes ask the health-only port: on the serving port a probe waits
+    behind long calls holding every handler thread (here one thread, one call held open) and times out, which
+    took busy pods out of their Service; the health port has threads of its own and answers at once."""
+    from lookalike.serving.server import build_server, start_health_server
+
+    server, health_servicer = build_server(max_workers=1, max_message_bytes=1 << 20, service_names=["test.Slow"])
+    release = threading.Event()
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        release.wait(30)
+        return b""
+
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Slow", {
+        "Hold": grpc.unary_unary_rpc_method_handler(slow)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_server, health_port = start_health_server(health_servicer, "127.0.0.1:0")
+    check = health_pb2.HealthCheckRequest(service="")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, \
+                grpc.insecure_channel(f"127.0.0.1:{health_port}") as health_channel:
+            held = channel.unary_unary("/test.Slow/Hold").future(b"", timeout=30)
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as waited:
+                health_pb2_grpc.HealthStub(channel).Check(check, timeout=1)
+            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            reply = health_pb2_grpc.HealthStub(health_channel).Check(check, timeout=1)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            release.set()
+            held.result()
+    finally:
+        release.set()
+        server.stop(None)
+        health_server.stop(None)
+
+
 def test_aged_connections_close_without_failing_a_call(tmp_path: Path) -> None:
     """With a 0.3 s connection age the server sends GOAWAY again and again; calls keep succeeding."""
     started, channel = start_searcher(tmp_path, snapshot_interval=0, max_connection_age_seconds=0.3)
