@@ -26,7 +26,7 @@ from lookalike.client.connection import (ChannelSettings, DeadlineExceededError,
                                          call_with_retries)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
 from lookalike.client.sharded import BatchAnswer, search_owners, search_owners_batch
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, RoutingPlan, part_of, plan
+from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
 from lookalike.v1 import common_pb2, searcher_pb2
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,12 @@ Response = TypeVar("Response")
 class ShardMapClient:
     """SearcherClient's API over the replica groups a shard map describes. Use as a context manager."""
 
-    def __init__(self, seed: str | ChannelSettings, *, threshold: float = DEFAULT_THRESHOLD,
-                 max_shards: int = DEFAULT_MAX_SHARDS, strict: bool = False, refresh_seconds: float = 10.0) -> None:
+    def __init__(self, seed: str | ChannelSettings, *, threshold: float | None = None,
+                 max_shards: int | None = None, strict: bool = False, refresh_seconds: float = 10.0) -> None:
         """`seed` reaches any searcher (one group's target, or a Service over all of them). `strict`
-        makes a search fail when a group is unreachable instead of answering without its shards."""
+        makes a search fail when a group is unreachable instead of answering without its shards.
+        `threshold` and `max_shards` override, for probability routings that leave them unset, the defaults
+        the searchers report in the map (their --routing-* settings or their routing model's)."""
         self.settings = seed if isinstance(seed, ChannelSettings) else ChannelSettings(seed)
         self.seed = SearcherClient(self.settings)
         self.threshold, self.max_shards, self.strict = threshold, max_shards, strict
@@ -147,7 +149,10 @@ class ShardMapClient:
     # -- reads -------------------------------------------------------------------------------------
 
     def _plan(self, routing: searcher_pb2.Routing | None) -> tuple[RoutingPlan, dict[str, list[str]]]:
-        routed = plan(Routing.from_message(routing), self.placements, self.threshold, self.max_shards)
+        reported = self._map.routing_defaults if self._map is not None else searcher_pb2.RoutingSettings()
+        defaults = RoutingDefaults.from_message(reported)
+        routed = plan(Routing.from_message(routing), self.placements, *defaults.overridden(self.threshold,
+                                                                                           self.max_shards))
         owned: dict[str, list[str]] = defaultdict(list)
         for category in routed.categories:
             for group in dict.fromkeys(self.placements[category]):  # each group searches its parts

@@ -19,8 +19,7 @@ import numpy as np
 
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
-from lookalike.routing import (DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, Routing, RoutingPlan, merge_hits, merge_products,
-                               plan)
+from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan
 from lookalike.v1 import common_pb2, searcher_pb2
 
 Owner = TypeVar("Owner", bound=Hashable)
@@ -117,12 +116,15 @@ def statefulset_targets(name: str, replicas: int, port: int = 50052, namespace: 
 class ShardedSearcherClient:
     """SearcherClient's API over several pods (targets in StatefulSet ordinal order)."""
 
-    def __init__(self, targets: Sequence[str | ChannelSettings], threshold: float = DEFAULT_THRESHOLD,
-                 max_shards: int = DEFAULT_MAX_SHARDS, refresh_seconds: float = 10.0) -> None:
+    def __init__(self, targets: Sequence[str | ChannelSettings], threshold: float | None = None,
+                 max_shards: int | None = None, refresh_seconds: float = 10.0) -> None:
+        """`threshold` and `max_shards` override, for probability routings that leave them unset, the defaults
+        the pods report (their --routing-* settings or their routing model's), which plans use otherwise."""
         if not targets:
             raise ValueError("targets is empty, expected one address per searcher pod")
         self.pods = [SearcherClient(target) for target in targets]
         self.threshold, self.max_shards = threshold, max_shards
+        self._defaults = RoutingDefaults()
         # Categories other clients create reach this one's searches within this many seconds.
         self.refresh_seconds = refresh_seconds
         self._pool = ThreadPoolExecutor(max_workers=len(self.pods), thread_name_prefix="pods")
@@ -142,6 +144,7 @@ class ShardedSearcherClient:
         if self._categories is None or refresh or time.monotonic() - self._fetched_at >= self.refresh_seconds:
             stats = self._fan_out({i: pod.stats for i, pod in enumerate(self.pods)})
             self._categories = {shard.category for response in stats.values() for shard in response.shards}
+            self._defaults = RoutingDefaults.from_message(stats[0].routing_defaults)  # the pods share their settings
             self._fetched_at = time.monotonic()
         return self._categories
 
@@ -186,7 +189,9 @@ class ShardedSearcherClient:
                                            sequence=max(r.sequence for r in responses.values()))
 
     def _plan(self, routing: searcher_pb2.Routing | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
-        routed = plan(Routing.from_message(routing), self.categories(), self.threshold, self.max_shards)
+        categories = self.categories()
+        routed = plan(Routing.from_message(routing), categories, *self._defaults.overridden(self.threshold,
+                                                                                            self.max_shards))
         per_pod: dict[int, list[str]] = defaultdict(list)
         for category in routed.categories:
             per_pod[owner_of(category, len(self.pods))].append(category)

@@ -221,14 +221,16 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         stats = self.catalogue.stats()
         return searcher_pb2.GetStatsResponse(shards=[searcher_pb2.ShardStats(**row) for row in stats.shards],
                                              items=stats.items, sequence=stats.applied_sequence,
-                                             store_sequence=stats.store_sequence, lag_seconds=stats.lag_seconds)
+                                             store_sequence=stats.store_sequence, lag_seconds=stats.lag_seconds,
+                                             routing_defaults=self.catalogue.routing.to_message())
 
     @rpc_method
     def GetShardMap(self, request: searcher_pb2.GetShardMapRequest,
                     context: grpc.ServicerContext) -> searcher_pb2.GetShardMapResponse:
         catalogue = self.catalogue
         groups, placements, locks = catalogue.shard_map()
-        response = searcher_pb2.GetShardMapResponse(group=catalogue.group, sequence=catalogue.applied_seq)
+        response = searcher_pb2.GetShardMapResponse(group=catalogue.group, sequence=catalogue.applied_seq,
+                                                    routing_defaults=catalogue.routing.to_message())
         for name, target, live in groups:
             response.groups.add(name=name, target=target, live_replicas=live)
         for placement in placements:

@@ -7,8 +7,9 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 
-from lookalike.tools.processes import running_service
+from lookalike.tools.processes import free_port, running_service
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient, owner_of, statefulset_targets
 from tests.conftest import start_searcher
 
@@ -110,3 +111,35 @@ def test_a_category_another_client_creates_is_searched_once_the_cache_ages(clust
     finally:
         sharded.refresh_seconds = 10.0
         sharded.delete(["fresh-1"])
+
+
+def test_plans_over_several_pods_use_the_pods_routing_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A probability routing that leaves threshold, max_shards and prior_weight unset gets the searcher's own
+    settings; the pod-list and shard-map clients planned with built-in ones instead and sent them explicitly,
+    so their answers differed from one searcher's started with other settings. Searchers report theirs in
+    GetStats and GetShardMap."""
+    settings = ["--routing-threshold", "0.99", "--routing-max-shards", "6", "--routing-prior-weight", "1.0"]
+    rng = np.random.default_rng(4)
+    categories = [f"c{n}" for n in range(8)]
+    items = [CatalogueItem(f"{category}-{n}", category, rng.normal(size=8).astype(np.float32), "m")
+             for category in categories for n in range(15)]
+    with ExitStack() as stack:
+        ports = [stack.enter_context(running_service(
+            "lookalike.searcher", ["--data", str(tmp_path_factory.mktemp(f"tuned{i}")), *settings]))[1] for i in range(2)]
+        target = f"127.0.0.1:{free_port()}"
+        stack.enter_context(running_service("lookalike.searcher", [
+            "--data", str(tmp_path_factory.mktemp("tuned-single")), "--advertise", target, *settings], address=target))
+        single = stack.enter_context(SearcherClient(target))
+        through_map = stack.enter_context(ShardMapClient(target))
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{port}" for port in ports]))
+        assert all(s.code == 0 for s in single.upsert(items).statuses)
+        assert all(s.code == 0 for s in sharded.upsert(items).statuses)
+        stats = single.stats().routing_defaults
+        assert (round(stats.threshold, 4), stats.max_shards, stats.prior_weight) == (0.99, 6, 1.0)
+        probabilities = [(category, p) for category, p in zip(categories, [0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.01])]
+        for _ in range(5):
+            vector = rng.normal(size=8).astype(np.float32)
+            expected = answer(single, vector, "m", routing_for(probabilities=probabilities))
+            assert len(expected[1]) == 6, "the searchers' own threshold and cap: six shards probed"
+            assert answer(sharded, vector, "m", routing_for(probabilities=probabilities)) == expected
+            assert answer(through_map, vector, "m", routing_for(probabilities=probabilities)) == expected

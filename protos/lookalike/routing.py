@@ -100,6 +100,22 @@ class RoutingDefaults:
     prior_weight: float = 0.0
 
     @classmethod
+    def from_message(cls, message: searcher_pb2.RoutingSettings) -> "RoutingDefaults":
+        """A searcher's defaults as GetStats or GetShardMap report them; a searcher too old to report them
+        leaves the message empty, read as the built-in defaults."""
+        return cls(message.threshold or DEFAULT_THRESHOLD, message.max_shards or DEFAULT_MAX_SHARDS,
+                   message.prior_weight)
+
+    def overridden(self, threshold: float | None, max_shards: int | None) -> tuple[float, int, float]:
+        """(threshold, max_shards, prior_weight): these defaults, with the values given in place of theirs."""
+        return (self.threshold if threshold is None else threshold,
+                self.max_shards if max_shards is None else max_shards, self.prior_weight)
+
+    def to_message(self) -> searcher_pb2.RoutingSettings:
+        return searcher_pb2.RoutingSettings(threshold=self.threshold, max_shards=self.max_shards,
+                                            prior_weight=self.prior_weight)
+
+    @classmethod
     def of_model(cls, manifest: manifest_pb2.ModelManifest) -> "RoutingDefaults | None":
         """The values fitted on validation at export (manifest.routing), or None for a model without them."""
         if not manifest.HasField("routing"):

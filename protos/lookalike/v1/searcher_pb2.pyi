@@ -264,18 +264,30 @@ class ShardStats(_message.Message):
     def __init__(self, category: _Optional[str] = ..., items: _Optional[int] = ..., deleted: _Optional[int] = ..., capacity: _Optional[int] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("shards", "items", "sequence", "store_sequence", "lag_seconds")
+    __slots__ = ("shards", "items", "sequence", "store_sequence", "lag_seconds", "routing_defaults")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STORE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     items: int
     sequence: int
     store_sequence: int
     lag_seconds: float
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ..., store_sequence: _Optional[int] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
+    routing_defaults: RoutingSettings
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ..., store_sequence: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., routing_defaults: _Optional[_Union[RoutingSettings, _Mapping]] = ...) -> None: ...
+
+class RoutingSettings(_message.Message):
+    __slots__ = ("threshold", "max_shards", "prior_weight")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    max_shards: int
+    prior_weight: float
+    def __init__(self, threshold: _Optional[float] = ..., max_shards: _Optional[int] = ..., prior_weight: _Optional[float] = ...) -> None: ...
 
 class GetShardMapRequest(_message.Message):
     __slots__ = ()
@@ -312,16 +324,18 @@ class Placement(_message.Message):
     def __init__(self, category: _Optional[str] = ..., group: _Optional[str] = ..., moving_to: _Optional[str] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ..., building: _Optional[bool] = ...) -> None: ...
 
 class GetShardMapResponse(_message.Message):
-    __slots__ = ("groups", "placements", "group", "sequence")
+    __slots__ = ("groups", "placements", "group", "sequence", "routing_defaults")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[ReplicaGroup]
     placements: _containers.RepeatedCompositeFieldContainer[Placement]
     group: str
     sequence: int
-    def __init__(self, groups: _Optional[_Iterable[_Union[ReplicaGroup, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., group: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+    routing_defaults: RoutingSettings
+    def __init__(self, groups: _Optional[_Iterable[_Union[ReplicaGroup, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., group: _Optional[str] = ..., sequence: _Optional[int] = ..., routing_defaults: _Optional[_Union[RoutingSettings, _Mapping]] = ...) -> None: ...
 
 class MoveCategoryRequest(_message.Message):
     __slots__ = ("category", "group")
