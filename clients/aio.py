@@ -99,7 +99,8 @@ class AsyncSearcherClient:
 
 
 class AsyncLookalike:
-    """lookalike.client.facade.Lookalike for asyncio: the same methods, awaited."""
+    """lookalike.client.facade.Lookalike for asyncio: the same methods, awaited, over one searcher target (no pod
+    list or shard map). Create it inside the event loop it is used in: its channels belong to that loop."""
 
     def __init__(self, embedder: str | ChannelSettings, searcher: str | ChannelSettings, *,
                  threshold: float | None = None, max_shards: int | None = None,

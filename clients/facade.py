@@ -1,7 +1,8 @@
 """The facade most callers need: index catalogue images and search with a shopper's photo.
 
 `Lookalike` embeds with the embedder, then upserts to or searches the searcher, routing each search on
-the category probabilities the embedder returned. `lookalike.client.aio.AsyncLookalike` has the same API.
+the category probabilities the embedder returned. `lookalike.client.aio.AsyncLookalike` has the same methods
+for asyncio, over one searcher target.
 """
 from __future__ import annotations
 
