@@ -95,6 +95,11 @@ def decode_files(images: Sequence[LabelledImage], size: int, workers: int | None
     return np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
 
 
+def servable(images: Sequence[LabelledImage], crop: FaceCrop | None) -> list[LabelledImage]:
+    """The photos the served model takes: with a crop that refuses photos without a face, those with one."""
+    return with_faces(images, crop) if crop is not None and crop.no_face == "fail" else list(images)
+
+
 def with_faces(images: Sequence[LabelledImage], crop: FaceCrop) -> list[LabelledImage]:
     """The photos in which the detector finds a face (logged: how many it does not)."""
     found = []
@@ -237,9 +242,8 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     threads = deterministic_torch(settings.threads, settings.embedding.device if settings.embedding else "cpu")
     torch.manual_seed(settings.seed)
     crop = settings.face_crop
-    if crop is not None and crop.no_face == "fail":
-        # Photos the served model would refuse teach it nothing: train and fit on the others.
-        train, validation = with_faces(train, crop), with_faces(validation, crop)
+    # Photos the served model would refuse teach it nothing: train and fit on the others.
+    train, validation = servable(train, crop), servable(validation, crop)
     labels = categories_of(list(train))
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[image.category] for image in train])

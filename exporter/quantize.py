@@ -22,7 +22,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel as GraphEditor
 
 from lookalike.quality.labelled_images import LabelledImage
 from lookalike.embedder.preprocess import FaceCrop
-from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, sha256_of
+from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, servable, sha256_of
 from lookalike.codec import read_manifest, write_manifest
 from lookalike.v1 import manifest_pb2
 
@@ -67,6 +67,7 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
     parent = read_manifest(fp32_dir)
     size = parent.input.height
     crop = FaceCrop.from_manifest(parent.input)
+    calibration = servable(calibration, crop)
     int8_dir = Path(int8_dir)
     int8_dir.mkdir(parents=True, exist_ok=True)
     int8_path = int8_dir / ONNX_FILE
@@ -122,6 +123,7 @@ def measure_drift(fp32_dir: Path, parent: manifest_pb2.ModelManifest, twin_path:
     """How far a reduced-precision graph's outputs are from its fp32 parent's on the same images."""
     size = parent.input.height
     crop = FaceCrop.from_manifest(parent.input)
+    validation = servable(validation, crop)
     fp32_embeddings, fp32_probabilities = embed_files(fp32_dir / parent.onnx_file, validation, size, face_crop=crop)
     twin_embeddings, twin_probabilities = embed_files(twin_path, validation, size, face_crop=crop)
     cosines = np.sum(fp32_embeddings * twin_embeddings, axis=1)

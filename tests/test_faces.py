@@ -199,6 +199,35 @@ def test_embedder_refuses_a_photo_without_a_face_and_embeds_faces(tmp_path: Path
         started.stop(None)
 
 
+def test_reduced_precision_twins_of_a_face_model_use_only_photos_with_a_face(tmp_path: Path, model_dir: Path) -> None:
+    """A model that refuses photos without a face: its int8 and fp16 twins calibrate and measure their drift
+    on the photos it takes, and say how many. A grocery photo among the faces made decoding fail and the
+    conversion abort (FAILED_PRECONDITION), as the export itself already left such photos out."""
+    import shutil
+
+    from lookalike.codec import read_manifest, write_manifest
+    from lookalike.exporter.export import with_faces
+    from lookalike.exporter.quantize import half_precision_model, quantize_model
+    from lookalike.quality.labelled_images import LabelledImage
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    manifest = read_manifest(folder)
+    crop = FaceCrop(no_face="fail")
+    manifest.input.face_crop.CopyFrom(crop.to_manifest())
+    write_manifest(folder, manifest)
+    faces = [LabelledImage(f"s{person}-{photo}", ORL / f"s{person}" / f"{photo}.pgm", f"s{person}", f"s{person}")
+             for person in (1, 2) for photo in (1, 2, 3)]
+    apple = LabelledImage("apple", GROCERY / "train" / "Fruit" / "Apple" / "Golden-Delicious" / "Golden-Delicious_001.jpg",
+                          "Apple", "Apple")
+    with_a_face = len(with_faces(faces, crop))
+    assert with_a_face >= 4
+    int8 = quantize_model(folder, tmp_path / "int8", [apple, *faces], [*faces, apple])
+    assert (int8.quantization.calibration_images, int8.quantization.validation_images) == (with_a_face, with_a_face)
+    fp16 = half_precision_model(folder, tmp_path / "fp16", [apple, *faces])
+    assert fp16.quantization.validation_images == with_a_face and fp16.quantization.mean_cosine > 0.99
+
+
 def test_web_query_preview_draws_the_face_box() -> None:
     """The web demo shows which face a face model embedded: a green box on the query photo."""
     from lookalike.web.app import FACE_BOX_COLOUR, query_preview
