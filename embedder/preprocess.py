@@ -22,6 +22,11 @@ from lookalike.v1 import manifest_pb2
 # message naming the limit; Pillow's global bomb check would pre-empt it with a different text.
 Image.MAX_IMAGE_PIXELS = None
 
+# The formats decoded. Pillow opens many more, and some of those (ICO, ICNS) decode the whole picture while
+# opening it or report a size other than the one they decode, which would pass the pixel limit below.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF or PNM (PGM/PPM)"
+
 # Transparent pixels become white: catalogue cut-outs are shot on white, not black.
 _BACKGROUND = (255, 255, 255)
 
@@ -191,11 +196,10 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
     if len(data) > limits.max_bytes:
         raise ResourceExhausted(f"{name} has {len(data)} bytes, limit is {limits.max_bytes} bytes per image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for foreign data
-        raise InvalidArgument(
-            f"{name} is not a readable image ({type(error).__name__}), expected JPEG, PNG, WebP, GIF, BMP or TIFF"
-        ) from error
+        raise InvalidArgument(f"{name} is not a readable image ({type(error).__name__}), expected {FORMAT_NAMES}"
+                              ) from error
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ResourceExhausted(
@@ -234,7 +238,9 @@ def _upright(image: Image.Image) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency is composited over a white background."""
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry, grey level or colour marked transparent (PNG's tRNS chunk): an alpha channel
+        # stored as one colour, as PNG optimisers write an on/off alpha.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")

@@ -129,3 +129,38 @@ def test_pixel_bomb_is_refused_before_decoding() -> None:
 def test_byte_limit() -> None:
     with pytest.raises(ResourceExhausted, match="has 2000 bytes, limit is 1000 bytes"):
         decode_image(b"\xff" * 2000, SIZE, ImageLimits(max_bytes=1000))
+
+
+def ico_holding_png(width: int, height: int) -> bytes:
+    """An ICO file whose one entry is a real greyscale PNG of width x height (all black, so it compresses to
+    a few hundred KB): Pillow decodes it whole while opening the ICO, before any size can be checked."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    rows = b"".join(compressor.compress(b"\x00" * (width + 1)) for _ in range(height)) + compressor.flush()
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+
+
+def test_formats_outside_the_list_are_refused_unopened() -> None:
+    """An ICO wrapping a 12000x12000 PNG (about 100 KB) made Pillow decode 144 megapixels while opening it, past
+    the pixel limit checked after opening; only the listed formats are opened now."""
+    with pytest.raises(InvalidArgument, match=r"images\[0\] is not a readable image .* expected JPEG, PNG, WebP, GIF, "
+                                              r"BMP, TIFF or PNM \(PGM/PPM\)"):
+        decode_image(ico_holding_png(12_000, 12_000), SIZE, name="images[0]")
+    for fmt in ("BMP", "TIFF", "GIF", "PPM"):
+        assert decode_image(encode(gradient(), fmt), SIZE).shape == (48, 64, 3), fmt
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_transparency_of_greyscale_and_rgb_pngs_is_composited_over_white(mode: str) -> None:
+    """PNG optimisers store an on/off alpha as one transparent colour (a tRNS chunk) in an L or RGB image:
+    its transparent pixels must be white, as with an alpha channel, not the colour they hide."""
+    image = Image.new(mode, (40, 40), 0 if mode == "L" else (0, 0, 0))
+    image.paste(200 if mode == "L" else (0, 0, 255), (0, 0, 20, 40))
+    transparent = 0 if mode == "L" else (0, 0, 0)
+    decoded = decode_image(encode(image, "PNG", transparency=transparent), (40, 40))
+    assert tuple(decoded[20, 35]) == (255, 255, 255)
+    assert tuple(decoded[20, 5]) == ((200, 200, 200) if mode == "L" else (0, 0, 255))
