@@ -15,14 +15,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from lookalike.serving.errors import ResourceExhausted, Unavailable
+from lookalike.serving.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from lookalike.serving.tracing import annotate
 
 log = logging.getLogger(__name__)
 
 Inference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# Whether nobody waits for a job's answer any more (its call's deadline passed, or the caller cancelled).
+Abandoned = Callable[[], bool]
+
+
+def never_abandoned() -> bool:
+    return False
 
 BATCH_IMAGES = Histogram("lookalike_embedder_batch_images", "Images per inference batch",
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -31,11 +37,14 @@ QUEUE_DELAY = Histogram("lookalike_embedder_queue_delay_seconds", "Wait of a bat
 INFERENCE = Histogram("lookalike_embedder_inference_seconds", "Model time per batch",
                       buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
 QUEUED_IMAGES = Gauge("lookalike_embedder_queued_images", "Images waiting for inference")
+DROPPED_IMAGES = Counter("lookalike_embedder_dropped_images_total",
+                         "Queued images not run because their call ended first (deadline passed or cancelled)")
 
 
 @dataclass
 class _Job:
     images: np.ndarray
+    abandoned: Abandoned = never_abandoned
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     # Images in the inference batch this job ran in (its own and other requests'), and how long the job
@@ -73,9 +82,12 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
 
-    def run(self, images: np.ndarray, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Embeds uint8 [N, H, W, 3] images, in chunks of at most max_batch; blocks until done."""
-        jobs = [_Job(images[start:start + self._max_batch]) for start in range(0, len(images), self._max_batch)]
+    def run(self, images: np.ndarray, timeout: float | None = None,
+            abandoned: Abandoned = never_abandoned) -> tuple[np.ndarray, np.ndarray]:
+        """Embeds uint8 [N, H, W, 3] images, in chunks of at most max_batch; blocks until done. Chunks still
+        queued once `abandoned()` says nobody waits for them are dropped, not run (DeadlineExceeded)."""
+        jobs = [_Job(images[start:start + self._max_batch], abandoned)
+                for start in range(0, len(images), self._max_batch)]
         with self._condition:
             if not self._running:
                 raise Unavailable("the embedder is shutting down")
@@ -101,24 +113,39 @@ class MicroBatcher:
 
     def _next_batch(self) -> list[_Job]:
         with self._condition:
-            while not self._jobs and self._running:
-                self._condition.wait()
-            if not self._jobs:
-                return []
-            deadline = self._jobs[0].enqueued + self._max_delay
-            while self._queued_images < self._max_batch and self._running:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._condition.wait(remaining)
-            batch, size = [], 0
-            while self._jobs and (not batch or size + len(self._jobs[0].images) <= self._max_batch):
-                job = self._jobs.popleft()
-                batch.append(job)
-                size += len(job.images)
-            self._queued_images -= size
-            QUEUED_IMAGES.set(self._queued_images)
-            return batch
+            while True:
+                while not self._jobs and self._running:
+                    self._condition.wait()
+                if not self._jobs:
+                    return []
+                deadline = self._jobs[0].enqueued + self._max_delay
+                while self._queued_images < self._max_batch and self._running:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._condition.wait(remaining)
+                batch = self._take()
+                if batch:
+                    return batch
+
+    def _take(self) -> list[_Job]:
+        """Up to max_batch images of queued jobs, in order; jobs nobody waits for are dropped on the way (under
+        overload the queue outlasts callers' deadlines, and running them would only delay the living)."""
+        batch, size, dropped = [], 0, 0
+        while self._jobs and (not batch or size + len(self._jobs[0].images) <= self._max_batch):
+            job = self._jobs.popleft()
+            if job.abandoned():
+                dropped += len(job.images)
+                job.future.set_exception(DeadlineExceeded("the call ended (its deadline passed or it was cancelled) "
+                                                          "before its images were embedded"))
+                continue
+            batch.append(job)
+            size += len(job.images)
+        self._queued_images -= size + dropped
+        QUEUED_IMAGES.set(self._queued_images)
+        if dropped:
+            DROPPED_IMAGES.inc(dropped)
+        return batch
 
     def _loop(self) -> None:
         while True:

@@ -8,12 +8,12 @@ from typing import Sequence
 
 import numpy as np
 
-from lookalike.embedder.batcher import MicroBatcher
+from lookalike.embedder.batcher import Abandoned, MicroBatcher, never_abandoned
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.model import OnnxModel
 from lookalike.embedder.preprocess import Box, ImageLimits, decode_face_image
 from lookalike.serving.cpus import available_cpus
-from lookalike.serving.errors import ServiceError
+from lookalike.serving.errors import DeadlineExceeded, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,18 @@ class EmbeddingPipeline:
         except ServiceError as error:
             return error
 
-    def embed(self, images: Sequence[bytes]) -> list[ImageResult]:
-        """Decodes every image (bad ones get their own error), then embeds the good ones in one go."""
+    def embed(self, images: Sequence[bytes], abandoned: Abandoned = never_abandoned) -> list[ImageResult]:
+        """Decodes every image (bad ones get their own error), then embeds the good ones in one go. Once
+        `abandoned()` says nobody waits for the answer, the work left is skipped (DeadlineExceeded)."""
+        if abandoned():
+            raise DeadlineExceeded("the call ended (its deadline passed or it was cancelled) before its images "
+                                   "were decoded")
         decoded = list(self._decoders.map(self._decode, range(len(images)), images))
         good = [(i, item) for i, item in enumerate(decoded) if not isinstance(item, ServiceError)]
         results = [ImageResult(error=item) if isinstance(item, ServiceError) else None for item in decoded]
         if good:
-            embeddings, probabilities = self.batcher.run(np.stack([pixels for _, (pixels, _) in good]))
+            embeddings, probabilities = self.batcher.run(np.stack([pixels for _, (pixels, _) in good]),
+                                                         abandoned=abandoned)
             for row, (i, (_, face)) in enumerate(good):
                 results[i] = ImageResult(embedding=embeddings[row], probabilities=probabilities[row], face=face)
         return results  # type: ignore[return-value]

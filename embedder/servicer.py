@@ -39,7 +39,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         if count > self._config.max_images_per_request:
             raise InvalidArgument(f"images has {count} entries, limit is {self._config.max_images_per_request} "
                                   "per request; split the batch")
-        results = pipeline.embed([image.data for image in request.images])
+        results = pipeline.embed([image.data for image in request.images], abandoned=lambda: not context.is_active())
         annotate(lambda: {"images": count, "failed_images": sum(result.error is not None for result in results)})
         response = embedder_pb2.EmbedResponse(model_id=pipeline.model.manifest.model_id)
         for image, result in zip(request.images, results):

@@ -47,6 +47,10 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def rpc_method(method: Method) -> Method:
     """Maps ServiceError to its status and anything else to INTERNAL (logged with its traceback).
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lookalike.embedder.batcher import MicroBatcher
-from lookalike.serving.errors import ResourceExhausted
+from lookalike.serving.errors import DeadlineExceeded, ResourceExhausted
 
 
 def tagged(count: int, tag: int) -> np.ndarray:
@@ -119,3 +119,39 @@ def test_the_trace_says_how_long_a_request_waited_for_its_batch_not_for_its_answ
     attributes = spans.get_finished_spans()[0].attributes
     assert attributes["lookalike.inference_batch_images"] == (2,)
     assert 0.01 <= attributes["lookalike.queue_seconds"] < 0.2 < 0.3 <= answered
+
+
+def test_jobs_nobody_waits_for_are_dropped_not_run() -> None:
+    """Under overload the queue outlasts callers' deadlines: a job whose call has ended by the time its batch is
+    formed is dropped (its caller gets DeadlineExceeded) instead of taking the model from living callers;
+    the queue count comes back to zero."""
+    model = RecordingModel(delay=0.3)
+    batcher = MicroBatcher(model, max_batch=4, max_delay_seconds=0.0, max_queued_images=64)
+    gone = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, tag: int, abandoned: object = lambda: False) -> None:
+        try:
+            outcomes[name] = batcher.run(tagged(4, tag), abandoned=abandoned)[0][:, 0].tolist()
+        except DeadlineExceeded as error:
+            outcomes[name] = error
+
+    try:
+        first = threading.Thread(target=call, args=("first", 1))
+        first.start()
+        time.sleep(0.1)  # the model is busy with the first batch
+        ended = threading.Thread(target=call, args=("ended", 2, gone.is_set))
+        living = threading.Thread(target=call, args=("living", 3))
+        ended.start()
+        time.sleep(0.02)
+        living.start()
+        time.sleep(0.02)
+        gone.set()  # the second caller's deadline passes while it waits in the queue
+        for thread in (first, ended, living):
+            thread.join(5)
+        assert outcomes["first"] == [1.0] * 4 and outcomes["living"] == [3.0] * 4
+        assert isinstance(outcomes["ended"], DeadlineExceeded) and "before its images were embedded" in str(outcomes["ended"])
+        assert model.batch_sizes == [4, 4]  # the ended caller's images never reached the model
+        assert batcher._queued_images == 0
+    finally:
+        batcher.close()

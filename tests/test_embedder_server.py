@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -163,6 +164,30 @@ def test_concurrent_requests_share_batches(embedder, image_bytes: list[bytes]) -
     # Measured: 4 batches (the reference alone, then 24 requests from 8 threads in 3). At most 12 means every
     # batch but the reference's carried 2 images or more on average.
     assert batches <= 12, f"{batches} batches for 25 single-image requests: concurrent requests were not batched"
+
+
+def test_calls_that_ended_while_queued_are_not_embedded(embedder, image_bytes: list[bytes]) -> None:
+    """Twelve calls of eight photos each, all sent at once with a 50 ms deadline: the server cannot embed 96
+    photos in 50 ms on two cores, so most calls end while their images wait. Those images are dropped, not
+    embedded for nobody (before, every one was embedded after its caller had given up)."""
+    started, channel = embedder
+    stats = started.pipeline.batcher.stats
+    before = stats.images
+    stub = embedder_pb2_grpc.EmbedderStub(channel)
+    request = embedder_pb2.EmbedRequest(images=[embedder_pb2.Image(data=image_bytes[n % 6]) for n in range(8)])
+    calls = [stub.Embed.future(request, timeout=0.05) for _ in range(12)]
+    codes = []
+    for call in calls:
+        try:
+            call.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 6
+    time.sleep(3)  # whatever the server still does for them happens now
+    embedded = stats.images - before
+    assert embedded <= 8 * codes.count(grpc.StatusCode.OK) + 32, f"{embedded} of 96 photos embedded for ended calls"
+    assert len(embed(channel, image_bytes[0]).results) == 1  # and it keeps serving
 
 
 def test_requested_gpu_provider_that_is_not_active_keeps_health_not_serving(model_dir: Path) -> None:
