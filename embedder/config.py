@@ -39,7 +39,9 @@ class EmbedderConfig:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_message_bytes: int = 64 * 1024 * 1024
-    grpc_workers: int = 16
+    # Handler threads mostly wait for decoding and the model; calls beyond them wait in gRPC's queue, where
+    # max_queued_images cannot see them, so enough of them that the image queue fills first (64 x 64 > 2,048).
+    grpc_workers: int = 64
     # RPCs in progress at once; gRPC answers RESOURCE_EXHAUSTED past it (0: unbounded).
     max_concurrent_rpcs: int = 256
     # Close each client connection after this long (GOAWAY; calls in flight get 30 s to finish), so
@@ -72,6 +74,9 @@ class EmbedderConfig:
                      "max_message_bytes", "grpc_workers", "max_queued_images"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_images_per_request > self.max_queued_images:
+            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queued_images "
+                             f"({self.max_queued_images}): a full request could never be queued")
         for name in ("threads", "decode_workers", "max_connection_age_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic or off) or more, got {getattr(self, name)}")

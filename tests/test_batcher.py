@@ -155,3 +155,15 @@ def test_jobs_nobody_waits_for_are_dropped_not_run() -> None:
         assert batcher._queued_images == 0
     finally:
         batcher.close()
+
+
+def test_the_image_queue_fills_before_calls_wait_unseen_in_grpc(tmp_path) -> None:
+    """max_queued_images is the embedder's back-pressure, but only calls holding a handler thread reach the
+    queue: with 16 threads of at most 64 images it held 1,024 at most and never reached its 2,048. The
+    defaults leave room to reach it, and a request larger than the queue is refused as a setting."""
+    from lookalike.embedder.config import EmbedderConfig
+
+    config = EmbedderConfig(model_dir=tmp_path)
+    assert config.grpc_workers * config.max_images_per_request > config.max_queued_images
+    with pytest.raises(ValueError, match=r"max_images_per_request \(64\) must not exceed max_queued_images \(32\)"):
+        EmbedderConfig(model_dir=tmp_path, max_queued_images=32)
