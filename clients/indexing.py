@@ -52,7 +52,8 @@ class IndexSummary:
 
 
 class Journal:
-    """Ids acknowledged by the searcher, one per line, keyed by file size and mtime so a changed file is redone."""
+    """Images the searcher acknowledged, one per line: the id with what was stored under it (file, category or
+    that it was predicted, label) and the file's size and mtime, so a changed file, placement or label is redone."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -62,9 +63,11 @@ class Journal:
             self.done = set(path.read_text(encoding="utf-8").splitlines())
 
     @staticmethod
-    def key(image: CatalogueImage) -> str:
+    def key(image: CatalogueImage, use_labels: bool) -> str:
+        """OSError when the file cannot be read."""
         stat = image.path.stat()
-        return f"{image.item_id}\t{stat.st_size}\t{stat.st_mtime_ns}"
+        category = image.category if use_labels else "(predicted)"
+        return f"{image.item_id}\t{image.path}\t{category}\t{image.label}\t{stat.st_size}\t{stat.st_mtime_ns}"
 
     def record(self, keys: Sequence[str]) -> None:
         if self.path is None or not keys:
@@ -122,9 +125,15 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
     record = Journal(journal)
     if record.done and lookalike.searcher.stats().items == 0:
         record.done.clear()  # the searcher was emptied since: the journal no longer says what is stored
-    keys = {image.item_id: Journal.key(image) for image in images}
-    pending = [image for image in images if keys[image.item_id] not in record.done]
-    summary = IndexSummary(skipped=len(images) - len(pending))
+    keys: dict[str, str] = {}
+    unreadable: list[tuple[str, str]] = []
+    for image in images:
+        try:
+            keys[image.item_id] = Journal.key(image, use_labels)
+        except OSError as error:  # listed as failed; the rest of the catalogue goes on
+            unreadable.append((image.item_id, f"{type(error).__name__}: {error}"))
+    pending = [image for image in images if image.item_id in keys and keys[image.item_id] not in record.done]
+    summary = IndexSummary(skipped=len(keys) - len(pending), failed=unreadable)
     meter = _Progress(len(pending), progress)
     batches = [pending[start:start + batch_size] for start in range(0, len(pending), batch_size)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm"}
 
@@ -34,12 +35,25 @@ def read_labelled_images(source: Path) -> list[LabelledImage]:
     """
     source = Path(source)
     if source.is_dir():
-        return _read_folder(source)
-    if source.is_file() and source.suffix == ".csv":
-        return _read_iconic(source)
-    if source.is_file():
-        return _read_list_file(source)
-    raise FileNotFoundError(f"catalogue {source} is neither a folder nor a list file")
+        images = _read_folder(source)
+    elif source.is_file() and source.suffix == ".csv":
+        images = _read_iconic(source)
+    elif source.is_file():
+        images = _read_list_file(source)
+    else:
+        raise FileNotFoundError(f"catalogue {source} is neither a folder nor a list file")
+    _refuse_shared_ids(images)
+    return images
+
+
+def _refuse_shared_ids(images: Sequence[LabelledImage]) -> None:
+    """Ids are paths without their extension: a.jpg and a.png beside each other would be stored as one item."""
+    first: dict[str, Path] = {}
+    for image in images:
+        other = first.setdefault(image.item_id, image.path)
+        if other != image.path:
+            raise ValueError(f"{other} and {image.path} would both be item {image.item_id!r} (ids are paths without "
+                             "their extension): rename one")
 
 
 def _read_folder(root: Path) -> list[LabelledImage]:

@@ -42,3 +42,17 @@ def test_real_sets() -> None:
     assert len({i.label for i in grocery}) == 81 and all(i.path.is_file() for i in grocery[:50])
     clothing = read_labelled_images(CLOTHING / "validation")
     assert len(clothing) == 341 and len(categories_of(clothing)) == 10
+
+
+def test_two_files_that_would_share_an_id_are_refused(tmp_path: Path) -> None:
+    """Ids are paths without their extension: bag/a.png and bag/a.jpg were both indexed as item bag/a, one
+    replacing the other, while the run reported both as indexed."""
+    from PIL import Image
+
+    (tmp_path / "bag").mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "bag" / name)
+    with pytest.raises(ValueError, match=r"a\.jpg and .*a\.png would both be item 'bag/a'"):
+        read_labelled_images(tmp_path)
+    (tmp_path / "bag" / "a.jpg").unlink()
+    assert [image.item_id for image in read_labelled_images(tmp_path)] == ["bag/a", "bag/b"]

@@ -162,6 +162,30 @@ def test_catalogue_indexing_resumes_and_reports_failures(services: tuple[str, st
         assert lookalike.searcher.stats().items == 40
 
 
+def test_catalogue_indexing_redoes_what_changed_and_lists_missing_files(services: tuple[str, str], grocery_val: list,
+                                                                         tmp_path: Path) -> None:
+    """The journal keyed each image by id, size and mtime only: moved to another category or given another
+    label in the list, the image was skipped and stayed where it was. And a file missing from the list
+    stopped the whole run before anything was indexed; it is now one failed item."""
+    from dataclasses import replace
+
+    images = list(grocery_val[:12])
+    journal = tmp_path / "journal.txt"
+    with Lookalike(*services) as lookalike:
+        assert index_catalogue(lookalike, images, journal=journal, batch_size=4, progress=None).indexed == 12
+        moved = [replace(image, category="Moved") if n < 3 else image for n, image in enumerate(images)]
+        relabelled = [replace(image, label="relabelled") if n == 5 else image for n, image in enumerate(moved)]
+        missing = LabelledImage("Milk/gone", tmp_path / "gone.jpg", "Milk", "Milk")
+        again = index_catalogue(lookalike, [*relabelled, missing], journal=journal, batch_size=4, progress=None)
+        assert (again.indexed, again.skipped) == (4, 8)
+        assert [item_id for item_id, _ in again.failed] == ["Milk/gone"] and "No such file" in again.failed[0][1]
+        shards = {s.category: s.items for s in lookalike.searcher.stats().shards if s.items}
+        assert shards.get("Moved") == 3 and sum(shards.values()) == 12
+        found = lookalike.search(images[5].path, k=1, routing="all").matches[0]
+        assert found.id == images[5].item_id and found.attributes["label"] == "relabelled"
+        assert index_catalogue(lookalike, relabelled, journal=journal, batch_size=4, progress=None).skipped == 12
+
+
 def test_catalogue_indexing_stops_when_the_embedder_is_down(services: tuple[str, str], grocery_val: list,
                                                               tmp_path: Path) -> None:
     """Every batch would meet the same UNAVAILABLE: the run raises it instead of listing the whole catalogue
