@@ -243,6 +243,32 @@ def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
 
 
+def test_the_demo_reuses_only_a_model_built_with_held_out_photos(model_dir: Path, tmp_path: Path) -> None:
+    """`make bench` before `make demo` built the demo's model on a folder of 200 photos a class, all of them
+    training it: no calibration, no fitted routing, and the demo reused it for good. A model folder without
+    fitted routing is now built again, and a catalogue leaving no photo to hold out is refused."""
+    import shutil
+
+    from PIL import Image
+
+    from lookalike.codec import read_manifest, write_manifest
+    from lookalike.tools.demo import _slug, ensure_model
+
+    catalog = tmp_path / "catalog"
+    for category in ("bag", "shoe"):
+        (catalog / category).mkdir(parents=True)
+        for n in range(4):
+            Image.new("RGB", (8, 8), (n * 40, 0, 0)).save(catalog / category / f"{n}.png")
+    folder = tmp_path / "work" / "models" / f"{_slug(catalog)}-4"
+    shutil.copytree(model_dir, folder)
+    assert ensure_model(tmp_path / "work", catalog, 4) == folder  # fitted routing: reused as it is
+    manifest = read_manifest(folder)
+    manifest.ClearField("routing")
+    write_manifest(folder, manifest)
+    with pytest.raises(ValueError, match="has no images beyond the 4 a category the model trains on"):
+        ensure_model(tmp_path / "work", catalog, 4)
+
+
 @pytest.mark.slow
 def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
     """What `make demo` runs, on 300 Fashion-MNIST images, twice (the second run reuses model and index)."""

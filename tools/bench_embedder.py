@@ -24,7 +24,7 @@ from lookalike.codec import read_manifest
 
 from lookalike.tools.benchmarking import default_photos, measure, p50_p99_ms
 from lookalike.quality.labelled_images import read_labelled_images
-from lookalike.tools.demo import ensure_model
+from lookalike.tools.demo import prepare_demo
 from lookalike.client.embedder_client import EmbedderClient
 from lookalike.tools.processes import running_service
 
@@ -113,13 +113,10 @@ def ensure_int8(model_dir: Path, catalog: Path) -> Path:
 
 
 def benchmark_model(workdir: Path) -> tuple[Path, Path]:
-    """The benchmarks' fp32 model (the demo's, on 200 Fashion-MNIST images per category; built once) and its
-    catalogue."""
-    from lookalike.quality.fashion_mnist import materialize
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    catalog = materialize(workdir / "fashion-mnist", "train", 200)
-    return ensure_model(workdir, catalog, 200), catalog
+    """The benchmarks' fp32 model and its catalogue: the demo's (Fashion-MNIST; built once, as `make demo`
+    builds it, whichever runs first)."""
+    setup = prepare_demo(workdir)
+    return setup.model_dir, setup.catalog
 
 
 def run_embedder_bench(workdir: Path, seconds: float = 8.0, images_dir: Path | None = None,

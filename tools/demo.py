@@ -54,14 +54,19 @@ def ensure_model(workdir: Path, catalog: Path, per_category: int) -> Path:
     from lookalike.exporter.export import ExportSettings, export_default_model
 
     model_dir = workdir / "models" / f"{_slug(catalog)}-{per_category}"
-    if (model_dir / "manifest.json").is_file():
+    # Reused only as built here: with held-out images, so calibrated and with fitted routing (a folder of no
+    # more than per_category images a class, as an older benchmark wrote, left none to hold out).
+    if (model_dir / "manifest.json").is_file() and read_manifest(model_dir).HasField("routing"):
         return model_dir
-    print(f"building the model: EfficientNet-Lite0 (ImageNet) + category head on {catalog} ...", flush=True)
     everything = read_labelled_images(catalog)
     train = per_category_sample(everything, per_category, seed=0)
     # Other catalogue images (never the queries) calibrate the head's probabilities, which routing relies on.
     chosen = {image.item_id for image in train}
     held_out = per_category_sample([i for i in everything if i.item_id not in chosen], max(per_category // 4, 5), 1)
+    if not held_out:
+        raise ValueError(f"{catalog} has no images beyond the {per_category} a category the model trains on: none "
+                         "left to calibrate it and fit its routing")
+    print(f"building the model: EfficientNet-Lite0 (ImageNet) + category head on {catalog} ...", flush=True)
     export_default_model(train, model_dir, ExportSettings(), validation=held_out,
                          trained_on=f"{catalog} ({len(train)} images; {len(held_out)} held out for calibration)")
     return model_dir
