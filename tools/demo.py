@@ -66,7 +66,8 @@ def ensure_model(workdir: Path, catalog: Path, per_category: int) -> Path:
     if not held_out:
         raise ValueError(f"{catalog} has no images beyond the {per_category} a category the model trains on: none "
                          "left to calibrate it and fit its routing")
-    print(f"building the model: EfficientNet-Lite0 (ImageNet) + category head on {catalog} ...", flush=True)
+    print(f"building the model: EfficientNet-Lite0 (ImageNet) + category head on {catalog} ...", file=sys.stderr,
+          flush=True)
     export_default_model(train, model_dir, ExportSettings(), validation=held_out,
                          trained_on=f"{catalog} ({len(train)} images; {len(held_out)} held out for calibration)")
     return model_dir
@@ -139,10 +140,12 @@ def demo_services(setup: DemoSetup) -> Iterator[tuple[str, str, IndexSummary]]:
             running_service("lookalike.searcher", ["--data", str(index_dir)]) as (_, searcher_port):
         embedder, searcher = f"127.0.0.1:{embedder_port}", f"127.0.0.1:{searcher_port}"
         with Lookalike(embedder, searcher) as lookalike:
-            print(f"indexing {len(setup.catalogue)} catalogue images from {setup.catalog} ...", flush=True)
+            # Progress to stderr: stdout carries the report (`--json`: JSON alone).
+            print(f"indexing {len(setup.catalogue)} catalogue images from {setup.catalog} ...", file=sys.stderr,
+                  flush=True)
             summary = index_catalogue(lookalike, setup.catalogue, journal=setup.workdir / f"index-journal-{name}.txt",
                                       progress=sys.stderr)
-            print(summary.describe(), flush=True)
+            print(summary.describe(), file=sys.stderr, flush=True)
         yield embedder, searcher, summary
 
 
