@@ -125,7 +125,10 @@ def test_cli_refuses_bad_values_naming_the_flag(tmp_path: Path) -> None:
                            (("index", str(tmp_path), "--batch-size", "0"), "argument --batch-size: 0 is below 1"),
                            (("index", str(tmp_path), "--concurrency", "two"),
                             "argument --concurrency: 'two' is not an integer"),
-                           (("search", "q.jpg", "--searcher", ","), "lookalike search: --searcher is ','")]:
+                           (("search", "q.jpg", "--searcher", ","), "lookalike search: --searcher is ','"),
+                           (("demo", "--query-count", "0"), "argument --query-count: 0 is below 1"),
+                           (("demo", "--catalog-size", "-5"), "argument --catalog-size: -5 is below 1"),
+                           (("bench", "searcher", "--items", "0"), "argument --items: 0 is below 1")]:
         result = run_cli(*args)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
 

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float,
                           help="probability the adaptive modes cover before they stop (default: the model manifest's; "
                                "else the searcher's, 0.9)")
-    evaluate.add_argument("--max-shards", type=int,
+    evaluate.add_argument("--max-shards", type=at_least(1),
                           help="most shards the adaptive modes probe (default: the model manifest's; else the "
                                "searcher's, 4)")
     evaluate.add_argument("--fit-prior-on-queries", action="store_true",
@@ -353,10 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="var/demo", help="where models, index and data are kept between runs")
     demo.add_argument("--catalog", type=Path, help="labelled catalogue images (default: Fashion-MNIST train)")
     demo.add_argument("--queries", type=Path, help="labelled query images (default: Fashion-MNIST test)")
-    demo.add_argument("--catalog-size", type=int, default=10_000, help="catalogue images to index")
+    demo.add_argument("--catalog-size", type=at_least(1), default=10_000, help="catalogue images to index")
     demo.add_argument("--full", action="store_true", help="index the whole Fashion-MNIST train set (60,000)")
-    demo.add_argument("--query-count", type=int, default=200, help="query photos to search with")
-    demo.add_argument("--head-per-category", type=int, default=200,
+    demo.add_argument("--query-count", type=at_least(1), default=200, help="query photos to search with")
+    demo.add_argument("--head-per-category", type=at_least(1), default=200,
                       help="catalogue images per category the category head is fitted on")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(run=_demo)
@@ -367,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--searcher", help="a running searcher's address or target (with --embedder)")
     web.add_argument("--samples", type=Path, help="labelled photos (folder or list file) to offer as sample "
                                                   "queries (default with the demo's services: its held-out photos)")
-    web.add_argument("--port", type=int, default=8501, help="the page's port (0: a free one)")
+    web.add_argument("--port", type=at_least(0), default=8501, help="the page's port (0: a free one)")
     web.add_argument("--address", default="127.0.0.1", help="the address the page listens on (0.0.0.0: all)")
     web.add_argument("--workdir", default="var/demo", help="the demo's models, index and data (built if missing)")
-    web.add_argument("--catalog-size", type=int, default=10_000, help="catalogue images the demo indexes")
+    web.add_argument("--catalog-size", type=at_least(1), default=10_000, help="catalogue images the demo indexes")
     web.set_defaults(run=_web)
 
     bench = commands.add_parser("bench", help="throughput and latency through gRPC against the in-process library: "
@@ -393,27 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="peers: which peer to run, repeatable (default: both)")
     bench.add_argument("--peer-timeout", type=float, default=1800.0,
                        help="peers: seconds one peer may take (ingest, ef search and rows); past it, reported unfinished")
-    bench.add_argument("--ef", type=int, default=0,
+    bench.add_argument("--ef", type=at_least(0), default=0,
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
     bench.add_argument("--model", type=Path, action="append",
                        help="embedder, photo: a model folder to measure, repeatable (default: the benchmarks' model and its "
                             "int8 twin); soak: the model folder (default: the benchmarks' model); gpu: the fp32 model folder (required)")
-    bench.add_argument("--clients", type=int, default=4, help="soak: concurrent client threads")
+    bench.add_argument("--clients", type=at_least(1), default=4, help="soak: concurrent client threads")
     bench.add_argument("--providers", default="cuda,cpu", help="gpu: the embedder's execution providers, in order")
     bench.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256",
                        help="gpu: in-process batch sizes to measure, comma-separated")
-    bench.add_argument("--gpu-clients", type=int, default=0,
+    bench.add_argument("--gpu-clients", type=at_least(0), default=0,
                        help="gpu: concurrent gRPC clients for the many-photo rows (0: two per CPU core)")
-    bench.add_argument("--soak-items", type=int, default=1000,
+    bench.add_argument("--soak-items", type=at_least(1), default=1000,
                        help="soak: catalogue items, filled first, then re-indexed and deleted over the run")
     bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: seconds between samples")
-    bench.add_argument("--startup-items", type=int, default=0,
+    bench.add_argument("--startup-items", type=at_least(0), default=0,
                        help="replicas: measure replica start-up at this many items (rows written straight into "
                             "the store)")
     bench.add_argument("--store", default="", help="replicas: a PostgreSQL DSN to measure against (default: a "
                                                    "throwaway local server)")
-    bench.add_argument("--items", type=int, default=100_000, help="searcher, filters, servers, peers: catalogue size; photo: most catalogue photos")
-    bench.add_argument("--dimension", type=int, default=256, help="searcher, filters: vector dimension")
+    bench.add_argument("--items", type=at_least(1), default=100_000, help="searcher, filters, servers, peers: catalogue size; photo: most catalogue photos")
+    bench.add_argument("--dimension", type=at_least(1), default=256, help="searcher, filters: vector dimension")
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
                                                    "else Fashion-MNIST test); photo: the query photos")
