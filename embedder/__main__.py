@@ -1,6 +1,7 @@
 """`python -m lookalike.embedder --model DIR`: serve the Lookalike Embedder over gRPC until SIGTERM."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Sequence
 
@@ -13,8 +14,13 @@ from lookalike.serving.tracing import configure_logging
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     exit_on_signal_while_starting()
-    config = EmbedderConfig.from_args(argv)
-    started, port = create_server(config)
+    try:
+        config = EmbedderConfig.from_args(argv)
+        started, port = create_server(config)
+    except (OSError, ValueError) as error:
+        # What an operator must fix (no model there, a bad setting, a port taken): one line, no traceback.
+        logging.getLogger("lookalike.embedder").error("cannot start: %s", error)
+        return 1
     serve_until_signalled(started, config.grace_seconds, f"embedder listening on port {port}")
     return 0
 

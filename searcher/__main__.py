@@ -17,15 +17,16 @@ from lookalike.searcher.store import StoreUnavailable
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     exit_on_signal_while_starting()
-    config = SearcherConfig.from_args(argv)
     # The searcher spreads its work over its own probe lanes. OpenBLAS's helper threads busy-wait after
     # each product (an exact scan of a small shard): measured 20-30 ms of CPU per 2 ms search, a core
     # taken from whatever runs beside the searcher (the embedder, on a small node).
     threadpool_limits(1, user_api="blas")
     try:
+        config = SearcherConfig.from_args(argv)
         started, port = create_server(config)
-    except (StoreUnavailable, ValueError) as error:
-        # What an operator must fix (an unreachable database, a malformed --store): one line, no traceback.
+    except (StoreUnavailable, OSError, ValueError) as error:
+        # What an operator must fix (an unreachable database, a malformed --store, a data folder that is a
+        # file, a bad setting, a port taken): one line, no traceback.
         logging.getLogger("lookalike.searcher").error("cannot start: %s", error)
         return 1
     serve_until_signalled(started, config.grace_seconds, f"searcher listening on port {port}")

@@ -42,7 +42,11 @@ def parse_config(cls: type[Config], argv: Sequence[str] | None, *, prog: str, de
         default = None if required else (field.default if field.default is not dataclasses.MISSING
                                           else field.default_factory())
         if env in os.environ:
-            default, required = convert(os.environ[env]), False
+            try:
+                default, required = convert(os.environ[env]), False
+            except ValueError:
+                raise ValueError(f"environment variable {env}={os.environ[env]!r} is not a valid {name} "
+                                 f"({getattr(hints[field.name], '__name__', hints[field.name])})") from None
         text = f"{helps.get(field.name, '')} (env {env}" + (")" if required else f"; default {default})")
         if hints[field.name] is bool:
             parser.add_argument("--" + name, dest=field.name, action=argparse.BooleanOptionalAction, default=default,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,27 @@ def test_a_folder_without_a_model_is_named_as_such(tmp_path: Path) -> None:
     corrupt = run_cli("eval", "--model", str(tmp_path), "--catalog", str(tmp_path), "--queries", str(tmp_path))
     assert corrupt.returncode == 2
     assert corrupt.stderr.startswith(f"lookalike eval: {tmp_path / 'manifest.json'} is not a model manifest")
+
+
+def test_services_started_directly_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    """`python -m lookalike.embedder` / `.searcher` are the images' entry points: an ordinary mistake (no model
+    there, a bad setting, a data folder that is a file, a malformed environment value) is one line and exit 1,
+    not a traceback; the environment variable is named. `lookalike serve embedder --help` lists the
+    embedder's own flags."""
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    for module, args, env, expected in [
+            ("lookalike.embedder", ["--model", str(tmp_path / "absent")], {}, "has no manifest.json"),
+            ("lookalike.embedder", ["--model", str(tmp_path), "--providers", "gpu"], {}, "providers ['gpu']"),
+            ("lookalike.searcher", ["--data", str(not_a_folder)], {}, "cannot start:"),
+            ("lookalike.searcher", ["--data", str(tmp_path)], {"LOOKALIKE_SEARCHER_EF": "abc"},
+             "environment variable LOOKALIKE_SEARCHER_EF='abc' is not a valid ef (int)")]:
+        result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **env})
+        assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, \
+            (module, args, result.stderr[-2000:])
+    helped = run_cli("serve", "embedder", "--help")
+    assert helped.returncode == 0 and "--max-batch" in helped.stdout and "--max-queued-images" in helped.stdout
 
 
 def test_searcher_client_round_trip_and_cli_serve(tmp_path: Path) -> None:

@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(options: lookalike export --help)")
     export.set_defaults(run=_export)
 
-    serve = commands.add_parser("serve", help="run a service in the foreground (options: lookalike serve embedder --help)")
+    # Its --help goes to the service (lookalike serve embedder --help lists the embedder's flags).
+    serve = commands.add_parser("serve", add_help=False,
+                                help="run a service in the foreground (options: lookalike serve embedder --help)")
     serve.add_argument("service", choices=["embedder", "searcher"], help="which service")
     serve.set_defaults(run=_serve)
 
