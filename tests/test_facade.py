@@ -236,7 +236,7 @@ def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None
     assert typo.returncode == 1 and "no shard for: adaptiv" in typo.stderr
     assert json.loads(typo.stdout)["unknown_categories"] == ["adaptiv"] and json.loads(typo.stdout)["matches"] == []
     partly = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address,
-                     "--routing", "shoes,shoez")
+                     "--routing", "shoes, shoez")
     assert partly.returncode == 0 and "no shard for: shoez" in partly.stderr and f"shoes/{query.stem}" in partly.stdout
     unreachable = run_cli("search", str(query), "--embedder", f"127.0.0.1:{free_port()}", "--searcher",
                           searcher_address, timeout=120)

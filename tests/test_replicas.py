@@ -494,6 +494,16 @@ def test_a_category_past_max_shard_items_splits_across_groups_and_answers_the_sa
             assert answers(client, queries) == expected  # searches keep their answers while the parts build
             time.sleep(0.3)
         assert {p.group for p in placements} == {"a", "b"}, "the parts spread over both groups"
+        # `lookalike shards` shows each part and where it lives (it printed six lines of "bag: a" alike).
+        import json
+
+        shown = subprocess.run([sys.executable, "-m", "lookalike.tools.cli", "shards", "--searcher", groups.seed,
+                                "--json"], capture_output=True, text=True, timeout=60)
+        listed = {(p["category"], p["part"], p["parts"], p["building"]) for p in json.loads(shown.stdout)["placements"]}
+        assert listed == {(c, part, 3, False) for c in CATEGORIES for part in range(3)}
+        text = subprocess.run([sys.executable, "-m", "lookalike.tools.cli", "shards", "--searcher", groups.seed],
+                              capture_output=True, text=True, timeout=60).stdout
+        assert all(f"{c} part {n} of 3: " in text for c in CATEGORIES for n in (1, 2, 3)), text
         time.sleep(1.5)  # past --move-grace: the whole shards are dropped
         assert answers(client, queries) == expected
         stats = client.stats()

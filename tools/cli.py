@@ -101,7 +101,8 @@ def _index(args: argparse.Namespace, rest: list[str]) -> int:
 def _search(args: argparse.Namespace, rest: list[str]) -> int:
     from lookalike.client.facade import Lookalike
 
-    routing = args.routing if args.routing in ("adaptive", "top1", "all") else args.routing.split(",")
+    routing = (args.routing if args.routing in ("adaptive", "top1", "all")
+               else [category.strip() for category in args.routing.split(",") if category.strip()])
     with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight,
                    shard_map=args.shard_map) as lookalike:
         try:
@@ -150,15 +151,19 @@ def _shards(args: argparse.Namespace, rest: list[str]) -> int:
         print(json.dumps({"group": shard_map.group, "sequence": shard_map.sequence,
                           "groups": [{"name": g.name, "target": g.target, "live_replicas": g.live_replicas}
                                      for g in shard_map.groups],
-                          "placements": [{"category": p.category, "group": p.group, "moving_to": p.moving_to,
+                          "placements": [{"category": p.category, "part": p.part, "parts": p.parts,
+                                          "building": p.building, "group": p.group, "moving_to": p.moving_to,
                                           "model_id": p.model_id, "dimension": p.dimension}
                                          for p in shard_map.placements]}))
         return EXIT_OK
     for group in shard_map.groups:
         print(f"group {group.name}: {group.live_replicas} live replicas at {group.target or '(this address)'}")
     for placement in shard_map.placements:
+        # A split category: each part on its line, and whether the split is still being built.
+        part = f" part {placement.part + 1} of {placement.parts}" if placement.parts > 1 else ""
+        building = " (being built)" if placement.building else ""
         moving = f"  -> moving to {placement.moving_to}" if placement.moving_to else ""
-        print(f"  {placement.category}: {placement.group}{moving}")
+        print(f"  {placement.category}{part}: {placement.group}{building}{moving}")
     return EXIT_OK
 
 
