@@ -315,6 +315,7 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     """A tiny run on real photos: fine-tunes the last blocks with the heads, exports, evaluates through the services.
     It checks that the pipeline works, not the quality it reaches."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -365,6 +366,18 @@ def test_train_export_eval_pipeline_end_to_end(tmp_path: Path) -> None:
     assert len(report["confusion"]["matrix"]) == 4
     shards = [point["shards_probed"] for point in report["routing_curve"]]
     assert shards == sorted(shards) and all(1 <= count <= 4 for count in shards)
+    # R@k counts a relevant item among the first k (so R@10 >= R@1); coverage@10 the share of the relevant found.
+    for metrics in report["modes"].values():
+        assert metrics["R@1"] <= metrics["R@10"] <= 1 and 0 < metrics["coverage@10"] <= metrics["R@10"]
+    assert report["queries_without_relevant_items"] == 0
+    # A query whose label the catalogue lacks cannot be scored: left out of the retrieval figures, and said.
+    unseen = small / "with-unseen"
+    shutil.copytree(small / "validation", unseen)
+    (unseen / "Unseen").mkdir()
+    (unseen / "Unseen" / "odd.jpg").write_bytes(next((small / "validation").rglob("*.jpg")).read_bytes())
+    again = run("eval", "--model", str(tmp_path / "model"), "--catalog", str(small / "train"), "--queries", str(unseen))
+    assert again.returncode == 0, again.stderr
+    assert "1 queries have no item of their label in the catalogue: left out of the retrieval figures" in again.stdout
 
 
 def test_eval_report_says_where_each_routing_value_came_from() -> None:

@@ -3,7 +3,9 @@
 The catalogue is embedded and stored in a fresh searcher (category = its partition label); each query
 photo is embedded once and searched with every routing mode. Relevance is the query's `label` (the
 fine class for grocery, where the partition is the coarse class). Reported per mode, overall and per
-query category: mAP@10 and mAP@100 (standard, and over the hits retrieved as seed paper 001 computed it), P@10, R@1, R@10, NN-recall@10
+query category: mAP@10 and mAP@100 (standard, and over the hits retrieved as seed paper 001 computed it), P@10,
+R@1 and R@10 (a relevant item among the first 1 or 10), coverage@10 (the share of the query's relevant catalogue
+items among the first 10), NN-recall@10
 against exact global search, the share of catalogue vectors scanned, routing recall, shards probed and
 latency; plus top-1 category accuracy, a confusion matrix, the calibration error of the probabilities, and
 the routing curve: routing recall and mean shards probed at each probability threshold, planned from the
@@ -32,7 +34,7 @@ from lookalike.quality.retrieval_metrics import (average_precision, average_prec
                              precision_at, recall_at, top_k_accuracy)
 from lookalike.tools.processes import running_service
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
-from lookalike.routing import model_routing
+from lookalike.routing import DEFAULT_MAX_SHARDS, model_routing
 
 K_VALUES = (10, 100)
 DIAGNOSTIC = "fitted on these queries: diagnostic only"
@@ -103,6 +105,8 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         def run(mode: str, weight: float = 0.0) -> list[dict]:
             rows = []
             for query, vector, categories, exact_row in zip(queries, query_vectors, query_categories, exact):
+                if not relevant_total[query.label]:
+                    continue  # nothing in the catalogue to find: no retrieval figure can score it (counted below)
                 routing = {"global": routing_for(), "top-1 shard": routing_for(categories=[categories[0][0]]),
                            "adaptive": routing_for(probabilities=categories, threshold=threshold,
                                                    max_shards=max_shards, prior_weight=weight)}[mode]
@@ -116,8 +120,11 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
                     row[f"mAP@{k}"] = average_precision(relevant, k, relevant_total[query.label])
                     row[f"mAP@{k} (over hits)"] = average_precision_over_hits(relevant, k)
                 row["P@10"] = precision_at(relevant, 10)
+                # R@k as the papers count it: a relevant item among the first k (a hit rate); coverage@10 is the
+                # share of all the query's relevant catalogue items found in the first 10.
                 row["R@1"] = hit_at(relevant, 1)
-                row["R@10"] = recall_at(relevant, 10, relevant_total[query.label])
+                row["R@10"] = hit_at(relevant, 10)
+                row["coverage@10"] = recall_at(relevant, 10, relevant_total[query.label])
                 row["NN-recall@10"] = len({hit.id for hit in response.hits[:10]} & {ids[i] for i in exact_row}) / 10
                 row["scanned_share"] = sum(shard_sizes[c] for c in probed) / len(catalogue)
                 row["routing_recall"] = float(query.category in probed)
@@ -146,6 +153,7 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
     truth = np.array([index[query.category] for query in queries])
     report = {
         "model_id": model_id, "catalogue_items": len(catalogue), "queries": len(queries),
+        "queries_without_relevant_items": sum(not relevant_total[query.label] for query in queries),
         "category_top1_accuracy": round(float(np.mean([g == q.category for g, q in zip(predicted, queries)])), 4),
         "category_top_k_accuracy": {str(k): round(top_k_accuracy(probability_matrix, truth, k), 4) for k in (2, 3)},
         "expected_calibration_error": round(expected_calibration_error(probability_matrix, truth), 4),
@@ -170,8 +178,9 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
             "prior_weight": round(fitted.prior_weight, 6), "validation_queries": fitted.queries,
             "validation_routing_recall": round(fitted.routing_recall, 4),
             "validation_shards": round(fitted.expected_shards, 3)},
+        # Without the model's cap, the one the searcher applies to routings that leave it unset.
         "routing_curve": routing_curve(query_categories, [query.category for query in queries], sorted(shard_sizes),
-                                       max_shards),
+                                       max_shards or DEFAULT_MAX_SHARDS),
     }
     return report
 
@@ -198,6 +207,9 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
         print(json.dumps(report, indent=2))
         return 0
     print(f"model {report['model_id']}: {report['catalogue_items']} catalogue items, {report['queries']} queries")
+    if report["queries_without_relevant_items"]:
+        print(f"{report['queries_without_relevant_items']} queries have no item of their label in the catalogue: left "
+              "out of the retrieval figures (category accuracy and routing still count them)")
     top_k = report["category_top_k_accuracy"]
     print(f"category top-1 accuracy {report['category_top1_accuracy']} (top-2 {top_k['2']}, top-3 {top_k['3']}), "
           f"expected calibration error {report['expected_calibration_error']}")
@@ -213,7 +225,8 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
     if report["prior_weight_fitted_on_queries_diagnostic"]:
         scores = report["prior_weight_fitted_on_queries_diagnostic"]["mAP@10_by_prior_weight"]
         print(f"prior weight {DIAGNOSTIC}, mAP@10 by weight: " + ", ".join(f"{w} {v}" for w, v in scores.items()))
-    columns = ["mAP@10", "mAP@10 (over hits)", "mAP@100", "P@10", "R@1", "R@10", "NN-recall@10", "scanned_share",
+    columns = ["mAP@10", "mAP@10 (over hits)", "mAP@100", "P@10", "R@1", "R@10", "coverage@10", "NN-recall@10",
+               "scanned_share",
                "routing_recall", "shards_probed", "latency_mean_ms", "latency_p99_ms"]
     print(f"\n{'routing':<24}" + "".join(f"{c:>19}" for c in columns))
     for mode, metrics in report["modes"].items():
