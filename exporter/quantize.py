@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,6 +25,8 @@ from lookalike.quality.labelled_images import LabelledImage
 from lookalike.embedder.preprocess import FaceCrop
 from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, servable, sha256_of
 from lookalike.codec import read_manifest, write_manifest
+from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
+from lookalike.routing import Routing, plan
 from lookalike.v1 import manifest_pb2
 
 log = logging.getLogger(__name__)
@@ -90,8 +93,8 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
                         reduce_range=True)
         shutil.move(str(Path(scratch) / ONNX_FILE), int8_path)
 
-    drift = measure_drift(Path(fp32_dir), parent, int8_path, validation, METHOD, calibration_images=len(calibration))
-    return write_twin_manifest(parent, int8_dir, "int8", drift)
+    measures = measure_twin(Path(fp32_dir), parent, int8_path, validation, METHOD, calibration_images=len(calibration))
+    return write_twin_manifest(parent, int8_dir, "int8", measures)
 
 
 def half_precision_model(fp32_dir: Path, fp16_dir: Path, validation: Sequence[LabelledImage]) -> manifest_pb2.ModelManifest:
@@ -114,13 +117,25 @@ def half_precision_model(fp32_dir: Path, fp16_dir: Path, validation: Sequence[La
     graph.convert_float_to_float16(keep_io_types=True, node_block_list=[node.name for node in nodes[last_conv + 1:]])
     graph.topological_sort()
     onnx.save(graph.model, str(fp16_path))
-    drift = measure_drift(Path(fp32_dir), parent, fp16_path, validation, FP16_METHOD, calibration_images=0)
-    return write_twin_manifest(parent, fp16_dir, "fp16", drift)
+    measures = measure_twin(Path(fp32_dir), parent, fp16_path, validation, FP16_METHOD, calibration_images=0)
+    return write_twin_manifest(parent, fp16_dir, "fp16", measures)
 
 
-def measure_drift(fp32_dir: Path, parent: manifest_pb2.ModelManifest, twin_path: Path,
-                  validation: Sequence[LabelledImage], method: str, calibration_images: int) -> manifest_pb2.QuantizationDrift:
-    """How far a reduced-precision graph's outputs are from its fp32 parent's on the same images."""
+@dataclass(frozen=True)
+class TwinMeasures:
+    """What a twin's manifest says of its own graph: its drift from the parent, and the parent's fitted routing
+    and calibration with the figures they give on the twin's probabilities (None where the parent has none)."""
+
+    drift: manifest_pb2.QuantizationDrift
+    routing: manifest_pb2.RoutingDefaults | None
+    calibration: manifest_pb2.Calibration | None
+
+
+def measure_twin(fp32_dir: Path, parent: manifest_pb2.ModelManifest, twin_path: Path,
+                 validation: Sequence[LabelledImage], method: str, calibration_images: int) -> TwinMeasures:
+    """How far a reduced-precision graph's outputs are from its fp32 parent's on the same images, and what the
+    parent's routing threshold and temperature give with the twin's probabilities: the values stay the
+    parent's (fitted on the fp32 graph), the routing recall, shards, ECE and NLL are measured on the twin."""
     size = parent.input.height
     crop = FaceCrop.from_manifest(parent.input)
     validation = servable(validation, crop)
@@ -139,12 +154,33 @@ def measure_drift(fp32_dir: Path, parent: manifest_pb2.ModelManifest, twin_path:
     )
     log.info("%s drift: mean cosine %.4f (lowest %.4f), top-10 overlap %.3f, category agreement %.3f", method,
              drift.mean_cosine, drift.min_cosine, drift.top10_overlap, drift.category_agreement)
-    return drift
+    labels = list(parent.labels)
+    known = [row for row, image in enumerate(validation) if image.category in labels]
+    probabilities = twin_probabilities[known]
+    truth = np.array([labels.index(validation[row].category) for row in known], dtype=np.int64)
+    routing = calibration = None
+    if parent.HasField("routing") and known:
+        routing = manifest_pb2.RoutingDefaults()
+        routing.CopyFrom(parent.routing)
+        fitted = parent.routing
+        probed = [set(plan(Routing.by_probability(list(zip(labels, map(float, row))), fitted.threshold,
+                                                  fitted.max_shards), labels).categories) for row in probabilities]
+        routing.queries = len(known)
+        routing.routing_recall = float(np.mean([labels[t] in p for t, p in zip(truth, probed)]))
+        routing.expected_shards = float(np.mean([len(p) for p in probed]))
+    if parent.HasField("calibration") and known:
+        calibration = manifest_pb2.Calibration()
+        calibration.CopyFrom(parent.calibration)
+        calibration.images = len(known)
+        calibration.ece_after = expected_calibration_error(probabilities, truth)
+        calibration.nll_after = negative_log_likelihood(probabilities, truth)
+    return TwinMeasures(drift, routing, calibration)
 
 
 def write_twin_manifest(parent: manifest_pb2.ModelManifest, twin_dir: Path, precision: str,
-                        drift: manifest_pb2.QuantizationDrift) -> manifest_pb2.ModelManifest:
-    """The parent's manifest, re-identified for the twin's graph and carrying its drift; written beside it."""
+                        measures: TwinMeasures) -> manifest_pb2.ModelManifest:
+    """The parent's manifest, re-identified for the twin's graph, carrying its drift and the routing and
+    calibration figures measured on it; written beside it."""
     manifest = manifest_pb2.ModelManifest()
     manifest.CopyFrom(parent)
     sha256 = sha256_of(twin_dir / ONNX_FILE)
@@ -154,7 +190,12 @@ def write_twin_manifest(parent: manifest_pb2.ModelManifest, twin_dir: Path, prec
     manifest.onnx_file = ONNX_FILE
     manifest.precision = precision
     manifest.ClearField("parity")
-    manifest.quantization.CopyFrom(drift)
+    manifest.quantization.CopyFrom(measures.drift)
+    # The parent's figures were measured on the fp32 graph; the twin's own replace them (or go, if unmeasured).
+    for field, measured in (("routing", measures.routing), ("calibration", measures.calibration)):
+        manifest.ClearField(field)
+        if measured is not None:
+            getattr(manifest, field).CopyFrom(measured)
     manifest.created_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_manifest(twin_dir, manifest)
     return manifest

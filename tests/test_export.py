@@ -147,6 +147,21 @@ def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_t
     assert drift.min_cosine == pytest.approx(float(cosines.min()), abs=1e-4)
     assert drift.category_agreement == pytest.approx(
         float(np.mean(fp32_probabilities.argmax(1) == int8_probabilities.argmax(1))))
+    # The parent's routing threshold and temperature stay; what they give is measured on the int8 graph's own
+    # probabilities (the fp32 figures were copied before).
+    from lookalike.quality.retrieval_metrics import expected_calibration_error
+    from lookalike.routing import Routing, plan
+
+    labels = list(parent.labels)
+    truth = np.array([labels.index(image.category) for image in validation])
+    probed = [set(plan(Routing.by_probability(list(zip(labels, map(float, row))), parent.routing.threshold,
+                                              parent.routing.max_shards), labels).categories) for row in int8_probabilities]
+    assert (int8.routing.threshold, int8.routing.prior_weight) == (parent.routing.threshold, parent.routing.prior_weight)
+    assert int8.routing.queries == 40 and int8.routing.routing_recall == pytest.approx(
+        float(np.mean([labels[t] in p for t, p in zip(truth, probed)])))
+    assert int8.routing.expected_shards == pytest.approx(float(np.mean([len(p) for p in probed])))
+    assert int8.calibration.temperature == parent.calibration.temperature and int8.calibration.images == 40
+    assert int8.calibration.ece_after == pytest.approx(expected_calibration_error(int8_probabilities, truth), abs=1e-6)
 
 
 def test_fp16_model_records_its_drift_and_serves_like_fp32(model_dir: Path, tmp_path: Path, grocery_val: list) -> None:
