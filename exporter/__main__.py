@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lookalike.embedder.preprocess import DLIB_HOG_ALIGNED, FACE_DETECTORS, FaceCrop
-from lookalike.quality.labelled_images import LabelledImage, in_one_category, read_labelled_images
+from lookalike.quality.labelled_images import LabelledImage, in_one_category, read_labelled_images, refuse_shared_photos
 
 if TYPE_CHECKING:
     from lookalike.exporter.train import TrainSettings
@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     validation = read_labelled_images(args.val) if args.val else []
     if args.one_category:
         train, validation = in_one_category(train, args.one_category), in_one_category(validation, args.one_category)
+    refuse_shared_photos(train, validation, "photos of --val also in --catalog")  # else fitted on what it trained on
     face_crop = FaceCrop(detector=args.face_crop, margin=args.face_margin, no_face=args.no_face.replace("-", "_"),
                          upsample=args.face_upsample) if args.face_crop else None
     embedding = training_settings(args) if args.train_embedding else None

@@ -5,6 +5,7 @@ Free of heavy imports: the client's `index` and `eval` commands and the exporter
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,18 @@ def read_labelled_images(source: Path) -> list[LabelledImage]:
         raise FileNotFoundError(f"catalogue {source} is neither a folder nor a list file")
     _refuse_shared_ids(images)
     return images
+
+
+def refuse_shared_photos(first: Sequence[LabelledImage], second: Sequence[LabelledImage], what: str) -> None:
+    """Raises ValueError when a photo of `second` has the same bytes as one of `first` (a query that would find
+    itself, a validation photo the model trained on); `what` names the two sides in the message."""
+    digests = {hashlib.sha256(image.read_bytes()).digest(): image for image in first}
+    shared = [(digests[digest], image) for image in second
+              if (digest := hashlib.sha256(image.read_bytes()).digest()) in digests]
+    if shared:
+        one, other = shared[0]
+        raise ValueError(f"{what}: {len(shared)} (the same bytes; e.g. {other.path} is {one.path}), and the two sets "
+                         "must not share photos")
 
 
 def _refuse_shared_ids(images: Sequence[LabelledImage]) -> None:

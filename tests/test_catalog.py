@@ -56,3 +56,33 @@ def test_two_files_that_would_share_an_id_are_refused(tmp_path: Path) -> None:
         read_labelled_images(tmp_path)
     (tmp_path / "bag" / "a.jpg").unlink()
     assert [image.item_id for image in read_labelled_images(tmp_path)] == ["bag/a", "bag/b"]
+
+
+def test_a_validation_or_query_photo_also_in_the_catalogue_is_refused(tmp_path: Path) -> None:
+    """Nothing kept a photo from being both a catalogue (training) photo and a validation photo or query: the
+    exporter then fitted on what it trained on, and eval scored queries that found themselves. The same bytes
+    on both sides are refused by both commands, before anything starts."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for split, shade in (("train", 0), ("val", 100)):
+        for category in ("bag", "shoe"):
+            (tmp_path / split / category).mkdir(parents=True)
+            for n in range(2):
+                Image.new("RGB", (8, 8), (shade + n, len(category), 0)).save(tmp_path / split / category / f"{n}.png")
+    (tmp_path / "val" / "shoe" / "copy.png").write_bytes((tmp_path / "train" / "bag" / "1.png").read_bytes())
+    train, val = tmp_path / "train", tmp_path / "val"
+    for args, what in ((["export", "--catalog", str(train), "--val", str(val), "--out", str(tmp_path / "model")],
+                        "photos of --val also in --catalog"),
+                       (["eval", "--model", str(tmp_path / "model"), "--catalog", str(train), "--queries", str(val)],
+                        "queries also in the catalogue (each would find itself)")):
+        if args[0] == "eval":
+            (tmp_path / "model").mkdir(exist_ok=True)
+            (tmp_path / "model" / "manifest.json").write_text("{}")
+        result = subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr[-1500:]
+        assert f"{what}: 1 (the same bytes; e.g. {val / 'shoe' / 'copy.png'} is {train / 'bag' / '1.png'})" \
+            in result.stderr

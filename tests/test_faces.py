@@ -159,14 +159,20 @@ def test_train_export_serve_search_on_a_few_orl_people(tmp_path: Path) -> None:
 
     assert manifest.model_id.split("@")[1] == model_identity(manifest.sha256, manifest.input)[:12]
     assert manifest.model_id.split("@")[1] != manifest.sha256[:12]
+    # The unseen people's photos 1-5 are the catalogue, 6-10 the queries (eval refuses a query that is also in
+    # the catalogue: it would find itself).
+    for person in range(7, 10):
+        (tmp_path / "queries" / f"s{person}").mkdir(parents=True)
+        for photo in range(6, 11):
+            (tmp_path / "validation" / f"s{person}" / f"{photo}.pgm").rename(
+                tmp_path / "queries" / f"s{person}" / f"{photo}.pgm")
     evaluated = run("eval", "--model", str(tmp_path / "model"), "--catalog", str(tmp_path / "validation"),
-                    "--queries", str(tmp_path / "validation"), "--one-category", "face", "--json")
+                    "--queries", str(tmp_path / "queries"), "--one-category", "face", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
-    assert report["queries"] == 30 and report["catalogue_items"] == 30
-    # Each query finds itself first; R@1 counts it, so the identity figure that matters is mAP@10: measured
-    # 0.993 (the exporter's log: 0.940 for the ImageNet features before the embedding trained, 0.996 after).
-    assert report["modes"]["global"]["R@1"] == 1.0 and report["modes"]["global"]["mAP@10"] >= 0.95
+    assert report["queries"] == 15 and report["catalogue_items"] == 15
+    # Measured: R@1 1.0, mAP@10 0.998 (each query's five photos of the same person in the catalogue).
+    assert report["modes"]["global"]["R@1"] >= 0.9 and report["modes"]["global"]["mAP@10"] >= 0.9
 
 
 def test_embedder_refuses_a_photo_without_a_face_and_embeds_faces(tmp_path: Path, model_dir: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lookalike.quality.labelled_images import LabelledImage
+from lookalike.quality.labelled_images import LabelledImage, refuse_shared_photos
 from lookalike.quality.routing_fit import PRIOR_WEIGHTS, routing_curve
 from lookalike.client.embedder_client import EmbedderClient
 from lookalike.quality.retrieval_metrics import (average_precision, average_precision_over_hits, expected_calibration_error, hit_at,
@@ -196,6 +196,7 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
              prior_weight: float | None, as_json: bool, output: Path | None = None, threshold: float | None = None,
              max_shards: int | None = None, fit_on_queries: bool = False) -> int:
     """Starts an embedder on `model_dir` and an empty searcher, evaluates, prints the report."""
+    refuse_shared_photos(catalogue, queries, "queries also in the catalogue (each would find itself)")
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as data, \
             running_service("lookalike.embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
             running_service("lookalike.searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):
