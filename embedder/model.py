@@ -17,7 +17,7 @@ from lookalike.v1 import manifest_pb2
 
 log = logging.getLogger(__name__)
 
-_PROVIDER_NAMES = {
+PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
@@ -37,7 +37,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _provider_options(name: str, config: EmbedderConfig) -> tuple[str, dict[str, str]]:
-    provider = _PROVIDER_NAMES[name]
+    provider = PROVIDER_NAMES[name]
     if name == "tensorrt":
         options = {"trt_fp16_enable": str(config.tensorrt_fp16)}
         if config.tensorrt_cache_dir is not None:
@@ -64,7 +64,7 @@ class OnnxModel:
         options.intra_op_num_threads = config.threads or available_cpus()
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin_wait else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.requested_providers = [_PROVIDER_NAMES[name] for name in config.providers]
+        self.requested_providers = [PROVIDER_NAMES[name] for name in config.providers]
         if any(name != "cpu" for name in config.providers) and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN installed from PyPI (nvidia-* wheels beside it) only once
             # they are loaded; system-wide libraries (the CUDA base image) load either way. CPU builds: a no-op.

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,5 +162,8 @@ def _ef_for_recall(catalogue: np.ndarray, queries: np.ndarray, similarities: np.
     index = hnswlib.Index(space="ip", dim=catalogue.shape[1])
     index.init_index(max_elements=len(catalogue), ef_construction=config.ef_construction, M=config.m)
     index.add_items(catalogue, np.arange(len(catalogue)), num_threads=-1)
-    return smallest_ef_for_recall([index], np.zeros(len(catalogue), dtype=np.int64), queries, similarities,
-                                  np.zeros(len(queries), dtype=np.int64), target)
+    ef, reached = smallest_ef_for_recall([index], np.zeros(len(catalogue), dtype=np.int64), queries, similarities,
+                                         np.zeros(len(queries), dtype=np.int64), target)
+    if reached < target:
+        print(f"no ef up to 1024 reaches unfiltered recall@10 {target}: ef 1024 reaches {reached}", file=sys.stderr)
+    return ef

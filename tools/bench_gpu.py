@@ -191,9 +191,18 @@ def decode_row(photos: list[bytes], size: tuple[int, int], seconds: float) -> Ro
 
 def grpc_rows(model_dir: Path, precision: str, providers: Sequence[str], photos: list[bytes], clients: int,
               seconds: float) -> list[Row]:
+    from lookalike.embedder.model import PROVIDER_NAMES
+
     env = {"LOOKALIKE_EMBEDDER_PROVIDERS": ",".join(providers), "LOOKALIKE_EMBEDDER_MAX_BATCH": "256"}
     rows = []
     with running_service("lookalike.embedder", ["--model", str(model_dir)], env=env) as (_, port):
+        with EmbedderClient(f"127.0.0.1:{port}") as client:
+            # The served process falls back to the CPU without failing (its health stays NOT_SERVING): such rows
+            # would pass for GPU figures.
+            active = list(client.model_info().providers)
+        missing = [PROVIDER_NAMES[name] for name in providers if name != "cpu" and PROVIDER_NAMES[name] not in active]
+        if missing:
+            raise RuntimeError(f"the embedder serving {model_dir} runs on {', '.join(active)}, not {', '.join(missing)}")
         for callers, per_call in ((1, 1), (clients, 8), (clients, 32)):
             with EmbedderClient(f"127.0.0.1:{port}") as client:
                 calls = embedding_calls(client, photos, per_call)

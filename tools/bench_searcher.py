@@ -15,12 +15,15 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import hnswlib
 import numpy as np
 
+from lookalike.serving.cpus import available_cpus
 from lookalike.tools.benchmarking import measure, p50_p99_ms, resident_bytes
 from lookalike.tools.processes import running_service
 from lookalike.client.connection import LookalikeError
@@ -28,6 +31,8 @@ from lookalike.client.searcher_client import CatalogueItem, SearcherClient, rout
 
 MODEL = "synthetic@bench"
 K = 10
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -60,6 +65,19 @@ def exact_top_k(similarities: np.ndarray, labels: np.ndarray, allowed: list[list
 def recall(answers: list[set[int]], exact: list[set[int]]) -> float:
     """Mean recall@K of the answers against the exact sets."""
     return round(float(np.mean([len(answer & truth) / K for answer, truth in zip(answers, exact)])), 4)
+
+
+# One lane per CPU, as the searcher's probe lanes (probe_threads 0): the in-process baseline gets the same cores.
+LANES = available_cpus()
+
+
+def in_lanes(pool: ThreadPoolExecutor, work: Callable[[T], list[R]], items: Sequence[T]) -> list[R]:
+    """work's results over items dealt into LANES lanes run by `pool` (LANES threads), as the searcher deals a
+    query's shards, and a batch's queries, into its probe lanes."""
+    if len(items) < 2 or LANES < 2:
+        return [result for item in items for result in work(item)]
+    lanes = [list(items[n::LANES]) for n in range(LANES)]
+    return [result for lane in pool.map(lambda lane: [r for item in lane for r in work(item)], lanes) for result in lane]
 
 
 def synthetic(count: int, dimension: int, categories: int, offset: float, spread: float,
@@ -115,10 +133,11 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
         index.add_items(vectors[members[c]], members[c], num_threads=-1)
         indexes.append(index)
     report["hnswlib_build_items_per_second"] = round(count / (time.perf_counter() - started), 1)
-    ef = smallest_ef_for_recall(indexes, labels, query_vectors, similarities, probabilities.argmax(1), target=0.95)
+    ef, reached = smallest_ef_for_recall(indexes, labels, query_vectors, similarities, probabilities.argmax(1),
+                                         target=0.95)
     for index in indexes:
         index.set_ef(ef)
-    report["ef"] = ef
+    report["ef"], report["in_process_recall_at_ef"] = ef, reached
     report["hnswlib_formula_bytes_per_item"] = dimension * 4 + config.m * 2 * 4  # hnswlib README's estimate
 
     data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
@@ -157,10 +176,10 @@ def run_searcher_bench(count: int = 100_000, dimension: int = 256, categories: i
 
 
 def smallest_ef_for_recall(indexes: list, labels: np.ndarray, queries: np.ndarray, similarities: np.ndarray,
-                            top_shard: np.ndarray, target: float) -> int:
-    """The smallest ef (64, 128, ...) at which in-process hnswlib reaches `target` recall@10 both over all
-    shards and within each query's most probable shard (each against exact search over the same items).
-    labels[i] is the shard (index into `indexes`) holding item i."""
+                            top_shard: np.ndarray, target: float) -> tuple[int, float]:
+    """(ef, the recall@10 it reaches): the smallest ef (64, 128, ...) at which in-process hnswlib reaches `target`
+    recall@10 both over all shards and within each query's most probable shard (each against exact search over
+    the same items), else 1024 and the lower recall it reached. labels[i] is the shard holding item i."""
     exact = exact_top_k(similarities, labels)
     exact_in_shard = exact_top_k(similarities, labels, [[shard] for shard in top_shard.tolist()])
     for ef in (64, 128, 256, 512, 1024):
@@ -173,9 +192,9 @@ def smallest_ef_for_recall(indexes: list, labels: np.ndarray, queries: np.ndarra
         best = np.take_along_axis(ids, np.argsort(distances, axis=1)[:, :K], axis=1)
         global_recall = recall([set(row.tolist()) for row in best], exact)
         shard_recall = recall([set(found[s][0][i].tolist()) for i, s in enumerate(top_shard)], exact_in_shard)
-        if min(global_recall, shard_recall) >= target:
-            return ef
-    return 1024
+        if min(global_recall, shard_recall) >= target or ef == 1024:
+            return ef, min(global_recall, shard_recall)
+    raise AssertionError("the ef ladder ends at 1024")
 
 
 def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, probabilities: np.ndarray,
@@ -200,13 +219,14 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
         "all shards": [routing_for() for _ in range(count)],
     }
     rows = []
+    lanes = ThreadPoolExecutor(LANES, thread_name_prefix="lane")
     for mode, shard_lists in plans.items():
         def local(i: int) -> list[int]:
-            found: list[tuple[float, int]] = []
-            for name in shard_lists[i]:
+            def search(name: str) -> list[tuple[float, int]]:
                 ids, distances = indexes[index_of[name]].knn_query(query_vectors[i][None], k=K, num_threads=1)
-                found.extend(zip(distances[0].tolist(), ids[0].tolist()))
-            return [item for _, item in sorted(found)[:K]]
+                return list(zip(distances[0].tolist(), ids[0].tolist()))
+
+            return [item for _, item in sorted(in_lanes(lanes, search, shard_lists[i]))[:K]]
 
         def remote(i: int) -> list[int]:
             hits = client.search(query_vectors[i], MODEL, K, routings[mode][i]).hits
@@ -232,27 +252,30 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
     exact_one_shard = exact_top_k(similarities, labels, [[index_of[shards[0]]] for shards in one_shard])
     rows += _mixed_ef_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global),
                            seconds, ef)
-    rows += _batch_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global), seconds)
+    rows += _batch_rows(client, indexes, query_vectors, one_shard, index_of, (exact_one_shard, exact_global), seconds,
+                        lanes)
+    lanes.shutdown()
     return rows
 
 
 def _batch_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray, shard_lists: list[list[str]],
                 index_of: dict[str, int], exact: tuple[list[set[int]], list[set[int]]], seconds: float,
-                batch: int = 32) -> list[QueryRow]:
+                lanes: ThreadPoolExecutor, batch: int = 32) -> list[QueryRow]:
     """One-shard searches 32 per call: SearchBatch through gRPC against in-process knn_query over the same
-    32 queries (grouped by shard, one knn_query per shard, one thread), at 1 client. exact: each query's exact
-    top K in its shard and over everything."""
+    32 queries (grouped by shard, one knn_query per shard, the shards dealt into the lanes), at 1 client.
+    exact: each query's exact top K in its shard and over everything."""
     count = len(query_vectors)
     requests = [search_request(query_vectors[i], MODEL, K, routing_for(categories=shard_lists[i]), 0)
                 for i in range(count)]
     shard_of = np.array([index_of[shards[0]] for shards in shard_lists])
 
     def local(members: np.ndarray) -> list[set[int]]:
-        answers: dict[int, set[int]] = {}
-        for shard in np.unique(shard_of[members]):
+        def search(shard: int) -> list[tuple[int, set[int]]]:
             chosen = members[shard_of[members] == shard]
             ids, _ = indexes[shard].knn_query(query_vectors[chosen], k=K, num_threads=1)
-            answers.update(zip(chosen.tolist(), (set(row.tolist()) for row in ids)))
+            return list(zip(chosen.tolist(), (set(row.tolist()) for row in ids)))
+
+        answers = dict(in_lanes(lanes, search, np.unique(shard_of[members]).tolist()))
         return [answers[i] for i in members.tolist()]
 
     def remote(members: np.ndarray) -> list[set[int]]:
