@@ -49,7 +49,8 @@ R = TypeVar("R")
 
 DATABASE = "catalogue.sqlite3"
 SNAPSHOTS = "snapshots"
-# Photos each shard returns per product wanted, at first and at most (distinct_products searches).
+# Photos each shard returns per product wanted at first (distinct_products searches), and the most it returns
+# however the products crowd it: a bound on one request's work, documented in the proto.
 PRODUCT_DEPTH = 4
 MAX_PRODUCT_DEPTH = 4096
 # A shard is rebuilt with labels for its live items only once it has given out more than twice as many labels

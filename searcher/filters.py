@@ -198,9 +198,10 @@ def _keep(columns: dict[str, object], attribute: str, column: object) -> None:
 
 
 def _as_number(value: str | None) -> float:
-    # Upsert checks declared numeric attributes; values stored before the attribute was declared may not
-    # be numbers, and count as having none.
+    # Upsert checks declared numeric attributes (finite numbers); values stored before the attribute was
+    # declared may not be numbers, or be "inf", and count as having none, as Upsert would have refused them.
     try:
-        return float(value) if value is not None else math.nan
+        number = float(value) if value is not None else math.nan
     except ValueError:
         return math.nan
+    return number if math.isfinite(number) else math.nan

@@ -204,6 +204,33 @@ def test_products_survive_a_restart(store_kind: str, tmp_path: Path, request: py
             snapshot.unlink()  # the next start replays the store's log
 
 
+def test_values_stored_before_an_attribute_was_numeric_count_as_numbers_only_when_finite(tmp_path: Path) -> None:
+    """Declared numeric later (--numeric-attributes), an attribute's old values that Upsert would now refuse
+    ("n/a", and "inf" or "1e999", which are not finite) count as missing: they pass no range, and NOT of a
+    range passes them. "inf" used to pass `price > 100` as an infinite price."""
+    vectors = np.eye(4, dtype=np.float32)
+    items = [CatalogueItem(name, "bags", v, "m", {"price": price})
+             for (name, price), v in zip([("inf-item", "inf"), ("big", "1e999"), ("text", "n/a"), ("ok", "150")],
+                                         vectors)]
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    channel.close()
+    with SearcherClient(f"127.0.0.1:{started.port}") as client:
+        assert all(s.code == 0 for s in client.upsert(items).statuses)
+    started.stop(None)
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, numeric_attributes="price")
+    channel.close()
+    try:
+        with SearcherClient(f"127.0.0.1:{started.port}") as client:
+            def ids(text: str) -> list[str]:
+                return sorted(h.id for h in client.search(vectors.sum(0), "m", k=4, filter=text).hits)
+
+            assert ids("price > 100") == ["ok"]
+            assert ids("price <= 1000000") == ["ok"]
+            assert ids("NOT price <= 1000000") == ["big", "inf-item", "text"]
+    finally:
+        started.stop(None)
+
+
 def test_bad_filters_and_product_requests_are_refused(small: tuple[SearcherClient, list[CatalogueItem]]) -> None:
     client, items = small
     before = [hit.id for hit in client.search(items[0].vector, "m", k=7).hits]
