@@ -3,8 +3,8 @@
 A tokens file (a Kubernetes Secret mount) holds one `ROLE SHA256_HEX` line per token, the hex being the
 SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`), so the file never holds a token itself. Roles
 nest: `read` (Embed, GetModelInfo, Search, SearchBatch, GetStats, GetShardMap) < `write` (Upsert, Delete) < `admin`
-(anything that changes layout: MoveCategory). Health and reflection need no token, so probes keep
-working. A call without a known token is UNAUTHENTICATED; with too small a role, PERMISSION_DENIED;
+(anything that changes layout: MoveCategory). Health needs no token, so probes keep working; reflection
+needs `read`. A call without a known token is UNAUTHENTICATED; with too small a role, PERMISSION_DENIED;
 neither message ever echoes the token. The file is re-read when it changes (a rotated Secret); a rewrite
 that does not load leaves the last good tokens in use (logged once), while a bad file at start-up stops it.
 """
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 ROLES = ("read", "write", "admin")
 # The role each method needs; methods not listed need admin, so a new RPC is closed until classified.
 METHOD_ROLES = {"Embed": "read", "GetModelInfo": "read", "Search": "read", "SearchBatch": "read", "GetStats": "read",
-                "GetShardMap": "read", "Upsert": "write", "Delete": "write", "MoveCategory": "admin"}
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                 "/grpc.reflection.v1.ServerReflection/")
+                "GetShardMap": "read", "Upsert": "write", "Delete": "write", "MoveCategory": "admin",
+                # Reflection's stream holds a handler thread while it stays open: open to anyone, a few idle
+                # streams froze the server. Health's Watch streams hold none, so probes stay open.
+                "ServerReflectionInfo": "read"}
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 
 # The stamp of a tokens file that cannot be read (missing, unreadable).
@@ -116,8 +118,11 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
-        if method.startswith(OPEN_SERVICES):
-            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_SERVICES):
+            # A method the server does not have gets gRPC's UNIMPLEMENTED, as without auth: nothing of it runs,
+            # and a refusal of its own per made-up name would grow the per-method metrics without bound.
+            return handler
         name = method.rsplit("/", 1)[-1]
         needed = METHOD_ROLES.get(name, "admin")
         header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
@@ -130,4 +135,4 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if ROLES.index(role) < ROLES.index(needed):
             return _refusal(grpc.StatusCode.PERMISSION_DENIED,
                             f"{name} needs role {needed!r}; this token has role {role!r}")
-        return continuation(handler_call_details)
+        return handler

@@ -84,6 +84,32 @@ def test_health_needs_no_token(guarded) -> None:
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_reflection_needs_a_token_and_made_up_methods_cost_nothing(guarded) -> None:
+    """Reflection's stream holds a handler thread while open: without a token, a few idle streams froze every
+    call. It now needs `read`. A made-up method name got a refusal of its own, and with it per-method metric
+    series that grew with every new name; it now gets gRPC's UNIMPLEMENTED and no series."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from prometheus_client import REGISTRY
+
+    started, _ = guarded
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(f"127.0.0.1:{started.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = list(stub.ServerReflectionInfo(iter([request]), timeout=10,
+                                                 metadata=[("authorization", f"Bearer {TOKENS['read']}")]))
+        assert "lookalike.v1.Searcher" in {s.name for s in answers[0].list_services_response.service}
+        series = len(list(REGISTRY.collect()))
+        for n in range(20):
+            with pytest.raises(grpc.RpcError) as unknown:
+                channel.unary_unary(f"/lookalike.v1.Searcher/MadeUp{n}")(b"", timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        names = {sample.labels.get("method") for metric in REGISTRY.collect() for sample in metric.samples}
+        assert not any(str(name).startswith("MadeUp") for name in names) and len(list(REGISTRY.collect())) == series
+
+
 def test_a_rotated_tokens_file_is_read_without_a_restart(guarded) -> None:
     started, tokens = guarded
     assert client(started, TOKENS["read"]).stats().items == 0
