@@ -113,6 +113,9 @@ class AttributeColumns:
         # attribute -> (code per label, -1 for none; value -> code)
         self._codes: dict[str, tuple[np.ndarray, dict[str, int]]] = {}
         self._numbers: dict[str, np.ndarray] = {}
+        # Every attribute name any item has had (read once, then kept by writes): a filter naming another one
+        # passes nothing without a scan (a scan per made-up name was a way to pin a core from a read token).
+        self._names: set[str] | None = None
 
     def _grow(self, label: int) -> None:
         if label < self._size:
@@ -129,6 +132,8 @@ class AttributeColumns:
         """Records a label's attributes (an added or replaced item); the caller holds the shard's write lock."""
         self._grow(label)
         self.live[label] = True
+        if self._names is not None:
+            self._names.update(attributes)
         for attribute, (codes, vocabulary) in self._codes.items():
             value = attributes.get(attribute)
             codes[label] = -1 if value is None else vocabulary.setdefault(value, len(vocabulary))
@@ -173,8 +178,12 @@ class AttributeColumns:
         """A boolean per label: live and passing every test. The caller holds the shard's lock (read or write);
         building a missing column under a read lock races only with another reader building the same one."""
         passing = self.live.copy()
+        if self._names is None:
+            self._names = {name for _, attributes in self._current() for name in attributes}
         for test in where.tests:
-            if test.numeric:
+            if test.attribute not in self._names:
+                result = np.zeros(self._size, dtype=bool)  # no item has it: it passes no test
+            elif test.numeric:
                 numbers = self._number_column(test.attribute)
                 with np.errstate(invalid="ignore"):  # NaN (no value) compares False: it fails the test
                     low = numbers >= test.low if test.low_inclusive else numbers > test.low

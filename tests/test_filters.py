@@ -353,12 +353,25 @@ def test_columns_kept_per_shard_are_bounded() -> None:
     from lookalike.searcher.filters import MAX_COLUMNS, AttributeColumns, AttributeFilter, Test
 
     rows = {label: {"colour": "red" if label % 2 else "blue"} for label in range(10)}
-    columns = AttributeColumns(frozenset(), lambda: rows.items())
+    rows[0].update({f"tag-{n}": "y" for n in range(3 * MAX_COLUMNS)})  # many attribute names, one item has them
+    scans = [0]
+
+    def current() -> object:
+        scans[0] += 1
+        return rows.items()
+
+    columns = AttributeColumns(frozenset(), current)
     columns.set_live(np.array(list(rows)))
     red = AttributeFilter((Test("colour", ("red",)),))
     expected = np.array([label % 2 == 1 for label in range(len(rows))])
     assert (columns.mask(red)[:len(rows)] == expected).all()
     for n in range(3 * MAX_COLUMNS):
-        assert not columns.mask(AttributeFilter((Test(f"never-stored-{n}", ("x",)),)))[:len(rows)].any()
+        assert not columns.mask(AttributeFilter((Test(f"tag-{n}", ("x",)),)))[:len(rows)].any()
     assert len(columns._codes) == MAX_COLUMNS and "colour" not in columns._codes
     assert (columns.mask(red)[:len(rows)] == expected).all()
+    # A name no item has builds nothing and scans nothing: it passes no test (and NOT of it passes every item).
+    before = (scans[0], len(columns._codes), dict(columns._codes))
+    for n in range(3 * MAX_COLUMNS):
+        assert not columns.mask(AttributeFilter((Test(f"never-stored-{n}", ("x",)),)))[:len(rows)].any()
+        assert columns.mask(AttributeFilter((Test(f"never-{n}", ("x",), negate=True),)))[:len(rows)].all()
+    assert (scans[0], len(columns._codes)) == before[:2] and columns._codes.keys() == before[2].keys()
