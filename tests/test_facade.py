@@ -124,7 +124,7 @@ def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list)
 
 def test_client_started_before_its_server_succeeds_once_it_is_up(tmp_path: Path) -> None:
     port = free_port()
-    settings = ChannelSettings(f"127.0.0.1:{port}", retries=10, backoff_initial=0.1, backoff_max=0.5, timeout=5)
+    settings = ChannelSettings(f"127.0.0.1:{port}", retries=60, backoff_initial=0.1, backoff_max=0.5, timeout=30)
     outcome: dict = {}
 
     def call() -> None:

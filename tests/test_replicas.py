@@ -504,11 +504,16 @@ def test_a_category_past_max_shard_items_splits_across_groups_and_answers_the_sa
         text = subprocess.run([sys.executable, "-m", "lookalike.tools.cli", "shards", "--searcher", groups.seed],
                               capture_output=True, text=True, timeout=60).stdout
         assert all(f"{c} part {n} of 3: " in text for c in CATEGORIES for n in (1, 2, 3)), text
-        time.sleep(1.5)  # past --move-grace: the whole shards are dropped
+        # Past --move-grace the whole shards are dropped: wait for it (a fixed sleep raced with slow rounds).
+        deadline = time.monotonic() + 15
+        while True:
+            stats = client.stats()
+            if {(s.category, s.parts) for s in stats.shards} == {(c, 3) for c in CATEGORIES}:
+                break
+            assert time.monotonic() < deadline, [(s.category, s.part, s.parts) for s in stats.shards]
+            time.sleep(0.2)
         assert answers(client, queries) == expected
-        stats = client.stats()
-        assert stats.items == 1500 and {(s.category, s.parts) for s in stats.shards} == {(c, 3) for c in CATEGORIES}
-        assert all(s.items < 200 for s in stats.shards)
+        assert stats.items == 1500 and all(s.items < 200 for s in stats.shards)
         # Writes after the split land in the right parts.
         more = [CatalogueItem(f"new-{n}", CATEGORIES[n % len(CATEGORIES)], random_vector(rng), MODEL) for n in range(200)]
         assert all(s.code == 0 for s in client.upsert(more).statuses)
@@ -577,7 +582,7 @@ def test_a_replica_building_a_category_moved_to_it_keeps_applying_writes(fresh_d
         writing = threading.Thread(target=lambda: acknowledged.append(
             b.upsert([ItemWrite("d1", "D", random_vector(rng), {}, MODEL)])[1]))
         writing.start()
-        writing.join(5)
+        writing.join(20)  # the build is held open for 30 s: a write that waits for it is still caught
         assert acknowledged, "the write waited for the build"
         a.upsert([ItemWrite("c-late", "C", random_vector(rng), {}, MODEL)])
         assert b.catch_up() > acknowledged[0]
