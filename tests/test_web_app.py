@@ -92,6 +92,7 @@ def page(services: tuple[str, str], query: tuple[object, str],
     monkeypatch.setenv("LOOKALIKE_EMBEDDER", embedder_address)
     monkeypatch.setenv("LOOKALIKE_SEARCHER", searcher_address)
     monkeypatch.setenv("LOOKALIKE_SAMPLES", str(photo.path))
+    monkeypatch.setenv("LOOKALIKE_IMAGES_ROOTS", str(GROCERY))  # where the catalogue's photos are
     # Under pytest sys.argv holds pytest's arguments; the app must ignore them and read the environment.
     monkeypatch.setattr("sys.argv", ["app.py"])
     return AppTest.from_file(str(app_path()), default_timeout=RUN_TIMEOUT), photo, predicted
@@ -222,7 +223,7 @@ def test_photos_with_a_broken_exif_block_are_shown_as_they_are(services: tuple[s
         catalogue.append(replace(item, path=path))
     with indexed_searcher(services[0], tmp_path / "searcher", catalogue) as searcher_address:
         monkeypatch.setattr("sys.argv", ["app.py", "--embedder", services[0], "--searcher", searcher_address,
-                                         "--sample", str(photo.path)])
+                                         "--sample", str(photo.path), "--images-root", str(tmp_path)])
         at = AppTest.from_file(str(app_path()), default_timeout=RUN_TIMEOUT).run()
         # A sound query first: every hit's thumbnail is such a photo.
         at.radio(key="routing").set_value("global").run()
@@ -262,13 +263,35 @@ def test_settings_come_from_arguments_or_the_environment(tmp_path: Path) -> None
 
     samples = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
     from_args = parse_settings(["--embedder", "e:1", "--searcher", "s:2", "--sample", str(samples[0]),
-                                "--sample", str(samples[1])], {})
+                                "--sample", str(samples[1]), "--images-root", str(tmp_path / "photos" / "..")], {})
     assert (from_args.embedder, from_args.searcher, from_args.samples) == ("e:1", "s:2", tuple(samples))
+    assert from_args.image_roots == (tmp_path.resolve(),)
     environ = {"LOOKALIKE_EMBEDDER": "e:3", "LOOKALIKE_SEARCHER": "s:4",
-               "LOOKALIKE_SAMPLES": os.pathsep.join(map(str, samples))}
+               "LOOKALIKE_SAMPLES": os.pathsep.join(map(str, samples)), "LOOKALIKE_IMAGES_ROOTS": str(tmp_path)}
     # A test runner's own arguments are ignored.
     from_env = parse_settings(["-q", "tests/test_web_app.py", "--setup-show"], environ)
     assert (from_env.embedder, from_env.searcher, from_env.samples) == ("e:3", "s:4", tuple(samples))
+    assert from_env.image_roots == (tmp_path.resolve(),)
+
+
+def test_catalogue_photos_are_shown_only_from_the_images_roots(tmp_path: Path) -> None:
+    """An item's path attribute names a file on the page's machine: anyone who may write items could have the
+    page show any image file there. Only files under the configured roots are shown (a path climbing out with
+    .. or a link resolves first)."""
+    from PIL import Image
+
+    from lookalike.web.app import catalogue_thumbnail
+
+    for folder in ("catalogue", "private"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8), "red").save(tmp_path / folder / "photo.png")
+    (tmp_path / "catalogue" / "link.png").symlink_to(tmp_path / "private" / "photo.png")
+    roots = [(tmp_path / "catalogue").resolve()]
+    assert catalogue_thumbnail({"path": str(tmp_path / "catalogue" / "photo.png")}, roots) is not None
+    for outside in (tmp_path / "private" / "photo.png", tmp_path / "catalogue" / ".." / "private" / "photo.png",
+                    tmp_path / "catalogue" / "link.png"):
+        assert catalogue_thumbnail({"path": str(outside)}, roots) is None, outside
+    assert catalogue_thumbnail({"path": str(tmp_path / "catalogue" / "photo.png")}, []) is None
 
 
 def test_the_page_shows_visitors_no_tracebacks() -> None:

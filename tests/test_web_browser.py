@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import GROCERY, ROOT
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOT = ROOT / "var" / "web-demo.png"
@@ -37,7 +37,8 @@ def app_url(embedder, grocery_train: list, grocery_val: list,
     embedder_address = f"127.0.0.1:{started_embedder.port}"
     with indexed_searcher(embedder_address, tmp_path_factory.mktemp("browser-searcher"),
                           catalogue_photos(grocery_train)) as searcher_address, \
-            running_web_app(embedder_address, searcher_address, samples=[grocery_val[-1].path]) as (_, url):
+            running_web_app(embedder_address, searcher_address, samples=[grocery_val[-1].path],
+                            image_roots=[GROCERY]) as (_, url):
         yield url
 
 

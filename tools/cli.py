@@ -192,6 +192,7 @@ def _web(args: argparse.Namespace, rest: list[str]) -> int:
     from lookalike.tools.web import run_web
 
     return run_web(Path(args.workdir), embedder=args.embedder, searcher=args.searcher, samples=args.samples,
+                   image_roots=args.images_root,
                    port=args.port, address=args.address, catalog_size=args.catalog_size)
 
 
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--searcher", help="a running searcher's address or target (with --embedder)")
     web.add_argument("--samples", type=Path, help="labelled photos (folder or list file) to offer as sample "
                                                   "queries (default with the demo's services: its held-out photos)")
+    web.add_argument("--images-root", type=Path, action="append", default=[],
+                     help="a folder the page may show catalogue photos from (repeatable; with --embedder and "
+                          "--searcher, none unless given: an item's path attribute names a file on this machine)")
     web.add_argument("--port", type=at_least(0), default=8501, help="the page's port (0: a free one)")
     web.add_argument("--address", default="127.0.0.1", help="the address the page listens on (0.0.0.0: all)")
     web.add_argument("--workdir", default="var/demo", help="the demo's models, index and data (built if missing)")

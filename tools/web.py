@@ -28,11 +28,13 @@ def app_path() -> Path:
 
 
 def streamlit_command(embedder: str, searcher: str, samples: Sequence[Path], port: int,
-                      address: str = "127.0.0.1") -> list[str]:
-    """`python -m streamlit run app.py ... -- --embedder A --searcher B --sample PHOTO ...`."""
+                      address: str = "127.0.0.1", image_roots: Sequence[Path] = ()) -> list[str]:
+    """`python -m streamlit run app.py ... -- --embedder A --searcher B --sample PHOTO ... --images-root DIR ...`."""
     app_args = ["--embedder", embedder, "--searcher", searcher]
     for sample in samples:
         app_args += ["--sample", str(Path(sample).resolve())]
+    for root in image_roots:
+        app_args += ["--images-root", str(Path(root).resolve())]
     # Headless (no browser opened), no usage statistics sent anywhere, no file watcher (nothing here
     # edits the app while it runs, and watching costs CPU), the viewer's toolbar (no "Deploy"), and an
     # unexpected exception shown to the visitor as a generic message only: its type, message and
@@ -61,14 +63,15 @@ def _healthy(url: str) -> bool:
 @contextmanager
 def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), port: int = 0,
                     address: str = "127.0.0.1", startup_timeout: float = 90.0,
-                    echo: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
+                    echo: bool = False, image_roots: Sequence[Path] = ()) -> Iterator[tuple[subprocess.Popen, str]]:
     """Runs the page in a child process until the block ends; yields (process, URL) once it answers.
 
     Its output is kept for the error raised when it fails to start, and echoed when `echo` is set.
     """
     port = port or free_port()
     url = page_url(address, port)
-    process = subprocess.Popen(streamlit_command(embedder, searcher, samples, port, address), stdout=subprocess.PIPE,
+    process = subprocess.Popen(streamlit_command(embedder, searcher, samples, port, address, image_roots),
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
 
@@ -93,7 +96,8 @@ def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), 
 
 
 def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = None, samples: Path | None = None,
-            port: int = 8501, address: str = "127.0.0.1", catalog_size: int = 10_000) -> int:
+            port: int = 8501, address: str = "127.0.0.1", catalog_size: int = 10_000,
+            image_roots: Sequence[Path] = ()) -> int:
     """Serves the page until interrupted. Without addresses, first builds (or reuses) the demo's model and
     index exactly as `lookalike demo` does and starts both services on them."""
     from lookalike.quality.labelled_images import read_labelled_images
@@ -112,11 +116,13 @@ def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = N
             # An absolute workdir, so the image paths indexing records resolve from the page's process too.
             setup = prepare_demo(workdir.resolve(), catalog_size=catalog_size)
             embedder, searcher, _ = stack.enter_context(demo_services(setup))
+            # The demo's catalogue photos: the page shows thumbnails from their folder.
+            image_roots = [*image_roots, setup.catalog if setup.catalog.is_dir() else setup.catalog.parent]
             if samples is None:
                 sample_photos = [image.path for image in stratified(setup.queries, SAMPLE_QUERIES, seed=2)]
         sample_photos.sort()
         process, url = stack.enter_context(running_web_app(embedder, searcher, sample_photos, port, address,
-                                                           echo=True))
+                                                           echo=True, image_roots=image_roots))
         print(f"\nLookalike web demo: {url}  (embedder {embedder}, searcher {searcher}; Ctrl-C stops it)", flush=True)
         try:
             return process.wait()

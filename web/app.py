@@ -40,6 +40,9 @@ class AppSettings:
     embedder: str
     searcher: str
     samples: tuple[Path, ...] = ()
+    # The folders catalogue photos may be shown from (resolved): an item's attributes["path"] names a file on
+    # this machine, and anyone who may write items could otherwise have the page show any image file here.
+    image_roots: tuple[Path, ...] = ()
 
 
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> AppSettings:
@@ -50,9 +53,11 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> AppSettin
     parser.add_argument("--embedder", default=environ.get("LOOKALIKE_EMBEDDER", "localhost:50051"))
     parser.add_argument("--searcher", default=environ.get("LOOKALIKE_SEARCHER", "localhost:50052"))
     parser.add_argument("--sample", action="append", type=Path)
+    parser.add_argument("--images-root", action="append", type=Path)
     args, _ = parser.parse_known_args(list(argv))
     samples = args.sample or [Path(p) for p in environ.get("LOOKALIKE_SAMPLES", "").split(os.pathsep) if p]
-    return AppSettings(args.embedder, args.searcher, tuple(samples))
+    roots = args.images_root or [Path(p) for p in environ.get("LOOKALIKE_IMAGES_ROOTS", "").split(os.pathsep) if p]
+    return AppSettings(args.embedder, args.searcher, tuple(samples), tuple(root.resolve() for root in roots))
 
 
 def _settings(target: str) -> ChannelSettings:
@@ -153,14 +158,18 @@ def file_thumbnail(path: str, modified_ns: int, size: int) -> bytes:
         return _thumbnail_of(image, size)
 
 
-def catalogue_thumbnail(attributes: Mapping[str, str], size: int = THUMBNAIL) -> bytes | None:
+def catalogue_thumbnail(attributes: Mapping[str, str], roots: Sequence[Path], size: int = THUMBNAIL) -> bytes | None:
     """The thumbnail of a catalogue item from its own file (indexing records it as attributes["path"]);
-    None when the item has no path or the file is not on this machine or not readable."""
+    None when the item has no path, the file is not in one of `roots` (resolved), or not on this machine or
+    not readable."""
     path = attributes.get("path")
     if not path:
         return None
     try:
-        return file_thumbnail(path, os.stat(path).st_mtime_ns, size)
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            return None
+        return file_thumbnail(str(resolved), os.stat(resolved).st_mtime_ns, size)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
@@ -282,7 +291,8 @@ def probed_line(result: SearchResult, mode: str) -> str:
     return ", ".join(plain(p.category) for p in result.probes)
 
 
-def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_weight: float) -> None:
+def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_weight: float,
+                roots: Sequence[Path]) -> None:
     """Prediction, probed shards and timings beside the query, then the result grid."""
     query_column, chart_column, probe_column = st.columns([1, 2, 2])
     query_column.markdown(f"**Query:** {plain(name)}")
@@ -316,7 +326,7 @@ def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_w
         for start in range(0, len(result.matches), COLUMNS):
             for column, (rank, match) in zip(st.columns(COLUMNS), enumerate(result.matches[start:start + COLUMNS],
                                                                             start=start + 1)):
-                thumb = catalogue_thumbnail(match.attributes)
+                thumb = catalogue_thumbnail(match.attributes, roots)
                 if thumb is not None:
                     column.image(thumb)
                 else:
@@ -329,7 +339,7 @@ def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_w
                     column.caption(", ".join(f"{plain(key)}: {plain(value)}" for key, value in extra.items()))
 
 
-def show_comparison(results: dict[str, SearchResult]) -> None:
+def show_comparison(results: dict[str, SearchResult], roots: Sequence[Path]) -> None:
     """The same photo under each routing mode, side by side: shards probed, time, and agreement with global."""
     st.subheader("Routing modes compared")
     everywhere = {match.id for match in results["global"].matches}
@@ -340,7 +350,7 @@ def show_comparison(results: dict[str, SearchResult]) -> None:
                             f"{same} of {len(result.matches)} hits also in global's top {len(everywhere)}  \n"
                             f"probed: {probed_line(result, mode)}")
             shown = result.matches[:COMPARED_HITS]
-            thumbs = [(catalogue_thumbnail(m.attributes, SMALL_THUMBNAIL), f"{m.similarity:.3f}") for m in shown]
+            thumbs = [(catalogue_thumbnail(m.attributes, roots, SMALL_THUMBNAIL), f"{m.similarity:.3f}") for m in shown]
             thumbs = [(image, caption) for image, caption in thumbs if image is not None]
             if thumbs:
                 column.image([image for image, _ in thumbs], caption=[caption for _, caption in thumbs])
@@ -371,8 +381,8 @@ def main() -> None:
     except LookalikeError as error:
         st.error(f"{plain(name)}: {describe_error(error, settings)}")
         return
-    show_result(name, data, results[mode], mode, prior_weight)
-    show_comparison(results)
+    show_result(name, data, results[mode], mode, prior_weight, settings.image_roots)
+    show_comparison(results, settings.image_roots)
 
 
 if __name__ == "__main__":
