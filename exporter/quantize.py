@@ -26,7 +26,7 @@ from lookalike.embedder.preprocess import FaceCrop
 from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, servable, sha256_of
 from lookalike.codec import read_manifest, write_manifest
 from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
-from lookalike.routing import Routing, plan
+from lookalike.quality.routing_fit import routing_at
 from lookalike.v1 import manifest_pb2
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,10 @@ def measure_twin(fp32_dir: Path, parent: manifest_pb2.ModelManifest, twin_path: 
     if parent.HasField("routing") and known:
         routing = manifest_pb2.RoutingDefaults()
         routing.CopyFrom(parent.routing)
-        fitted = parent.routing
-        probed = [set(plan(Routing.by_probability(list(zip(labels, map(float, row))), fitted.threshold,
-                                                  fitted.max_shards), labels).categories) for row in probabilities]
         routing.queries = len(known)
-        routing.routing_recall = float(np.mean([labels[t] in p for t, p in zip(truth, probed)]))
-        routing.expected_shards = float(np.mean([len(p) for p in probed]))
+        routing.routing_recall, routing.expected_shards = routing_at(
+            [list(zip(labels, map(float, row))) for row in probabilities], [labels[t] for t in truth], labels,
+            parent.routing.threshold, parent.routing.max_shards)
     if parent.HasField("calibration") and known:
         calibration = manifest_pb2.Calibration()
         calibration.CopyFrom(parent.calibration)

@@ -24,6 +24,14 @@ TARGET_ROUTING_RECALL = 0.99
 Probabilities = Sequence[tuple[str, float]]
 
 
+def routing_at(query_probabilities: Sequence[Probabilities], truths: Sequence[str], shards: Sequence[str],
+               threshold: float, max_shards: int) -> tuple[float, float]:
+    """(routing recall, mean shards probed) at one threshold and cap, by the searcher's rule."""
+    probed = [set(plan(Routing.by_probability(probabilities, threshold, max_shards), shards).categories)
+              for probabilities in query_probabilities]
+    return float(np.mean([t in p for t, p in zip(truths, probed)])), float(np.mean([len(p) for p in probed]))
+
+
 def routing_curve(query_probabilities: Sequence[Probabilities], truths: Sequence[str], shards: Sequence[str],
                   max_shards: int) -> list[dict]:
     """Routing recall and mean shards probed per threshold of ROUTING_THRESHOLDS, by the searcher's rule
@@ -31,11 +39,9 @@ def routing_curve(query_probabilities: Sequence[Probabilities], truths: Sequence
     cap = max_shards or len(shards)
     curve = []
     for threshold in ROUTING_THRESHOLDS:
-        probed = [set(plan(Routing.by_probability(probabilities, threshold, cap), shards).categories)
-                  for probabilities in query_probabilities]
-        curve.append({"threshold": threshold, "max_shards": cap,
-                      "routing_recall": round(float(np.mean([t in p for t, p in zip(truths, probed)])), 4),
-                      "shards_probed": round(float(np.mean([len(p) for p in probed])), 3)})
+        recall, probed = routing_at(query_probabilities, truths, shards, threshold, cap)
+        curve.append({"threshold": threshold, "max_shards": cap, "routing_recall": round(recall, 4),
+                      "shards_probed": round(probed, 3)})
     return curve
 
 
