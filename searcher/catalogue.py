@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
@@ -58,6 +58,27 @@ MAX_PRODUCT_DEPTH = 4096
 # the filter columns are sized by label: without it, memory grew with every item ever added).
 COMPACT_SLACK_LABELS = 1024
 
+
+
+def in_lanes(pool: Executor | None, lanes: int, items: Sequence[T], work: Callable[[T], R]) -> list[R]:
+    """[work(item) for item in items], the items dealt into `lanes` lanes run by `pool` (None: in this thread).
+    `work` must not itself wait on the pool (its threads may all be running lanes).
+
+    hnswlib and numpy release the GIL while they search, so lanes use every core one request alone would
+    leave idle. A lane per thread rather than a task per item: handing a 0.2 ms search to another thread
+    costs a good part of it (measured: 20 shards at ef 64, 3.2 ms a query one task each, 2.5 ms in two
+    lanes). The request's own thread waits rather than running a lane itself: measured through gRPC
+    (global search over 20 shards), alike with one client, 0-10% slower with eight.
+    """
+    def lane(part: Sequence[T]) -> list[R]:
+        return [work(item) for item in part]
+
+    lanes = min(lanes, len(items))
+    if pool is None or lanes < 2:
+        return lane(items)
+    by_lane = list(pool.map(lane, [items[number::lanes] for number in range(lanes)]))
+    # Back in the order of `items`: lane n holds items n, n + lanes, n + 2 * lanes, ...
+    return [by_lane[position % lanes][position // lanes] for position in range(len(items))]
 
 @dataclass(frozen=True)
 class SearchQuery:
@@ -591,24 +612,8 @@ class Catalogue:
         return self._in_lanes(queries, outcome)
 
     def _in_lanes(self, items: Sequence[T], work: Callable[[T], R]) -> list[R]:
-        """[work(item) for item in items], the items dealt into one lane per probe thread, the lanes run by the
-        probe pool. `work` must not itself wait on the pool (its threads may all be running lanes).
-
-        hnswlib and numpy release the GIL while they search, so lanes use every core one request alone would
-        leave idle. A lane per thread rather than a task per item: handing a 0.2 ms search to another thread
-        costs a good part of it (measured: 20 shards at ef 64, 3.2 ms a query one task each, 2.5 ms in two
-        lanes). The request's own thread waits rather than running a lane itself: measured through gRPC
-        (global search over 20 shards), alike with one client, 0-10% slower with eight.
-        """
-        def lane(part: Sequence[T]) -> list[R]:
-            return [work(item) for item in part]
-
-        lanes = min(self._probe_lanes, len(items))
-        if self._probe_pool is None or lanes < 2:
-            return lane(items)
-        by_lane = list(self._probe_pool.map(lane, [items[number::lanes] for number in range(lanes)]))
-        # Back in the order of `items`: lane n holds items n, n + lanes, n + 2 * lanes, ...
-        return [by_lane[position % lanes][position // lanes] for position in range(len(items))]
+        """in_lanes over the probe pool: a lane per probe thread."""
+        return in_lanes(self._probe_pool, self._probe_lanes, items, work)
 
     def _probes(self, tasks: list[tuple[Shard, PlannedProbe]], query: SearchQuery, ef: int,
                 depth: int, spread: bool = True) -> list[tuple[list[Hit], ProbeReport]]:

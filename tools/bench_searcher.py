@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
 
 import hnswlib
 import numpy as np
 
+from lookalike.searcher.catalogue import in_lanes
 from lookalike.serving.cpus import available_cpus
 from lookalike.tools.benchmarking import measure, p50_p99_ms, resident_bytes
 from lookalike.tools.processes import running_service
@@ -31,8 +31,6 @@ from lookalike.client.searcher_client import CatalogueItem, SearcherClient, rout
 
 MODEL = "synthetic@bench"
 K = 10
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -69,15 +67,6 @@ def recall(answers: list[set[int]], exact: list[set[int]]) -> float:
 
 # One lane per CPU, as the searcher's probe lanes (probe_threads 0): the in-process baseline gets the same cores.
 LANES = available_cpus()
-
-
-def in_lanes(pool: ThreadPoolExecutor, work: Callable[[T], list[R]], items: Sequence[T]) -> list[R]:
-    """work's results over items dealt into LANES lanes run by `pool` (LANES threads), as the searcher deals a
-    query's shards, and a batch's queries, into its probe lanes."""
-    if len(items) < 2 or LANES < 2:
-        return [result for item in items for result in work(item)]
-    lanes = [list(items[n::LANES]) for n in range(LANES)]
-    return [result for lane in pool.map(lambda lane: [r for item in lane for r in work(item)], lanes) for result in lane]
 
 
 def synthetic(count: int, dimension: int, categories: int, offset: float, spread: float,
@@ -226,7 +215,8 @@ def _query_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
                 ids, distances = indexes[index_of[name]].knn_query(query_vectors[i][None], k=K, num_threads=1)
                 return list(zip(distances[0].tolist(), ids[0].tolist()))
 
-            return [item for _, item in sorted(in_lanes(lanes, search, shard_lists[i]))[:K]]
+            found = [hit for hits in in_lanes(lanes, LANES, shard_lists[i], search) for hit in hits]
+            return [item for _, item in sorted(found)[:K]]
 
         def remote(i: int) -> list[int]:
             hits = client.search(query_vectors[i], MODEL, K, routings[mode][i]).hits
@@ -275,7 +265,8 @@ def _batch_rows(client: SearcherClient, indexes: list, query_vectors: np.ndarray
             ids, _ = indexes[shard].knn_query(query_vectors[chosen], k=K, num_threads=1)
             return list(zip(chosen.tolist(), (set(row.tolist()) for row in ids)))
 
-        answers = dict(in_lanes(lanes, search, np.unique(shard_of[members]).tolist()))
+        answers = dict(pair for pairs in in_lanes(lanes, LANES, np.unique(shard_of[members]).tolist(), search)
+                       for pair in pairs)
         return [answers[i] for i in members.tolist()]
 
     def remote(members: np.ndarray) -> list[set[int]]:
