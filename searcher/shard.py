@@ -237,8 +237,8 @@ class Shard:
                                         matches <= self.settings.filter_exact_factor * math.sqrt(breadth * count)):
                 return self._exact_among(vector, k, np.flatnonzero(passing), matches)
             labels, distances = self._knn(vector, min(breadth, matches), passing)
-            return ShardAnswer([self._hit(self.id_of[int(label)], 1.0 - float(distance))
-                                for label, distance in zip(labels[0][:k], distances[0][:k])],
+            return ShardAnswer([self._hit(self.id_of[label], 1.0 - distance)
+                                for label, distance in zip(labels[0][:k].tolist(), distances[0][:k].tolist())],
                                matches if passing is not None else 0)
 
     def _hit(self, item_id: str, similarity: float) -> tuple[str, float, Mapping[str, str], str]:
