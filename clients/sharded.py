@@ -9,7 +9,6 @@ searcher holding everything.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import defaultdict
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -19,7 +18,8 @@ import numpy as np
 
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
-from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan
+from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
+                               rendezvous_owner)
 from lookalike.v1 import common_pb2, searcher_pb2
 
 Owner = TypeVar("Owner", bound=Hashable)
@@ -104,7 +104,7 @@ def merge_answers(routed: RoutingPlan, responses: Sequence[searcher_pb2.SearchRe
 
 def owner_of(category: str, pods: int) -> int:
     """The ordinal of the pod that owns `category` (rendezvous hashing)."""
-    return max(range(pods), key=lambda ordinal: hashlib.sha256(f"{category}\0{ordinal}".encode()).digest())
+    return rendezvous_owner(category, range(pods))
 
 
 def statefulset_targets(name: str, replicas: int, port: int = 50052, namespace: str = "default",

@@ -10,7 +10,6 @@ and then as it follows new commits (lookalike.searcher.catalogue).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import sqlite3
@@ -24,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from lookalike.routing import rendezvous_owner
 from lookalike.serving.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,6 @@ class Replica:
     seen_at: float
     # Shards it has built and serves.
     serving: tuple[ShardKey, ...]
-
-
-def rendezvous_owner(key: str, owners: Sequence[str]) -> str:
-    """The owner of `key` by highest-random-weight hashing: stable, and adding an owner moves ~1/n keys."""
-    return max(sorted(owners), key=lambda owner: hashlib.sha256(f"{key}\0{owner}".encode()).digest())
 
 
 @dataclass(frozen=True)

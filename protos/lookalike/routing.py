@@ -33,6 +33,16 @@ def part_of(item_id: str, parts: int) -> int:
     return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % parts if parts > 1 else 0
 
 
+# A pod ordinal (the sharded client) or a replica group's name (the searcher's store).
+Owner = TypeVar("Owner", int, str)
+
+
+def rendezvous_owner(key: str, owners: Iterable[Owner]) -> Owner:
+    """The owner of `key` by highest-random-weight hashing: stable, and adding an owner moves ~1/n keys.
+    Sorted first so that which owner wins does not depend on the order the caller listed them in."""
+    return max(sorted(owners), key=lambda owner: hashlib.sha256(f"{key}\0{owner}".encode()).digest())
+
+
 class Mode(enum.Enum):
     ALL = "all"
     EXPLICIT = "explicit"
