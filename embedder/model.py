@@ -1,7 +1,6 @@
 """The ONNX Runtime session behind the embedder: manifest checks, execution providers, inference."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from lookalike.embedder.config import EmbedderConfig
-from lookalike.codec import read_manifest
+from lookalike.codec import file_sha256, read_manifest
 from lookalike.embedder.preprocess import FaceCrop, face_box
 from lookalike.serving.cpus import available_cpus
 from lookalike.v1 import manifest_pb2
@@ -26,14 +25,6 @@ PROVIDER_NAMES = {
 
 class ModelError(RuntimeError):
     """The model folder cannot be served as it is (missing file, checksum mismatch, wrong graph)."""
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _provider_options(name: str, config: EmbedderConfig) -> tuple[str, dict[str, str]]:
@@ -55,7 +46,7 @@ class OnnxModel:
         onnx_path = Path(config.model_dir) / self.manifest.onnx_file
         if not onnx_path.is_file():
             raise ModelError(f"{onnx_path} is missing (named by manifest.json onnx_file)")
-        actual = _file_sha256(onnx_path)
+        actual = file_sha256(onnx_path)
         if actual != self.manifest.sha256:
             raise ModelError(f"{onnx_path} has sha256 {actual}, manifest says {self.manifest.sha256}: "
                              "the model was changed after export")

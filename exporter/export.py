@@ -30,7 +30,7 @@ from lookalike.exporter.head import (FALLBACK_HEAD_L2, accuracy, fit_head_on_val
                                      fit_temperature, probabilities)
 from lookalike.exporter.model import LookalikeNet, TrunkNet
 from lookalike.exporter.train import Tower, TrainSettings, project, run_batched, train_embedding
-from lookalike.codec import write_manifest
+from lookalike.codec import file_sha256, write_manifest
 from lookalike.v1 import manifest_pb2
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,6 @@ def model_identity(onnx_sha256: str, input_spec: manifest_pb2.InputSpec) -> str:
     return hashlib.sha256(onnx_sha256.encode() + input_spec.face_crop.SerializeToString(deterministic=True)).hexdigest()
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_parity(net: nn.Module, onnx_path: Path, pixels: np.ndarray, tolerance: float) -> manifest_pb2.ParityCheck:
     """Largest |ONNX Runtime - Torch| over both outputs on real images; raises ExportError above tolerance."""
     with torch.no_grad():
@@ -352,7 +344,7 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
                  "prior weight %g (mAP@10 by weight: %s)", routing.queries, routing.threshold, routing.routing_recall,
                  routing.expected_shards, routing.prior_weight,
                  ", ".join(f"{s.prior_weight:g} {s.map_at_10:.4f}" for s in routing.prior_weight_scores))
-    sha256 = sha256_of(onnx_path)
+    sha256 = file_sha256(onnx_path)
     input_spec = manifest_pb2.InputSpec(name=INPUT_NAME, layout="NHWC", dtype="uint8", height=settings.input_size,
                                         width=settings.input_size, channels=3,
                                         resize="face-crop, resize-bilinear" if crop else "resize-bilinear",

@@ -23,8 +23,8 @@ from onnxruntime.transformers.onnx_model import OnnxModel as GraphEditor
 
 from lookalike.quality.labelled_images import LabelledImage
 from lookalike.embedder.preprocess import FaceCrop
-from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, servable, sha256_of
-from lookalike.codec import read_manifest, write_manifest
+from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, servable
+from lookalike.codec import file_sha256, read_manifest, write_manifest
 from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
 from lookalike.quality.routing_fit import routing_at
 from lookalike.v1 import manifest_pb2
@@ -181,7 +181,7 @@ def write_twin_manifest(parent: manifest_pb2.ModelManifest, twin_dir: Path, prec
     calibration figures measured on it; written beside it."""
     manifest = manifest_pb2.ModelManifest()
     manifest.CopyFrom(parent)
-    sha256 = sha256_of(twin_dir / ONNX_FILE)
+    sha256 = file_sha256(twin_dir / ONNX_FILE)
     name = parent.model_id.split("@")[0]
     manifest.model_id = f"{name}-{precision}@{model_identity(sha256, parent.input)[:12]}"
     manifest.sha256 = sha256

@@ -12,8 +12,8 @@ import torch
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.model import OnnxModel
 from lookalike.exporter.efficientnet_lite import load_imagenet_model
-from lookalike.exporter.export import check_parity, decode_files, export_onnx, onnx_session, sha256_of
-from lookalike.codec import read_manifest
+from lookalike.exporter.export import check_parity, decode_files, export_onnx, onnx_session
+from lookalike.codec import file_sha256, read_manifest
 
 GRANNY_SMITH = 948  # ImageNet class index
 
@@ -62,7 +62,7 @@ def test_larger_backbones_export_verified_models(tmp_path: Path, grocery_train: 
 
 def test_manifest_describes_the_verified_model(model_dir: Path) -> None:
     manifest = read_manifest(model_dir)
-    assert manifest.sha256 == sha256_of(model_dir / manifest.onnx_file)
+    assert manifest.sha256 == file_sha256(model_dir / manifest.onnx_file)
     assert manifest.model_id == f"effnet-lite0@{manifest.sha256[:12]}"
     assert manifest.embedding_dim == 1280 and manifest.metric == "cosine"
     assert manifest.input.layout == "NHWC" and manifest.input.dtype == "uint8"
@@ -129,7 +129,7 @@ def test_int8_model_records_its_drift(model_dir: Path, tmp_path: Path, grocery_t
                           random.Random(2).sample(grocery_val, 40))
     parent = read_manifest(model_dir)
     assert int8.precision == "int8" and int8.model_id.startswith("effnet-lite0-int8@")
-    assert int8.sha256 == sha256_of(tmp_path / "int8" / "model.onnx") != parent.sha256
+    assert int8.sha256 == file_sha256(tmp_path / "int8" / "model.onnx") != parent.sha256
     drift = int8.quantization
     assert drift.parent_model_id == parent.model_id
     assert drift.calibration_images == 32 and drift.validation_images == 40
@@ -175,7 +175,7 @@ def test_fp16_model_records_its_drift_and_serves_like_fp32(model_dir: Path, tmp_
     fp16 = half_precision_model(model_dir, tmp_path / "fp16", photos)
     parent = read_manifest(model_dir)
     assert fp16.precision == "fp16" and fp16.model_id.startswith("effnet-lite0-fp16@")
-    assert fp16.sha256 == sha256_of(tmp_path / "fp16" / "model.onnx") != parent.sha256
+    assert fp16.sha256 == file_sha256(tmp_path / "fp16" / "model.onnx") != parent.sha256
     assert read_manifest(tmp_path / "fp16") == fp16
     drift = fp16.quantization
     assert drift.method == "fp16-backbone" and drift.parent_model_id == parent.model_id

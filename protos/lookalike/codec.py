@@ -1,6 +1,7 @@
-"""Wire codecs shared by every component: packed float32 vectors and manifest JSON."""
+"""Wire codecs shared by every component: packed float32 vectors, manifest JSON and the model file's checksum."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,13 @@ def write_manifest(model_dir: Path, manifest: manifest_pb2.ModelManifest) -> Pat
     staging.write_text(text + "\n", encoding="utf-8")
     staging.replace(path)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in blocks so a model of gigabytes never sits in memory whole: what
+    the exporter writes into a manifest and what the embedder checks against it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
