@@ -576,8 +576,8 @@ class Catalogue:
                 shard = shards[key]
                 if (shard.model_id, shard.dimension) != (query.model_id, query.vector.shape[0]):
                     raise FailedPrecondition(
-                        f"the query is a {query.vector.shape[0]}-d vector from model {query.model_id!r}, but shard "
-                        f"{probe.category!r} holds {shard.dimension}-d vectors from model {shard.model_id!r}")
+                        f"model_id {query.model_id!r} with a {query.vector.shape[0]}-d vector: shard {probe.category!r} "
+                        f"holds {shard.dimension}-d vectors from model {shard.model_id!r}, expected a query from that model")
         # Distinct products: each shard returns PRODUCT_DEPTH times k photos, deeper while some shard may
         # hold more and fewer than k products were found (a product's photos crowd the top).
         depth = query.k * PRODUCT_DEPTH if query.distinct_products else query.k

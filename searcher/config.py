@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lookalike.codec import read_manifest
-from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, RoutingDefaults
+from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, MAX_PRIOR_WEIGHT, RoutingDefaults
 from lookalike.serving.settings import parse_config
 
 # A third of the 15 s after which the shard map takes a silent replica as gone (Store.LIVE_SECONDS): two
@@ -113,8 +113,8 @@ class SearcherConfig:
                              f"from for 15 s counts as gone), got {self.follow_interval}")
         if not 0 < self.routing_threshold <= 1:
             raise ValueError(f"routing_threshold must be in (0, 1], got {self.routing_threshold}")
-        if not self.routing_prior_weight >= 0:
-            raise ValueError(f"routing_prior_weight must be 0 or more, got {self.routing_prior_weight}")
+        if not 0 <= self.routing_prior_weight <= MAX_PRIOR_WEIGHT:
+            raise ValueError(f"routing_prior_weight must be 0 to {MAX_PRIOR_WEIGHT}, got {self.routing_prior_weight}")
         if self.probe_threads < 0:
             raise ValueError(f"probe_threads must be 0 (one per CPU) or more, got {self.probe_threads}")
         if not self.filter_exact_factor >= 0:

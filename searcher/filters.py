@@ -9,6 +9,7 @@ few vectorised comparisons over the shard, whatever its selectivity.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -89,14 +90,27 @@ def _test(condition: searcher_pb2.Condition, numeric_attributes: frozenset[str],
                           "a newer client?)")
 
 
+# A number as clients write one: ASCII digits, optional sign, fraction and exponent. Python's float() also
+# takes spaces, underscores ("1_000") and other scripts' digits ("１２"), which other readers of the
+# stored text would not read as that number.
+NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def as_number(text: str | None) -> float:
+    """The finite number the text writes, else NaN: a value stored before its attribute was declared numeric
+    may be no number, and counts as having none (Upsert would have refused it)."""
+    if text is None or not NUMBER.fullmatch(text):
+        return math.nan
+    number = float(text)
+    return number if math.isfinite(number) else math.nan  # "1e999" overflows to inf
+
+
 def numeric_value(text: str, field: str) -> float:
     """An attribute value the searcher declares numeric, as a float; InvalidArgument when it is not one."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise InvalidArgument(f"{field} is {text[:40]!r}, expected a finite number (a numeric attribute)")
+    value = as_number(text)
+    if math.isnan(value):
+        raise InvalidArgument(f"{field} is {text[:40]!r}, expected a finite number written in ASCII digits "
+                              "(a numeric attribute)")
     return value
 
 
@@ -139,7 +153,7 @@ class AttributeColumns:
             codes[label] = -1 if value is None else vocabulary.setdefault(value, len(vocabulary))
         for attribute, numbers in self._numbers.items():
             value = attributes.get(attribute)
-            numbers[label] = _as_number(value)
+            numbers[label] = as_number(value)
 
     def set_live(self, labels: np.ndarray) -> None:
         """Marks labels live in bulk (a shard loaded from a snapshot, before any column is built)."""
@@ -170,7 +184,7 @@ class AttributeColumns:
             numbers = np.full(self._size, np.nan)
             for label, attributes in self._current():
                 value = attributes.get(attribute)
-                numbers[label] = _as_number(value)
+                numbers[label] = as_number(value)
             _keep(self._numbers, attribute, numbers)
         return numbers
 
@@ -206,11 +220,3 @@ def _keep(columns: dict[str, object], attribute: str, column: object) -> None:
         columns.pop(list(columns)[0], None)
 
 
-def _as_number(value: str | None) -> float:
-    # Upsert checks declared numeric attributes (finite numbers); values stored before the attribute was
-    # declared may not be numbers, or be "inf", and count as having none, as Upsert would have refused them.
-    try:
-        number = float(value) if value is not None else math.nan
-    except ValueError:
-        return math.nan
-    return number if math.isfinite(number) else math.nan

@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 
 from lookalike.codec import VectorError, unpack_vector
-from lookalike.routing import Routing
-from lookalike.serving.errors import InvalidArgument, ServiceError, Unavailable, rpc_method
+from lookalike.routing import MAX_PRIOR_WEIGHT, Routing
+from lookalike.serving.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable, rpc_method
 from lookalike.serving.tracing import annotate
 from lookalike.v1 import common_pb2, searcher_pb2, searcher_pb2_grpc
 from lookalike.searcher.catalogue import Catalogue, SearchOutcome, SearchQuery
@@ -18,6 +18,9 @@ from lookalike.searcher.filters import compile_filter, numeric_value
 from lookalike.searcher.store import ItemWrite
 
 MAX_KEY_BYTES = 256
+# Categories one routing may name: a classifier's whole label set fits (product taxonomies run to thousands);
+# checking and planning a list costs about 1.5 microseconds an entry under the interpreter lock.
+MAX_ROUTING_CATEGORIES = 10_000
 
 
 def unit_vector(vector: common_pb2.Vector, field: str, max_dimension: int) -> np.ndarray:
@@ -46,6 +49,11 @@ def _once_each(categories: Sequence[str], field: str, suffix: str = "") -> None:
         if category in seen:
             raise InvalidArgument(f"{field}[{position}]{suffix} repeats {category!r}, expected each category once")
         seen.add(category)
+
+
+def _at_most_routing_categories(count: int, field: str) -> None:
+    if count > MAX_ROUTING_CATEGORIES:
+        raise InvalidArgument(f"{field} has {count} entries, limit is {MAX_ROUTING_CATEGORIES}")
 
 
 def _key(value: str, field: str) -> str:
@@ -88,6 +96,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
     def _attributes(self, attributes: Mapping[str, str], field: str) -> dict[str, str]:
         if len(attributes) > self._config.max_attributes:
             raise InvalidArgument(f"{field} has {len(attributes)} entries, limit is {self._config.max_attributes}")
+        if "" in attributes:  # a filter cannot name it, so it could never be filtered on
+            raise InvalidArgument(f"{field} has an empty attribute name, expected a non-empty name")
         size = sum(len(key.encode()) + len(value.encode()) for key, value in attributes.items())
         if size > self._config.max_attribute_bytes:
             raise InvalidArgument(f"{field} holds {size} bytes of keys and values, limit is "
@@ -154,6 +164,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
                           "shard_ef": [probe.ef for probe in outcome.probes]})
         response = searcher_pb2.SearchResponse()
         _fill_search_response(response, outcome)
+        self._check_answer_size(response, "k, or the attributes stored with the items")
         return response
 
     @rpc_method
@@ -172,16 +183,29 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         valid = [query for query in checked if isinstance(query, SearchQuery)]
         found = iter(catalogue.search_many(valid))
         response = searcher_pb2.SearchBatchResponse()
-        for query in checked:
+        for position, query in enumerate(checked):
             result = response.results.add()
-            outcome = next(found) if isinstance(query, SearchQuery) else query
-            if isinstance(outcome, ServiceError):
-                result.status.CopyFrom(common_pb2.ItemStatus(code=outcome.code.value[0], message=str(outcome)))
+            if isinstance(query, ServiceError):
+                result.status.CopyFrom(common_pb2.ItemStatus(code=query.code.value[0], message=str(query)))
+                continue
+            outcome = next(found)
+            if isinstance(outcome, ServiceError):  # the catalogue's errors name the field, not the query
+                result.status.CopyFrom(common_pb2.ItemStatus(code=outcome.code.value[0],
+                                                              message=f"queries[{position}].{outcome}"))
             else:
                 _fill_search_response(result.response, outcome)
         annotate(lambda: {"queries": count,
                           "failed_queries": sum(result.status.code != 0 for result in response.results)})
+        self._check_answer_size(response, "queries per call, their k, or the attributes stored with the items")
         return response
+
+    def _check_answer_size(self, response: searcher_pb2.SearchResponse | searcher_pb2.SearchBatchResponse,
+                           smaller: str) -> None:
+        """RESOURCE_EXHAUSTED saying what to ask less of, rather than gRPC's own refusal to send it."""
+        size = response.ByteSize()
+        if size > self._config.max_message_bytes:
+            raise ResourceExhausted(f"the answer holds {size} bytes, over this searcher's {self._config.max_message_bytes}"
+                                    f"-byte message limit: ask for fewer {smaller}")
 
     def _query(self, request: searcher_pb2.SearchRequest, at: str = "") -> SearchQuery:
         """The validated query; `at` prefixes field names in errors (queries[3]. in a batch)."""
@@ -192,15 +216,26 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         vector = unit_vector(request.vector, f"{at}vector", self._config.max_dimension)
         model_id = _key(request.model_id, f"{at}model_id")
         mode = request.routing.WhichOneof("mode") if request.HasField("routing") else None
+        if request.HasField("routing") and mode is None:
+            raise InvalidArgument(f"{at}routing has no mode, expected one of all, explicit or probabilities (a mode "
+                                  "this searcher does not know, from a newer client?)")
         if mode == "explicit":
-            if not request.routing.explicit.categories:
-                raise InvalidArgument(f"{at}routing.explicit.categories is empty, expected at least one category")
-            _once_each(request.routing.explicit.categories, f"{at}routing.explicit.categories")
+            categories = request.routing.explicit.categories
+            field = f"{at}routing.explicit.categories"
+            if not categories:
+                raise InvalidArgument(f"{field} is empty, expected at least one category")
+            _at_most_routing_categories(len(categories), field)
+            for position, category in enumerate(categories):
+                _key(category, f"{field}[{position}]")
+            _once_each(categories, field)
         if mode == "probabilities":
             routing = request.routing.probabilities
             field = f"{at}routing.probabilities"
             if not routing.categories:
                 raise InvalidArgument(f"{field}.categories is empty, expected the embedder's category probabilities")
+            _at_most_routing_categories(len(routing.categories), f"{field}.categories")
+            for position, entry in enumerate(routing.categories):
+                _key(entry.category, f"{field}.categories[{position}].category")
             _once_each([entry.category for entry in routing.categories], f"{field}.categories", ".category")
             for position, entry in enumerate(routing.categories):
                 if not (math.isfinite(entry.probability) and 0.0 <= entry.probability <= 1.0):
@@ -209,8 +244,8 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             if not (math.isfinite(routing.threshold) and 0.0 <= routing.threshold <= 1.0):
                 raise InvalidArgument(f"{field}.threshold is {routing.threshold}, expected a value in (0, 1], or 0 "
                                       "for the server default")
-            if not (math.isfinite(routing.prior_weight) and routing.prior_weight >= 0):
-                raise InvalidArgument(f"{field}.prior_weight is {routing.prior_weight}, expected >= 0")
+            if not (math.isfinite(routing.prior_weight) and 0 <= routing.prior_weight <= MAX_PRIOR_WEIGHT):
+                raise InvalidArgument(f"{field}.prior_weight is {routing.prior_weight}, expected 0 to {MAX_PRIOR_WEIGHT}")
         return SearchQuery(vector=vector, model_id=model_id, k=request.k, ef=request.ef,
                            routing=Routing.from_message(request.routing if mode else None),
                            where=compile_filter(request.filter, self._numeric, f"{at}filter"),

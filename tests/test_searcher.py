@@ -280,7 +280,7 @@ class TestBadInput:
     @pytest.fixture()
     def server(self, tmp_path: Path) -> Iterator[grpc.Channel]:
         started, channel = start_searcher(tmp_path, max_k=50, max_batch=10, max_message_bytes=1 << 20,
-                                          snapshot_interval=0)
+                                          max_batch_queries=20, numeric_attributes="price", snapshot_interval=0)
         rng = np.random.default_rng(1)
         self.vectors = rng.normal(size=(5, 8)).astype(np.float32)
         upsert(channel, [pb.Item(id=f"k{i}", category="c", vector=pack_vector(v), model_id="m")
@@ -418,6 +418,111 @@ class TestBadInput:
         assert "routing.probabilities.categories[0].probability is 1.5" in error.details()
         error = self.refused(search, server, vector, "", 5)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_id is empty" in error.details()
+
+
+    @staticmethod
+    def query(**fields: object) -> pb.SearchRequest:
+        values: dict = dict(vector=pack_vector(np.ones(8, np.float32)), model_id="m", k=5)
+        values.update(fields)
+        return pb.SearchRequest(**values)
+
+    @staticmethod
+    def probabilities(**fields: object) -> pb.Routing:
+        values: dict = dict(categories=[common_pb2.CategoryProbability(category="c", probability=1.0)])
+        values.update(fields)
+        return pb.Routing(probabilities=pb.ProbabilityRouting(**values))
+
+    REFUSED_SEARCHES = {
+        "ef": (dict(ef=501), "ef is 501, expected at most 500"),
+        "vector": (dict(vector=pack_vector(np.ones(4097, np.float32))), "vector has 4097 values, limit is 4096"),
+        "no mode": (dict(routing=pb.Routing()), "routing has no mode, expected one of all, explicit or probabilities"),
+        "empty category": (dict(routing=explicit("c", "")), "routing.explicit.categories[1] is empty"),
+        "NUL category": (dict(routing=explicit("c\x00")), "routing.explicit.categories[0] contains a NUL"),
+        "long category": (dict(routing=explicit("c" * 257)), "routing.explicit.categories[0] is 257 bytes"),
+        "many categories": (dict(routing=explicit(*(f"c{n}" for n in range(10_001)))),
+                            "routing.explicit.categories has 10001 entries, limit is 10000"),
+        "empty probability category": (
+            dict(routing=pb.Routing(probabilities=pb.ProbabilityRouting(
+                categories=[common_pb2.CategoryProbability(category="", probability=1.0)]))),
+            "routing.probabilities.categories[0].category is empty"),
+        "threshold": (dict(routing=probabilities(threshold=1.5)), "routing.probabilities.threshold is 1.5"),
+        "negative prior": (dict(routing=probabilities(prior_weight=-1)), "prior_weight is -1.0, expected 0 to 100"),
+        "NaN prior": (dict(routing=probabilities(prior_weight=float("nan"))), "prior_weight is nan, expected 0 to 100"),
+        "huge prior": (dict(routing=probabilities(prior_weight=3e38)), "expected 0 to 100.0"),
+        "model_id": (dict(model_id="m" * 257), "model_id is 257 bytes"),
+        "filter conditions": (dict(filter=pb.Filter(all=[pb.Condition(attribute="a", equals="x")] * 33)),
+                              "filter.all has 33 conditions"),
+        "two lower bounds": (dict(filter=pb.Filter(all=[pb.Condition(attribute="price",
+                                                                      range=pb.NumericRange(gte=1, gt=2))])),
+                             "filter.all[0].range"),
+    }
+
+    @pytest.mark.parametrize("case", REFUSED_SEARCHES)
+    def test_each_bad_search_field_is_named_alone_and_in_a_batch(self, server: grpc.Channel, case: str) -> None:
+        fields, message = self.REFUSED_SEARCHES[case]
+        error = self.refused(stub(server).Search, self.query(**fields))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
+        response = stub(server).SearchBatch(pb.SearchBatchRequest(queries=[self.query(), self.query(**fields)]))
+        good, bad = response.results
+        assert good.status.code == 0 and [hit.id for hit in good.response.hits]
+        assert bad.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert bad.status.message.startswith("queries[1].") and message in bad.status.message
+
+    def test_a_query_from_another_model_in_a_batch_names_its_position_and_field(self, server: grpc.Channel) -> None:
+        response = stub(server).SearchBatch(pb.SearchBatchRequest(queries=[self.query(), self.query(model_id="zz")]))
+        status = response.results[1].status
+        assert status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert status.message.startswith("queries[1].model_id 'zz' with a 8-d vector: shard 'c' holds 8-d vectors "
+                                         "from model 'm'"), status.message
+
+    def test_an_answer_over_the_message_limit_says_what_to_ask_less_of(self, server: grpc.Channel) -> None:
+        """gRPC would refuse to send it with its own words; the searcher says which request fields to lower."""
+        blob = {"blob": "x" * 15_000}
+        for start in range(0, 50, 10):
+            upsert(server, [self.item(id=f"big{n}", attributes=blob) for n in range(start, start + 10)])
+        assert len(search(server, np.ones(8, np.float32), "m", k=50).hits) == 50  # one answer fits
+        error = self.refused(stub(server).SearchBatch, pb.SearchBatchRequest(queries=[self.query(k=50)] * 2))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over this searcher's 1048576-byte message limit: ask for fewer queries per call" in error.details()
+        self.before = self.state(server)
+
+    def test_each_bad_write_field_is_named(self, server: grpc.Channel) -> None:
+        long_key = "k" * 257
+        cases = [(self.item(id=long_key), "items[0].id is 257 bytes"),
+                 (self.item(category=long_key), "items[0].category is 257 bytes"),
+                 (self.item(model_id=long_key), "items[0].model_id is 257 bytes"),
+                 (self.item(product=long_key), "items[0].product is 257 bytes"),
+                 (self.item(attributes={"": "x"}), "items[0].attributes has an empty attribute name"),
+                 (self.item(attributes={"price": "１２_0"}), "items[0].attributes['price'] is '１２_0', expected a "
+                                                             "finite number written in ASCII digits"),
+                 (self.item(attributes={"price": " 12 "}), "expected a finite number"),
+                 (self.item(attributes={"price": "1_000"}), "expected a finite number")]
+        for item, message in cases:
+            status = self.upsert_status(server, item)
+            assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and message in status.message, status.message
+        requests = [(stub(server).Upsert, pb.UpsertRequest(items=[self.item()], replace_products=["p"] * 11),
+                     "replace_products has 11 entries, limit is 10"),
+                    (stub(server).Upsert, pb.UpsertRequest(items=[self.item()], replace_products=[""]),
+                     "replace_products[0] is empty"),
+                    (stub(server).Delete, pb.DeleteRequest(products=[f"p{n}" for n in range(11)]),
+                     "products has 11 entries"),
+                    (stub(server).Delete, pb.DeleteRequest(products=["p", ""]), "products[1] is empty"),
+                    (stub(server).Delete, pb.DeleteRequest(products=["p\x00"]), "products[0] contains a NUL"),
+                    (stub(server).SearchBatch, pb.SearchBatchRequest(queries=[self.query()] * 21),
+                     "queries has 21 entries, expected 1 to 20"),
+                    (stub(server).MoveCategory, pb.MoveCategoryRequest(category="c", group=""), "group is empty"),
+                    (stub(server).MoveCategory, pb.MoveCategoryRequest(category="c\x00", group="g"),
+                     "category contains a NUL"),
+                    (stub(server).MoveCategory, pb.MoveCategoryRequest(category="c", group=long_key),
+                     "group is 257 bytes")]
+        for call, request, message in requests:
+            error = self.refused(call, request)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
+
+    def test_numbers_as_clients_write_them_are_accepted(self, server: grpc.Channel) -> None:
+        for n, price in enumerate(("12", "-1.5e3", ".5", "5.", "+3")):
+            assert self.upsert_status(server, self.item(id=f"priced{n}", attributes={"price": price})).code == 0
+        self.before = self.state(server)
 
 
 def test_request_ef_is_used_and_never_below_k_or_the_default(loaded, grocery_embeddings: dict) -> None:

@@ -237,7 +237,7 @@ def test_removals_pruned_while_a_shard_is_built_do_not_bring_deleted_items_back(
     second = Catalogue(config)
     monkeypatch.setattr(SqliteStore, "removals_after", reading)
     try:
-        hits = second.search(SearchQuery(deleted, MODEL, 5, routing=Routing()), spread=False).hits
+        hits = second.search(SearchQuery(deleted, MODEL, 5, routing=Routing())).hits
         assert [hit.id for hit in hits] == ["Y"]
     finally:
         second.close()
@@ -309,8 +309,7 @@ def test_a_store_that_lost_its_last_writes_is_followed_from_its_items_again(tmp_
     query = random_vector(rng)
 
     def served(catalogue: Catalogue) -> list[str]:
-        return sorted(hit.id for hit in catalogue.search(SearchQuery(query, MODEL, 10, routing=Routing()),
-                                                         spread=False).hits)
+        return sorted(hit.id for hit in catalogue.search(SearchQuery(query, MODEL, 10, routing=Routing())).hits)
 
     catalogue = Catalogue(config)
     catalogue.upsert([ItemWrite("X", "C", random_vector(rng), {}, MODEL)])  # sequence 1
@@ -362,7 +361,7 @@ def test_a_shard_whose_labels_are_mostly_of_removed_items_is_rebuilt_compact(tmp
     queries = [random_vector(rng) for _ in range(20)]
 
     def answers(searcher: Catalogue) -> list[list[str]]:
-        return [[hit.id for hit in searcher.search(SearchQuery(query, MODEL, 10, routing=Routing()), spread=False).hits]
+        return [[hit.id for hit in searcher.search(SearchQuery(query, MODEL, 10, routing=Routing())).hits]
                 for query in queries]
 
     before = answers(catalogue)

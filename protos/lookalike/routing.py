@@ -25,6 +25,9 @@ DEFAULT_THRESHOLD = 0.9
 DEFAULT_MAX_SHARDS = 4
 # Floor inside ln(p) for the prior, so a category the classifier gave 0 still gets a finite score.
 MIN_PROBABILITY = 1e-9
+# The largest prior weight a searcher accepts: exporters fit 0 to 2; far above, scores are all prior (and at
+# float32's limits they overflow to -inf).
+MAX_PRIOR_WEIGHT = 100.0
 
 
 def part_of(item_id: str, parts: int) -> int:

@@ -89,10 +89,10 @@ class SearcherServicer:
         INTERNAL            an unexpected failure (nothing of the request was acknowledged).
         Per-item codes (UpsertResponse.statuses[i].code):
         INVALID_ARGUMENT    empty id or category, a vector whose byte length does not match its
-        dimension, NaN or infinite values, a zero vector.
+        dimension, NaN or infinite values, a zero vector, an empty attribute name.
         FAILED_PRECONDITION the item's model_id or dimension differs from the shard's lock.
         INVALID_ARGUMENT    also: an attribute the searcher declares numeric whose value is not a finite
-        number; too many attributes or attribute bytes; an id, category, model_id or
+        number in ASCII digits (optional sign, fraction, exponent: "-1.5e3"); too many attributes or attribute bytes; an id, category, model_id or
         product with a NUL character or over 256 bytes.
         With replace_products, every stored photo of those products that the request does not carry
         again is removed in the same durable write (INVALID_ARGUMENT for an empty product key). An item
@@ -124,14 +124,18 @@ class SearcherServicer:
         empty). Explicit routing to a category that has no shard yields no hits
         for it and is reported in SearchResponse.unknown_categories.
         INVALID_ARGUMENT    k = 0 or above max_k; ef above 10 x max_k; vector dimension mismatch with its
-        byte length; NaN or infinite values; routing with no categories, or naming a
-        category twice; threshold not in (0, 1];
+        byte length; NaN or infinite values; routing with no mode set (or one this
+        server does not know), with no categories, over 10,000 of them, an empty,
+        NUL-holding or over-256-byte one, or naming a category twice; threshold not in
+        [0, 1] (0: the server default); prior_weight not in [0, 100];
         a bad filter: a condition with no test (or one this server does not know),
         an empty attribute name, an empty one_of or one of over 1,024 values, a range
         without bounds or with a NaN bound, a range on an attribute the searcher does
         not declare numeric, or more than 32 conditions. The message names the field
         (filter.all[2].range).
         FAILED_PRECONDITION the request's model_id or dimension differs from a probed shard's lock.
+        RESOURCE_EXHAUSTED  the request, or the answer, is larger than the server's max message size (the
+        message says what to ask less of: k, or the attributes stored with the items).
         UNAVAILABLE         still loading or shutting down; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -146,7 +150,8 @@ class SearcherServicer:
         Status codes:
         OK                  one result per query (results[i].status.code 0: results[i].response is set).
         INVALID_ARGUMENT    no queries, or more than the server's max_batch_queries.
-        RESOURCE_EXHAUSTED  the request is larger than the server's max message size.
+        RESOURCE_EXHAUSTED  the request, or the answer, is larger than the server's max message size.
+        A failed query's status message starts with its place in the request: "queries[3].k is 0, ..."
         UNAVAILABLE         still loading or shutting down; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
