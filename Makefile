@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATASETS ?= ../shared/datasets
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 POSTGRES_BIN := /usr/lib/postgresql/15/bin
 DEMO_DIR ?= var/demo
@@ -12,7 +11,27 @@ CHROMEDRIVER := /usr/bin/chromedriver
 
 .PHONY: setup test demo web bench protos lock clean check-extras
 
+# apt-get install as root, or through sudo; the package lists are fetched first when they lack a package.
+define apt_install
+@if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+  ($$sudo apt-get install -y -qq $(1) || ($$sudo apt-get update -qq && $$sudo apt-get install -y -qq $(1))) >/dev/null
+endef
+
 setup: $(STAMP) $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(POSTGRES_BIN)/initdb $(CHROMEDRIVER)
+
+# What building the venv needs: venv and ensurepip, the Python headers and a C++ compiler (hnswlib is
+# compiled from its sdist). Debian's python3 has neither of the first two until python3-venv and python3-dev.
+BUILD_TOOLS := $(VENV)/.build-tools
+HAS_BUILD_TOOLS := import ensurepip, os, sys, sysconfig; \
+  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))
+$(BUILD_TOOLS):
+	@$(PYTHON) -c "$(HAS_BUILD_TOOLS)" 2>/dev/null && command -v g++ >/dev/null || \
+	  $(MAKE) --no-print-directory apt-build-tools
+	@mkdir -p $(VENV) && touch $@
+
+.PHONY: apt-build-tools
+apt-build-tools:
+	$(call apt_install,python3-venv python3-dev g++)
 
 # The folders pyproject.toml maps onto lookalike.*: adding or removing a module changes the folder.
 PACKAGE_DIRS := $(addsuffix /,protos/lookalike protos/lookalike/v1 serving quality clients embedder searcher exporter tools web)
@@ -23,7 +42,7 @@ PACKAGE_DIRS := $(addsuffix /,protos/lookalike protos/lookalike/v1 serving quali
 # folder (lint-imports) see the whole package; it links files, so a module added or removed in a
 # package folder re-runs this step.
 # hnswlib is built first, from its sdist with a smaller lock table (third_party/hnswlib/build_wheel.py says why).
-$(STAMP): pyproject.toml requirements.lock $(PACKAGE_DIRS) third_party/hnswlib/build_wheel.py
+$(STAMP): pyproject.toml requirements.lock $(PACKAGE_DIRS) third_party/hnswlib/build_wheel.py | $(BUILD_TOOLS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	wheel=$$($(PY) third_party/hnswlib/build_wheel.py $(VENV)/wheels) && \
@@ -37,29 +56,17 @@ lock: $(STAMP)
 
 # Fashion-MNIST comes from Debian, so a fresh machine has a real catalogue without downloads.
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
-	@if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
-	else \
-	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	fi
+	$(call apt_install,dataset-fashion-mnist)
 
 # PostgreSQL from Debian (bookworm ships 15), so tests and benchmarks can start a real throwaway server (tools/postgres.py).
 # The package may also create and start a default cluster; the tests never use it.
 $(POSTGRES_BIN)/initdb:
-	@if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y -qq postgresql || (apt-get update -qq && apt-get install -y -qq postgresql)) >/dev/null; \
-	else \
-	  sudo apt-get install -y -qq postgresql >/dev/null; \
-	fi
+	$(call apt_install,postgresql)
 
 # Chromium and its driver from Debian, so the web demo's browser test drives a real browser without
 # downloading one (chromium-driver brings /usr/bin/chromedriver and depends on chromium).
 $(CHROMEDRIVER):
-	@if [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)) >/dev/null; \
-	else \
-	  sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	fi
+	$(call apt_install,chromium chromium-driver)
 
 # The extras check first, so pytest's summary is the run's last word.
 test: setup check-extras

@@ -39,6 +39,8 @@ from lookalike.tools.peers_driver import EFS, K, TARGET, measure_system
 from lookalike.tools.processes import running_service
 
 PEER_PACKAGES = ("chromadb==1.5.9", "milvus-lite==3.2.2", "pymilvus==3.0.2")
+# The driver's numpy at this venv's version (requirements.lock's), not whatever is newest.
+PEER_NUMPY = f"numpy=={np.__version__}"
 PEERS = ("chroma", "milvus-lite")
 MODEL = "synthetic@bench"
 DRIVER = Path(__file__).with_name("peers_driver.py")
@@ -52,7 +54,7 @@ def peers_python(venv_dir: Path) -> Path:
         return python
     print(f"installing {', '.join(PEER_PACKAGES)} into {venv_dir} (once)", file=sys.stderr, flush=True)
     venv.create(venv_dir, with_pip=True, clear=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES, "numpy"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES, PEER_NUMPY], check=True)
     subprocess.run(check, check=True)
     return python
 

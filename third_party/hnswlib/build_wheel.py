@@ -31,7 +31,8 @@ VERSION = "0.8.0"
 SDIST_SHA256 = "cb6d037eedebb34a7134e7dc78966441dfd04c9cf5ee93911be911ced951c44c"
 LABEL_LOCKS = 1024
 LOCAL_VERSION = f"{VERSION}+locks{LABEL_LOCKS}.savenogil"
-WHEEL_PATTERN = f"hnswlib-{LOCAL_VERSION}-*.whl"
+# The interpreter's tag too: a wheel kept from another Python (PYTHON=python3.12 make setup) does not install here.
+WHEEL_PATTERN = f"hnswlib-{LOCAL_VERSION}-cp{sys.version_info.major}{sys.version_info.minor}-*.whl"
 
 
 def _replace_once(path: Path, old: str, new: str) -> None:
