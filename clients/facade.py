@@ -159,6 +159,19 @@ def search_result(embedded: EmbeddedImage, response: searcher_pb2.SearchResponse
         face=embedded.face)
 
 
+def searcher_target(text: str) -> str | list[str]:
+    """The `searcher` argument of Lookalike from the text a person gives as --searcher: one address; replicas
+    of one searcher as a gRPC target (ipv4:a,b or dns:///name), whose commas gRPC itself reads; or
+    comma-separated pod addresses in StatefulSet ordinal order (sharded by category)."""
+    if text.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
+        return text
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--searcher is {text!r}, expected host:port, ipv4:a:1,b:2, dns:///name:port or "
+                         "comma-separated pod addresses")
+    return targets if len(targets) > 1 else targets[0]
+
+
 class Lookalike:
     """Sync facade over an embedder and a searcher. Use as a context manager to close both channels."""
 

@@ -68,25 +68,13 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _searcher_target(text: str) -> str | list[str]:
-    """One address; replicas of one searcher as a gRPC target (ipv4:a,b or dns:///name); or comma-separated
-    pod addresses in StatefulSet ordinal order (sharded by category)."""
-    if text.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
-        return text
-    targets = [t.strip() for t in text.split(",") if t.strip()]
-    if not targets:
-        raise ValueError(f"--searcher is {text!r}, expected host:port, ipv4:a:1,b:2, dns:///name:port or "
-                         "comma-separated pod addresses")
-    return targets if len(targets) > 1 else targets[0]
-
-
 def _index(args: argparse.Namespace, rest: list[str]) -> int:
     from lookalike.quality.labelled_images import read_labelled_images
     from lookalike.client.indexing import index_catalogue
-    from lookalike.client.facade import Lookalike
+    from lookalike.client.facade import Lookalike, searcher_target
 
     images = read_labelled_images(args.catalog)
-    with Lookalike(args.embedder, _searcher_target(args.searcher), shard_map=args.shard_map) as lookalike:
+    with Lookalike(args.embedder, searcher_target(args.searcher), shard_map=args.shard_map) as lookalike:
         summary = index_catalogue(lookalike, images, journal=args.journal, use_labels=not args.predict_categories,
                                   batch_size=args.batch_size, concurrency=args.concurrency,
                                   progress=None if args.json else sys.stderr)
@@ -99,11 +87,11 @@ def _index(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _search(args: argparse.Namespace, rest: list[str]) -> int:
-    from lookalike.client.facade import Lookalike
+    from lookalike.client.facade import Lookalike, searcher_target
 
     routing = (args.routing if args.routing in ("adaptive", "top1", "all")
                else [category.strip() for category in args.routing.split(",") if category.strip()])
-    with Lookalike(args.embedder, _searcher_target(args.searcher), prior_weight=args.prior_weight,
+    with Lookalike(args.embedder, searcher_target(args.searcher), prior_weight=args.prior_weight,
                    shard_map=args.shard_map) as lookalike:
         try:
             result = lookalike.search(Path(args.image), k=args.k, routing=routing, filter=args.filter,

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
                                          library_error)
-from lookalike.client.facade import Lookalike, SearchResult, routing_request, search_result
+from lookalike.client.facade import Lookalike, SearchResult, routing_request, search_result, searcher_target
 from lookalike.routing import RoutingDefaults
 from lookalike.v1 import embedder_pb2, searcher_pb2
 
@@ -71,10 +71,10 @@ def connect(embedder: str, searcher: str) -> Lookalike:
     `searcher` is one target (host:port, ipv4:a,b or dns:///name) or comma-separated pod addresses
     (sharded by category), as the CLI takes it.
     """
-    pods = [t.strip() for t in searcher.split(",") if t.strip()]
-    if searcher.startswith(("ipv4:", "ipv6:", "dns:", "unix:")) or len(pods) == 1:
-        return Lookalike(_settings(embedder), _settings(searcher))
-    return Lookalike(_settings(embedder), [_settings(pod) for pod in pods])
+    target = searcher_target(searcher)
+    if isinstance(target, str):
+        return Lookalike(_settings(embedder), _settings(target))
+    return Lookalike(_settings(embedder), [_settings(pod) for pod in target])
 
 
 def search_modes(lookalike: Lookalike, image: bytes, model_id: str, k: int, modes: Sequence[str], threshold: float,
