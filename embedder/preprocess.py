@@ -213,7 +213,7 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
             # (Not with a face crop: the face is a part of the photo and needs its pixels.)
             image.draft("RGB", size)
         image.load()
-        image = _upright(image)
+        image = upright(image)
         image = _to_rgb(image)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
         raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
@@ -227,7 +227,7 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8), box
 
 
-def _upright(image: Image.Image) -> Image.Image:
+def upright(image: Image.Image) -> Image.Image:
     """The image turned as its EXIF orientation says; as it is when the EXIF block is unreadable (browsers
     show such photos too, so refusing them would surprise the shopper)."""
     try:

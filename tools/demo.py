@@ -77,13 +77,15 @@ def contact_sheet(rows: list[tuple[LabelledImage, SearchResult]], path: Path) ->
     """Each query (left, blue frame) beside its top hits (green frame: same label, red: not)."""
     from PIL import Image, ImageDraw, ImageOps
 
+    from lookalike.embedder.preprocess import upright
+
     cell = THUMB + 8
     sheet = Image.new("RGB", ((SHEET_HITS + 1) * cell + 8, len(rows) * cell), "white")
     draw = ImageDraw.Draw(sheet)
 
     def paste(file: str, column: int, row: int, colour: str) -> None:
         with Image.open(file) as image:
-            thumb = ImageOps.pad(ImageOps.exif_transpose(image).convert("RGB"), (THUMB, THUMB), color="white")
+            thumb = ImageOps.pad(upright(image).convert("RGB"), (THUMB, THUMB), color="white")
         x = column * cell + (8 if column else 0)
         draw.rectangle([x, row * cell, x + cell - 3, row * cell + cell - 3], fill=colour)
         sheet.paste(thumb, (x + 3, row * cell + 3))
