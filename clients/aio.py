@@ -6,7 +6,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, LookalikeError, call_with_retries_async, library_error, tracer
+from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries_async, channel_settings,
+                                         library_error, tracer)
 from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
                                               embed_requests, embedded_image)
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
@@ -17,13 +18,9 @@ from lookalike.routing import model_routing
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
 
-def _settings(target: str | ChannelSettings) -> ChannelSettings:
-    return target if isinstance(target, ChannelSettings) else ChannelSettings(target)
-
-
 class AsyncEmbedderClient:
     def __init__(self, target: str | ChannelSettings) -> None:
-        self.settings = _settings(target)
+        self.settings = channel_settings(target)
         self.channel = self.settings.open_aio()
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
         self._limits: RequestLimits | None = None
@@ -54,7 +51,7 @@ class AsyncEmbedderClient:
 
 class AsyncSearcherClient:
     def __init__(self, target: str | ChannelSettings) -> None:
-        self.settings = _settings(target)
+        self.settings = channel_settings(target)
         self.channel = self.settings.open_aio()
         self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
 

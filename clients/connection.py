@@ -94,6 +94,11 @@ class ChannelSettings:
         return grpc.aio.insecure_channel(self.target, options=self._options())
 
 
+def channel_settings(target: str | ChannelSettings) -> ChannelSettings:
+    """What a client was given, as settings: a bare address takes the defaults."""
+    return target if isinstance(target, ChannelSettings) else ChannelSettings(target)
+
+
 class LookalikeError(Exception):
     """A failed call, with the gRPC status code and the server's details."""
 

@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import grpc
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, call_with_retries, status_code
+from lookalike.client.connection import ChannelSettings, call_with_retries, channel_settings, status_code
 from lookalike.codec import unpack_vector
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -105,7 +105,7 @@ class EmbedderClient:
     """Synchronous client for the Embedder service. Use as a context manager to close the channel."""
 
     def __init__(self, target: str | ChannelSettings) -> None:
-        self.settings = target if isinstance(target, ChannelSettings) else ChannelSettings(target)
+        self.settings = channel_settings(target)
         self.channel = self.settings.open()
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
         self._limits: RequestLimits | None = None

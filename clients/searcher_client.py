@@ -6,7 +6,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, LookalikeError, call_with_retries, library_error, status_code
+from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries, channel_settings,
+                                         library_error, status_code)
 from lookalike.codec import pack_vector
 from lookalike.filter_text import parse_filter
 from lookalike.routing import Routing
@@ -80,7 +81,7 @@ class SearcherClient:
     """Synchronous client for the Searcher service. Use as a context manager to close the channel."""
 
     def __init__(self, target: str | ChannelSettings) -> None:
-        self.settings = target if isinstance(target, ChannelSettings) else ChannelSettings(target)
+        self.settings = channel_settings(target)
         self.channel = self.settings.open()
         self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
 

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
-                                         call_with_retries)
+                                         call_with_retries, channel_settings)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
 from lookalike.client.sharded import BatchAnswer, search_owners, search_owners_batch
 from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
@@ -47,7 +47,7 @@ class ShardMapClient:
         makes a search fail when a group is unreachable instead of answering without its shards.
         `threshold` and `max_shards` override, for probability routings that leave them unset, the defaults
         the searchers report in the map (their --routing-* settings or their routing model's)."""
-        self.settings = seed if isinstance(seed, ChannelSettings) else ChannelSettings(seed)
+        self.settings = channel_settings(seed)
         self.seed = SearcherClient(self.settings)
         self.threshold, self.max_shards, self.strict = threshold, max_shards, strict
         self.refresh_seconds = refresh_seconds
