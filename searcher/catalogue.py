@@ -35,7 +35,7 @@ import numpy as np
 
 from lookalike.routing import PlannedProbe, Routing, merge_hits, merge_products, part_of, plan
 from lookalike.serving.cpus import available_cpus
-from lookalike.serving.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from lookalike.serving.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.filters import AttributeFilter
 from lookalike.searcher.shard_metrics import SHARD_PROBES
@@ -505,18 +505,22 @@ class Catalogue:
     def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = (),
                replace_products: Sequence[str] = (), carried: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
         """Stores items durably and serves them before returning; items whose shard is locked to another
-        model or dimension are refused one by one. `names` are the items' fields in error messages. The
+        model or dimension, or that name a new category past max_categories, are refused one by one. `names` are the items' fields in error messages. The
         stored photos of `replace_products` that `items` does not write again are removed in the same write,
         except the ids in `carried` (items of the request refused before they got here)."""
-        outcome = self.store.upsert(items, self.group, replace_products, carried)
+        outcome = self.store.upsert(items, self.group, replace_products, carried, self.config.max_categories)
         outcomes = [ItemOutcome() for _ in items]
+        names = names or [f"items[{position}]" for position in range(len(items))]
         for position, (category, (model_id, dimension)) in outcome.refused.items():
-            item = items[position]
-            name = names[position] if names else f"items[{position}]"
+            item, name = items[position], names[position]
             outcomes[position] = ItemOutcome(FailedPrecondition(
                 f"{name} is a {item.vector.shape[0]}-d vector from model {item.model_id!r}, but shard {category!r} "
                 f"holds {dimension}-d vectors from model {model_id!r}; re-embed it with {model_id!r} or use a "
                 f"separate searcher for the new model"))
+        for position in outcome.over_category_limit:
+            outcomes[position] = ItemOutcome(ResourceExhausted(
+                f"{names[position]}.category {items[position].category!r} would be a new category, but this searcher "
+                f"holds its limit of {self.config.max_categories} (max_categories); use an existing category"))
         self.catch_up(outcome.seq)
         return outcomes, outcome.seq
 

@@ -64,6 +64,9 @@ class SearcherConfig:
     initial_capacity: int = 1024
     max_k: int = 1000
     max_batch: int = 1000
+    # Categories (each a shard with its own graph) a searcher takes: a write naming one more is refused per
+    # item. Categories stay once created: without a cap, a client inventing names would grow memory unbounded.
+    max_categories: int = 10_000
     max_dimension: int = 4096
     # Per item: how many attributes, and their keys and values together in bytes (memory per request).
     max_attributes: int = 64
@@ -100,7 +103,7 @@ class SearcherConfig:
 
     def __post_init__(self) -> None:
         for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
-                     "max_attributes", "max_attribute_bytes", "max_batch_queries",
+                     "max_attributes", "max_attribute_bytes", "max_batch_queries", "max_categories",
                      "routing_max_shards", "max_message_bytes", "grpc_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -159,6 +162,8 @@ class SearcherConfig:
                                    "filter_exact_factor": "search a shard's filter matches exactly when there are at "
                                                           "most this times sqrt(ef * shard items) (0: never)",
                                    "max_batch_queries": "queries per SearchBatch call",
+                                   "max_categories": "categories (shards) this searcher takes; a write into one more "
+                                                     "is refused per item",
                                    "routing_prior_weight": "probability routing: merge by cosine + this times "
                                                            "ln p(category) when a request leaves it unset",
                                    "routing_model": "model folder whose manifest's fitted routing defaults replace "

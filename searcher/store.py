@@ -159,6 +159,8 @@ class UpsertOutcome:
     # Position in the request -> (category, (model_id, dimension) the shard is locked to) for refused items.
     refused: dict[int, tuple[str, tuple[str, int]]]
     seq: int
+    # Positions of items naming a new category past max_categories, refused too.
+    over_category_limit: tuple[int, ...] = ()
 
 
 class Store(ABC):
@@ -284,8 +286,9 @@ class Store(ABC):
     # -- writes (one transaction each, durable when they return) -----------------------------------
 
     def upsert(self, items: Sequence[ItemWrite], home_group: str = "default",
-               replace_products: Sequence[str] = (), carried: Sequence[str] = ()) -> UpsertOutcome:
-        """Stores items (replacing by id) unless their shard is locked to another model or dimension.
+               replace_products: Sequence[str] = (), carried: Sequence[str] = (), max_categories: int = 0) -> UpsertOutcome:
+        """Stores items (replacing by id) unless their shard is locked to another model or dimension, or
+        they name a new category when max_categories (0: no limit) exist.
 
         An item that changes category leaves a tombstone in its old category. A repeated id in one
         request: the last write wins. A new category is placed on a live replica group by rendezvous
@@ -298,6 +301,7 @@ class Store(ABC):
             previous = self._categories_of(conn, list(dict.fromkeys(item.id for item in items)))
             seq = self._head(conn)
             refused: dict[int, tuple[str, tuple[str, int]]] = {}
+            over_category_limit: list[int] = []
             new_shards, rows, tombstones = [], [], []
             now = time.time()
             rewritten = {item.id for item in items} | set(carried)
@@ -309,6 +313,9 @@ class Store(ABC):
             for position, item in enumerate(items):
                 wanted = (item.model_id, int(item.vector.shape[0]))
                 lock = locks.get(item.category)
+                if lock is None and max_categories and len(locks) >= max_categories:
+                    over_category_limit.append(position)
+                    continue
                 if lock is None:
                     locks[item.category] = wanted
                     new_shards.append((item.category, *wanted))
@@ -341,7 +348,7 @@ class Store(ABC):
                           "attributes = excluded.attributes, model_id = excluded.model_id, "
                           "product = excluded.product, seq = excluded.seq", rows)
                 self._save_seq(conn, seq)
-            return UpsertOutcome(refused, seq)
+            return UpsertOutcome(refused, seq, tuple(over_category_limit))
 
     def delete(self, ids: Sequence[str], products: Sequence[str] = ()) -> tuple[dict[str, str], set[str], int]:
         """Deletes the ids, and every photo of the products, that are stored; returns (id -> category

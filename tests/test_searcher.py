@@ -525,6 +525,23 @@ class TestBadInput:
         self.before = self.state(server)
 
 
+def test_new_categories_past_the_limit_are_refused_per_item_and_after_a_restart(tmp_path: Path) -> None:
+    """Each category is a shard with its own graph: a client inventing names must not grow memory without bound."""
+    def item(item_id: str, category: str) -> pb.Item:
+        return pb.Item(id=item_id, category=category, vector=pack_vector(np.ones(4, np.float32)), model_id="m")
+
+    for restart in (False, True):
+        started, channel = start_searcher(tmp_path, max_categories=2, snapshot_interval=0)
+        response = stub(channel).Upsert(pb.UpsertRequest(items=[
+            item("a1", "a"), item("b1", "b"), item("c1", "c"), item("a2", "a")]))
+        assert [status.code for status in response.statuses] == [0, 0, 8, 0]  # 8: RESOURCE_EXHAUSTED
+        assert response.statuses[2].message == ("items[2].category 'c' would be a new category, but this searcher holds "
+                                                "its limit of 2 (max_categories); use an existing category")
+        assert {shard.category for shard in stub(channel).GetStats(pb.GetStatsRequest()).shards} == {"a", "b"}
+        assert [hit.id for hit in search(channel, np.ones(4, np.float32), "m", k=5, routing=explicit("c")).hits] == []
+        started.stop(None)
+
+
 def test_request_ef_is_used_and_never_below_k_or_the_default(loaded, grocery_embeddings: dict) -> None:
     _, channel = loaded
     data = grocery_embeddings

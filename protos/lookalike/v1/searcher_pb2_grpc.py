@@ -91,6 +91,7 @@ class SearcherServicer:
         INVALID_ARGUMENT    empty id or category, a vector whose byte length does not match its
         dimension, NaN or infinite values, a zero vector, an empty attribute name.
         FAILED_PRECONDITION the item's model_id or dimension differs from the shard's lock.
+        RESOURCE_EXHAUSTED  the item names a new category, and the searcher holds max_categories already.
         INVALID_ARGUMENT    also: an attribute the searcher declares numeric whose value is not a finite
         number in ASCII digits (optional sign, fraction, exponent: "-1.5e3"); too many attributes or attribute bytes; an id, category, model_id or
         product with a NUL character or over 256 bytes.
