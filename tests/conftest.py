@@ -11,6 +11,7 @@ import grpc
 import pytest
 from hypothesis import settings
 
+from lookalike.client.facade import upsert_batches
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.tools.postgres import postgres_available, running_postgres
@@ -99,10 +100,10 @@ def grocery_embeddings(model_dir: Path, grocery_train: list, grocery_val: list) 
 
 
 def store_in(items: list[CatalogueItem], *clients: SearcherClient | ShardMapClient) -> None:
-    """Upserts `items` through each searcher client in batches of 500, every item acknowledged."""
-    for start in range(0, len(items), 500):
+    """Upserts `items` through each searcher client in the facade's batches, every item acknowledged."""
+    for batch, _ in upsert_batches(items, replace=False):
         for client in clients:
-            statuses = client.upsert(items[start:start + 500]).statuses
+            statuses = client.upsert(batch).statuses
             assert all(s.code == 0 for s in statuses), [s.message for s in statuses if s.code][:3]
 
 

@@ -33,6 +33,7 @@ from lookalike.client.embedder_client import EmbedderClient
 from lookalike.quality.retrieval_metrics import (average_precision, average_precision_over_hits, expected_calibration_error, hit_at,
                              precision_at, recall_at, top_k_accuracy)
 from lookalike.tools.processes import running_service
+from lookalike.client.facade import upsert_batches
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from lookalike.routing import DEFAULT_MAX_SHARDS, model_routing
 
@@ -86,10 +87,10 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         threshold, max_shards, given_weight = model_routing(info.manifest, threshold, max_shards, prior_weight)
         prior_weight = round(given_weight or 0.0, 6)  # the manifest's float32, as written
         catalogue_vectors, _ = _embed(embedder_client, catalogue)
-        for start in range(0, len(catalogue), 500):
-            response = searcher_client.upsert([
-                CatalogueItem(image.item_id, image.category, vector, model_id, {"label": image.label})
-                for image, vector in zip(catalogue[start:start + 500], catalogue_vectors[start:start + 500])])
+        items = [CatalogueItem(image.item_id, image.category, vector, model_id, {"label": image.label})
+                 for image, vector in zip(catalogue, catalogue_vectors)]
+        for batch, _ in upsert_batches(items, replace=False):
+            response = searcher_client.upsert(batch)
             failed = [s.message for s in response.statuses if s.code]
             if failed:
                 raise ValueError(f"upsert refused: {failed[:3]}")
