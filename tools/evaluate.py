@@ -29,27 +29,27 @@ import numpy as np
 
 from lookalike.quality.labelled_images import LabelledImage, refuse_shared_photos
 from lookalike.quality.routing_fit import PRIOR_WEIGHTS, routing_curve
-from lookalike.client.embedder_client import EmbedderClient
+from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient
 from lookalike.quality.retrieval_metrics import (average_precision, average_precision_over_hits, expected_calibration_error, hit_at,
                              precision_at, recall_at, top_k_accuracy)
 from lookalike.tools.processes import running_service
-from lookalike.client.facade import upsert_batches
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.facade import RoutingMode, routing_request, upsert_batches
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient
 from lookalike.routing import DEFAULT_MAX_SHARDS, model_routing
 
 K_VALUES = (10, 100)
 DIAGNOSTIC = "fitted on these queries: diagnostic only"
 
 
-def _embed(client: EmbedderClient, images: Sequence[LabelledImage]) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
-    vectors, categories = [], []
+def _embed(client: EmbedderClient, images: Sequence[LabelledImage]) -> tuple[np.ndarray, list[EmbeddedImage]]:
+    """The images' vectors stacked, and each image's result (with every category's probability)."""
+    embedded = []
     for start in range(0, len(images), 64):
         for result in client.embed([i.path for i in images[start:start + 64]], top_categories=0):
             if not result.ok:
                 raise ValueError(f"{result.id}: {result.error}")
-            vectors.append(result.vector)
-            categories.append(result.categories)
-    return np.stack(vectors), categories
+            embedded.append(result)
+    return np.stack([result.vector for result in embedded]), embedded
 
 
 def _mode_metrics(rows: list[dict]) -> dict:
@@ -95,7 +95,8 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
             if failed:
                 raise ValueError(f"upsert refused: {failed[:3]}")
         embed_started = time.perf_counter()
-        query_vectors, query_categories = _embed(embedder_client, queries)
+        query_vectors, query_embedded = _embed(embedder_client, queries)
+        query_categories = [result.categories for result in query_embedded]
         embed_seconds = (time.perf_counter() - embed_started) / len(queries)
 
         shard_sizes = Counter(image.category for image in catalogue)
@@ -103,14 +104,12 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
         exact = np.argsort(-(query_vectors @ catalogue_vectors.T), axis=1)[:, :10]
         ids = [image.item_id for image in catalogue]
 
-        def run(mode: str, weight: float = 0.0) -> list[dict]:
+        def run(mode: RoutingMode, weight: float = 0.0) -> list[dict]:
             rows = []
-            for query, vector, categories, exact_row in zip(queries, query_vectors, query_categories, exact):
+            for query, vector, embedded, exact_row in zip(queries, query_vectors, query_embedded, exact):
                 if not relevant_total[query.label]:
                     continue  # nothing in the catalogue to find: no retrieval figure can score it (counted below)
-                routing = {"global": routing_for(), "top-1 shard": routing_for(categories=[categories[0][0]]),
-                           "adaptive": routing_for(probabilities=categories, threshold=threshold,
-                                                   max_shards=max_shards, prior_weight=weight)}[mode]
+                routing = routing_request(mode, embedded, threshold, max_shards, weight)
                 started = time.perf_counter()
                 response = searcher_client.search(vector, model_id, k=max(K_VALUES), routing=routing)
                 latency = time.perf_counter() - started
@@ -133,7 +132,7 @@ def evaluate(embedder: str, searcher: str, catalogue: Sequence[LabelledImage], q
                 rows.append(row)
             return rows
 
-        results = {"global": run("global"), "top-1 shard": run("top-1 shard"), "adaptive": run("adaptive"),
+        results = {"global": run("all"), "top-1 shard": run("top1"), "adaptive": run("adaptive"),
                    f"adaptive + prior {prior_weight:g}": run("adaptive", prior_weight)}
         diagnostic = None
         if fit_on_queries:
