@@ -1,7 +1,7 @@
 """Runs one peer system's half of `lookalike bench peers`, inside the peers' own virtual environment.
 
 Not part of the lookalike package's imports: it needs chromadb or pymilvus, which the project does not
-depend on, and only numpy and this folder's benchmarking.py (loaded by path) besides.
+depend on, and only numpy and this folder's benchmarking.py and processes.py (loaded by path) besides.
 
 `PEERS_PYTHON peers_driver.py chroma|milvus-lite DATA_DIR SECONDS` reads DATA_DIR/{vectors,categories,
 queries,query_categories,exact_global,exact_scoped}.npy, ingests, finds the smallest search ef reaching
@@ -13,20 +13,28 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 
-_spec = importlib.util.spec_from_file_location("benchmarking", Path(__file__).with_name("benchmarking.py"))
-assert _spec is not None and _spec.loader is not None
-benchmarking = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmarking)
+
+def _beside(name: str) -> ModuleType:
+    """A stdlib-and-numpy module of this folder, loaded by path: the peers' environment has no lookalike package."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmarking = _beside("benchmarking")
+processes = _beside("processes")
 
 K = 10
 EFS = (16, 32, 64, 128, 256, 512, 1024)
@@ -40,9 +48,7 @@ class Chroma:
 
     def __init__(self, workdir: Path, dimension: int) -> None:
         self.path = workdir / "chroma"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = processes.free_port()
         self._start()
         self.collection = self.client.create_collection("items", configuration={"hnsw": {
             "space": "ip", "max_neighbors": M, "ef_construction": EF_CONSTRUCTION, "ef_search": EFS[0]}})
