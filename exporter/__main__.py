@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from lookalike.embedder.preprocess import DLIB_HOG_ALIGNED, FACE_DETECTORS, FaceCrop
 from lookalike.quality.labelled_images import LabelledImage, in_one_category, read_labelled_images, refuse_shared_photos
+from lookalike.serving.tracing import LOG_FORMAT
 
 if TYPE_CHECKING:
     from lookalike.exporter.train import TrainSettings
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--device {args.device}: expected cpu, or cuda on a machine where torch sees a GPU "
                          f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     # ONNX Runtime's quantiser logs every scale adjustment at INFO on the root logger: keep ours only.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     logging.getLogger("lookalike.exporter").setLevel(logging.INFO)
     from lookalike.exporter.efficientnet_lite import VARIANTS
     from lookalike.exporter.export import ExportSettings, export_default_model

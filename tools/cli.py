@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lookalike.client.connection import LookalikeError
+from lookalike.serving.tracing import LOG_FORMAT
 from lookalike.tools.processes import ServiceStartError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -427,8 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("export", "serve"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT)
     try:
         return args.run(args, rest)
     except LookalikeError as error:
