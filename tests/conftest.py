@@ -14,6 +14,7 @@ from hypothesis import settings
 from lookalike.client.facade import upsert_batches
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient
 from lookalike.client.shard_map import ShardMapClient
+from lookalike.tools.benchmarking import DATASETS
 from lookalike.tools.postgres import postgres_available, running_postgres
 
 # The property tests draw the same examples on every run unless asked to explore (HYPOTHESIS_PROFILE=explore),
@@ -23,7 +24,6 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets"))
 GROCERY = DATASETS / "grocery"
 CLOTHING = DATASETS / "clothing-small"
 

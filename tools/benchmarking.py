@@ -10,6 +10,10 @@ from typing import Callable
 
 import numpy as np
 
+# The real photo sets: ../shared/datasets beside the checkout, or the folder LOOKALIKE_DATASETS names (the
+# tests read them from here too).
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
 
 def measure(call: Callable[[], int], seconds: float, clients: int) -> tuple[float, list[float]]:
     """Runs `call` (which returns how many units of work it did) from `clients` threads for `seconds`.
@@ -41,8 +45,8 @@ def p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
 
 
 def default_photos(workdir: Path) -> Path:
-    """Real photos to benchmark with: grocery's validation list beside the checkout, else Fashion-MNIST images."""
-    grocery = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "grocery" / "val.txt"
+    """Real photos to benchmark with: grocery's validation list in DATASETS, else Fashion-MNIST images."""
+    grocery = DATASETS / "grocery" / "val.txt"
     if grocery.is_file():
         return grocery
     from lookalike.quality.fashion_mnist import materialize
