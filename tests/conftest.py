@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -105,6 +107,12 @@ def store_in(items: list[CatalogueItem], *clients: SearcherClient | ShardMapClie
         for client in clients:
             statuses = client.upsert(batch).statuses
             assert all(s.code == 0 for s in statuses), [s.message for s in statuses if s.code][:3]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`lookalike ARGS...` in a child process from the checkout's root, its output captured."""
+    return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def start_searcher(data_dir: Path, address_override: str = "127.0.0.1:0", **overrides: object) -> tuple[object, grpc.Channel]:

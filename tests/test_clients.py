@@ -15,8 +15,7 @@ import pytest
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, InvalidArgumentError, UnavailableError
 from lookalike.client.embedder_client import EmbedderClient, RequestLimits, embed_requests
 from lookalike.tools.processes import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_cli
 
 
 def test_client_embeds_paths_and_bytes_and_reports_bad_images(embedder, grocery_val: list) -> None:
@@ -85,11 +84,6 @@ def test_unreachable_server_is_unavailable_after_retries() -> None:
     settings = ChannelSettings(f"127.0.0.1:{free_port()}", timeout=2, retries=2, backoff_initial=0.01)
     with EmbedderClient(settings) as client, pytest.raises(UnavailableError, match="Embedder.GetModelInfo"):
         client.model_info()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_cli_help_lists_commands() -> None:

@@ -6,8 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from lookalike.client.connection import ChannelSettings
 from lookalike.client.indexing import index_catalogue
 from lookalike.client.facade import IndexResult, Lookalike
 from lookalike.client.searcher_client import SearcherClient
-from tests.conftest import ROOT, start_searcher
+from tests.conftest import run_cli, start_searcher
 from lookalike.tools.processes import free_port
 
 
@@ -200,11 +198,6 @@ def test_catalogue_indexing_stops_when_the_embedder_is_down(services: tuple[str,
         with pytest.raises(ValueError, match="batch_size is 0, expected 1 or more"):
             index_catalogue(lookalike, grocery_val[:8], batch_size=0, progress=None)
     assert not journal.exists() or journal.read_text().strip() == ""
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lookalike.tools.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None:
