@@ -284,6 +284,7 @@ def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
 
 
 def test_cli_export_builds_a_verified_model(tmp_path: Path) -> None:
+    from lookalike.codec import read_manifest
     from tests.conftest import CLOTHING
 
     if not CLOTHING.is_dir():
@@ -292,8 +293,8 @@ def test_cli_export_builds_a_verified_model(tmp_path: Path) -> None:
                      str(tmp_path / "model"))
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "10 categories" in result.stdout
-    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
-    assert manifest["parity"]["passed"] and len(manifest["labels"]) == 10
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest.parity.passed and len(manifest.labels) == 10
 
 
 def test_cli_bench_searcher_prints_ratios() -> None:

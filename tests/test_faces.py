@@ -283,8 +283,7 @@ def test_a_trained_embedding_worse_than_the_frozen_features_is_not_kept(tmp_path
     """A head that cannot learn (learning rate 0: it stays at its random start) scores below the ImageNet
     features on the unseen validation people, so the exporter keeps the features: the same model, byte for
     byte, as an export that trains no embedding."""
-    import json
-
+    from lookalike.codec import read_manifest
     from lookalike.exporter.export import ExportSettings, export_default_model
     from lookalike.exporter.train import TrainSettings
     from lookalike.quality.labelled_images import in_one_category, read_labelled_images
@@ -297,7 +296,7 @@ def test_a_trained_embedding_worse_than_the_frozen_features_is_not_kept(tmp_path
     untrainable = ExportSettings(input_size=96, parity_images=4, embedding=TrainSettings(
         loss="triplet", head_epochs=1, head_patience=1, learning_rate=0.0, views=1))
     export_default_model(train, tmp_path / "kept", untrainable, validation=validation)
-    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("frozen", "kept")]
-    assert manifests[1]["model_id"] == manifests[0]["model_id"] and manifests[1]["embedding_dim"] == 1280
-    assert "'kept': 'frozen features (better on validation)'" in manifests[1]["backbone"]
-    assert "(frozen)" in manifests[1]["backbone"]
+    manifests = [read_manifest(tmp_path / name) for name in ("frozen", "kept")]
+    assert manifests[1].model_id == manifests[0].model_id and manifests[1].embedding_dim == 1280
+    assert "'kept': 'frozen features (better on validation)'" in manifests[1].backbone
+    assert "(frozen)" in manifests[1].backbone
