@@ -150,7 +150,7 @@ class Catalogue:
     def __init__(self, config: SearcherConfig) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir)
-        self.settings = IndexSettings(m=config.m, ef_construction=config.ef_construction, ef=config.ef,
+        self.settings = IndexSettings(m=config.m, ef_construction=config.ef_construction,
                                       initial_capacity=config.initial_capacity, exact_below=config.exact_below,
                                       numeric_attributes=config.numeric_attribute_names,
                                       filter_exact_factor=config.filter_exact_factor)

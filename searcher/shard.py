@@ -49,7 +49,6 @@ HNSWLIB_LABEL_LOCKS = _label_locks()
 class IndexSettings:
     m: int = 16
     ef_construction: int = 200
-    ef: int = 64
     initial_capacity: int = 1024
     # A shard with at most this many items is searched exactly (one matrix product) instead of through
     # the graph, as Qdrant's full_scan_threshold does: as fast at that size, and never misses an item
