@@ -55,15 +55,11 @@ class _Job:
 
 @dataclass
 class BatchStats:
-    """Running totals, read by GetModelInfo callers and benchmarks."""
+    """Running totals of the inference thread's work, kept in the process so tests can see how calls were
+    grouped into batches (operators read the lookalike_embedder_* histograms instead)."""
 
     batches: int = 0
     images: int = 0
-    queue_delay_seconds: float = 0.0
-
-    @property
-    def mean_batch(self) -> float:
-        return self.images / self.batches if self.batches else 0.0
 
 
 class MicroBatcher:
@@ -164,7 +160,6 @@ class MicroBatcher:
                 continue
             self.stats.batches += 1
             self.stats.images += len(images)
-            self.stats.queue_delay_seconds += delay
             BATCH_IMAGES.observe(len(images))
             QUEUE_DELAY.observe(delay)
             INFERENCE.observe(time.monotonic() - started)
