@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from lookalike.embedder.preprocess import (DLIB_HOG_ALIGNED, FACE_DETECTORS, HAAR_FRONTAL_FACE, FaceCrop, cut_face,
-                                           decode_image, face_box)
+                                           face_box)
 from tests.conftest import DATASETS, GROCERY, ROOT
 
 ORL = DATASETS / "orl-faces" / "train"

@@ -24,8 +24,6 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 from lookalike.tools.bench_searcher import synthetic
 from lookalike.tools.benchmarking import measure, own_cpu_seconds, p50_p99_ms, process_cpu_seconds
