@@ -43,7 +43,8 @@ class SearcherConfig:
     # HNSW graph degree and build breadth (hnswlib's M and ef_construction).
     m: int = 16
     ef_construction: int = 200
-    # Search breadth when a request does not set one; hnswlib never searches with less than k.
+    # The least search breadth of every request: a request's ef may widen it, never narrow it; hnswlib never
+    # searches with less than k.
     ef: int = 64
     # Shards with at most this many items are searched exactly (brute force) rather than through HNSW.
     exact_below: int = 2048

@@ -3,12 +3,14 @@
 Shared by the searcher (one process holding every shard) and the sharded client (shards spread over
 pods), so both answer a query the same way. Probability routing probes categories in order of the
 classifier's probability until the probed mass reaches the threshold or the shard cap. Every probed
-shard returns its own top k with the full ef, and the merge keeps the best k by score, so a shard's
-share of the answer follows its scores (plus its prior, ln p times prior_weight, when that is set).
-Scaling ef down by relative probability was measured to cost recall@10 0.954 -> 0.894 (30k synthetic
-items, 20 shards) for no gain in throughput through gRPC, so it is not done. Categories without a
-shard hold no items: their probability counts as covered. When no likely category has a shard (a
-model trained on other labels, say), every shard is searched rather than none.
+shard returns its own top k, and the merge keeps the best k by score, so a shard's share of the answer
+follows its scores (plus its prior, ln p times prior_weight, when that is set). Each shard gets the full
+ef, except in a query probing many shards (the searcher's screen_from_shards): there every shard is
+first screened at a fraction of ef, and only those holding any of the merged best k are searched again
+at full ef. Scaling ef down by relative probability instead was measured to cost recall@10 0.954 -> 0.894
+(30k synthetic items, 20 shards) for no gain in throughput through gRPC, so it is not done. Categories
+without a shard hold no items: their probability counts as covered. When no likely category has a shard
+(a model trained on other labels, say), every shard is searched rather than none.
 """
 from __future__ import annotations
 
