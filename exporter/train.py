@@ -76,10 +76,11 @@ FINETUNE_DEFAULTS = {"finetune_from": 13, "views": 4}
 class Tower(nn.Module):
     """Cached trunk output -> unit-length backbone features.
 
-    split None: the cache holds the frozen backbone's features, passed through. split 1-15: it holds the
-    activations entering that block, and the blocks from there on run. split 0: it holds uint8 photos; in
-    training mode each gets a fresh random view, and the whole network runs. BatchNorm statistics stay
-    as trained on ImageNet unless `train_batchnorm`.
+    split None: the cache holds the frozen backbone's features, passed through. split 1 to the backbone's
+    last block (15 in lite0, 20 in lite1 and lite2): it holds the activations entering that block, and the
+    blocks from there on run. split 0: it holds uint8 photos; in training mode each gets a fresh random
+    view, and the whole network runs. BatchNorm statistics stay as trained on ImageNet unless
+    `train_batchnorm`.
     """
 
     def __init__(self, backbone: EfficientNetLite, split: int | None, seed: int = 0,

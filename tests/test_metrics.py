@@ -39,7 +39,8 @@ def test_expected_calibration_error() -> None:
     # Two confident right answers (0.9) and two hesitant ones (0.6), one of them wrong.
     probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
     truth = np.array([0, 0, 0, 0])
-    # Bin (0.8, 0.87]: none; 0.9 bin: accuracy 1 vs confidence 0.9 -> 0.1 * 2/4; 0.6 bin: accuracy 0.5 vs 0.6 -> 0.1 * 2/4.
+    # Ten bins of 0.1: (0.8, 0.9] holds both 0.9s, accuracy 1 vs confidence 0.9 -> 0.1 * 2/4; (0.5, 0.6] holds both
+    # 0.6s, accuracy 0.5 vs 0.6 -> 0.1 * 2/4; the other bins are empty.
     assert expected_calibration_error(probabilities, truth, bins=10) == pytest.approx(0.1)
     assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
 
