@@ -1,4 +1,5 @@
 """Lookalike's Python client library: channels, typed clients, the facade, asyncio, sharding, indexing.
 
-Imports only the contracts (lookalike.v1, lookalike.codec, lookalike.routing) and its own modules.
+Imports only the contracts (lookalike.v1, lookalike.codec, lookalike.routing, lookalike.filter_text) and its own
+modules.
 """
