@@ -337,8 +337,22 @@ def test_the_health_port_answers_while_every_handler_thread_is_busy() -> None:
         health_server.stop(None)
 
 
-def test_aged_connections_close_without_failing_a_call(tmp_path: Path) -> None:
+def test_aged_connections_close_without_failing_a_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a 0.3 s connection age the server sends GOAWAY again and again; calls keep succeeding."""
+    from lookalike.searcher.servicer import SearcherServicer
+    from lookalike.v1 import searcher_pb2
+
+    # The address each call came from: a new connection comes from a new client port, so several addresses
+    # show the connections were really closed and replaced (the calls would succeed without that too).
+    peers: set[str] = set()
+    answer = SearcherServicer.GetStats
+
+    def get_stats(servicer: SearcherServicer, request: searcher_pb2.GetStatsRequest,
+                  context: grpc.ServicerContext) -> searcher_pb2.GetStatsResponse:
+        peers.add(context.peer())
+        return answer(servicer, request, context)
+
+    monkeypatch.setattr(SearcherServicer, "GetStats", get_stats)
     started, channel = start_searcher(tmp_path, snapshot_interval=0, max_connection_age_seconds=0.3)
     failures = 0
     with SearcherClient(ChannelSettings(f"127.0.0.1:{started.port}", retries=0)) as client:
@@ -355,3 +369,4 @@ def test_aged_connections_close_without_failing_a_call(tmp_path: Path) -> None:
     channel.close()
     started.stop(None)
     assert calls >= 60 and failures == 0
+    assert len(peers) >= 3, f"the calls came over {len(peers)} connection(s): {sorted(peers)}"
