@@ -235,8 +235,21 @@ def test_photos_with_a_broken_exif_block_are_shown_as_they_are(services: tuple[s
         assert f"**Query:** uploaded {plain('broken-exif.png')}" in _texts(at)
         assert len(at.image) == 1 + len(catalogue) + len(ROUTING_MODES), "the preview, the grid, the comparison"
         assert len(at.container(key="results").image) == len(catalogue)
-    # With the box a face model draws, too.
-    assert query_preview(broken, face=(2, 2, 20, 20)) is not None
+    # With the box a face model draws, too: at the photo's own size, the preview differs from the one without a
+    # box exactly along a box of the face's size, in the box's colour.
+    import numpy as np
+
+    from lookalike.web.app import FACE_BOX_COLOUR
+
+    with Image.open(io.BytesIO(broken)) as image:
+        width, height = image.size
+    face = (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
+    unboxed, boxed = (np.asarray(Image.open(io.BytesIO(query_preview(broken, max(width, height), box))).convert("RGB"))
+                      for box in (None, face))
+    changed = np.argwhere((boxed != unboxed).any(axis=2))  # (row, column) pairs
+    assert len(changed) and (boxed[tuple(changed.T)] == FACE_BOX_COLOUR).all()
+    (top, left), (bottom, right) = changed.min(axis=0), changed.max(axis=0)
+    assert (right - left + 1, bottom - top + 1) == (face[2] - face[0], face[3] - face[1])
 
 
 def test_a_server_that_is_down_gives_a_clear_message(services: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
