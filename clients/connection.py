@@ -72,7 +72,12 @@ class ChannelSettings:
         """The metadata every call sends: `metadata`, plus the bearer token when there is one."""
         token = self.token or os.environ.get("LOOKALIKE_TOKEN", "")
         if not token and os.environ.get("LOOKALIKE_TOKEN_FILE"):
-            token = Path(os.environ["LOOKALIKE_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
+            path = os.environ["LOOKALIKE_TOKEN_FILE"]
+            try:
+                token = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as error:  # the library's error, as for a refused token
+                raise library_error(grpc.StatusCode.UNAUTHENTICATED, f"the token file {path} (LOOKALIKE_TOKEN_FILE) "
+                                    f"cannot be read: {error}") from error
         metadata = self.metadata + ((("authorization", f"Bearer {token}"),) if token else ())
         trace_context: dict[str, str] = {}
         propagate.inject(trace_context)

@@ -135,6 +135,10 @@ def test_the_client_takes_its_token_from_the_environment_or_a_file(guarded, tmp_
     token_file.write_text(TOKENS["write"] + "\n")
     monkeypatch.setenv("LOOKALIKE_TOKEN_FILE", str(token_file))
     assert client(started).upsert([ITEM]).statuses[0].code == 0
+    # A file that cannot be read is the library's error, as a refused token is (not a bare OSError).
+    monkeypatch.setenv("LOOKALIKE_TOKEN_FILE", str(tmp_path / "missing"))
+    error = refusal(lambda: client(started).stats())
+    assert error.code == grpc.StatusCode.UNAUTHENTICATED and "LOOKALIKE_TOKEN_FILE) cannot be read" in error.details
 
 
 def test_a_malformed_rewrite_keeps_the_last_good_tokens(guarded, caplog: pytest.LogCaptureFixture) -> None:
