@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lookalike.client.facade import searcher_target
 from lookalike.tools.processes import ServiceStartError, free_port, stop_process
 
 SAMPLE_QUERIES = 8
@@ -105,6 +106,11 @@ def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = N
 
     if (embedder is None) != (searcher is None):
         raise ValueError("give both --embedder and --searcher, or neither to start the demo's services")
+    if embedder is not None and searcher is not None:
+        # Refused here, not on every visit to the page.
+        if not embedder.strip():
+            raise ValueError("--embedder is empty, expected host:port or a gRPC target")
+        searcher_target(searcher)
     # A SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the page and the services started
     # here are stopped with it instead of left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -195,6 +195,15 @@ def plain(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]<>|~$#])", r"\\\1", text)
 
 
+def literal(text: str) -> str:
+    """Text any catalogue writer chose (ids, categories, attributes) as inline code: shown as itself, never as a
+    link. Streamlit's markdown links bare URLs, www. names and e-mail addresses even when escaped, so
+    plain() would let a writer put links on the page."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""  # CommonMark strips one space each side
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def sample_name(path: Path) -> str:
     return f"{path.parent.name}/{path.stem}"
 
@@ -287,8 +296,8 @@ def by_probability(mode: str, result: SearchResult) -> bool:
 
 def probed_line(result: SearchResult, mode: str) -> str:
     if by_probability(mode, result):
-        return ", ".join(f"{plain(p.category)} ({p.probability:.2f})" for p in result.probes)
-    return ", ".join(plain(p.category) for p in result.probes)
+        return ", ".join(f"{literal(p.category)} ({p.probability:.2f})" for p in result.probes)
+    return ", ".join(literal(p.category) for p in result.probes)
 
 
 def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_weight: float,
@@ -332,11 +341,11 @@ def show_result(name: str, data: bytes, result: SearchResult, mode: str, prior_w
                 else:
                     column.caption("(the item's image file is not on this machine)")
                 score = f" · score {match.score:.3f}" if prior_weight else ""
-                column.markdown(f"**{rank}. {plain(match.id)}**  \n"
-                                f"similarity {match.similarity:.3f}{score} · {plain(match.category)}")
+                column.markdown(f"**{rank}. {literal(match.id)}**  \n"
+                                f"similarity {match.similarity:.3f}{score} · {literal(match.category)}")
                 extra = {key: value for key, value in match.attributes.items() if key != "path"}
                 if extra:
-                    column.caption(", ".join(f"{plain(key)}: {plain(value)}" for key, value in extra.items()))
+                    column.caption(", ".join(f"{literal(key)}: {literal(value)}" for key, value in extra.items()))
 
 
 def show_comparison(results: dict[str, SearchResult], roots: Sequence[Path]) -> None:
@@ -354,7 +363,7 @@ def show_comparison(results: dict[str, SearchResult], roots: Sequence[Path]) -> 
             thumbs = [(image, caption) for image, caption in thumbs if image is not None]
             if thumbs:
                 column.image([image for image, _ in thumbs], caption=[caption for _, caption in thumbs])
-            column.caption("  \n".join(f"{rank}. {plain(m.id)} ({plain(m.category)})"
+            column.caption("  \n".join(f"{rank}. {literal(m.id)} ({literal(m.category)})"
                                        for rank, m in enumerate(shown, start=1)))
 
 
