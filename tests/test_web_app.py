@@ -375,3 +375,26 @@ def test_an_empty_service_address_is_refused_before_the_page_starts(tmp_path: Pa
         run_web(tmp_path, embedder="127.0.0.1:1", searcher="")
     with pytest.raises(ValueError, match="--embedder is empty"):
         run_web(tmp_path, embedder=" ", searcher="127.0.0.1:1")
+
+
+def test_changing_only_what_is_shown_calls_no_service_again(page: tuple[AppTest, object, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing radio picks one of the three answers already searched: Streamlit's rerun must not embed and
+    search the photo again. A search control does search again."""
+    from lookalike.client.embedder_client import EmbedderClient
+    from lookalike.client.searcher_client import SearcherClient
+
+    calls = {"embed": 0, "search": 0}
+    for cls, name in ((EmbedderClient, "embed"), (SearcherClient, "search")):
+        def counted(self, *args, _original=getattr(cls, name), _name=name, **kwargs):  # noqa: ANN001, ANN202
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, counted)
+    at, _, _ = page
+    at.run()
+    assert calls == {"embed": 1, "search": 3}
+    at.radio(key="routing").set_value("global").run()
+    assert calls == {"embed": 1, "search": 3} and _probed(at, "global")
+    at.slider(key="threshold").set_value(0.05).run()
+    assert calls == {"embed": 2, "search": 6}
+    assert not at.exception and not at.error

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import re
@@ -75,6 +76,18 @@ def connect(embedder: str, searcher: str) -> Lookalike:
     if isinstance(target, str):
         return Lookalike(_settings(embedder), _settings(target))
     return Lookalike(_settings(embedder), [_settings(pod) for pod in target])
+
+
+def remembered(slot: str, key: tuple, compute: Callable[[], Answer]) -> Answer:
+    """compute()'s answer for `key`, kept in this browser session's `slot` until the key changes: Streamlit
+    reruns the whole page on every widget change, and one that only changes what is shown (the routing
+    radio) must not embed and search the photo again."""
+    kept = st.session_state.get(slot)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    answer = compute()
+    st.session_state[slot] = (key, answer)
+    return answer
 
 
 def search_modes(lookalike: Lookalike, image: bytes, model_id: str, k: int, modes: Sequence[str], threshold: float,
@@ -385,8 +398,11 @@ def main() -> None:
     name, data = query
     try:
         with st.spinner("Searching…"):
-            results = search_modes(lookalike, data, info.model_id, k, list(ROUTING_MODES), threshold, max_shards,
-                                   prior_weight)
+            # Searched again when the photo, a search control, the model or the catalogue (a write) changes.
+            key = (settings.embedder, settings.searcher, info.model_id, stats.sequence, stats.items,
+                   hashlib.sha256(data).hexdigest(), k, threshold, max_shards, prior_weight)
+            results = remembered("results", key, lambda: search_modes(
+                lookalike, data, info.model_id, k, list(ROUTING_MODES), threshold, max_shards, prior_weight))
     except LookalikeError as error:
         st.error(f"{plain(name)}: {describe_error(error, settings)}")
         return
