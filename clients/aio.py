@@ -9,7 +9,7 @@ import numpy as np
 from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries_async, channel_settings,
                                          library_error, tracer)
 from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
-                                              embed_requests, embedded_image)
+                                              embed_plan)
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
                                      record_upserts, refused_products, routing_request, search_result, upsert_batches)
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
@@ -33,11 +33,9 @@ class AsyncEmbedderClient:
                     timeout: float | None = None) -> list[EmbeddedImage]:
         if self._limits is None:
             self._limits = RequestLimits.of(await self.model_info(timeout), self.settings)
-        results: list[EmbeddedImage] = []
-        for request in embed_requests(images, ids, top_categories, self._limits):
-            response = await call_with_retries_async(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
-            results.extend(embedded_image(result) for result in response.results)
-        return results
+        plan = embed_plan(images, ids, top_categories, self._limits)
+        return plan.results([await call_with_retries_async(self.stub.Embed, request, self.settings, timeout,
+                                                           "Embedder.Embed") for request in plan.requests])
 
     async def close(self) -> None:
         await self.channel.close()

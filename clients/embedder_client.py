@@ -72,23 +72,46 @@ class RequestLimits:
         return cls(info.max_images_per_request or DEFAULT_MAX_IMAGES, message_bytes - REQUEST_FRAMING_BYTES)
 
 
-def embed_requests(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
-                   limits: RequestLimits) -> list[embedder_pb2.EmbedRequest]:
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What embed sends for a list of images: the requests, and for each image its result decided before
+    sending (an image no request can carry), or None for an image that travels in `requests`."""
+
+    requests: list[embedder_pb2.EmbedRequest]
+    refused: list[EmbeddedImage | None]
+
+    def results(self, responses: Sequence[embedder_pb2.EmbedResponse]) -> list[EmbeddedImage]:
+        """One result per image, in the images' order, given the responses to `requests`."""
+        sent = iter([embedded_image(result) for response in responses for result in response.results])
+        return [result if result is not None else next(sent) for result in self.refused]
+
+
+def embed_plan(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
+               limits: RequestLimits) -> EmbedPlan:
     """The Embed requests for a list of images, each within the server's image count and message size, so
-    one bad image fails alone; an image larger than a message travels alone and is refused alone."""
+    one bad image fails alone. An image larger than a request can carry is not sent (the server would refuse
+    its whole request): it gets RESOURCE_EXHAUSTED, as an image over the server's per-image limit does."""
     check_one_per_image(images, ids=ids)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
     requests: list[embedder_pb2.EmbedRequest] = []
+    refused: list[EmbeddedImage | None] = []
     size = 0
     for image, image_id in zip(images, ids):
         data = read_image(image)
         image_size = len(data) + len(image_id.encode()) + IMAGE_FRAMING_BYTES
+        if image_size > limits.bytes:
+            refused.append(EmbeddedImage(image_id, error_code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                         error=f"image has {len(data)} bytes, more than the {limits.bytes} an Embed "
+                                               "request can carry (the smaller of the server's and the channel's "
+                                               "max_message_bytes, less framing)"))
+            continue
+        refused.append(None)
         if not requests or len(requests[-1].images) == limits.images or size + image_size > limits.bytes:
             requests.append(embedder_pb2.EmbedRequest(top_categories=top_categories))
             size = 0
         requests[-1].images.add(data=data, id=image_id)
         size += image_size
-    return requests
+    return EmbedPlan(requests, refused)
 
 
 def embedded_image(result: embedder_pb2.EmbedResult) -> EmbeddedImage:
@@ -120,11 +143,9 @@ class EmbedderClient:
         """Embeds images (bytes or paths), split into requests the server accepts; one result per image."""
         if self._limits is None:
             self._limits = RequestLimits.of(self.model_info(timeout), self.settings)
-        results: list[EmbeddedImage] = []
-        for request in embed_requests(images, ids, top_categories, self._limits):
-            response = call_with_retries(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
-            results.extend(embedded_image(result) for result in response.results)
-        return results
+        plan = embed_plan(images, ids, top_categories, self._limits)
+        return plan.results([call_with_retries(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
+                             for request in plan.requests])
 
     def close(self) -> None:
         self.channel.close()

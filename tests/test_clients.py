@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, InvalidArgumentError, UnavailableError
-from lookalike.client.embedder_client import EmbedderClient, RequestLimits, embed_requests
+from lookalike.client.embedder_client import EmbedderClient, RequestLimits, embed_plan
 from lookalike.tools.processes import free_port
 from tests.conftest import run_cli
 
@@ -59,16 +59,41 @@ def test_client_keeps_each_request_within_the_servers_message_size(embedder, gro
 
 def test_embed_requests_split_by_count_and_by_bytes() -> None:
     limits = RequestLimits(images=3, bytes=1000)
-    sizes = [len(request.images) for request in embed_requests([b"x" * 10] * 7, None, 0, limits)]
+    sizes = [len(request.images) for request in embed_plan([b"x" * 10] * 7, None, 0, limits).requests]
     assert sizes == [3, 3, 1]
     # 400-byte images, 16 bytes of framing and a one-character id each: two fit in 1,000 bytes, not three.
-    sizes = [len(request.images) for request in embed_requests([b"x" * 400] * 5, None, 0, limits)]
+    sizes = [len(request.images) for request in embed_plan([b"x" * 400] * 5, None, 0, limits).requests]
     assert sizes == [2, 2, 1]
-    # An image larger than a message travels alone (the server refuses that request, and only it).
-    requests = embed_requests([b"small", b"x" * 5000, b"small"], ["a", "b", "c"], 2, limits)
-    assert [[image.id for image in request.images] for request in requests] == [["a"], ["b"], ["c"]]
-    assert all(request.top_categories == 2 for request in requests)
-    assert embed_requests([], None, 0, limits) == []
+    # An image larger than a request is not sent: it is refused alone, before any call.
+    plan = embed_plan([b"small", b"x" * 5000, b"small"], ["a", "b", "c"], 2, limits)
+    assert [[image.id for image in request.images] for request in plan.requests] == [["a", "c"]]
+    assert all(request.top_categories == 2 for request in plan.requests)
+    assert [(r.id, r.error_code) for r in plan.refused if r is not None] == [("b", grpc.StatusCode.RESOURCE_EXHAUSTED)]
+    assert embed_plan([], None, 0, limits).requests == []
+
+
+def test_an_image_larger_than_a_message_fails_alone(embedder, grocery_val: list) -> None:
+    """The fixture's server receives at most 4 MiB a message: a 5-MiB image between two photos was sent in a
+    request of its own, which the server refused whole, and embed raised, losing the photos' results. It is
+    now that image's RESOURCE_EXHAUSTED, through the sync and the asyncio client."""
+    from lookalike.client.aio import AsyncEmbedderClient
+
+    started, _ = embedder
+    photo = grocery_val[0].path.read_bytes()
+    images = [photo, photo + bytes(5 * 1024 * 1024), photo]
+    with EmbedderClient(f"127.0.0.1:{started.port}") as client:
+        results = client.embed(images, ids=["before", "huge", "after"])
+
+    async def embed_async() -> list:
+        async with AsyncEmbedderClient(f"127.0.0.1:{started.port}") as async_client:
+            return await async_client.embed(images, ids=["before", "huge", "after"])
+
+    for answers in (results, asyncio.run(embed_async())):
+        assert [(r.id, r.ok, r.error_code) for r in answers] == [
+            ("before", True, grpc.StatusCode.OK), ("huge", False, grpc.StatusCode.RESOURCE_EXHAUSTED),
+            ("after", True, grpc.StatusCode.OK)]
+        assert "more than the" in answers[1].error and "max_message_bytes" in answers[1].error
+        np.testing.assert_array_equal(answers[2].vector, answers[0].vector)
 
 
 def test_deadline_surfaces_as_timeout_error(embedder, grocery_val: list) -> None:
