@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from lookalike.pixels import to_rgb, upright
 from lookalike.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from lookalike.v1 import manifest_pb2
 
@@ -27,8 +28,6 @@ Image.MAX_IMAGE_PIXELS = None
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF or PNM (PGM/PPM)"
 
-# Transparent pixels become white: catalogue cut-outs are shot on white, not black.
-_BACKGROUND = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
             image.draft("RGB", size)
         image.load()
         image = upright(image)
-        image = _to_rgb(image)
+        image = to_rgb(image)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
         raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
     face = cut_face(image, face_crop, size) if face_crop is not None else None
@@ -225,29 +224,3 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
         raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
                                  "(its manifest's input.face_crop.no_face is 'fail')")
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8), box
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says; as it is when the EXIF block is unreadable (browsers
-    show such photos too, so refusing them would surprise the shopper)."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a corrupt EXIF block surfaces as many types
-        return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited over a white background."""
-    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
-        # A palette entry, grey level or colour marked transparent (PNG's tRNS chunk): an alpha channel
-        # stored as one colour, as PNG optimisers write an on/off alpha.
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I;16"):
-        # 16-bit greyscale (PNG): Pillow's convert would clip at 255 instead of rescaling.
-        array = np.asarray(image, dtype=np.float32) / 257.0
-        image = Image.fromarray(array.round().astype(np.uint8))
-    return image.convert("RGB")

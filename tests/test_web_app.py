@@ -398,3 +398,28 @@ def test_changing_only_what_is_shown_calls_no_service_again(page: tuple[AppTest,
     at.slider(key="threshold").set_value(0.05).run()
     assert calls == {"embed": 2, "search": 6}
     assert not at.exception and not at.error
+
+
+def test_the_query_preview_shows_the_pixels_the_embedder_takes() -> None:
+    """Transparency over white and 16-bit grey rescaled, as the embedder decodes them (a plain RGB conversion
+    shows a cut-out on black and a 16-bit gradient as solid white)."""
+    import numpy as np
+    from PIL import Image
+
+    from lookalike.web.app import query_preview
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def shown(data: bytes) -> np.ndarray:
+        preview = query_preview(data, size=64)
+        assert preview is not None
+        return np.asarray(Image.open(io.BytesIO(preview)).convert("L"), dtype=np.float32)
+
+    cut_out = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    assert shown(png(cut_out)).mean() > 250
+    gradient = Image.fromarray(np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16))
+    assert gradient.mode.startswith("I;16")
+    assert 100 < shown(png(gradient)).mean() < 155

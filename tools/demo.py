@@ -77,7 +77,7 @@ def contact_sheet(rows: list[tuple[LabelledImage, SearchResult]], path: Path) ->
     """Each query (left, blue frame) beside its top hits (green frame: same label, red: not)."""
     from PIL import Image, ImageDraw, ImageOps
 
-    from lookalike.embedder.preprocess import upright
+    from lookalike.pixels import upright
 
     cell = THUMB + 8
     sheet = Image.new("RGB", ((SHEET_HITS + 1) * cell + 8, len(rows) * cell), "white")

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
                                          library_error)
 from lookalike.client.facade import Lookalike, SearchResult, routing_request, search_result, searcher_target
+from lookalike.pixels import to_rgb, upright
 from lookalike.routing import RoutingDefaults
 from lookalike.v1 import embedder_pb2, searcher_pb2
 
@@ -144,19 +145,10 @@ def shard_sizes(stats: searcher_pb2.GetStatsResponse) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
-def upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says; as it is when the EXIF block is unreadable, as the
-    embedder takes it (a PNG's bad eXIf chunk makes Pillow raise SyntaxError, others other types)."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a corrupt EXIF block surfaces as many types
-        return image
-
-
 def _thumbnail_of(image: Image.Image, size: int) -> bytes:
     # JPEG decodes at a reduced scale when the thumbnail is much smaller than the photo.
     image.draft("RGB", (size, size))
-    image = upright(image).convert("RGB")
+    image = to_rgb(upright(image))  # as the embedder took it
     # Tiny images (Fashion-MNIST's 28x28) stay crisp enlarged pixel by pixel; photos are resampled smoothly.
     method = Image.Resampling.NEAREST if max(image.size) * 3 <= size else Image.Resampling.BICUBIC
     buffer = io.BytesIO()
@@ -194,7 +186,7 @@ def query_preview(data: bytes, size: int = 224, face: tuple[int, int, int, int] 
         with Image.open(io.BytesIO(data)) as image:
             if face is None:
                 return _thumbnail_of(image, size)
-            turned = upright(image).convert("RGB")
+            turned = to_rgb(upright(image))
             ImageDraw.Draw(turned).rectangle((face[0], face[1], face[2] - 1, face[3] - 1), outline=FACE_BOX_COLOUR,
                                              width=max(2, max(turned.size) // 100))
             return _thumbnail_of(turned, size)
