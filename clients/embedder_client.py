@@ -75,7 +75,8 @@ class RequestLimits:
 @dataclass(frozen=True)
 class EmbedPlan:
     """What embed sends for a list of images: the requests, and for each image its result decided before
-    sending (an image no request can carry), or None for an image that travels in `requests`."""
+    sending (a file that cannot be read, an image no request can carry), or None for an image that travels in
+    `requests`."""
 
     requests: list[embedder_pb2.EmbedRequest]
     refused: list[EmbeddedImage | None]
@@ -89,15 +90,21 @@ class EmbedPlan:
 def embed_plan(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
                limits: RequestLimits) -> EmbedPlan:
     """The Embed requests for a list of images, each within the server's image count and message size, so
-    one bad image fails alone. An image larger than a request can carry is not sent (the server would refuse
-    its whole request): it gets RESOURCE_EXHAUSTED, as an image over the server's per-image limit does."""
+    one bad image fails alone. A file that cannot be read gets INVALID_ARGUMENT, as bytes that are not an image
+    do. An image larger than a request can carry is not sent (the server would refuse its whole request): it
+    gets RESOURCE_EXHAUSTED, as an image over the server's per-image limit does."""
     check_one_per_image(images, ids=ids)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
     requests: list[embedder_pb2.EmbedRequest] = []
     refused: list[EmbeddedImage | None] = []
     size = 0
     for image, image_id in zip(images, ids):
-        data = read_image(image)
+        try:
+            data = read_image(image)
+        except (OSError, ValueError) as error:  # ValueError: a path no file can have (a NUL byte, say)
+            refused.append(EmbeddedImage(image_id, error_code=grpc.StatusCode.INVALID_ARGUMENT,
+                                         error=f"cannot read the image file: {error}"))
+            continue
         image_size = len(data) + len(image_id.encode()) + IMAGE_FRAMING_BYTES
         if image_size > limits.bytes:
             refused.append(EmbeddedImage(image_id, error_code=grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -73,6 +73,36 @@ def test_predicted_categories_and_bad_images(services: tuple[str, str], grocery_
         assert lookalike.searcher.stats().items == items
 
 
+def test_an_unreadable_photo_file_fails_alone(services: tuple[str, str], grocery_val: list, tmp_path: Path) -> None:
+    """A missing file or a folder given as a photo raised OSError out of embed: search broke its promise of
+    InvalidArgumentError, and one such path in search_batch or index lost every other photo. It is now that
+    photo's INVALID_ARGUMENT, naming the path, through the sync and the asyncio facade."""
+    from lookalike.client.connection import InvalidArgumentError
+
+    missing, folder = tmp_path / "absent.jpg", tmp_path
+    good = grocery_val[0]
+    with Lookalike(*services) as lookalike:
+        embedded = lookalike.embedder.embed([good.path, missing, folder], ids=["good", "missing", "folder"])
+        assert [(e.id, e.ok) for e in embedded] == [("good", True), ("missing", False), ("folder", False)]
+        assert all(e.error_code.name == "INVALID_ARGUMENT" for e in embedded[1:])
+        assert str(missing) in embedded[1].error and str(folder) in embedded[2].error
+        with pytest.raises(InvalidArgumentError, match="absent.jpg"):
+            lookalike.search(missing)
+        answers = lookalike.search_batch([good.path, missing], k=1)
+        assert not isinstance(answers[0], Exception) and isinstance(answers[1], InvalidArgumentError)
+        indexed = lookalike.index([good.path, missing], ["good", "missing"])
+        assert indexed.indexed == ["good"] and [item_id for item_id, _ in indexed.failed] == ["missing"]
+
+    async def search_async() -> list:
+        async with AsyncLookalike(*services) as lookalike:
+            with pytest.raises(InvalidArgumentError, match="absent.jpg"):
+                await lookalike.search(missing)
+            return await lookalike.search_batch([missing, good.path], k=1)
+
+    answers = asyncio.run(search_async())
+    assert isinstance(answers[0], InvalidArgumentError) and not isinstance(answers[1], Exception)
+
+
 def test_replacing_a_product_with_a_refused_photo_removes_nothing_of_it(services: tuple[str, str],
                                                                          grocery_val: list) -> None:
     """A product whose new photos include one the embedder refuses is not replaced: its good photos are stored,
