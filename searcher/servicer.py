@@ -257,7 +257,12 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         return searcher_pb2.GetStatsResponse(shards=[searcher_pb2.ShardStats(**row) for row in stats.shards],
                                              items=stats.items, sequence=stats.applied_sequence,
                                              store_sequence=stats.store_sequence, lag_seconds=stats.lag_seconds,
-                                             routing_defaults=self.catalogue.routing.to_message())
+                                             routing_defaults=self.catalogue.routing.to_message(),
+                                             limits=searcher_pb2.RequestLimits(
+                                                 max_batch=self._config.max_batch,
+                                                 max_batch_queries=self._config.max_batch_queries,
+                                                 max_k=self._config.max_k,
+                                                 max_message_bytes=self._config.max_message_bytes))
 
     @rpc_method
     def GetShardMap(self, request: searcher_pb2.GetShardMapRequest,

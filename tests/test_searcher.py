@@ -519,6 +519,10 @@ class TestBadInput:
             error = self.refused(call, request)
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
 
+    def test_the_limits_are_reported_so_clients_can_fit_their_requests(self, server: grpc.Channel) -> None:
+        limits = stub(server).GetStats(pb.GetStatsRequest()).limits
+        assert (limits.max_batch, limits.max_batch_queries, limits.max_k, limits.max_message_bytes) == (10, 20, 50, 1 << 20)
+
     def test_numbers_as_clients_write_them_are_accepted(self, server: grpc.Channel) -> None:
         for n, price in enumerate(("12", "-1.5e3", ".5", "5.", "+3")):
             assert self.upsert_status(server, self.item(id=f"priced{n}", attributes={"price": price})).code == 0

@@ -264,20 +264,34 @@ class ShardStats(_message.Message):
     def __init__(self, category: _Optional[str] = ..., items: _Optional[int] = ..., deleted: _Optional[int] = ..., capacity: _Optional[int] = ..., model_id: _Optional[str] = ..., dimension: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., snapshot_age_seconds: _Optional[float] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("shards", "items", "sequence", "store_sequence", "lag_seconds", "routing_defaults")
+    __slots__ = ("shards", "items", "sequence", "store_sequence", "lag_seconds", "routing_defaults", "limits")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STORE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     items: int
     sequence: int
     store_sequence: int
     lag_seconds: float
     routing_defaults: RoutingSettings
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ..., store_sequence: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., routing_defaults: _Optional[_Union[RoutingSettings, _Mapping]] = ...) -> None: ...
+    limits: RequestLimits
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., items: _Optional[int] = ..., sequence: _Optional[int] = ..., store_sequence: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., routing_defaults: _Optional[_Union[RoutingSettings, _Mapping]] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ...) -> None: ...
+
+class RequestLimits(_message.Message):
+    __slots__ = ("max_batch", "max_batch_queries", "max_k", "max_message_bytes")
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_batch: int
+    max_batch_queries: int
+    max_k: int
+    max_message_bytes: int
+    def __init__(self, max_batch: _Optional[int] = ..., max_batch_queries: _Optional[int] = ..., max_k: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class RoutingSettings(_message.Message):
     __slots__ = ("threshold", "max_shards", "prior_weight")
