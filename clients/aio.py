@@ -12,8 +12,8 @@ from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, Request
                                               embed_plan)
 from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
                                      record_upserts, refused_products, routing_request, search_result, upsert_batches)
-from lookalike.client.searcher_client import (CatalogueItem, FilterInput, batch_result, search_batch_requests,
-                                              search_request)
+from lookalike.client.searcher_client import (CatalogueItem, FilterInput, as_filter, batch_result,
+                                              search_batch_requests, search_request)
 from lookalike.routing import model_routing
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
@@ -137,13 +137,14 @@ class AsyncLookalike:
                      distinct_products: bool = False) -> SearchResult:
         with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
             started = time.perf_counter()
+            query_filter = as_filter(filter)  # a bad filter is refused before the photo is embedded for nothing
             embedded = (await self.embedder.embed([image], ids=["query"], timeout=timeout))[0]
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
             response = await self.searcher.search(embedded.vector, await self.model_id(), k,
                                                   routing_request(routing, embedded, *await self.routing()), ef,
-                                                  timeout, filter, distinct_products)
+                                                  timeout, query_filter, distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     async def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive",
@@ -151,10 +152,11 @@ class AsyncLookalike:
                            distinct_products: bool = False) -> list[SearchResult | LookalikeError]:
         with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
             started = time.perf_counter()
+            query_filter = as_filter(filter)  # a bad filter is refused before the photos are embedded for nothing
             embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
             embedded_at = time.perf_counter()
             model_id, values = await self.model_id(), await self.routing()
-            requests = [search_request(e.vector, model_id, k, routing_request(routing, e, *values), ef, filter,
+            requests = [search_request(e.vector, model_id, k, routing_request(routing, e, *values), ef, query_filter,
                                        distinct_products) for e in embedded if e.ok]
             answers = iter(await self.searcher.search_batch(requests, timeout) if requests else [])
             finished = time.perf_counter()

@@ -12,7 +12,8 @@ from typing import Collection, Mapping, Sequence, Union
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput, check_one_per_image
-from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, routing_for, search_request
+from lookalike.client.searcher_client import (CatalogueItem, FilterInput, SearcherClient, as_filter, routing_for,
+                                              search_request)
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient
 from lookalike.routing import model_routing
@@ -234,16 +235,18 @@ class Lookalike:
                timeout: float | None = None, filter: FilterInput = None,
                distinct_products: bool = False) -> SearchResult:
         """The k catalogue items (or distinct products) most like `image` that pass `filter` (a Filter
-        message or its text, see lookalike.filter_text). Raises InvalidArgumentError for an unreadable image."""
+        message or its text, see lookalike.filter_text). Raises InvalidArgumentError for an unreadable image
+        or a filter text that does not parse."""
         with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
             started = time.perf_counter()
+            query_filter = as_filter(filter)  # a bad filter is refused before the photo is embedded for nothing
             embedded = self.embedder.embed([image], ids=["query"], timeout=timeout)[0]
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
             response = self.searcher.search(embedded.vector, self.model_id, k,
                                             routing_request(routing, embedded, *self.routing), ef, timeout,
-                                            filter, distinct_products)
+                                            query_filter, distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
@@ -253,10 +256,11 @@ class Lookalike:
         one SearchBatch per 256 queries): a result per photo, in order, or the error for that photo."""
         with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
             started = time.perf_counter()
+            query_filter = as_filter(filter)  # a bad filter is refused before the photos are embedded for nothing
             embedded = self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
             embedded_at = time.perf_counter()
             requests = [search_request(e.vector, self.model_id, k, routing_request(routing, e, *self.routing), ef,
-                                       filter, distinct_products) for e in embedded if e.ok]
+                                       query_filter, distinct_products) for e in embedded if e.ok]
             answers = iter(self.searcher.search_batch(requests, timeout) if requests else [])
             finished = time.perf_counter()
             return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,

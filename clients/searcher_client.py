@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
+import grpc
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries, channel_settings,
@@ -51,10 +52,16 @@ def routing_for(categories: Sequence[str] | None = None,
 
 
 def as_filter(value: FilterInput) -> searcher_pb2.Filter | None:
-    """A filter message from a message or its text form (lookalike.filter_text); None for no filter."""
+    """A filter message from a message or its text form (lookalike.filter_text); None for no filter.
+    InvalidArgumentError for text that is not a filter, as the searcher answers a filter it refuses."""
     if not value:
         return None
-    return parse_filter(value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_filter(value)
+    except ValueError as error:
+        raise library_error(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
 
 def search_request(vector: np.ndarray, model_id: str, k: int, routing: searcher_pb2.Routing | None, ef: int,

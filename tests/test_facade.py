@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 
 from lookalike.client.aio import AsyncLookalike
@@ -101,6 +102,30 @@ def test_an_unreadable_photo_file_fails_alone(services: tuple[str, str], grocery
 
     answers = asyncio.run(search_async())
     assert isinstance(answers[0], InvalidArgumentError) and not isinstance(answers[1], Exception)
+
+
+def test_a_filter_that_does_not_parse_is_invalid_argument_before_any_call(grocery_val: list) -> None:
+    """Filter text that does not parse raised a plain ValueError, and from the facade only once the photo had
+    been embedded. It is now InvalidArgumentError, raised before anything is sent: with no service listening,
+    nothing else could be raised before the UnavailableError of the first call."""
+    from lookalike.client.connection import InvalidArgumentError
+
+    down = ChannelSettings(f"127.0.0.1:{free_port()}", retries=0, timeout=5)
+    bad = 'brand IN ("a"'
+    photo = grocery_val[0].path
+    with Lookalike(down, down) as lookalike:
+        for call in (lambda: lookalike.search(photo, filter=bad), lambda: lookalike.search_batch([photo], filter=bad),
+                     lambda: lookalike.searcher.search(np.ones(8, np.float32), "m", filter=bad)):
+            with pytest.raises(InvalidArgumentError, match="filter: expected ',' or '\\)' in the IN list"):
+                call()
+
+    async def search_async() -> None:
+        async with AsyncLookalike(down, down) as lookalike:
+            for call in (lookalike.search(photo, filter=bad), lookalike.search_batch([photo], filter=bad)):
+                with pytest.raises(InvalidArgumentError, match="filter: expected"):
+                    await call
+
+    asyncio.run(search_async())
 
 
 def test_replacing_a_product_with_a_refused_photo_removes_nothing_of_it(services: tuple[str, str],
