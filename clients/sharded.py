@@ -9,6 +9,8 @@ searcher holding everything.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -16,11 +18,17 @@ from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError
+from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, Response,
+                                         UnavailableError)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
 from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
                                rendezvous_owner)
 from lookalike.v1 import common_pb2, searcher_pb2
+
+log = logging.getLogger(__name__)
+
+# A server that could not answer in time (down, restarting, too slow), as against one refusing the request.
+UNREACHABLE = (UnavailableError, DeadlineExceededError)
 
 Owner = TypeVar("Owner", bound=Hashable)
 # One query's answer in a batch, or why it failed.
@@ -40,7 +48,7 @@ def search_owners(routed: RoutingPlan, owned: Mapping[Owner, list[str]],
     for owner, future in futures.items():
         try:
             responses.append(future.result())
-        except (UnavailableError, DeadlineExceededError):
+        except UNREACHABLE:
             if strict:
                 raise
             missing.extend(owned[owner])
@@ -68,7 +76,7 @@ def search_owners_batch(requests: Sequence[searcher_pb2.SearchRequest], plans: S
     for owner, future in futures.items():
         try:
             results = future.result()
-        except (UnavailableError, DeadlineExceededError):
+        except UNREACHABLE:
             if strict:
                 raise
             for position, _ in per_owner[owner]:
@@ -130,28 +138,62 @@ class ShardedSearcherClient:
         self._pool = ThreadPoolExecutor(max_workers=len(self.pods), thread_name_prefix="pods")
         self._categories: set[str] | None = None
         self._fetched_at = float("-inf")
+        self._lock = threading.Lock()
+        # pod -> ids stored on another pod whose older copy (the id's category moved) may still be on this
+        # one, and when it last failed to delete them (see _delete_strays).
+        self._strays: dict[int, set[str]] = defaultdict(set)
+        self._strays_failed_at: dict[int, float] = {}
 
     def owner(self, category: str) -> SearcherClient:
         return self.pods[owner_of(category, len(self.pods))]
 
-    def _fan_out(self, calls: dict[int, object]) -> dict[int, object]:
+    def _gather(self, calls: Mapping[int, Callable[[], Response]]) -> tuple[dict[int, Response],
+                                                                             dict[int, LookalikeError]]:
+        """The calls in parallel: each pod's answer, and the error of each pod that was unreachable (any
+        other error is raised)."""
         futures = {pod: self._pool.submit(call) for pod, call in calls.items()}
-        return {pod: future.result() for pod, future in futures.items()}
+        answers: dict[int, Response] = {}
+        unreachable: dict[int, LookalikeError] = {}
+        for pod, future in futures.items():
+            try:
+                answers[pod] = future.result()
+            except UNREACHABLE as error:
+                unreachable[pod] = error
+        return answers, unreachable
 
-    def categories(self, refresh: bool = False) -> set[str]:
+    def _fan_out(self, calls: Mapping[int, Callable[[], Response]]) -> dict[int, Response]:
+        answers, unreachable = self._gather(calls)
+        for error in unreachable.values():
+            raise error
+        return answers
+
+    def categories(self, refresh: bool = False, timeout: float | None = None) -> set[str]:
         """Categories that have a shard on some pod (cached for refresh_seconds; writes through this client
-        add theirs at once)."""
-        if self._categories is None or refresh or time.monotonic() - self._fetched_at >= self.refresh_seconds:
-            stats = self._fan_out({i: pod.stats for i, pod in enumerate(self.pods)})
-            self._categories = {shard.category for response in stats.values() for shard in response.shards}
-            self._defaults = RoutingDefaults.from_message(stats[0].routing_defaults)  # the pods share their settings
-            self._fetched_at = time.monotonic()
+        add theirs at once). A pod that does not answer keeps the categories last read from it, so a search
+        of them fails as unreachable instead of finding them unknown; before any read, its error is raised."""
+        if self._categories is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
+            return self._categories
+        answers, unreachable = self._gather({i: (lambda pod=pod: pod.stats(timeout))
+                                             for i, pod in enumerate(self.pods)})
+        if unreachable and self._categories is None:
+            raise next(iter(unreachable.values()))
+        kept = {category for category in self._categories or () if owner_of(category, len(self.pods)) in unreachable}
+        self._categories = kept | {shard.category for response in answers.values() for shard in response.shards}
+        if answers:  # the pods share their settings
+            self._defaults = RoutingDefaults.from_message(next(iter(answers.values())).routing_defaults)
+        for pod, error in unreachable.items():
+            log.warning("searcher pod %d at %s unreachable (%s); keeping its categories from the last read", pod,
+                        self.pods[pod].settings.target, error)
+        # Stamped even when a pod did not answer: it is asked again after refresh_seconds, not by every search
+        # (each would wait out the retries of a pod that is down).
+        self._fetched_at = time.monotonic()
         return self._categories
 
     def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
                replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
         """Each item goes to its category's owner; its id is removed from every other pod, so an item whose
-        new category lives elsewhere moves instead of being duplicated. Replaced products lose their other
+        new category lives elsewhere moves instead of being duplicated (from a pod that is down, at a later
+        write: see _delete_strays). Replaced products lose their other
         photos on the pods that receive items and all their photos on the others (pod by pod, not in one
         write: each pod has its own store)."""
         positions: dict[int, list[int]] = defaultdict(list)
@@ -168,14 +210,49 @@ class ShardedSearcherClient:
                 statuses[position] = status
         stored = {pod: [items[i].id for i, status in zip(members, responses[pod].statuses) if status.code == 0]
                   for pod, members in positions.items()}
-        strays = {other: ids for other in range(len(self.pods))
-                  if (ids := [i for pod, owned in stored.items() if pod != other for i in owned])}
-        self._fan_out({pod: (lambda pod=pod, ids=ids: self.pods[pod].delete(ids, timeout))
-                       for pod, ids in strays.items()})
-        self.categories().update(items[i].category for members in positions.values() for i in members)
+        if items:
+            self._delete_strays(stored, len(items), timeout)
+        if self._categories is not None:  # not read here: a write waits on no pod it did not write to
+            self._categories.update(items[i].category for members in positions.values() for i in members)
         # No items: no pod was written, nothing to acknowledge (sequence 0).
         return searcher_pb2.UpsertResponse(statuses=statuses,
                                            sequence=max((r.sequence for r in responses.values()), default=0))
+
+    def _delete_strays(self, stored: Mapping[int, Sequence[str]], chunk: int, timeout: float | None) -> None:
+        """Deletes the ids just stored on each pod from every other pod, so that an id whose category now
+        lives on another pod moves there instead of being served twice.
+
+        Best effort: the items are durable on their owners, so a pod that is unreachable does not fail the
+        write. Its ids are kept and deleted at a later write once it answers (tried again at most every
+        refresh_seconds, so that writes do not each wait out its retries): down, it serves nothing, but it
+        would serve the old copies again once it restarts. An id stored on that pod again meanwhile is no
+        longer a stray there. What this process still holds when it closes is logged. Deletes go `chunk`
+        ids at a time: the size of the request the pods just took."""
+        with self._lock:
+            for owner, ids in stored.items():
+                self._strays[owner].difference_update(ids)
+                for pod in range(len(self.pods)):
+                    if pod != owner:
+                        self._strays[pod].update(ids)
+            now = time.monotonic()
+            due = {pod: sorted(ids) for pod, ids in self._strays.items()
+                   if ids and now - self._strays_failed_at.get(pod, float("-inf")) >= self.refresh_seconds}
+
+        def delete(pod: int, ids: list[str]) -> None:
+            for start in range(0, len(ids), chunk):
+                self.pods[pod].delete(ids[start:start + chunk], timeout)
+                with self._lock:
+                    self._strays[pod].difference_update(ids[start:start + chunk])
+            with self._lock:
+                self._strays_failed_at.pop(pod, None)
+
+        _, unreachable = self._gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()})
+        for pod, error in unreachable.items():
+            with self._lock:
+                self._strays_failed_at[pod] = time.monotonic()
+            log.warning("searcher pod %d at %s unreachable (%s): %d ids stored on other pods may still have an old "
+                        "copy there; deleting them at a later write", pod, self.pods[pod].settings.target, error,
+                        len(self._strays[pod]))
 
     def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
                products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
@@ -188,8 +265,9 @@ class ShardedSearcherClient:
                                                     if i in missing_everywhere],
                                            sequence=max(r.sequence for r in responses.values()))
 
-    def _plan(self, routing: searcher_pb2.Routing | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
-        categories = self.categories()
+    def _plan(self, routing: searcher_pb2.Routing | None,
+              timeout: float | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
+        categories = self.categories(timeout=timeout)
         routed = plan(Routing.from_message(routing), categories, *self._defaults.overridden(self.threshold,
                                                                                             self.max_shards))
         per_pod: dict[int, list[str]] = defaultdict(list)
@@ -200,7 +278,7 @@ class ShardedSearcherClient:
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
                distinct_products: bool = False) -> searcher_pb2.SearchResponse:
-        routed, per_pod = self._plan(routing)
+        routed, per_pod = self._plan(routing, timeout)
         return search_owners(routed, per_pod, lambda pod, part: self.pods[pod].search(
             vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
             distinct_products=distinct_products)
@@ -208,7 +286,8 @@ class ShardedSearcherClient:
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[BatchAnswer]:
         """Many searches, one SearchBatch per pod that any of them probes."""
-        planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
+        planned = [self._plan(request.routing if request.HasField("routing") else None, timeout)
+                   for request in requests]
         return search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
                                    lambda pod, parts: self.pods[pod].search_batch(parts, timeout), self._pool)
 
@@ -220,8 +299,13 @@ class ShardedSearcherClient:
         return merged
 
     def close(self) -> None:
-        for pod in self.pods:
-            pod.close()
+        for pod, ids in self._strays.items():
+            if ids:
+                log.warning("searcher pod %d at %s may still hold old copies of %d ids stored on other pods, never "
+                            "deleted there (it was unreachable): %s", pod, self.pods[pod].settings.target, len(ids),
+                            sorted(ids)[:20])
+        for client in self.pods:
+            client.close()
         self._pool.shutdown(wait=False)
 
     def __enter__(self) -> "ShardedSearcherClient":

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from lookalike.tools.processes import running_service
+from lookalike.client.connection import UnavailableError
 from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient, owner_of, statefulset_targets
@@ -147,3 +150,52 @@ def test_plans_over_several_pods_use_the_pods_routing_settings(tmp_path_factory:
             assert len(expected[1]) == 6, "the searchers' own threshold and cap: six shards probed"
             assert answer(sharded, vector, "m", routing_for(probabilities=probabilities)) == expected
             assert answer(through_map, vector, "m", routing_for(probabilities=probabilities)) == expected
+
+
+def start_pod(stack: ExitStack, data: Path, address: str = "127.0.0.1:0") -> Any:
+    """A searcher pod in this process over `data`, stopped when `stack` closes."""
+    server, channel = start_searcher(data, address)
+    stack.callback(server.stop, None)
+    channel.close()
+    return server
+
+
+def one_category_per_pod(pods: int) -> list[str]:
+    """A category owned by each pod, in ordinal order."""
+    owned: dict[int, str] = {}
+    for category in (f"category-{n}" for n in range(100)):
+        owned.setdefault(owner_of(category, pods), category)
+    return [owned[pod] for pod in range(pods)]
+
+
+def test_a_pod_that_is_down_fails_only_what_it_holds(tmp_path: Path) -> None:
+    """Once the category cache aged, every search asked the down pod for its stats again (past the caller's
+    timeout) and failed, and every write failed deleting its ids from the down pod. Now the live pod is
+    searched and written, a search of the down pod's category still fails, and an item moved off the down
+    pod loses its old copy there at a write after the pod is back."""
+    here, down = one_category_per_pod(2)
+    rng = np.random.default_rng(5)
+    vectors = [rng.normal(size=8).astype(np.float32) for _ in range(3)]
+    with ExitStack() as stack:
+        pods = [start_pod(stack, tmp_path / f"pod{ordinal}") for ordinal in range(2)]
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{pod.port}" for pod in pods],
+                                                            refresh_seconds=0.0))
+        stored = sharded.upsert([CatalogueItem("stays", here, vectors[0], "m"),
+                                 CatalogueItem("moves", down, vectors[1], "m")])
+        assert [s.code for s in stored.statuses] == [0, 0] and sharded.categories() == {here, down}
+        pods[1].stop(None)
+        started = time.monotonic()
+        found = sharded.search(vectors[0], "m", k=3, routing=routing_for(categories=[here]), timeout=2)
+        assert [h.id for h in found.hits] == ["stays"] and time.monotonic() - started < 4
+        with pytest.raises(UnavailableError):
+            sharded.search(vectors[1], "m", k=3, routing=routing_for(categories=[down]), timeout=1)
+        moved = sharded.upsert([CatalogueItem("moves", here, vectors[1], "m")], timeout=2)
+        assert [s.code for s in moved.statuses] == [0]
+        found = sharded.search(vectors[1], "m", k=3, routing=routing_for(categories=[here]), timeout=2)
+        assert {h.id for h in found.hits} == {"stays", "moves"}
+        restarted = stack.enter_context(SearcherClient(
+            f"127.0.0.1:{start_pod(stack, tmp_path / 'pod1', f'127.0.0.1:{pods[1].port}').port}"))
+        assert restarted.stats().items == 1, "the old copy is still on the pod that was down"
+        sharded.upsert([CatalogueItem("later", here, vectors[2], "m")], timeout=10)
+        assert restarted.stats().items == 0, "a later write deleted it"
+        assert {h.id for h in sharded.search(vectors[1], "m", k=5, timeout=10).hits} == {"stays", "moves", "later"}
