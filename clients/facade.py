@@ -116,15 +116,23 @@ def refused_products(embedded: Sequence[EmbeddedImage], products: Sequence[str] 
 
 def upsert_batches(items: Sequence[CatalogueItem], replace: bool,
                    not_replaced: Collection[str] = ()) -> list[tuple[list[CatalogueItem], list[str]]]:
-    """Items in Upsert-sized batches, each with the products it replaces: with `replace`, each product in the
-    batch where it first appears (so a product's photos in later batches are not removed again), except
-    those in `not_replaced`, whose items are stored without removing anything."""
-    batches, seen = [], set(not_replaced)
-    for start in range(0, len(items), UPSERT_BATCH):
-        batch = list(items[start:start + UPSERT_BATCH])
-        first = [p for p in dict.fromkeys(item.product for item in batch) if p and p not in seen] if replace else []
-        seen.update(first)
-        batches.append((batch, first))
+    """Items in Upsert-sized batches (UPSERT_BATCH), each with the products it replaces. With `replace`, all the
+    items of a replaced product travel in the batch that replaces it: a later batch's photos of it would be
+    removed by the first one's replace, and lost if then refused or if the run stopped in between. A product
+    with more photos than a batch gets a larger batch of its own (the searcher's max_batch, 1000 by default,
+    bounds it). Products in `not_replaced` are stored without removing anything, split like other items."""
+    # Keyed by product for a replaced product's items, by position for any other: an int never equals a product.
+    units: dict[str | int, list[CatalogueItem]] = {}
+    for position, item in enumerate(items):
+        replaced = replace and item.product and item.product not in not_replaced
+        units.setdefault(item.product if replaced else position, []).append(item)
+    batches: list[tuple[list[CatalogueItem], list[str]]] = []
+    for key, unit in units.items():
+        if not batches or len(batches[-1][0]) + len(unit) > UPSERT_BATCH:
+            batches.append(([], []))
+        batches[-1][0].extend(unit)
+        if isinstance(key, str):
+            batches[-1][1].append(key)
     return batches
 
 

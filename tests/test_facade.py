@@ -158,6 +158,38 @@ def test_replacing_a_product_with_a_refused_photo_removes_nothing_of_it(services
     assert stored() == {"tote-front", "tote-back", "tote-side", "cap-1"}
 
 
+def test_a_replaced_products_photos_travel_in_one_upsert(services: tuple[str, str], grocery_val: list,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches were cut every UPSERT_BATCH items: a product straddling two was replaced by the first batch,
+    which removed its photos in the second, so one of those the searcher then refused (here for an empty
+    attribute name) lost its stored version. A replaced product's photos now travel together: in a batch of
+    their own when they are more than a batch; other items are still cut at the batch size."""
+    from lookalike.client import facade
+    from lookalike.client.searcher_client import CatalogueItem
+
+    monkeypatch.setattr(facade, "UPSERT_BATCH", 2)
+    photos = [image.path.read_bytes() for image in grocery_val[:4]]
+    ids = ["tote-front", "tote-back", "tote-side", "cap"]
+    with Lookalike(*services) as lookalike:
+        assert not lookalike.index(photos, ids, products=["tote"] * 3 + ["cap"]).failed
+        result = lookalike.index(photos[:3], ["cap", "tote-front", "tote-back"], products=["cap", "tote", "tote"],
+                                 attributes=[{}, {}, {"": "refused"}], replace_products=True)
+        assert result.indexed == ["cap", "tote-front"] and [item_id for item_id, _ in result.failed] == ["tote-back"]
+        stored = {m.id for m in lookalike.search(photos[0], k=10, routing="all").matches}
+    assert stored == {"cap", "tote-front", "tote-back"}  # tote-side left out of the tote's photos
+
+    def item(item_id: str, product: str) -> CatalogueItem:
+        return CatalogueItem(item_id, "c", np.ones(4, np.float32), "m", product=product)
+
+    items = [item("a", "P"), item("b", "Q"), item("c", "P"), item("d", ""), item("e", "P"), item("f", "R")]
+    assert [([i.id for i in batch], replaced) for batch, replaced in facade.upsert_batches(items, True)] == [
+        (["a", "c", "e"], ["P"]), (["b", "d"], ["Q"]), (["f"], ["R"])]
+    assert [([i.id for i in batch], replaced) for batch, replaced in facade.upsert_batches(items, True, {"P"})] == [
+        (["a", "b"], ["Q"]), (["c", "d"], []), (["e", "f"], ["R"])]
+    assert [[i.id for i in batch] for batch, _ in facade.upsert_batches(items, False)] == [
+        ["a", "b"], ["c", "d"], ["e", "f"]]
+
+
 def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list) -> None:
     photos = grocery_val[30:46]
     with Lookalike(*services) as lookalike:
