@@ -196,12 +196,16 @@ class Lookalike:
         export (its manifest), or the searcher's default for a model without one."""
         self.embedder = EmbedderClient(embedder)
         self.searcher: SearcherClient | ShardedSearcherClient | ShardMapClient
-        if isinstance(searcher, (list, tuple)):
-            self.searcher = ShardedSearcherClient(searcher)
-        elif shard_map:
-            self.searcher = ShardMapClient(searcher)
-        else:
-            self.searcher = SearcherClient(searcher)
+        try:
+            if isinstance(searcher, (list, tuple)):
+                self.searcher = ShardedSearcherClient(searcher)
+            elif shard_map:
+                self.searcher = ShardMapClient(searcher)
+            else:
+                self.searcher = SearcherClient(searcher)
+        except BaseException:
+            self.embedder.close()  # the caller gets no Lookalike to close it through
+            raise
         self._given_routing = (threshold, max_shards, prior_weight)
         self._model: embedder_pb2.GetModelInfoResponse | None = None
 

@@ -190,6 +190,29 @@ def test_a_replaced_products_photos_travel_in_one_upsert(services: tuple[str, st
         ["a", "b"], ["c", "d"], ["e", "f"]]
 
 
+def test_a_searcher_client_that_cannot_be_built_leaves_no_embedder_channel_open(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookalike(embedder, []) raised for the empty pod list after opening the embedder's channel, which stayed
+    open with no object left to close it."""
+    from lookalike.client import facade
+    from lookalike.client.embedder_client import EmbedderClient
+    from lookalike.v1 import embedder_pb2
+
+    opened: list[EmbedderClient] = []
+
+    class Recorded(EmbedderClient):
+        def __init__(self, target: str | ChannelSettings) -> None:
+            super().__init__(target)
+            opened.append(self)
+
+    monkeypatch.setattr(facade, "EmbedderClient", Recorded)
+    with pytest.raises(ValueError):  # no searcher pod given
+        Lookalike(f"127.0.0.1:{free_port()}", [])
+    assert len(opened) == 1
+    with pytest.raises(ValueError, match="closed channel"):  # an open channel would try, and fail UNAVAILABLE
+        opened[0].stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=2)
+
+
 def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list) -> None:
     photos = grocery_val[30:46]
     with Lookalike(*services) as lookalike:
