@@ -193,12 +193,18 @@ class ShardedSearcherClient:
                replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
         """Each item goes to its category's owner; its id is removed from every other pod, so an item whose
         new category lives elsewhere moves instead of being duplicated (from a pod that is down, at a later
-        write: see _delete_strays). Replaced products lose their other
-        photos on the pods that receive items and all their photos on the others (pod by pod, not in one
-        write: each pod has its own store)."""
+        write: see _delete_strays). An id given twice ends as its last copy, as in one searcher. Replaced
+        products lose their other photos on the pods that receive items and all their photos on the others
+        (pod by pod, not in one write: each pod has its own store)."""
+        pods = [owner_of(item.category, len(self.pods)) for item in items]
+        last = {item.id: position for position, item in enumerate(items)}
+        # One searcher applies a request's items in order. Copies of an id on two pods would each be stored,
+        # then each deleted as the other's stray: only the copies on its last copy's pod are sent.
+        superseded = {position for position, item in enumerate(items) if pods[position] != pods[last[item.id]]}
         positions: dict[int, list[int]] = defaultdict(list)
-        for position, item in enumerate(items):
-            positions[owner_of(item.category, len(self.pods))].append(position)
+        for position, pod in enumerate(pods):
+            if position not in superseded:
+                positions[pod].append(position)
         responses = self._fan_out({pod: (lambda pod=pod, members=members: self.pods[pod].upsert(
             [items[i] for i in members], timeout, replace_products)) for pod, members in positions.items()})
         if replace_products:
@@ -208,6 +214,8 @@ class ShardedSearcherClient:
         for pod, members in positions.items():
             for position, status in zip(members, responses[pod].statuses):
                 statuses[position] = status
+        for position in superseded:  # a copy not sent reports what became of its id
+            statuses[position] = statuses[last[items[position].id]]
         stored = {pod: [items[i].id for i, status in zip(members, responses[pod].statuses) if status.code == 0]
                   for pod, members in positions.items()}
         if items:

@@ -199,3 +199,23 @@ def test_a_pod_that_is_down_fails_only_what_it_holds(tmp_path: Path) -> None:
         sharded.upsert([CatalogueItem("later", here, vectors[2], "m")], timeout=10)
         assert restarted.stats().items == 0, "a later write deleted it"
         assert {h.id for h in sharded.search(vectors[1], "m", k=5, timeout=10).hits} == {"stays", "moves", "later"}
+
+
+def test_an_id_given_twice_in_one_write_ends_as_its_last_copy(tmp_path: Path) -> None:
+    """Two copies of an id in one request, in categories of different pods, were each stored on their pod,
+    then each deleted as the other's stray: stored nowhere, both acknowledged. One searcher keeps the last."""
+    first, second = one_category_per_pod(2)
+    rng = np.random.default_rng(6)
+    vectors = [rng.normal(size=8).astype(np.float32) for _ in range(3)]
+    items = [CatalogueItem("once", first, vectors[0], "m"), CatalogueItem("twice", second, vectors[1], "m"),
+             CatalogueItem("twice", first, vectors[2], "m", {"copy": "last"})]
+    with ExitStack() as stack:
+        pods = [start_pod(stack, tmp_path / f"pod{ordinal}") for ordinal in range(2)]
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{pod.port}" for pod in pods]))
+        single = stack.enter_context(SearcherClient(f"127.0.0.1:{start_pod(stack, tmp_path / 'single').port}"))
+        for client in (single, sharded):
+            assert [s.code for s in client.upsert(items).statuses] == [0, 0, 0]
+            assert client.stats().items == 2
+            found = client.search(vectors[2], "m", k=5)
+            assert [(h.id, h.category, dict(h.attributes)) for h in found.hits] == [
+                ("twice", first, {"copy": "last"}), ("once", first, {})]
