@@ -344,6 +344,10 @@ def test_cli_index_and_search(services: tuple[str, str], tmp_path: Path) -> None
     unreachable = run_cli("search", str(query), "--embedder", f"127.0.0.1:{free_port()}", "--searcher",
                           searcher_address, timeout=120)
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+    bad_filter = run_cli("search", str(query), "--embedder", embedder_address, "--searcher", searcher_address,
+                         "--filter", "brand ==")
+    assert bad_filter.returncode == 1 and "INVALID_ARGUMENT: filter" in bad_filter.stderr, bad_filter.stderr
+    assert "Traceback" not in bad_filter.stderr
 
 
 def test_the_demo_reuses_only_a_model_built_with_held_out_photos(model_dir: Path, tmp_path: Path) -> None:

@@ -94,12 +94,9 @@ def _search(args: argparse.Namespace, rest: list[str]) -> int:
                else [category.strip() for category in args.routing.split(",") if category.strip()])
     with Lookalike(args.embedder, searcher_target(args.searcher), prior_weight=args.prior_weight,
                    shard_map=args.shard_map) as lookalike:
-        try:
-            result = lookalike.search(Path(args.image), k=args.k, routing=routing, filter=args.filter,
-                                      distinct_products=args.distinct_products)
-        except ValueError as error:  # a filter that does not parse
-            print(error, file=sys.stderr)
-            return 2
+        # A filter that does not parse, or a photo that cannot be read, is the library's InvalidArgumentError.
+        result = lookalike.search(Path(args.image), k=args.k, routing=routing, filter=args.filter,
+                                  distinct_products=args.distinct_products)
     # Named categories the searcher has no shard for (a typo, or --routing adaptiv taken as a category).
     if result.unknown_categories:
         print("no shard for: " + ", ".join(result.unknown_categories), file=sys.stderr)
