@@ -22,10 +22,10 @@ from typing import Callable, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
-                                         call_with_retries, channel_settings)
+from lookalike.client.connection import (ChannelSettings, LookalikeError, UnavailableError, call_with_retries,
+                                         channel_settings)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
-from lookalike.client.sharded import BatchAnswer, search_owners, search_owners_batch
+from lookalike.client.sharded import UNREACHABLE, BatchAnswer, gather, search_owners, search_owners_batch
 from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
 from lookalike.v1 import common_pb2, searcher_pb2
 
@@ -51,7 +51,12 @@ class ShardMapClient:
         self.seed = SearcherClient(self.settings)
         self.threshold, self.max_shards, self.strict = threshold, max_shards, strict
         self.refresh_seconds = refresh_seconds
+        # The groups of the last map read: one that left it has no live replica.
         self.groups: dict[str, SearcherClient] = {}
+        # Every group client made, by group and target: a group back in the map takes its channel again, and
+        # one that left it is not closed under a call another thread may still be making through it (the call
+        # would fail as cancelled, not as unreachable); close() closes them all.
+        self._clients: dict[tuple[str, str], SearcherClient] = {}
         # category -> the group serving each of its parts (one for a whole category), as the map says.
         self.placements: dict[str, list[str]] = {}
         self._map: searcher_pb2.GetShardMapResponse | None = None
@@ -72,7 +77,7 @@ class ShardMapClient:
                     response = call_with_retries(client.stub.GetShardMap, searcher_pb2.GetShardMapRequest(),
                                                  client.settings, timeout, "Searcher.GetShardMap")
                     break
-                except (UnavailableError, DeadlineExceededError) as failure:
+                except UNREACHABLE as failure:
                     error = failure
             else:
                 if self._map is None:
@@ -80,10 +85,17 @@ class ShardMapClient:
                 log.warning("no searcher answered GetShardMap (%s); keeping the map from %.0fs ago", error,
                             time.monotonic() - self._fetched_at)
                 return self._map
+            groups: dict[str, SearcherClient] = {}
             for group in response.groups:
-                if group.name not in self.groups:
-                    target = group.target or self.settings.target
-                    self.groups[group.name] = SearcherClient(dataclasses.replace(self.settings, target=target))
+                target = group.target or self.settings.target
+                key = (group.name, target)
+                if key not in self._clients:
+                    self._clients[key] = SearcherClient(dataclasses.replace(self.settings, target=target))
+                groups[group.name] = self._clients[key]
+            for name in sorted(set(self.groups) - set(groups)):
+                log.warning("replica group %r left the shard map (no live replica); its categories are missing "
+                            "until it is back", name)
+            self.groups = groups
             placements: dict[str, list[str]] = {}
             for placement in sorted(response.placements, key=lambda p: (p.category, p.part)):
                 if not placement.building:  # a split still being built is served by the old layout
@@ -167,12 +179,12 @@ class ShardMapClient:
         return {c for c in routed.categories if c not in response.missing_shards
                 and any((c, part) not in answered for part in range(len(self.placements[c])))}
 
-    def _placed_group(self, name: str) -> SearcherClient:
+    def _placed_group(self, name: str, method: str = "Searcher.Search") -> SearcherClient:
         """The client of a group the map places categories on; a group the map lists no live replica for
         (all down since the map was read, or never up) is unreachable like a group that does not answer."""
         if name not in self.groups:
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"replica group {name!r} has no live replica in the "
-                                   "shard map", "Searcher.Search")
+                                   "shard map", method)
         return self.groups[name]
 
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
@@ -231,21 +243,30 @@ class ShardMapClient:
         return answers
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
-        """Every group's shards that the map places on it, summed; sequence is the lowest any group applied."""
+        """Every group's shards that the map places on it, summed; sequence is the lowest any group applied.
+        A group that is unreachable, or has no live replica, is left out with its shards (and logged), as a
+        search leaves it out, unless the client is strict; when no group answers, the error is raised."""
         self.shard_map()
-        names = sorted(self.groups)
-        futures = [self._pool.submit(self.groups[name].stats, timeout) for name in names]
+        names = sorted(set(self.groups) | {group for parts in self.placements.values() for group in parts})
+
+        def ask(name: str) -> searcher_pb2.GetStatsResponse:
+            return self._placed_group(name, "Searcher.GetStats").stats(timeout)
+
+        responses, unreachable = gather({name: (lambda name=name: ask(name)) for name in names}, self._pool)
+        if unreachable and (self.strict or not responses):
+            raise next(iter(unreachable.values()))
+        for name, error in unreachable.items():
+            log.warning("replica group %r unreachable (%s); its shards are left out of the stats", name, error)
         merged = searcher_pb2.GetStatsResponse()
-        responses = [future.result() for future in futures]
-        for name, response in zip(names, responses):
+        for name, response in responses.items():
             merged.shards.extend(s for s in response.shards
                                  if max(s.parts, 1) == len(self.placements.get(s.category, ()))
                                  and self.placements[s.category][s.part] == name)
         merged.shards.sort(key=lambda s: (s.category, s.part))
         merged.items = sum(s.items for s in merged.shards)
-        merged.sequence = min(r.sequence for r in responses)
-        merged.store_sequence = max(r.store_sequence for r in responses)
-        merged.lag_seconds = max(r.lag_seconds for r in responses)
+        merged.sequence = min(r.sequence for r in responses.values())
+        merged.store_sequence = max(r.store_sequence for r in responses.values())
+        merged.lag_seconds = max(r.lag_seconds for r in responses.values())
         return merged
 
     def move(self, category: str, group: str, timeout: float | None = None) -> searcher_pb2.MoveCategoryResponse:
@@ -254,7 +275,7 @@ class ShardMapClient:
             category=category, group=group), self.settings, timeout, "Searcher.MoveCategory")
 
     def close(self) -> None:
-        for client in [self.seed, *self.groups.values()]:
+        for client in [self.seed, *self._clients.values()]:
             client.close()
         self._pool.shutdown(wait=False)
 

@@ -35,6 +35,21 @@ Owner = TypeVar("Owner", bound=Hashable)
 BatchAnswer = Union[searcher_pb2.SearchResponse, LookalikeError]
 
 
+def gather(calls: Mapping[Owner, Callable[[], Response]],
+           pool: Executor) -> tuple[dict[Owner, Response], dict[Owner, LookalikeError]]:
+    """The calls in parallel: each owner's answer, and the error of each owner that was unreachable (any
+    other error is raised)."""
+    futures = {owner: pool.submit(call) for owner, call in calls.items()}
+    answers: dict[Owner, Response] = {}
+    unreachable: dict[Owner, LookalikeError] = {}
+    for owner, future in futures.items():
+        try:
+            answers[owner] = future.result()
+        except UNREACHABLE as error:
+            unreachable[owner] = error
+    return answers, unreachable
+
+
 def search_owners(routed: RoutingPlan, owned: Mapping[Owner, list[str]],
                   search: Callable[[Owner, Routing], searcher_pb2.SearchResponse], k: int, pool: Executor,
                   strict: bool = True, distinct_products: bool = False) -> searcher_pb2.SearchResponse:
@@ -147,22 +162,8 @@ class ShardedSearcherClient:
     def owner(self, category: str) -> SearcherClient:
         return self.pods[owner_of(category, len(self.pods))]
 
-    def _gather(self, calls: Mapping[int, Callable[[], Response]]) -> tuple[dict[int, Response],
-                                                                             dict[int, LookalikeError]]:
-        """The calls in parallel: each pod's answer, and the error of each pod that was unreachable (any
-        other error is raised)."""
-        futures = {pod: self._pool.submit(call) for pod, call in calls.items()}
-        answers: dict[int, Response] = {}
-        unreachable: dict[int, LookalikeError] = {}
-        for pod, future in futures.items():
-            try:
-                answers[pod] = future.result()
-            except UNREACHABLE as error:
-                unreachable[pod] = error
-        return answers, unreachable
-
     def _fan_out(self, calls: Mapping[int, Callable[[], Response]]) -> dict[int, Response]:
-        answers, unreachable = self._gather(calls)
+        answers, unreachable = gather(calls, self._pool)
         for error in unreachable.values():
             raise error
         return answers
@@ -173,8 +174,8 @@ class ShardedSearcherClient:
         of them fails as unreachable instead of finding them unknown; before any read, its error is raised."""
         if self._categories is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
             return self._categories
-        answers, unreachable = self._gather({i: (lambda pod=pod: pod.stats(timeout))
-                                             for i, pod in enumerate(self.pods)})
+        answers, unreachable = gather({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)},
+                                      self._pool)
         if unreachable and self._categories is None:
             raise next(iter(unreachable.values()))
         kept = {category for category in self._categories or () if owner_of(category, len(self.pods)) in unreachable}
@@ -254,7 +255,8 @@ class ShardedSearcherClient:
             with self._lock:
                 self._strays_failed_at.pop(pod, None)
 
-        _, unreachable = self._gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()})
+        _, unreachable = gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()},
+                                self._pool)
         for pod, error in unreachable.items():
             with self._lock:
                 self._strays_failed_at[pod] = time.monotonic()

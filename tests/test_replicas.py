@@ -373,9 +373,14 @@ def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_
     response = client.search(query, MODEL, k=10, timeout=3)
     assert sorted(response.missing_shards) == placed_on_b
     assert response.hits and all(h.category not in placed_on_b for h in response.hits)
+    # Stats leave b out as searches do (they raised UNAVAILABLE, and Lookalike.index asks for them first).
+    on_a = set(CATEGORIES) - set(placed_on_b)
+    assert {s.category for s in client.stats(timeout=2).shards} == on_a
     strict = ShardMapClient(groups.seed, strict=True)
     with pytest.raises(UnavailableError):
         strict.search(query, MODEL, k=10, timeout=3)
+    with pytest.raises(UnavailableError):
+        strict.stats(timeout=2)
     # Writes still succeed while any searcher is up, also for b's categories (the store is shared).
     item = CatalogueItem("while-b-is-down", placed_on_b[0], query, MODEL)
     assert client.upsert([item]).statuses[0].code == 0
@@ -391,6 +396,12 @@ def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_
         assert sorted(fresh.search(query, MODEL, k=10, timeout=3).missing_shards) == placed_on_b
         with pytest.raises(UnavailableError, match="replica group 'b' has no live replica"):
             fresh_strict.search(query, MODEL, k=10, timeout=3)
+    # The client that knew b drops it with the map that no longer lists it: b's shards are named missing at
+    # once instead of after the search's retries on b, and its stats (without a timeout) leave b out.
+    started = time.monotonic()
+    assert sorted(client.search(query, MODEL, k=10, timeout=20).missing_shards) == placed_on_b
+    assert time.monotonic() - started < 3 and "b" not in client.groups
+    assert {s.category for s in client.stats().shards} == on_a
     groups.start("b", 0)
     wait_converged(groups.stubs())
     assert client.search(query, MODEL, k=1, routing=Routing.explicit([placed_on_b[0]]).to_message()).hits[0].id == item.id
