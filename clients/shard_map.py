@@ -183,9 +183,13 @@ class ShardMapClient:
         """The client of a group the map places categories on; a group the map lists no live replica for
         (all down since the map was read, or never up) is unreachable like a group that does not answer."""
         if name not in self.groups:
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"replica group {name!r} has no live replica in the "
-                                   "shard map", method)
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "no live replica in the shard map", method)
         return self.groups[name]
+
+    def _describe(self, name: str) -> str:
+        """A group as its errors name it (see sharded.gather): which of several failed."""
+        client = self.groups.get(name)
+        return f"replica group {name!r}" + (f" at {client.settings.target}" if client else "")
 
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
@@ -194,7 +198,7 @@ class ShardMapClient:
             routed, owned = self._plan(routing)
             return [routed], [search_owners(routed, owned, lambda group, part: self._placed_group(group).search(
                 vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
-                self.strict, distinct_products)]
+                self.strict, distinct_products, self._describe)]
 
         answer = self._until_settled(ask)[0]
         if isinstance(answer, LookalikeError):
@@ -209,7 +213,8 @@ class ShardMapClient:
             routes = [routed for routed, _ in planned]
             return routes, search_owners_batch(
                 requests, routes, [owned for _, owned in planned],
-                lambda group, parts: self._placed_group(group).search_batch(parts, timeout), self._pool, self.strict)
+                lambda group, parts: self._placed_group(group).search_batch(parts, timeout), self._pool, self.strict,
+                self._describe)
 
         return self._until_settled(ask)
 
@@ -252,11 +257,12 @@ class ShardMapClient:
         def ask(name: str) -> searcher_pb2.GetStatsResponse:
             return self._placed_group(name, "Searcher.GetStats").stats(timeout)
 
-        responses, unreachable = gather({name: (lambda name=name: ask(name)) for name in names}, self._pool)
+        responses, unreachable = gather({name: (lambda name=name: ask(name)) for name in names}, self._pool,
+                                        self._describe)
         if unreachable and (self.strict or not responses):
             raise next(iter(unreachable.values()))
-        for name, error in unreachable.items():
-            log.warning("replica group %r unreachable (%s); its shards are left out of the stats", name, error)
+        for error in unreachable.values():
+            log.warning("%s; its shards are left out of the stats", error)
         merged = searcher_pb2.GetStatsResponse()
         for name, response in responses.items():
             merged.shards.extend(s for s in response.shards

@@ -19,7 +19,7 @@ from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, Response,
-                                         UnavailableError)
+                                         UnavailableError, library_error)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
 from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
                                rendezvous_owner)
@@ -35,45 +35,46 @@ Owner = TypeVar("Owner", bound=Hashable)
 BatchAnswer = Union[searcher_pb2.SearchResponse, LookalikeError]
 
 
-def gather(calls: Mapping[Owner, Callable[[], Response]],
-           pool: Executor) -> tuple[dict[Owner, Response], dict[Owner, LookalikeError]]:
+def gather(calls: Mapping[Owner, Callable[[], Response]], pool: Executor,
+           describe: Callable[[Owner], str] = str) -> tuple[dict[Owner, Response], dict[Owner, LookalikeError]]:
     """The calls in parallel: each owner's answer, and the error of each owner that was unreachable (any
-    other error is raised)."""
+    other error is raised). Each error names its owner (`describe`): which of several servers failed."""
     futures = {owner: pool.submit(call) for owner, call in calls.items()}
     answers: dict[Owner, Response] = {}
     unreachable: dict[Owner, LookalikeError] = {}
     for owner, future in futures.items():
         try:
             answers[owner] = future.result()
-        except UNREACHABLE as error:
-            unreachable[owner] = error
+        except LookalikeError as error:
+            named = library_error(error.code, f"{describe(owner)}: {error.details}", error.method)
+            if not isinstance(named, UNREACHABLE):
+                raise named from error
+            unreachable[owner] = named
     return answers, unreachable
 
 
 def search_owners(routed: RoutingPlan, owned: Mapping[Owner, list[str]],
                   search: Callable[[Owner, Routing], searcher_pb2.SearchResponse], k: int, pool: Executor,
-                  strict: bool = True, distinct_products: bool = False) -> searcher_pb2.SearchResponse:
+                  strict: bool = True, distinct_products: bool = False,
+                  describe: Callable[[Owner], str] = str) -> searcher_pb2.SearchResponse:
     """Asks each owner (a pod, a replica group) for its planned shards in parallel and merges the answers.
 
     An owner that stays unreachable within the deadline makes the search fail when `strict`; otherwise
     the answer is what the others found, and its shards are named in missing_shards.
     """
-    futures = {owner: pool.submit(search, owner, routed.routing_for(categories)) for owner, categories in owned.items()}
-    responses, missing = [], []
-    for owner, future in futures.items():
-        try:
-            responses.append(future.result())
-        except UNREACHABLE:
-            if strict:
-                raise
-            missing.extend(owned[owner])
-    return merge_answers(routed, responses, missing, k, distinct_products)
+    responses, unreachable = gather({owner: (lambda owner=owner, categories=categories: search(
+        owner, routed.routing_for(categories))) for owner, categories in owned.items()}, pool, describe)
+    if unreachable and strict:
+        raise next(iter(unreachable.values()))
+    return merge_answers(routed, list(responses.values()), [c for owner in unreachable for c in owned[owner]], k,
+                         distinct_products)
 
 
 def search_owners_batch(requests: Sequence[searcher_pb2.SearchRequest], plans: Sequence[RoutingPlan],
                         owned: Sequence[Mapping[Owner, list[str]]],
                         search_batch: Callable[[Owner, list[searcher_pb2.SearchRequest]], list[BatchAnswer]],
-                        pool: Executor, strict: bool = True) -> list[BatchAnswer]:
+                        pool: Executor, strict: bool = True,
+                        describe: Callable[[Owner], str] = str) -> list[BatchAnswer]:
     """search_owners for many queries: one SearchBatch per owner, carrying each query's part for it, in
     parallel; then each query's answers merged. A query refused by an owner fails with that error."""
     per_owner: dict[Owner, list[tuple[int, searcher_pb2.SearchRequest]]] = defaultdict(list)
@@ -83,21 +84,18 @@ def search_owners_batch(requests: Sequence[searcher_pb2.SearchRequest], plans: S
             part.CopyFrom(request)
             part.routing.CopyFrom(routed.routing_for(categories).to_message())
             per_owner[owner].append((position, part))
-    futures = {owner: pool.submit(search_batch, owner, [part for _, part in entries])
-               for owner, entries in per_owner.items()}
+    results, unreachable = gather({owner: (lambda owner=owner, entries=entries: search_batch(
+        owner, [part for _, part in entries])) for owner, entries in per_owner.items()}, pool, describe)
+    if unreachable and strict:
+        raise next(iter(unreachable.values()))
     answers: list[list[searcher_pb2.SearchResponse]] = [[] for _ in requests]
     missing: list[list[str]] = [[] for _ in requests]
     failed: dict[int, LookalikeError] = {}
-    for owner, future in futures.items():
-        try:
-            results = future.result()
-        except UNREACHABLE:
-            if strict:
-                raise
-            for position, _ in per_owner[owner]:
-                missing[position].extend(owned[position][owner])
-            continue
-        for (position, _), result in zip(per_owner[owner], results):
+    for owner in unreachable:
+        for position, _ in per_owner[owner]:
+            missing[position].extend(owned[position][owner])
+    for owner, owner_results in results.items():
+        for (position, _), result in zip(per_owner[owner], owner_results):
             if isinstance(result, LookalikeError):
                 failed.setdefault(position, result)
             else:
@@ -162,8 +160,15 @@ class ShardedSearcherClient:
     def owner(self, category: str) -> SearcherClient:
         return self.pods[owner_of(category, len(self.pods))]
 
+    def _describe(self, pod: int) -> str:
+        return f"searcher pod {pod} at {self.pods[pod].settings.target}"
+
+    def _gather(self, calls: Mapping[int, Callable[[], Response]]) -> tuple[dict[int, Response],
+                                                                             dict[int, LookalikeError]]:
+        return gather(calls, self._pool, self._describe)
+
     def _fan_out(self, calls: Mapping[int, Callable[[], Response]]) -> dict[int, Response]:
-        answers, unreachable = gather(calls, self._pool)
+        answers, unreachable = self._gather(calls)
         for error in unreachable.values():
             raise error
         return answers
@@ -174,17 +179,16 @@ class ShardedSearcherClient:
         of them fails as unreachable instead of finding them unknown; before any read, its error is raised."""
         if self._categories is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
             return self._categories
-        answers, unreachable = gather({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)},
-                                      self._pool)
+        answers, unreachable = self._gather({i: (lambda pod=pod: pod.stats(timeout))
+                                             for i, pod in enumerate(self.pods)})
         if unreachable and self._categories is None:
             raise next(iter(unreachable.values()))
         kept = {category for category in self._categories or () if owner_of(category, len(self.pods)) in unreachable}
         self._categories = kept | {shard.category for response in answers.values() for shard in response.shards}
         if answers:  # the pods share their settings
             self._defaults = RoutingDefaults.from_message(next(iter(answers.values())).routing_defaults)
-        for pod, error in unreachable.items():
-            log.warning("searcher pod %d at %s unreachable (%s); keeping its categories from the last read", pod,
-                        self.pods[pod].settings.target, error)
+        for error in unreachable.values():
+            log.warning("%s; keeping the pod's categories from the last read", error)
         # Stamped even when a pod did not answer: it is asked again after refresh_seconds, not by every search
         # (each would wait out the retries of a pod that is down).
         self._fetched_at = time.monotonic()
@@ -255,14 +259,12 @@ class ShardedSearcherClient:
             with self._lock:
                 self._strays_failed_at.pop(pod, None)
 
-        _, unreachable = gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()},
-                                self._pool)
+        _, unreachable = self._gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()})
         for pod, error in unreachable.items():
             with self._lock:
                 self._strays_failed_at[pod] = time.monotonic()
-            log.warning("searcher pod %d at %s unreachable (%s): %d ids stored on other pods may still have an old "
-                        "copy there; deleting them at a later write", pod, self.pods[pod].settings.target, error,
-                        len(self._strays[pod]))
+            log.warning("%s: %d ids stored on other pods may still have an old copy there; deleting them at a "
+                        "later write", error, len(self._strays[pod]))
 
     def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
                products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
@@ -291,7 +293,7 @@ class ShardedSearcherClient:
         routed, per_pod = self._plan(routing, timeout)
         return search_owners(routed, per_pod, lambda pod, part: self.pods[pod].search(
             vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
-            distinct_products=distinct_products)
+            distinct_products=distinct_products, describe=self._describe)
 
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[BatchAnswer]:
@@ -299,7 +301,8 @@ class ShardedSearcherClient:
         planned = [self._plan(request.routing if request.HasField("routing") else None, timeout)
                    for request in requests]
         return search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
-                                   lambda pod, parts: self.pods[pod].search_batch(parts, timeout), self._pool)
+                                   lambda pod, parts: self.pods[pod].search_batch(parts, timeout), self._pool,
+                                   describe=self._describe)
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         responses = self._fan_out({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)})
@@ -311,9 +314,8 @@ class ShardedSearcherClient:
     def close(self) -> None:
         for pod, ids in self._strays.items():
             if ids:
-                log.warning("searcher pod %d at %s may still hold old copies of %d ids stored on other pods, never "
-                            "deleted there (it was unreachable): %s", pod, self.pods[pod].settings.target, len(ids),
-                            sorted(ids)[:20])
+                log.warning("%s may still hold old copies of %d ids stored on other pods, never deleted there "
+                            "(it was unreachable): %s", self._describe(pod), len(ids), sorted(ids)[:20])
         for client in self.pods:
             client.close()
         self._pool.shutdown(wait=False)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, UnavailableError, call_with_retries
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, search_request
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.codec import pack_vector
 from lookalike.routing import Routing
@@ -377,9 +377,10 @@ def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_
     on_a = set(CATEGORIES) - set(placed_on_b)
     assert {s.category for s in client.stats(timeout=2).shards} == on_a
     strict = ShardMapClient(groups.seed, strict=True)
-    with pytest.raises(UnavailableError):
+    # The error names the group that failed.
+    with pytest.raises(UnavailableError, match=f"replica group 'b' at {groups.target('b')}: "):
         strict.search(query, MODEL, k=10, timeout=3)
-    with pytest.raises(UnavailableError):
+    with pytest.raises(UnavailableError, match=f"replica group 'b' at {groups.target('b')}: "):
         strict.stats(timeout=2)
     # Writes still succeed while any searcher is up, also for b's categories (the store is shared).
     item = CatalogueItem("while-b-is-down", placed_on_b[0], query, MODEL)
@@ -394,13 +395,14 @@ def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_
             time.sleep(0.5)
     with ShardMapClient(groups.seed) as fresh, ShardMapClient(groups.seed, strict=True) as fresh_strict:
         assert sorted(fresh.search(query, MODEL, k=10, timeout=3).missing_shards) == placed_on_b
-        with pytest.raises(UnavailableError, match="replica group 'b' has no live replica"):
+        with pytest.raises(UnavailableError, match="replica group 'b': no live replica in the shard map"):
             fresh_strict.search(query, MODEL, k=10, timeout=3)
     # The client that knew b drops it with the map that no longer lists it: b's shards are named missing at
     # once instead of after the search's retries on b, and its stats (without a timeout) leave b out.
     started = time.monotonic()
     assert sorted(client.search(query, MODEL, k=10, timeout=20).missing_shards) == placed_on_b
     assert time.monotonic() - started < 3 and "b" not in client.groups
+    assert sorted(client.search_batch([search_request(query, MODEL, 10, None, 0)])[0].missing_shards) == placed_on_b
     assert {s.category for s in client.stats().shards} == on_a
     groups.start("b", 0)
     wait_converged(groups.stubs())

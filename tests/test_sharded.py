@@ -11,7 +11,7 @@ import pytest
 
 from lookalike.tools.processes import running_service
 from lookalike.client.connection import UnavailableError
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient, owner_of, statefulset_targets
 from tests.conftest import start_searcher
@@ -187,7 +187,10 @@ def test_a_pod_that_is_down_fails_only_what_it_holds(tmp_path: Path) -> None:
         started = time.monotonic()
         found = sharded.search(vectors[0], "m", k=3, routing=routing_for(categories=[here]), timeout=2)
         assert [h.id for h in found.hits] == ["stays"] and time.monotonic() - started < 4
-        with pytest.raises(UnavailableError):
+        batch = [search_request(vectors[0], "m", 3, routing_for(categories=[here]), 0)]
+        assert [h.id for h in sharded.search_batch(batch, timeout=2)[0].hits] == ["stays"]
+        with pytest.raises(UnavailableError, match=f"Searcher.Search failed with UNAVAILABLE: searcher pod 1 at "
+                                                   f"127.0.0.1:{pods[1].port}: "):  # which of the pods failed
             sharded.search(vectors[1], "m", k=3, routing=routing_for(categories=[down]), timeout=1)
         moved = sharded.upsert([CatalogueItem("moves", here, vectors[1], "m")], timeout=2)
         assert [s.code for s in moved.statuses] == [0]
