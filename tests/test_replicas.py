@@ -406,6 +406,12 @@ def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_
     assert {s.category for s in client.stats().shards} == on_a
     groups.start("b", 0)
     wait_converged(groups.stubs())
+    # A searcher answers a moment before its first heartbeat puts it in the map, and the client searches
+    # only the groups the map lists.
+    deadline = time.monotonic() + 20
+    while "b" not in {group.name for group in client.shard_map(refresh=True).groups}:
+        assert time.monotonic() < deadline, "b did not come back to the map"
+        time.sleep(0.2)
     assert client.search(query, MODEL, k=1, routing=Routing.explicit([placed_on_b[0]]).to_message()).hits[0].id == item.id
 
 
