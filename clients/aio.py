@@ -10,10 +10,11 @@ from lookalike.client.connection import (ChannelSettings, LookalikeError, call_w
                                          library_error, tracer)
 from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
                                               embed_plan)
-from lookalike.client.facade import (IndexResult, RoutingMode, SearchResult, batch_search_result, catalogue_items,
-                                     record_upserts, refused_products, routing_request, search_result, upsert_batches)
-from lookalike.client.searcher_client import (CatalogueItem, FilterInput, as_filter, batch_result,
-                                              search_batch_requests, search_request)
+from lookalike.client.facade import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, batch_search_result,
+                                     catalogue_items, record_upserts, refused_products, routing_request, search_result,
+                                     upsert_batches)
+from lookalike.client.searcher_client import (BATCH_QUERIES, CatalogueItem, FilterInput, as_filter, batch_result,
+                                              fitted, search_batch_requests, search_request)
 from lookalike.routing import model_routing
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc, searcher_pb2, searcher_pb2_grpc
 
@@ -52,6 +53,13 @@ class AsyncSearcherClient:
         self.settings = channel_settings(target)
         self.channel = self.settings.open_aio()
         self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
+        self._limits: searcher_pb2.RequestLimits | None = None
+
+    async def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:
+        """SearcherClient.limits, awaited."""
+        if self._limits is None:
+            self._limits = (await self.stats(timeout)).limits
+        return self._limits
 
     async def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
                      replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
@@ -73,7 +81,8 @@ class AsyncSearcherClient:
     async def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                            timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        for request in search_batch_requests(requests):
+        size = fitted((await self.limits(timeout)).max_batch_queries, BATCH_QUERIES)
+        for request in search_batch_requests(requests, size):
             response = await call_with_retries_async(self.stub.SearchBatch, request, self.settings, timeout,
                                                      "Searcher.SearchBatch")
             answers.extend(batch_result(result) for result in response.results)
@@ -128,7 +137,8 @@ class AsyncLookalike:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, await self.model_id(), categories, attributes, products)
-            for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products)):
+            size = fitted((await self.searcher.limits(timeout)).max_batch, UPSERT_BATCH)
+            for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products), size):
                 record_upserts(batch, await self.searcher.upsert(batch, timeout, replaced), result)
             return result
 

@@ -12,8 +12,8 @@ from typing import Collection, Mapping, Sequence, Union
 
 from lookalike.client.connection import ChannelSettings, LookalikeError, library_error, tracer
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput, check_one_per_image
-from lookalike.client.searcher_client import (CatalogueItem, FilterInput, SearcherClient, as_filter, routing_for,
-                                              search_request)
+from lookalike.client.searcher_client import (CatalogueItem, FilterInput, SearcherClient, as_filter, fitted,
+                                              routing_for, search_request)
 from lookalike.client.shard_map import ShardMapClient
 from lookalike.client.sharded import ShardedSearcherClient
 from lookalike.routing import model_routing
@@ -114,13 +114,14 @@ def refused_products(embedded: Sequence[EmbeddedImage], products: Sequence[str] 
     return {product for image, product in zip(embedded, products) if product and not image.ok}
 
 
-def upsert_batches(items: Sequence[CatalogueItem], replace: bool,
-                   not_replaced: Collection[str] = ()) -> list[tuple[list[CatalogueItem], list[str]]]:
-    """Items in Upsert-sized batches (UPSERT_BATCH), each with the products it replaces. With `replace`, all the
-    items of a replaced product travel in the batch that replaces it: a later batch's photos of it would be
-    removed by the first one's replace, and lost if then refused or if the run stopped in between. A product
-    with more photos than a batch gets a larger batch of its own (the searcher's max_batch, 1000 by default,
-    bounds it). Products in `not_replaced` are stored without removing anything, split like other items."""
+def upsert_batches(items: Sequence[CatalogueItem], replace: bool, not_replaced: Collection[str] = (),
+                   size: int = UPSERT_BATCH) -> list[tuple[list[CatalogueItem], list[str]]]:
+    """Items in batches of `size` (UPSERT_BATCH, or the searcher's max_batch when lower), each with the products
+    it replaces. With `replace`, all the items of a replaced product travel in the batch that replaces it: a
+    later batch's photos of it would be removed by the first one's replace, and lost if then refused or if the
+    run stopped in between. A product with more photos than a batch gets a larger batch of its own (the
+    searcher's max_batch bounds it). Products in `not_replaced` are stored without removing anything, split like
+    other items."""
     # Keyed by product for a replaced product's items, by position for any other: an int never equals a product.
     units: dict[str | int, list[CatalogueItem]] = {}
     for position, item in enumerate(items):
@@ -128,7 +129,7 @@ def upsert_batches(items: Sequence[CatalogueItem], replace: bool,
         units.setdefault(item.product if replaced else position, []).append(item)
     batches: list[tuple[list[CatalogueItem], list[str]]] = []
     for key, unit in units.items():
-        if not batches or len(batches[-1][0]) + len(unit) > UPSERT_BATCH:
+        if not batches or len(batches[-1][0]) + len(unit) > size:
             batches.append(([], []))
         batches[-1][0].extend(unit)
         if isinstance(key, str):
@@ -239,7 +240,8 @@ class Lookalike:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
             items, result = catalogue_items(embedded, self.model_id, categories, attributes, products)
-            for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products)):
+            size = fitted(self.searcher.limits(timeout).max_batch, UPSERT_BATCH)
+            for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products), size):
                 record_upserts(batch, self.searcher.upsert(batch, timeout, replaced), result)
             return result
 

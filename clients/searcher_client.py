@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import grpc
 import numpy as np
@@ -16,8 +16,25 @@ from lookalike.v1 import searcher_pb2, searcher_pb2_grpc
 
 # A filter as the message, or as text: 'in_stock = "true" AND brand IN ("a", "b") AND price <= 50'.
 FilterInput = Union[searcher_pb2.Filter, str, None]
-# Queries per SearchBatch call (the searcher's default max_batch_queries); longer batches are split.
+# Queries per SearchBatch call (the searcher's default max_batch_queries, or its reported limit when lower);
+# longer batches are split.
 BATCH_QUERIES = 256
+
+
+def fitted(limit: int, default: int) -> int:
+    """A batch size within a searcher's reported limit (0: an older searcher that reports none)."""
+    return min(limit, default) if limit else default
+
+
+def tightest(limits: Iterable[searcher_pb2.RequestLimits]) -> searcher_pb2.RequestLimits:
+    """Each limit at its lowest over several searchers, those that report none left out."""
+    merged = searcher_pb2.RequestLimits()
+    for one in limits:
+        for field_name in ("max_batch", "max_batch_queries", "max_k", "max_message_bytes"):
+            value = getattr(one, field_name)
+            if value and (not getattr(merged, field_name) or value < getattr(merged, field_name)):
+                setattr(merged, field_name, value)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -71,10 +88,11 @@ def search_request(vector: np.ndarray, model_id: str, k: int, routing: searcher_
                                       distinct_products=distinct_products)
 
 
-def search_batch_requests(requests: Sequence[searcher_pb2.SearchRequest]) -> list[searcher_pb2.SearchBatchRequest]:
-    """SearchBatch requests carrying `requests` in order, at most BATCH_QUERIES each."""
-    return [searcher_pb2.SearchBatchRequest(queries=requests[start:start + BATCH_QUERIES])
-            for start in range(0, len(requests), BATCH_QUERIES)]
+def search_batch_requests(requests: Sequence[searcher_pb2.SearchRequest],
+                          size: int = BATCH_QUERIES) -> list[searcher_pb2.SearchBatchRequest]:
+    """SearchBatch requests carrying `requests` in order, at most `size` each."""
+    return [searcher_pb2.SearchBatchRequest(queries=requests[start:start + size])
+            for start in range(0, len(requests), size)]
 
 
 def batch_result(result: searcher_pb2.SearchBatchResult) -> searcher_pb2.SearchResponse | LookalikeError:
@@ -91,6 +109,13 @@ class SearcherClient:
         self.settings = channel_settings(target)
         self.channel = self.settings.open()
         self.stub = searcher_pb2_grpc.SearcherStub(self.channel)
+        self._limits: searcher_pb2.RequestLimits | None = None
+
+    def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:
+        """The searcher's request limits (GetStats reports them), read once."""
+        if self._limits is None:
+            self._limits = self.stats(timeout).limits
+        return self._limits
 
     def upsert(self, items: Sequence[CatalogueItem], timeout: float | None = None,
                replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
@@ -116,9 +141,10 @@ class SearcherClient:
 
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
-        """Many searches (from search_request) in one call per BATCH_QUERIES; each answer, or its error, in order."""
+        """Many searches (from search_request), BATCH_QUERIES per call or the searcher's lower limit; each answer,
+        or its error, in order."""
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        for request in search_batch_requests(requests):
+        for request in search_batch_requests(requests, fitted(self.limits(timeout).max_batch_queries, BATCH_QUERIES)):
             response = call_with_retries(self.stub.SearchBatch, request, self.settings, timeout, "Searcher.SearchBatch")
             answers.extend(batch_result(result) for result in response.results)
         return answers

@@ -24,7 +24,7 @@ import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, UnavailableError, call_with_retries,
                                          channel_settings)
-from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
+from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.client.sharded import UNREACHABLE, BatchAnswer, gather, search_owners, search_owners_batch
 from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
 from lookalike.v1 import common_pb2, searcher_pb2
@@ -246,6 +246,14 @@ class ShardMapClient:
             else:
                 answers[position].missing_shards.extend(unsettled)
         return answers
+
+    def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:
+        """The lowest of each reachable group's request limits (and the seed's): a write or batch split for them
+        fits every group."""
+        self.shard_map()
+        calls = {name: (lambda client=client: client.limits(timeout)) for name, client in self.groups.items()}
+        answers, _ = gather(calls, self._pool, self._describe)
+        return tightest([self.seed.limits(timeout), *answers.values()])
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         """Every group's shards that the map places on it, summed; sequence is the lowest any group applied.

@@ -20,7 +20,7 @@ import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, Response,
                                          UnavailableError, library_error)
-from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient
+from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
                                rendezvous_owner)
 from lookalike.v1 import common_pb2, searcher_pb2
@@ -303,6 +303,11 @@ class ShardedSearcherClient:
         return search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
                                    lambda pod, parts: self.pods[pod].search_batch(parts, timeout), self._pool,
                                    describe=self._describe)
+
+    def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:
+        """The lowest of each pod's request limits: a write or batch split for them fits every pod."""
+        return tightest(self._fan_out({i: (lambda pod=pod: pod.limits(timeout)) for i, pod in enumerate(self.pods)})
+                        .values())
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         responses = self._fan_out({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)})

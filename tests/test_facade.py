@@ -182,11 +182,11 @@ def test_a_replaced_products_photos_travel_in_one_upsert(services: tuple[str, st
         return CatalogueItem(item_id, "c", np.ones(4, np.float32), "m", product=product)
 
     items = [item("a", "P"), item("b", "Q"), item("c", "P"), item("d", ""), item("e", "P"), item("f", "R")]
-    assert [([i.id for i in batch], replaced) for batch, replaced in facade.upsert_batches(items, True)] == [
+    assert [([i.id for i in batch], replaced) for batch, replaced in facade.upsert_batches(items, True, size=2)] == [
         (["a", "c", "e"], ["P"]), (["b", "d"], ["Q"]), (["f"], ["R"])]
-    assert [([i.id for i in batch], replaced) for batch, replaced in facade.upsert_batches(items, True, {"P"})] == [
+    assert [([i.id for i in batch], replaced) for batch, replaced in facade.upsert_batches(items, True, {"P"}, 2)] == [
         (["a", "b"], ["Q"]), (["c", "d"], []), (["e", "f"], ["R"])]
-    assert [[i.id for i in batch] for batch, _ in facade.upsert_batches(items, False)] == [
+    assert [[i.id for i in batch] for batch, _ in facade.upsert_batches(items, False, size=2)] == [
         ["a", "b"], ["c", "d"], ["e", "f"]]
 
 
@@ -636,3 +636,38 @@ def test_searcher_started_with_a_models_routing_applies_it_where_requests_leave_
     write_manifest(folder, manifest)
     with pytest.raises(ValueError, match="no fitted routing defaults"):
         SearcherConfig(data_dir=tmp_path / "other", routing_model=folder).routing_defaults()
+
+
+def test_writes_and_batches_are_split_to_the_searchers_reported_limits(embedder, grocery_val: list,
+                                                                      tmp_path: Path) -> None:
+    """A searcher started with --max-batch 3 and --max-batch-queries 2 refuses larger requests; the clients read
+    its limits from GetStats and split to fit (sync, asyncio, and a pod list taking the lowest of its pods')."""
+    started_embedder, _ = embedder
+    searcher, channel = start_searcher(tmp_path / "small", snapshot_interval=0, max_batch=3, max_batch_queries=2)
+    roomy, roomy_channel = start_searcher(tmp_path / "roomy", snapshot_interval=0)
+    embedder_address, small = f"127.0.0.1:{started_embedder.port}", f"127.0.0.1:{searcher.port}"
+    photos = grocery_val[60:67]
+    try:
+        with Lookalike(embedder_address, small) as lookalike:
+            result = lookalike.index([p.path for p in photos], [p.item_id for p in photos],
+                                     [p.category for p in photos])
+            assert sorted(result.indexed) == sorted(p.item_id for p in photos) and not result.failed
+            found = lookalike.search_batch([p.path for p in photos[:5]], k=1, routing="all")
+            assert [r.matches[0].id for r in found] == [p.item_id for p in photos[:5]]
+
+        async def run() -> list[str]:
+            async with AsyncLookalike(embedder_address, small) as lookalike:
+                await lookalike.index([p.path for p in photos], [p.item_id for p in photos],
+                                      [p.category for p in photos])
+                return [r.matches[0].id for r in await lookalike.search_batch([p.path for p in photos[:5]], k=1,
+                                                                                routing="all")]
+
+        assert asyncio.run(run()) == [p.item_id for p in photos[:5]]
+        with Lookalike(embedder_address, [small, f"127.0.0.1:{roomy.port}"]) as pods:
+            assert (pods.searcher.limits().max_batch, pods.searcher.limits().max_batch_queries) == (3, 2)
+            result = pods.index([p.path for p in photos], [p.item_id for p in photos], [p.category for p in photos])
+            assert sorted(result.indexed) == sorted(p.item_id for p in photos) and not result.failed
+    finally:
+        for started, opened in ((searcher, channel), (roomy, roomy_channel)):
+            opened.close()
+            started.stop(None)

@@ -363,6 +363,9 @@ def test_groups_found_through_the_shard_map_answer_like_one_searcher(two_groups)
     queries = [random_vector(rng) for _ in range(10)]
     assert answers(client, queries) == answers(single, queries)
     assert client.stats().items == single.stats().items == 1500
+    # Every group runs with the default limits: the lowest of each is that default.
+    limits = client.limits()
+    assert (limits.max_batch, limits.max_batch_queries, limits.max_k) == (1000, 256, 1000)
 
 
 def test_a_whole_group_down_answers_with_the_rest_and_names_what_is_missing(two_groups) -> None:
