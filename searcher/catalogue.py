@@ -505,9 +505,10 @@ class Catalogue:
     def upsert(self, items: Sequence[ItemWrite], names: Sequence[str] = (),
                replace_products: Sequence[str] = (), carried: Sequence[str] = ()) -> tuple[list[ItemOutcome], int]:
         """Stores items durably and serves them before returning; items whose shard is locked to another
-        model or dimension, or that name a new category past max_categories, are refused one by one. `names` are the items' fields in error messages. The
-        stored photos of `replace_products` that `items` does not write again are removed in the same write,
-        except the ids in `carried` (items of the request refused before they got here)."""
+        model or dimension, or that name a new category past max_categories, are refused one by one. `names`
+        are the items' fields in error messages. The stored photos of `replace_products` that `items` does not
+        write again are removed in the same write, except the ids in `carried` (items of the request refused
+        before they got here)."""
         outcome = self.store.upsert(items, self.group, replace_products, carried, self.config.max_categories)
         outcomes = [ItemOutcome() for _ in items]
         names = names or [f"items[{position}]" for position in range(len(items))]
@@ -580,8 +581,9 @@ class Catalogue:
                 shard = shards[key]
                 if (shard.model_id, shard.dimension) != (query.model_id, query.vector.shape[0]):
                     raise FailedPrecondition(
-                        f"model_id {query.model_id!r} with a {query.vector.shape[0]}-d vector: shard {probe.category!r} "
-                        f"holds {shard.dimension}-d vectors from model {shard.model_id!r}, expected a query from that model")
+                        f"model_id {query.model_id!r} with a {query.vector.shape[0]}-d vector: shard "
+                        f"{probe.category!r} holds {shard.dimension}-d vectors from model {shard.model_id!r}, "
+                        "expected a query from that model")
         # Distinct products: each shard returns PRODUCT_DEPTH times k photos, deeper while some shard may
         # hold more and fewer than k products were found (a product's photos crowd the top).
         depth = query.k * PRODUCT_DEPTH if query.distinct_products else query.k

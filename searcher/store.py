@@ -286,7 +286,8 @@ class Store(ABC):
     # -- writes (one transaction each, durable when they return) -----------------------------------
 
     def upsert(self, items: Sequence[ItemWrite], home_group: str = "default",
-               replace_products: Sequence[str] = (), carried: Sequence[str] = (), max_categories: int = 0) -> UpsertOutcome:
+               replace_products: Sequence[str] = (), carried: Sequence[str] = (),
+               max_categories: int = 0) -> UpsertOutcome:
         """Stores items (replacing by id) unless their shard is locked to another model or dimension, or
         they name a new category when max_categories (0: no limit) exist.
 
