@@ -55,7 +55,6 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
     except Exception:
         server.stop(None)
         raise
-    servicer.attach(catalogue)
 
     def shard_health(started: set[str], stopped: set[str]) -> None:
         for category in started:
@@ -66,6 +65,9 @@ def create_server(config: SearcherConfig) -> tuple[SearcherServer, int]:
     catalogue.on_categories = shard_health
     catalogue.announce_categories()
     catalogue.start_background()
+    # Answered only now: a replica of a shared store is in the shard map first (start_background's heartbeat),
+    # so a shard-map client never meets a searcher that answers but is not listed (until now: UNAVAILABLE).
+    servicer.attach(catalogue)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     collector = None

@@ -637,3 +637,23 @@ def test_a_follow_interval_longer_than_a_heartbeat_may_lag_is_refused(tmp_path: 
     with pytest.raises(ValueError, match=r"follow_interval must be at most 5 seconds .* got 20"):
         SearcherConfig(data_dir=tmp_path, follow_interval=20)
     assert SearcherConfig(data_dir=tmp_path, follow_interval=5).follow_interval == 5
+
+
+def test_a_searcher_answers_only_after_its_first_heartbeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_background's first heartbeat lists a shared store's replica in the shard map; a searcher that
+    answered before it met shard-map clients that did not list it yet (they answer UNAVAILABLE until then)."""
+    from lookalike.searcher.catalogue import Catalogue
+    from lookalike.searcher.servicer import SearcherServicer
+
+    order: list[str] = []
+    for cls, name in ((Catalogue, "start_background"), (SearcherServicer, "attach")):
+        def recorded(self, *args, _original=getattr(cls, name), _name=name):  # noqa: ANN001, ANN202
+            order.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(cls, name, recorded)
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    try:
+        assert order == ["start_background", "attach"]
+        assert stub(channel).GetStats(pb.GetStatsRequest()).items == 0
+    finally:
+        started.stop(None)
