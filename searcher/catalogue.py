@@ -59,7 +59,6 @@ MAX_PRODUCT_DEPTH = 4096
 COMPACT_SLACK_LABELS = 1024
 
 
-
 def in_lanes(pool: Executor | None, lanes: int, items: Sequence[T], work: Callable[[T], R]) -> list[R]:
     """[work(item) for item in items], the items dealt into `lanes` lanes run by `pool` (None: in this thread).
     `work` must not itself wait on the pool (its threads may all be running lanes).
@@ -79,6 +78,7 @@ def in_lanes(pool: Executor | None, lanes: int, items: Sequence[T], work: Callab
     by_lane = list(pool.map(lane, [items[number::lanes] for number in range(lanes)]))
     # Back in the order of `items`: lane n holds items n, n + lanes, n + 2 * lanes, ...
     return [by_lane[position % lanes][position // lanes] for position in range(len(items))]
+
 
 @dataclass(frozen=True)
 class SearchQuery:

@@ -218,5 +218,3 @@ def _keep(columns: dict[str, object], attribute: str, column: object) -> None:
     columns[attribute] = column
     while len(columns) > MAX_COLUMNS:
         columns.pop(list(columns)[0], None)
-
-

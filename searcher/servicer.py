@@ -51,9 +51,10 @@ def _once_each(categories: Sequence[str], field: str, suffix: str = "") -> None:
         seen.add(category)
 
 
-def _at_most_routing_categories(count: int, field: str) -> None:
-    if count > MAX_ROUTING_CATEGORIES:
-        raise InvalidArgument(f"{field} has {count} entries, limit is {MAX_ROUTING_CATEGORIES}")
+def _at_most(count: int, limit: int, field: str, per: str = "") -> None:
+    """INVALID_ARGUMENT naming the field when it has more than `limit` entries."""
+    if count > limit:
+        raise InvalidArgument(f"{field} has {count} entries, limit is {limit}{per}")
 
 
 def _key(value: str, field: str) -> str:
@@ -90,12 +91,10 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
     def _check_batch(self, count: int, field: str) -> None:
         if count == 0:
             raise InvalidArgument(f"{field} is empty, expected at least one")
-        if count > self._config.max_batch:
-            raise InvalidArgument(f"{field} has {count} entries, limit is {self._config.max_batch} per request")
+        _at_most(count, self._config.max_batch, field, " per request")
 
     def _attributes(self, attributes: Mapping[str, str], field: str) -> dict[str, str]:
-        if len(attributes) > self._config.max_attributes:
-            raise InvalidArgument(f"{field} has {len(attributes)} entries, limit is {self._config.max_attributes}")
+        _at_most(len(attributes), self._config.max_attributes, field)
         if "" in attributes:  # a filter cannot name it, so it could never be filtered on
             raise InvalidArgument(f"{field} has an empty attribute name, expected a non-empty name")
         size = sum(len(key.encode()) + len(value.encode()) for key, value in attributes.items())
@@ -110,9 +109,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
     def Upsert(self, request: searcher_pb2.UpsertRequest, context: grpc.ServicerContext) -> searcher_pb2.UpsertResponse:
         catalogue = self.catalogue
         self._check_batch(len(request.items), "items")
-        if len(request.replace_products) > self._config.max_batch:
-            raise InvalidArgument(f"replace_products has {len(request.replace_products)} entries, limit is "
-                                  f"{self._config.max_batch} per request")
+        _at_most(len(request.replace_products), self._config.max_batch, "replace_products", " per request")
         replace_products = [_key(product, f"replace_products[{n}]")
                             for n, product in enumerate(request.replace_products)]
         statuses: list[common_pb2.ItemStatus | None] = []
@@ -146,9 +143,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
         if not request.ids and not request.products:
             raise InvalidArgument("ids and products are both empty, expected at least one id or product")
         for field, values in (("ids", request.ids), ("products", request.products)):
-            if len(values) > self._config.max_batch:
-                raise InvalidArgument(f"{field} has {len(values)} entries, limit is {self._config.max_batch} "
-                                      "per request")
+            _at_most(len(values), self._config.max_batch, field, " per request")
         ids = [_key(item_id, f"ids[{position}]") for position, item_id in enumerate(request.ids)]
         products = [_key(product, f"products[{position}]") for position, product in enumerate(request.products)]
         deleted, missing, seq = catalogue.delete(ids, products)
@@ -224,7 +219,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             field = f"{at}routing.explicit.categories"
             if not categories:
                 raise InvalidArgument(f"{field} is empty, expected at least one category")
-            _at_most_routing_categories(len(categories), field)
+            _at_most(len(categories), MAX_ROUTING_CATEGORIES, field)
             for position, category in enumerate(categories):
                 _key(category, f"{field}[{position}]")
             _once_each(categories, field)
@@ -233,7 +228,7 @@ class SearcherServicer(searcher_pb2_grpc.SearcherServicer):
             field = f"{at}routing.probabilities"
             if not routing.categories:
                 raise InvalidArgument(f"{field}.categories is empty, expected the embedder's category probabilities")
-            _at_most_routing_categories(len(routing.categories), f"{field}.categories")
+            _at_most(len(routing.categories), MAX_ROUTING_CATEGORIES, f"{field}.categories")
             for position, entry in enumerate(routing.categories):
                 _key(entry.category, f"{field}.categories[{position}].category")
             _once_each([entry.category for entry in routing.categories], f"{field}.categories", ".category")
