@@ -267,7 +267,8 @@ class Lookalike:
                      timeout: float | None = None, filter: FilterInput = None,
                      distinct_products: bool = False) -> list[SearchResult | LookalikeError]:
         """search() for many photos in one round trip per service (one Embed call per embedder request limit,
-        one SearchBatch per 256 queries): a result per photo, in order, or the error for that photo."""
+        one SearchBatch per 256 queries, or per the searcher's lower max_batch_queries): a result per photo, in
+        order, or the error for that photo."""
         with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
             started = time.perf_counter()
             query_filter = as_filter(filter)  # a bad filter is refused before the photos are embedded for nothing

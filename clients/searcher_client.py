@@ -30,7 +30,7 @@ def tightest(limits: Iterable[searcher_pb2.RequestLimits]) -> searcher_pb2.Reque
     """Each limit at its lowest over several searchers, those that report none left out."""
     merged = searcher_pb2.RequestLimits()
     for one in limits:
-        for field_name in ("max_batch", "max_batch_queries", "max_k", "max_message_bytes"):
+        for field_name in (descriptor.name for descriptor in searcher_pb2.RequestLimits.DESCRIPTOR.fields):
             value = getattr(one, field_name)
             if value and (not getattr(merged, field_name) or value < getattr(merged, field_name)):
                 setattr(merged, field_name, value)
