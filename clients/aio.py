@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries_async, channel_settings,
-                                         library_error, tracer)
+                                         deadline_after, library_error, time_left, tracer)
 from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
                                               embed_plan)
 from lookalike.client.facade import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, batch_search_result,
@@ -32,11 +32,15 @@ class AsyncEmbedderClient:
 
     async def embed(self, images: Sequence[ImageInput], ids: Sequence[str] | None = None, top_categories: int = 0,
                     timeout: float | None = None) -> list[EmbeddedImage]:
+        """EmbedderClient.embed, awaited: `timeout` bounds all of it."""
+        deadline = deadline_after(timeout)
         if self._limits is None:
-            self._limits = RequestLimits.of(await self.model_info(timeout), self.settings)
+            self._limits = RequestLimits.of(await self.model_info(time_left(deadline, "Embedder.GetModelInfo")),
+                                            self.settings)
         plan = embed_plan(images, ids, top_categories, self._limits)
-        return plan.results([await call_with_retries_async(self.stub.Embed, request, self.settings, timeout,
-                                                           "Embedder.Embed") for request in plan.requests])
+        return plan.results([await call_with_retries_async(self.stub.Embed, request, self.settings,
+                                                           time_left(deadline, "Embedder.Embed"), "Embedder.Embed")
+                             for request in plan.requests])
 
     async def close(self) -> None:
         await self.channel.close()
@@ -80,10 +84,13 @@ class AsyncSearcherClient:
 
     async def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                            timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
+        """SearcherClient.search_batch, awaited: `timeout` bounds all the calls."""
+        deadline = deadline_after(timeout)
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        size = fitted((await self.limits(timeout)).max_batch_queries, BATCH_QUERIES)
+        size = fitted((await self.limits(time_left(deadline, "Searcher.GetStats"))).max_batch_queries, BATCH_QUERIES)
         for request in search_batch_requests(requests, size):
-            response = await call_with_retries_async(self.stub.SearchBatch, request, self.settings, timeout,
+            left = time_left(deadline, "Searcher.SearchBatch")
+            response = await call_with_retries_async(self.stub.SearchBatch, request, self.settings, left,
                                                      "Searcher.SearchBatch")
             answers.extend(batch_result(result) for result in response.results)
         return answers
@@ -110,15 +117,21 @@ class AsyncLookalike:
                  threshold: float | None = None, max_shards: int | None = None,
                  prior_weight: float | None = None) -> None:
         """Routing values left None are the model's, fitted on validation at export (see Lookalike)."""
+        # Checked before either channel opens: closing an asyncio channel takes an await, which a constructor
+        # that raised cannot give it.
+        for name, target in (("embedder", embedder), ("searcher", searcher)):
+            if not isinstance(target, (str, ChannelSettings)):
+                raise TypeError(f"{name} is a {type(target).__name__}, expected an address or ChannelSettings (a pod "
+                                "list or a shard map: use lookalike.client.facade.Lookalike)")
         self.embedder = AsyncEmbedderClient(embedder)
         self.searcher = AsyncSearcherClient(searcher)
         self._given_routing = (threshold, max_shards, prior_weight)
         self._model: embedder_pb2.GetModelInfoResponse | None = None
 
-    async def model_info(self) -> embedder_pb2.GetModelInfoResponse:
+    async def model_info(self, timeout: float | None = None) -> embedder_pb2.GetModelInfoResponse:
         """The served model (asked once): id, manifest, limits."""
         if self._model is None:
-            self._model = await self.embedder.model_info()
+            self._model = await self.embedder.model_info(timeout)
         return self._model
 
     async def model_id(self) -> str:
@@ -133,42 +146,55 @@ class AsyncLookalike:
                     attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
                     products: Sequence[str] | None = None, replace_products: bool = False) -> IndexResult:
         # ids are checked by embed; the other per-image lists before anything is sent
+        deadline = deadline_after(timeout)
         check_one_per_image(images, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
-            embedded = await self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
-            items, result = catalogue_items(embedded, await self.model_id(), categories, attributes, products)
-            size = fitted((await self.searcher.limits(timeout)).max_batch, UPSERT_BATCH)
+            embedded = await self.embedder.embed(images, ids=ids, top_categories=1,
+                                                 timeout=time_left(deadline, "Embedder.Embed"))
+            model = await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            items, result = catalogue_items(embedded, model.model_id, categories, attributes, products)
+            size = fitted((await self.searcher.limits(time_left(deadline, "Searcher.GetStats"))).max_batch,
+                          UPSERT_BATCH)
             for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products), size):
-                record_upserts(batch, await self.searcher.upsert(batch, timeout, replaced), result)
+                record_upserts(batch, await self.searcher.upsert(batch, time_left(deadline, "Searcher.Upsert"),
+                                                                 replaced), result)
             return result
 
     async def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
                      timeout: float | None = None, filter: FilterInput = None,
                      distinct_products: bool = False) -> SearchResult:
+        deadline = deadline_after(timeout)
         with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
             started = time.perf_counter()
             query_filter = as_filter(filter)  # a bad filter is refused before the photo is embedded for nothing
-            embedded = (await self.embedder.embed([image], ids=["query"], timeout=timeout))[0]
+            embedded = (await self.embedder.embed([image], ids=["query"],
+                                                  timeout=time_left(deadline, "Embedder.Embed")))[0]
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
-            response = await self.searcher.search(embedded.vector, await self.model_id(), k,
+            model = await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            response = await self.searcher.search(embedded.vector, model.model_id, k,
                                                   routing_request(routing, embedded, *await self.routing()), ef,
-                                                  timeout, query_filter, distinct_products)
+                                                  time_left(deadline, "Searcher.Search"), query_filter,
+                                                  distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     async def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive",
                            ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
                            distinct_products: bool = False) -> list[SearchResult | LookalikeError]:
+        deadline = deadline_after(timeout)
         with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
             started = time.perf_counter()
             query_filter = as_filter(filter)  # a bad filter is refused before the photos are embedded for nothing
-            embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
+            embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))],
+                                                 timeout=time_left(deadline, "Embedder.Embed"))
             embedded_at = time.perf_counter()
-            model_id, values = await self.model_id(), await self.routing()
-            requests = [search_request(e.vector, model_id, k, routing_request(routing, e, *values), ef, query_filter,
-                                       distinct_products) for e in embedded if e.ok]
-            answers = iter(await self.searcher.search_batch(requests, timeout) if requests else [])
+            model = await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            values = await self.routing()
+            requests = [search_request(e.vector, model.model_id, k, routing_request(routing, e, *values), ef,
+                                       query_filter, distinct_products) for e in embedded if e.ok]
+            answers = iter(await self.searcher.search_batch(requests, time_left(deadline, "Searcher.SearchBatch"))
+                           if requests else [])
             finished = time.perf_counter()
             return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,
                                         finished - embedded_at) for e in embedded]

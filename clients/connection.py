@@ -182,6 +182,24 @@ def _next_delay(error: grpc.RpcError, attempt: int, delays: list[float], deadlin
     return delays[attempt]
 
 
+def deadline_after(timeout: float | None) -> float | None:
+    """When an operation given `timeout` seconds must end (time.monotonic()); None: it has no deadline of its
+    own, and each of its calls gets its channel's default."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def time_left(deadline: float | None, name: str) -> float | None:
+    """The timeout for an operation's next call: what is left of its deadline (None: the call's default).
+    Raises DeadlineExceededError once nothing is left, rather than starting a call that cannot finish."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "the operation's timeout passed before this call", name)
+    return left
+
+
 def call_span(name: str) -> Any:
     """The client span of one call (all its attempts), e.g. name "Searcher.Search"."""
     service, _, method = name.partition(".")

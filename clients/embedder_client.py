@@ -8,7 +8,8 @@ from typing import Sequence, Union
 import grpc
 import numpy as np
 
-from lookalike.client.connection import ChannelSettings, call_with_retries, channel_settings, status_code
+from lookalike.client.connection import (ChannelSettings, call_with_retries, channel_settings, deadline_after,
+                                         status_code, time_left)
 from lookalike.codec import unpack_vector
 from lookalike.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -147,11 +148,15 @@ class EmbedderClient:
 
     def embed(self, images: Sequence[ImageInput], ids: Sequence[str] | None = None, top_categories: int = 0,
               timeout: float | None = None) -> list[EmbeddedImage]:
-        """Embeds images (bytes or paths), split into requests the server accepts; one result per image."""
+        """Embeds images (bytes or paths), split into requests the server accepts; one result per image.
+        `timeout` bounds all of it, every request and retry."""
+        deadline = deadline_after(timeout)
         if self._limits is None:
-            self._limits = RequestLimits.of(self.model_info(timeout), self.settings)
+            self._limits = RequestLimits.of(self.model_info(time_left(deadline, "Embedder.GetModelInfo")),
+                                            self.settings)
         plan = embed_plan(images, ids, top_categories, self._limits)
-        return plan.results([call_with_retries(self.stub.Embed, request, self.settings, timeout, "Embedder.Embed")
+        return plan.results([call_with_retries(self.stub.Embed, request, self.settings,
+                                               time_left(deadline, "Embedder.Embed"), "Embedder.Embed")
                              for request in plan.requests])
 
     def close(self) -> None:

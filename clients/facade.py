@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Collection, Mapping, Sequence, Union
 
-from lookalike.client.connection import ChannelSettings, LookalikeError, library_error, tracer
+from lookalike.client.connection import (ChannelSettings, LookalikeError, deadline_after, library_error, time_left,
+                                         tracer)
 from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput, check_one_per_image
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, SearcherClient, as_filter, fitted,
                                               routing_for, search_request)
@@ -210,10 +211,10 @@ class Lookalike:
         self._given_routing = (threshold, max_shards, prior_weight)
         self._model: embedder_pb2.GetModelInfoResponse | None = None
 
-    def model_info(self) -> embedder_pb2.GetModelInfoResponse:
+    def model_info(self, timeout: float | None = None) -> embedder_pb2.GetModelInfoResponse:
         """The served model (asked once): id, manifest, limits."""
         if self._model is None:
-            self._model = self.embedder.model_info()
+            self._model = self.embedder.model_info(timeout)
         return self._model
 
     @property
@@ -234,15 +235,20 @@ class Lookalike:
         `products` gives each image's product key; with `replace_products`, these images become all the
         photos of their products (the products' other stored photos are removed). A product with a photo
         the embedder refused is not replaced: its other photos are stored and nothing of it is removed.
+        `timeout` bounds all of it, as in every method here: each call gets what is left.
         """
+        deadline = deadline_after(timeout)
         # ids are checked by embed; the other per-image lists before anything is sent
         check_one_per_image(images, categories=categories, attributes=attributes, products=products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
-            embedded = self.embedder.embed(images, ids=ids, top_categories=1, timeout=timeout)
-            items, result = catalogue_items(embedded, self.model_id, categories, attributes, products)
-            size = fitted(self.searcher.limits(timeout).max_batch, UPSERT_BATCH)
+            embedded = self.embedder.embed(images, ids=ids, top_categories=1,
+                                           timeout=time_left(deadline, "Embedder.Embed"))
+            model_id = self.model_info(time_left(deadline, "Embedder.GetModelInfo")).model_id
+            items, result = catalogue_items(embedded, model_id, categories, attributes, products)
+            size = fitted(self.searcher.limits(time_left(deadline, "Searcher.GetStats")).max_batch, UPSERT_BATCH)
             for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products), size):
-                record_upserts(batch, self.searcher.upsert(batch, timeout, replaced), result)
+                record_upserts(batch, self.searcher.upsert(batch, time_left(deadline, "Searcher.Upsert"), replaced),
+                               result)
             return result
 
     def search(self, image: ImageInput, k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
@@ -251,16 +257,18 @@ class Lookalike:
         """The k catalogue items (or distinct products) most like `image` that pass `filter` (a Filter
         message or its text, see lookalike.filter_text). Raises InvalidArgumentError for an unreadable image
         or a filter text that does not parse."""
+        deadline = deadline_after(timeout)
         with tracer.start_as_current_span("Lookalike.search", attributes={"lookalike.k": k}):
             started = time.perf_counter()
             query_filter = as_filter(filter)  # a bad filter is refused before the photo is embedded for nothing
-            embedded = self.embedder.embed([image], ids=["query"], timeout=timeout)[0]
+            embedded = self.embedder.embed([image], ids=["query"], timeout=time_left(deadline, "Embedder.Embed"))[0]
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
-            response = self.searcher.search(embedded.vector, self.model_id, k,
-                                            routing_request(routing, embedded, *self.routing), ef, timeout,
-                                            query_filter, distinct_products)
+            model = self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            response = self.searcher.search(embedded.vector, model.model_id, k,
+                                            routing_request(routing, embedded, *self.routing), ef,
+                                            time_left(deadline, "Searcher.Search"), query_filter, distinct_products)
             return search_result(embedded, response, embedded_at - started, time.perf_counter() - embedded_at)
 
     def search_batch(self, images: Sequence[ImageInput], k: int = 10, routing: RoutingMode = "adaptive", ef: int = 0,
@@ -269,14 +277,18 @@ class Lookalike:
         """search() for many photos in one round trip per service (one Embed call per embedder request limit,
         one SearchBatch per 256 queries, or per the searcher's lower max_batch_queries): a result per photo, in
         order, or the error for that photo."""
+        deadline = deadline_after(timeout)
         with tracer.start_as_current_span("Lookalike.search_batch", attributes={"lookalike.images": len(images)}):
             started = time.perf_counter()
             query_filter = as_filter(filter)  # a bad filter is refused before the photos are embedded for nothing
-            embedded = self.embedder.embed(images, ids=[str(n) for n in range(len(images))], timeout=timeout)
+            embedded = self.embedder.embed(images, ids=[str(n) for n in range(len(images))],
+                                           timeout=time_left(deadline, "Embedder.Embed"))
             embedded_at = time.perf_counter()
-            requests = [search_request(e.vector, self.model_id, k, routing_request(routing, e, *self.routing), ef,
+            model_id = self.model_info(time_left(deadline, "Embedder.GetModelInfo")).model_id
+            requests = [search_request(e.vector, model_id, k, routing_request(routing, e, *self.routing), ef,
                                        query_filter, distinct_products) for e in embedded if e.ok]
-            answers = iter(self.searcher.search_batch(requests, timeout) if requests else [])
+            answers = iter(self.searcher.search_batch(requests, time_left(deadline, "Searcher.SearchBatch"))
+                           if requests else [])
             finished = time.perf_counter()
             return [batch_search_result(e, next(answers) if e.ok else None, embedded_at - started,
                                         finished - embedded_at) for e in embedded]

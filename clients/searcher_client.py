@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries, channel_settings,
-                                         library_error, status_code)
+                                         deadline_after, library_error, status_code, time_left)
 from lookalike.codec import pack_vector
 from lookalike.filter_text import parse_filter
 from lookalike.routing import Routing
@@ -142,10 +142,13 @@ class SearcherClient:
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[searcher_pb2.SearchResponse | LookalikeError]:
         """Many searches (from search_request), BATCH_QUERIES per call or the searcher's lower limit; each answer,
-        or its error, in order."""
+        or its error, in order. `timeout` bounds all the calls."""
+        deadline = deadline_after(timeout)
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        for request in search_batch_requests(requests, fitted(self.limits(timeout).max_batch_queries, BATCH_QUERIES)):
-            response = call_with_retries(self.stub.SearchBatch, request, self.settings, timeout, "Searcher.SearchBatch")
+        size = fitted(self.limits(time_left(deadline, "Searcher.GetStats")).max_batch_queries, BATCH_QUERIES)
+        for request in search_batch_requests(requests, size):
+            response = call_with_retries(self.stub.SearchBatch, request, self.settings,
+                                         time_left(deadline, "Searcher.SearchBatch"), "Searcher.SearchBatch")
             answers.extend(batch_result(result) for result in response.results)
         return answers
 

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, UnavailableError, call_with_retries,
-                                         channel_settings)
+                                         channel_settings, deadline_after, time_left)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.client.sharded import UNREACHABLE, BatchAnswer, gather, search_owners, search_owners_batch
 from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
@@ -67,7 +67,9 @@ class ShardMapClient:
     # -- the map -----------------------------------------------------------------------------------
 
     def shard_map(self, refresh: bool = False, timeout: float | None = None) -> searcher_pb2.GetShardMapResponse:
-        """The map (cached for refresh_seconds). When no searcher answers, the last map is kept."""
+        """The map (cached for refresh_seconds). When no searcher answers (within `timeout`, all of them),
+        the last map is kept."""
+        deadline = deadline_after(timeout)
         with self._lock:
             if self._map is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
                 return self._map
@@ -75,7 +77,8 @@ class ShardMapClient:
             for client in [self.seed, *self.groups.values()]:
                 try:
                     response = call_with_retries(client.stub.GetShardMap, searcher_pb2.GetShardMapRequest(),
-                                                 client.settings, timeout, "Searcher.GetShardMap")
+                                                 client.settings, time_left(deadline, "Searcher.GetShardMap"),
+                                                 "Searcher.GetShardMap")
                     break
                 except UNREACHABLE as failure:
                     error = failure
@@ -130,8 +133,10 @@ class ShardMapClient:
                replace_products: Sequence[str] = ()) -> searcher_pb2.UpsertResponse:
         """Each item through the group that serves its category (a new category: any group). Replacing
         products goes through one group, in one write with the items (the store is shared), so it needs the
-        items in one request: a request whose items fall in several groups goes wholly through the first."""
-        self.shard_map()
+        items in one request: a request whose items fall in several groups goes wholly through the first.
+        `timeout` bounds all of it."""
+        deadline = deadline_after(timeout)
+        self.shard_map(timeout=time_left(deadline, "Searcher.GetShardMap"))
         positions: dict[int, list[int]] = defaultdict(list)
         owners: dict[int, SearcherClient] = {}
         for position, item in enumerate(items):
@@ -141,7 +146,8 @@ class ShardMapClient:
             owners[id(owner)] = owner
             positions[id(owner)].append(position)
         futures = {key: self._pool.submit(self._with_fallback, owners[key], lambda c, members=members: c.upsert(
-            [items[i] for i in members], timeout, replace_products)) for key, members in positions.items()}
+            [items[i] for i in members], time_left(deadline, "Searcher.Upsert"), replace_products))
+            for key, members in positions.items()}
         statuses: list[common_pb2.ItemStatus] = [common_pb2.ItemStatus()] * len(items)
         sequence = 0
         for key, future in futures.items():
@@ -150,13 +156,15 @@ class ShardMapClient:
             for position, status in zip(positions[key], response.statuses):
                 statuses[position] = status
         if any(item.category not in self.placements for item in items):
-            self.shard_map(refresh=True)  # new categories were just placed
+            self.shard_map(refresh=True, timeout=time_left(deadline, "Searcher.GetShardMap"))  # just placed
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=sequence)
 
     def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
                products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
         """Through any group: the store knows each id's category, and every group follows it."""
-        return self._with_fallback(self.seed, lambda client: client.delete(ids, timeout, products))
+        deadline = deadline_after(timeout)
+        return self._with_fallback(self.seed, lambda client: client.delete(ids, time_left(deadline, "Searcher.Delete"),
+                                                                           products))
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -194,13 +202,15 @@ class ShardMapClient:
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
                distinct_products: bool = False) -> searcher_pb2.SearchResponse:
+        deadline = deadline_after(timeout)
+
         def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             routed, owned = self._plan(routing)
             return [routed], [search_owners(routed, owned, lambda group, part: self._placed_group(group).search(
-                vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
-                self.strict, distinct_products, self._describe)]
+                vector, model_id, k, part.to_message(), ef, time_left(deadline, "Searcher.Search"), filter,
+                distinct_products), k, self._pool, self.strict, distinct_products, self._describe)]
 
-        answer = self._until_settled(ask)[0]
+        answer = self._until_settled(ask, deadline)[0]
         if isinstance(answer, LookalikeError):
             raise answer
         return answer
@@ -208,26 +218,34 @@ class ShardMapClient:
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[BatchAnswer]:
         """Many searches, one SearchBatch per group that any of them probes."""
+        deadline = deadline_after(timeout)
+
         def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
             routes = [routed for routed, _ in planned]
             return routes, search_owners_batch(
                 requests, routes, [owned for _, owned in planned],
-                lambda group, parts: self._placed_group(group).search_batch(parts, timeout), self._pool, self.strict,
-                self._describe)
+                lambda group, parts: self._placed_group(group).search_batch(
+                    parts, time_left(deadline, "Searcher.SearchBatch")), self._pool, self.strict, self._describe)
 
-        return self._until_settled(ask)
+        return self._until_settled(ask, deadline)
 
-    def _until_settled(self, ask: Callable[[], tuple[list[RoutingPlan], list[BatchAnswer]]]) -> list[BatchAnswer]:
+    def _until_settled(self, ask: Callable[[], tuple[list[RoutingPlan], list[BatchAnswer]]],
+                       deadline: float | None) -> list[BatchAnswer]:
         """ask()'s answers under the current map; asked again, the map re-read after a pause, while a planned
         category lacks an answer for some part with no unreachable group to explain it: a group no longer
         serves what the map places on it (the category moved or split), or does not serve it yet (groups
         take up a new layout at their next heartbeat). Still lacking after the last try, the category is named
-        in missing_shards, or the query fails when the client is strict: never a silently partial answer."""
+        in missing_shards, or the query fails when the client is strict: never a silently partial answer.
+        Tries stop early when the next would start past the search's `deadline`."""
         moved: list[set[str]] = []
+        tries = 0
         for attempt, pause in enumerate(MOVED_RETRY_PAUSES):
+            if attempt and deadline is not None and time.monotonic() + pause >= deadline:
+                break
             time.sleep(pause)
-            self.shard_map(refresh=attempt > 0)
+            tries += 1
+            self.shard_map(refresh=attempt > 0, timeout=time_left(deadline, "Searcher.GetShardMap"))
             routes, answers = ask()
             moved = [set() if isinstance(answer, LookalikeError) else self._moved(routed, answer)
                      for routed, answer in zip(routes, answers)]
@@ -241,7 +259,7 @@ class ShardMapClient:
             unsettled = [c for c in routed.categories if c in categories]
             if self.strict:
                 answers[position] = UnavailableError(grpc.StatusCode.UNAVAILABLE, (
-                    f"no group answered for every part of {unsettled} after {len(MOVED_RETRY_PAUSES)} tries: "
+                    f"no group answered for every part of {unsettled} after {tries} tries: "
                     "they are moving or being split"), "Searcher.Search")
             else:
                 answers[position].missing_shards.extend(unsettled)
@@ -250,20 +268,23 @@ class ShardMapClient:
     def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:
         """The lowest of each reachable group's request limits (and the seed's): a write or batch split for them
         fits every group."""
-        self.shard_map()
-        calls = {name: (lambda client=client: client.limits(timeout)) for name, client in self.groups.items()}
+        deadline = deadline_after(timeout)
+        self.shard_map(timeout=time_left(deadline, "Searcher.GetShardMap"))
+        calls = {name: (lambda client=client: client.limits(time_left(deadline, "Searcher.GetStats")))
+                 for name, client in self.groups.items()}
         answers, _ = gather(calls, self._pool, self._describe)
-        return tightest([self.seed.limits(timeout), *answers.values()])
+        return tightest([self.seed.limits(time_left(deadline, "Searcher.GetStats")), *answers.values()])
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         """Every group's shards that the map places on it, summed; sequence is the lowest any group applied.
         A group that is unreachable, or has no live replica, is left out with its shards (and logged), as a
         search leaves it out, unless the client is strict; when no group answers, the error is raised."""
-        self.shard_map()
+        deadline = deadline_after(timeout)
+        self.shard_map(timeout=time_left(deadline, "Searcher.GetShardMap"))
         names = sorted(set(self.groups) | {group for parts in self.placements.values() for group in parts})
 
         def ask(name: str) -> searcher_pb2.GetStatsResponse:
-            return self._placed_group(name, "Searcher.GetStats").stats(timeout)
+            return self._placed_group(name, "Searcher.GetStats").stats(time_left(deadline, "Searcher.GetStats"))
 
         responses, unreachable = gather({name: (lambda name=name: ask(name)) for name in names}, self._pool,
                                         self._describe)

@@ -19,7 +19,7 @@ from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, Response,
-                                         UnavailableError, library_error)
+                                         UnavailableError, deadline_after, library_error, time_left)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
                                rendezvous_owner)
@@ -200,7 +200,8 @@ class ShardedSearcherClient:
         new category lives elsewhere moves instead of being duplicated (from a pod that is down, at a later
         write: see _delete_strays). An id given twice ends as its last copy, as in one searcher. Replaced
         products lose their other photos on the pods that receive items and all their photos on the others
-        (pod by pod, not in one write: each pod has its own store)."""
+        (pod by pod, not in one write: each pod has its own store). `timeout` bounds all of it."""
+        deadline = deadline_after(timeout)
         pods = [owner_of(item.category, len(self.pods)) for item in items]
         last = {item.id: position for position, item in enumerate(items)}
         # One searcher applies a request's items in order. Copies of an id on two pods would each be stored,
@@ -211,9 +212,11 @@ class ShardedSearcherClient:
             if position not in superseded:
                 positions[pod].append(position)
         responses = self._fan_out({pod: (lambda pod=pod, members=members: self.pods[pod].upsert(
-            [items[i] for i in members], timeout, replace_products)) for pod, members in positions.items()})
+            [items[i] for i in members], time_left(deadline, "Searcher.Upsert"), replace_products))
+            for pod, members in positions.items()})
         if replace_products:
-            self._fan_out({pod: (lambda pod=pod: self.pods[pod].delete((), timeout, replace_products))
+            self._fan_out({pod: (lambda pod=pod: self.pods[pod].delete((), time_left(deadline, "Searcher.Delete"),
+                                                                       replace_products))
                            for pod in range(len(self.pods)) if pod not in positions})
         statuses: list[common_pb2.ItemStatus] = [common_pb2.ItemStatus()] * len(items)
         for pod, members in positions.items():
@@ -224,14 +227,14 @@ class ShardedSearcherClient:
         stored = {pod: [items[i].id for i, status in zip(members, responses[pod].statuses) if status.code == 0]
                   for pod, members in positions.items()}
         if items:
-            self._delete_strays(stored, len(items), timeout)
+            self._delete_strays(stored, len(items), deadline)
         if self._categories is not None:  # not read here: a write waits on no pod it did not write to
             self._categories.update(items[i].category for members in positions.values() for i in members)
         # No items: no pod was written, nothing to acknowledge (sequence 0).
         return searcher_pb2.UpsertResponse(statuses=statuses,
                                            sequence=max((r.sequence for r in responses.values()), default=0))
 
-    def _delete_strays(self, stored: Mapping[int, Sequence[str]], chunk: int, timeout: float | None) -> None:
+    def _delete_strays(self, stored: Mapping[int, Sequence[str]], chunk: int, deadline: float | None) -> None:
         """Deletes the ids just stored on each pod from every other pod, so that an id whose category now
         lives on another pod moves there instead of being served twice.
 
@@ -240,7 +243,7 @@ class ShardedSearcherClient:
         refresh_seconds, so that writes do not each wait out its retries): down, it serves nothing, but it
         would serve the old copies again once it restarts. An id stored on that pod again meanwhile is no
         longer a stray there. What this process still holds when it closes is logged. Deletes go `chunk`
-        ids at a time: the size of the request the pods just took."""
+        ids at a time: the size of the request the pods just took; within the write's `deadline`."""
         with self._lock:
             for owner, ids in stored.items():
                 self._strays[owner].difference_update(ids)
@@ -253,7 +256,7 @@ class ShardedSearcherClient:
 
         def delete(pod: int, ids: list[str]) -> None:
             for start in range(0, len(ids), chunk):
-                self.pods[pod].delete(ids[start:start + chunk], timeout)
+                self.pods[pod].delete(ids[start:start + chunk], time_left(deadline, "Searcher.Delete"))
                 with self._lock:
                     self._strays[pod].difference_update(ids[start:start + chunk])
             with self._lock:
@@ -278,8 +281,8 @@ class ShardedSearcherClient:
                                            sequence=max(r.sequence for r in responses.values()))
 
     def _plan(self, routing: searcher_pb2.Routing | None,
-              timeout: float | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
-        categories = self.categories(timeout=timeout)
+              deadline: float | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
+        categories = self.categories(timeout=time_left(deadline, "Searcher.GetStats"))
         routed = plan(Routing.from_message(routing), categories, *self._defaults.overridden(self.threshold,
                                                                                             self.max_shards))
         per_pod: dict[int, list[str]] = defaultdict(list)
@@ -290,18 +293,22 @@ class ShardedSearcherClient:
     def search(self, vector: np.ndarray, model_id: str, k: int = 10, routing: searcher_pb2.Routing | None = None,
                ef: int = 0, timeout: float | None = None, filter: FilterInput = None,
                distinct_products: bool = False) -> searcher_pb2.SearchResponse:
-        routed, per_pod = self._plan(routing, timeout)
+        deadline = deadline_after(timeout)
+        routed, per_pod = self._plan(routing, deadline)
         return search_owners(routed, per_pod, lambda pod, part: self.pods[pod].search(
-            vector, model_id, k, part.to_message(), ef, timeout, filter, distinct_products), k, self._pool,
+            vector, model_id, k, part.to_message(), ef, time_left(deadline, "Searcher.Search"), filter,
+            distinct_products), k, self._pool,
             distinct_products=distinct_products, describe=self._describe)
 
     def search_batch(self, requests: Sequence[searcher_pb2.SearchRequest],
                      timeout: float | None = None) -> list[BatchAnswer]:
         """Many searches, one SearchBatch per pod that any of them probes."""
-        planned = [self._plan(request.routing if request.HasField("routing") else None, timeout)
+        deadline = deadline_after(timeout)
+        planned = [self._plan(request.routing if request.HasField("routing") else None, deadline)
                    for request in requests]
         return search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
-                                   lambda pod, parts: self.pods[pod].search_batch(parts, timeout), self._pool,
+                                   lambda pod, parts: self.pods[pod].search_batch(
+                                       parts, time_left(deadline, "Searcher.SearchBatch")), self._pool,
                                    describe=self._describe)
 
     def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:

@@ -1,10 +1,12 @@
 """Shared fixtures: the real data sets, a real exported model, a real embedder server on port 0."""
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -123,6 +125,40 @@ def start_searcher(data_dir: Path, address_override: str = "127.0.0.1:0", **over
     config = SearcherConfig(data_dir=data_dir, address=address_override, **overrides)
     started, port = create_server(config)
     return started, grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+
+
+class SlowNetwork(grpc.UnaryUnaryClientInterceptor):
+    """Holds each answer `seconds` on the client's side before handing it over, as a slow network would: the
+    calls reach the real server and each ends well within its own deadline, but an operation of several calls
+    takes `seconds` a call. `calls` counts them."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        answer = continuation(client_call_details, request)  # a sync channel's call has ended when this returns
+        time.sleep(self.seconds)
+        return answer
+
+
+class SlowNetworkAsync(grpc.aio.UnaryUnaryClientInterceptor):
+    """SlowNetwork for asyncio channels."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        call = await continuation(client_call_details, request)
+        try:
+            await call  # the call has ended
+        except grpc.RpcError:
+            return call
+        await asyncio.sleep(self.seconds)
+        return call
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 from lookalike.client.connection import ChannelSettings, DeadlineExceededError, InvalidArgumentError, UnavailableError
 from lookalike.client.embedder_client import EmbedderClient, RequestLimits, embed_plan
 from lookalike.tools.processes import free_port
-from tests.conftest import run_cli
+from tests.conftest import SlowNetwork, SlowNetworkAsync, run_cli, start_searcher
 
 
 def test_client_embeds_paths_and_bytes_and_reports_bad_images(embedder, grocery_val: list) -> None:
@@ -103,6 +103,54 @@ def test_deadline_surfaces_as_timeout_error(embedder, grocery_val: list) -> None
         with pytest.raises(DeadlineExceededError) as error:
             client.embed([image.path for image in grocery_val[:8]], timeout=0.001)
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and isinstance(error.value, TimeoutError)
+
+
+def test_a_timeout_bounds_every_call_of_an_operation(embedder, grocery_val: list, tmp_path: Path) -> None:
+    """An operation of several calls gave each call the whole timeout: embed of 24 photos (three requests of 8)
+    and search_batch of four queries one per call (a searcher allowing one) ran past it, each call in time.
+    Now each call gets what is left, and the operation fails with DEADLINE_EXCEEDED once nothing is."""
+    from lookalike.client.aio import AsyncSearcherClient
+    from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
+    from lookalike.v1 import embedder_pb2_grpc, searcher_pb2_grpc
+
+    started, _ = embedder
+    with EmbedderClient(f"127.0.0.1:{started.port}") as client:
+        slow = SlowNetwork(0.3)
+        client.stub = embedder_pb2_grpc.EmbedderStub(grpc.intercept_channel(client.channel, slow))
+        with pytest.raises(DeadlineExceededError, match="Embedder.Embed failed with DEADLINE_EXCEEDED: the operation's "
+                                                        "timeout passed before this call"):
+            client.embed([image.path for image in grocery_val[:24]], timeout=0.5)
+        assert slow.calls == 2, "GetModelInfo and the first Embed, then no time was left"
+        assert len(client.embed([image.path for image in grocery_val[:24]], timeout=30)) == 24
+
+    server, channel = start_searcher(tmp_path, max_batch_queries=1)
+    channel.close()
+    vector = np.ones(8, np.float32)
+    queries = [search_request(vector, "m", 1, routing_for(categories=["a"]), 0)] * 4
+    try:
+        with SearcherClient(f"127.0.0.1:{server.port}") as searcher:
+            searcher.upsert([CatalogueItem("x", "a", vector, "m")])
+            slow = SlowNetwork(0.3)
+            searcher.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(searcher.channel, slow))
+            with pytest.raises(DeadlineExceededError, match="Searcher.SearchBatch"):
+                searcher.search_batch(queries, timeout=1.0)
+            assert slow.calls < 5, "GetStats, then fewer than the four SearchBatch calls"
+            assert len(searcher.search_batch(queries, timeout=30)) == 4
+
+        async def search_async() -> int:
+            async with AsyncSearcherClient(f"127.0.0.1:{server.port}") as client:
+                slow = SlowNetworkAsync(0.3)
+                await client.channel.close()
+                client.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[slow])
+                client.stub = searcher_pb2_grpc.SearcherStub(client.channel)
+                with pytest.raises(DeadlineExceededError, match="Searcher.SearchBatch"):
+                    await client.search_batch(queries, timeout=1.0)
+                assert slow.calls < 5
+                return len(await client.search_batch(queries, timeout=30))
+
+        assert asyncio.run(search_async()) == 4
+    finally:
+        server.stop(None)
 
 
 def test_unreachable_server_is_unavailable_after_retries() -> None:

@@ -20,7 +20,7 @@ from lookalike.client.connection import ChannelSettings
 from lookalike.client.indexing import index_catalogue
 from lookalike.client.facade import IndexResult, Lookalike
 from lookalike.client.searcher_client import SearcherClient
-from tests.conftest import run_cli, start_searcher
+from tests.conftest import SlowNetwork, run_cli, start_searcher
 from lookalike.tools.processes import free_port
 
 
@@ -211,6 +211,40 @@ def test_a_searcher_client_that_cannot_be_built_leaves_no_embedder_channel_open(
     assert len(opened) == 1
     with pytest.raises(ValueError, match="closed channel"):  # an open channel would try, and fail UNAVAILABLE
         opened[0].stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=2)
+
+
+def test_a_search_s_timeout_covers_the_embedder_and_the_searcher(services: tuple[str, str],
+                                                                   grocery_val: list) -> None:
+    """Lookalike.search gave the embedder and the searcher the whole timeout each, and asked the model without
+    one: three calls of a slow network, each in time, ran to three times the timeout. Now the searcher gets
+    what the embedder left, and nothing left fails the search."""
+    import grpc
+    from lookalike.client.connection import DeadlineExceededError
+    from lookalike.v1 import embedder_pb2_grpc, searcher_pb2_grpc
+
+    embedder, searcher = services
+    with Lookalike(embedder, searcher) as client:
+        client.index([grocery_val[0].path], ["first"], categories=["a"])
+    with Lookalike(embedder, searcher) as client:
+        slow = SlowNetwork(0.3)
+        client.embedder.stub = embedder_pb2_grpc.EmbedderStub(grpc.intercept_channel(client.embedder.channel, slow))
+        client.searcher.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(client.searcher.channel, slow))
+        with pytest.raises(DeadlineExceededError, match="the operation's timeout passed before this call"):
+            client.search(grocery_val[0].path, routing="all", timeout=0.5)
+        assert slow.calls < 4, "the model's limits, the photo, then no time was left for the model or the search"
+        assert client.search(grocery_val[0].path, routing="all", timeout=30).matches[0].id == "first"
+
+
+def test_async_lookalike_refuses_a_pod_list_before_opening_a_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AsyncLookalike(embedder, [pods]) failed opening the searcher's channel after opening the embedder's, which
+    stayed open (closing an asyncio channel needs an await no caller could give it)."""
+    from lookalike.client import aio
+
+    opened: list[object] = []
+    monkeypatch.setattr(aio, "AsyncEmbedderClient", lambda target: opened.append(target))
+    with pytest.raises(TypeError, match="searcher is a list, expected an address or ChannelSettings"):
+        AsyncLookalike(f"127.0.0.1:{free_port()}", ["127.0.0.1:1", "127.0.0.1:2"])  # type: ignore[arg-type]
+    assert opened == []
 
 
 def test_async_facade_matches_sync(services: tuple[str, str], grocery_val: list) -> None:

@@ -204,6 +204,30 @@ def test_a_pod_that_is_down_fails_only_what_it_holds(tmp_path: Path) -> None:
         assert {h.id for h in sharded.search(vectors[1], "m", k=5, timeout=10).hits} == {"stays", "moves", "later"}
 
 
+def test_a_search_s_timeout_covers_reading_the_categories_and_the_pods(tmp_path: Path) -> None:
+    """A pod-list search read the pods' categories with the whole timeout, then searched them with the whole
+    timeout again. Now the search gets what the read left, and nothing left fails it."""
+    import grpc
+    from lookalike.client.connection import DeadlineExceededError
+    from lookalike.v1 import searcher_pb2_grpc
+    from tests.conftest import SlowNetwork
+
+    categories = one_category_per_pod(2)
+    vector = np.ones(8, np.float32)
+    with ExitStack() as stack:
+        pods = [start_pod(stack, tmp_path / f"pod{ordinal}") for ordinal in range(2)]
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{pod.port}" for pod in pods],
+                                                            refresh_seconds=0.0))
+        sharded.upsert([CatalogueItem(f"item-{n}", category, vector, "m") for n, category in enumerate(categories)])
+        slow = SlowNetwork(0.3)
+        for pod in sharded.pods:
+            pod.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(pod.channel, slow))
+        with pytest.raises(DeadlineExceededError, match="Searcher.Search failed with DEADLINE_EXCEEDED: searcher pod"):
+            sharded.search(vector, "m", k=2, timeout=0.25)
+        assert slow.calls == 2, "each pod's stats, then no time was left to search them"
+        assert len(sharded.search(vector, "m", k=2, timeout=30).hits) == 2
+
+
 def test_an_id_given_twice_in_one_write_ends_as_its_last_copy(tmp_path: Path) -> None:
     """Two copies of an id in one request, in categories of different pods, were each stored on their pod,
     then each deleted as the other's stray: stored nowhere, both acknowledged. One searcher keeps the last."""
