@@ -92,7 +92,7 @@ CUSTOM_RESOURCES = {("postgresql.cnpg.io/v1", "Cluster")}
 
 
 def test_overlays_exist() -> None:
-    assert {"cpu", "gpu", "dev", "cpu-tls", "replicated", "replicated-dev"} <= set(OVERLAYS)
+    assert {"cpu", "gpu", "dev", "cpu-tls", "replicated", "replicated-dev", "replicated-tls"} <= set(OVERLAYS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -366,22 +366,75 @@ def test_servers_drain_before_sigterm_and_probes_have_time(overlay: str) -> None
             assert container[probe]["timeoutSeconds"] >= 2, f"{overlay}: {name} {probe}"
 
 
-def test_tls_overlay_mounts_the_secrets_and_serves_plain_health_for_probes() -> None:
-    objects = render("cpu-tls")
-    for name, config_key in (("embedder", "LOOKALIKE_EMBEDDER"), ("searcher", "LOOKALIKE_SEARCHER")):
+TLS_OVERLAYS = [overlay for overlay in OVERLAYS if overlay.endswith("tls")]
+
+
+def secret_mount(workload: dict, secret: str) -> tuple[dict, dict]:
+    """The volume of `secret` in a workload's pods and the server container's one mount of it."""
+    spec, name = workload["spec"]["template"]["spec"], workload["metadata"]["name"]
+    volumes = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == secret]
+    assert len(volumes) == 1, f"{name}: {len(volumes)} volumes of the Secret {secret}"
+    volume = volumes[0]
+    mounts = [m for m in spec["containers"][0].get("volumeMounts", []) if m["name"] == volume["name"]]
+    assert len(mounts) == 1, f"{name}: {len(mounts)} mounts of the Secret {secret}"
+    return volume, mounts[0]
+
+
+TLS_COMPONENT = DEPLOY / "components" / "tls"
+
+
+# replicated-dev: the component added to another replicated overlay, listed after replicated-searchers.
+@pytest.mark.parametrize("overlay", TLS_OVERLAYS + ["replicated-dev"])
+def test_tls_overlay_mounts_the_secrets_and_serves_plain_health_for_probes(overlay: str, tmp_path: Path) -> None:
+    """Every server, the embedder and each searcher (every replica group in a replicated overlay), serves
+    TLS with the Secret's files and requires tokens: one workload left out would serve plaintext."""
+    added = overlay not in TLS_OVERLAYS
+    objects = render(overlay_with(tmp_path, overlay, components=[TLS_COMPONENT]) if added else overlay)
+    pods = servers(objects)
+    assert {pod_labels(w)["app.kubernetes.io/name"] for w in pods.values()} == {"embedder", "searcher"}
+    assert set(searchers(objects)) == ({f"searcher-{g}" for g in GROUPS} if overlay in REPLICATED else {"searcher"})
+    for name, workload in pods.items():
+        config_key = "LOOKALIKE_" + pod_labels(workload)["app.kubernetes.io/name"].upper()
         config = config_of(objects, name)
-        assert config[f"{config_key}_TLS_CERT"] == "/tls/tls.crt"
-        spec = workloads(objects)[name]["spec"]["template"]["spec"]
-        assert any(v.get("secret", {}).get("secretName") == "lookalike-tls" for v in spec["volumes"])
+        spec = workload["spec"]["template"]["spec"]
+        for secret in ("lookalike-tls", "lookalike-auth-tokens"):
+            volume, mount = secret_mount(workload, secret)
+            # No Secret: the pod waits, never serves without TLS or without auth.
+            assert volume["secret"].get("optional", False) is False, (name, secret)
+            assert mount.get("readOnly") is True, (name, secret)
+            # A subPath mount never sees a rotated Secret (a renewed certificate, a new token list); the
+            # servers re-read the files when they change.
+            assert "subPath" not in mount and "subPathExpr" not in mount, (name, secret)
+        volume, mount = secret_mount(workload, "lookalike-tls")
+        files = {item["key"]: item["path"] for item in volume["secret"].get("items", [])} or {
+            "tls.crt": "tls.crt", "tls.key": "tls.key"}
+        assert config[f"{config_key}_TLS_CERT"] == os.path.join(mount["mountPath"], files["tls.crt"]), name
+        assert config[f"{config_key}_TLS_KEY"] == os.path.join(mount["mountPath"], files["tls.key"]), name
         # Token auth on: the server reads the tokens file from the Secret lookalike-auth-tokens, key `tokens`.
-        volume = next(v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "lookalike-auth-tokens")
-        assert volume["secret"].get("optional", False) is False, "no Secret: the pod waits, never serves without auth"
-        mounts = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
-        assert len(mounts) == 1 and mounts[0].get("readOnly") is True
-        # A subPath mount never sees a rotated Secret; the server re-reads the file when it changes.
-        assert "subPath" not in mounts[0] and "subPathExpr" not in mounts[0]
+        volume, mount = secret_mount(workload, "lookalike-auth-tokens")
         files = {item["key"]: item["path"] for item in volume["secret"].get("items", [])} or {"tokens": "tokens"}
-        assert config[f"{config_key}_AUTH_TOKENS"] == os.path.join(mounts[0]["mountPath"], files["tokens"])
+        assert config[f"{config_key}_AUTH_TOKENS"] == os.path.join(mount["mountPath"], files["tokens"]), name
+        # Kubelet's grpc probes speak no TLS: every probe asks the plaintext health-only port.
+        health_port = int(config[f"{config_key}_HEALTH_ADDRESS"].rpartition(":")[2])
+        container = spec["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == health_port, (name, probe)
+
+
+def test_the_replicated_tls_certificate_names_are_documented() -> None:
+    """A TLS client checks the certificate against the name it dials: the shard map hands clients each
+    group's advertised name, so deploy/README.md must list every one for lookalike-tls."""
+    objects = render("replicated-tls")
+    readme = (DEPLOY / "README.md").read_text()
+    for statefulset in searchers(objects).values():
+        env = {e["name"]: e for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]}
+        advertise = env["LOOKALIKE_SEARCHER_ADVERTISE"]["value"].replace("$(POD_NAMESPACE)",
+                                                                         statefulset["metadata"]["namespace"])
+        host = re.fullmatch(r"dns:///([^:]+):\d+", advertise)[1]
+        assert f"`{host}`" in readme, f"deploy/README.md does not name {host} for the certificate"
+    for service in ("embedder", "embedder-headless"):
+        namespace = named(objects, "Service", service)["metadata"]["namespace"]
+        assert f"`{service}.{namespace}.svc.cluster.local`" in readme, f"deploy/README.md does not name {service}"
 
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
