@@ -8,7 +8,7 @@ neighbourhoods overlap), the same 500 queries, each system through its own clien
 - Chroma: its own server (`chroma run`), through chromadb.HttpClient (`where` on category);
 - Milvus Lite: in the measuring process, through pymilvus' MilvusClient (category as partition key).
 
-Each system, each mode, searches at the smallest ef of 16, 32, ... that reaches recall@10 >= 0.95 against
+Each system, each mode, searches at the smallest ef of 16, 24, 32, 48, ... that reaches recall@10 >= 0.95 against
 exact search over the same scope; then queries/s and p50/p99 at 1 and 8 client threads, ingest rate
 (batches of 1000 through the client) and the server's memory per item (resident set growth), over all the
 items and over the second half of them (without each system's fixed costs).
