@@ -87,7 +87,8 @@ class AsyncSearcherClient:
         """SearcherClient.search_batch, awaited: `timeout` bounds all the calls."""
         deadline = deadline_after(timeout)
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        size = fitted((await self.limits(time_left(deadline, "Searcher.GetStats"))).max_batch_queries, BATCH_QUERIES)
+        limits = self._limits or await self.limits(time_left(deadline, "Searcher.GetStats"))
+        size = fitted(limits.max_batch_queries, BATCH_QUERIES)
         for request in search_batch_requests(requests, size):
             left = time_left(deadline, "Searcher.SearchBatch")
             response = await call_with_retries_async(self.stub.SearchBatch, request, self.settings, left,
@@ -151,7 +152,7 @@ class AsyncLookalike:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1,
                                                  timeout=time_left(deadline, "Embedder.Embed"))
-            model = await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
             items, result = catalogue_items(embedded, model.model_id, categories, attributes, products)
             size = fitted((await self.searcher.limits(time_left(deadline, "Searcher.GetStats"))).max_batch,
                           UPSERT_BATCH)
@@ -172,7 +173,7 @@ class AsyncLookalike:
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
-            model = await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
             response = await self.searcher.search(embedded.vector, model.model_id, k,
                                                   routing_request(routing, embedded, *await self.routing()), ef,
                                                   time_left(deadline, "Searcher.Search"), query_filter,
@@ -189,7 +190,7 @@ class AsyncLookalike:
             embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))],
                                                  timeout=time_left(deadline, "Embedder.Embed"))
             embedded_at = time.perf_counter()
-            model = await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
             values = await self.routing()
             requests = [search_request(e.vector, model.model_id, k, routing_request(routing, e, *values), ef,
                                        query_filter, distinct_products) for e in embedded if e.ok]

@@ -183,9 +183,9 @@ def _next_delay(error: grpc.RpcError, attempt: int, delays: list[float], deadlin
 
 
 def deadline_after(timeout: float | None) -> float | None:
-    """When an operation given `timeout` seconds must end (time.monotonic()); None: it has no deadline of its
-    own, and each of its calls gets its channel's default."""
-    return None if timeout is None else time.monotonic() + timeout
+    """When an operation given `timeout` seconds must end (time.monotonic()); None (or 0, as for one call): it
+    has no deadline of its own, and each of its calls gets its channel's default."""
+    return time.monotonic() + timeout if timeout else None
 
 
 def time_left(deadline: float | None, name: str) -> float | None:

@@ -145,7 +145,8 @@ class SearcherClient:
         or its error, in order. `timeout` bounds all the calls."""
         deadline = deadline_after(timeout)
         answers: list[searcher_pb2.SearchResponse | LookalikeError] = []
-        size = fitted(self.limits(time_left(deadline, "Searcher.GetStats")).max_batch_queries, BATCH_QUERIES)
+        limits = self._limits or self.limits(time_left(deadline, "Searcher.GetStats"))
+        size = fitted(limits.max_batch_queries, BATCH_QUERIES)
         for request in search_batch_requests(requests, size):
             response = call_with_retries(self.stub.SearchBatch, request, self.settings,
                                          time_left(deadline, "Searcher.SearchBatch"), "Searcher.SearchBatch")

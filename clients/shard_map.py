@@ -22,8 +22,8 @@ from typing import Callable, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from lookalike.client.connection import (ChannelSettings, LookalikeError, UnavailableError, call_with_retries,
-                                         channel_settings, deadline_after, time_left)
+from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
+                                         call_with_retries, channel_settings, deadline_after, time_left)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.client.sharded import UNREACHABLE, BatchAnswer, gather, search_owners, search_owners_batch
 from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
@@ -74,14 +74,17 @@ class ShardMapClient:
             if self._map is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
                 return self._map
             error: Exception | None = None
-            for client in [self.seed, *self.groups.values()]:
+            candidates = [self.seed, *self.groups.values()]
+            for position, client in enumerate(candidates):
                 try:
+                    left = time_left(deadline, "Searcher.GetShardMap")
+                    # Each searcher gets its share of what is left: one that hangs leaves time for the others.
+                    share = left / (len(candidates) - position) if left is not None else None
                     response = call_with_retries(client.stub.GetShardMap, searcher_pb2.GetShardMapRequest(),
-                                                 client.settings, time_left(deadline, "Searcher.GetShardMap"),
-                                                 "Searcher.GetShardMap")
+                                                 client.settings, share, "Searcher.GetShardMap")
                     break
                 except UNREACHABLE as failure:
-                    error = failure
+                    error = error or failure  # the first searcher's error says most
             else:
                 if self._map is None:
                     raise error  # type: ignore[misc]
@@ -155,8 +158,10 @@ class ShardMapClient:
             sequence = max(sequence, response.sequence)
             for position, status in zip(positions[key], response.statuses):
                 statuses[position] = status
-        if any(item.category not in self.placements for item in items):
-            self.shard_map(refresh=True, timeout=time_left(deadline, "Searcher.GetShardMap"))  # just placed
+        # New categories were just placed: read where, if time is left (the items are stored either way).
+        if any(item.category not in self.placements for item in items) and (
+                deadline is None or time.monotonic() < deadline):
+            self.shard_map(refresh=True, timeout=time_left(deadline, "Searcher.GetShardMap"))
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=sequence)
 
     def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
@@ -206,6 +211,7 @@ class ShardMapClient:
 
         def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             routed, owned = self._plan(routing)
+            time_left(deadline, "Searcher.Search")  # raised here, not as every group's failure
             return [routed], [search_owners(routed, owned, lambda group, part: self._placed_group(group).search(
                 vector, model_id, k, part.to_message(), ef, time_left(deadline, "Searcher.Search"), filter,
                 distinct_products), k, self._pool, self.strict, distinct_products, self._describe)]
@@ -223,6 +229,7 @@ class ShardMapClient:
         def ask() -> tuple[list[RoutingPlan], list[BatchAnswer]]:
             planned = [self._plan(request.routing if request.HasField("routing") else None) for request in requests]
             routes = [routed for routed, _ in planned]
+            time_left(deadline, "Searcher.SearchBatch")  # raised here, not as every group's failure
             return routes, search_owners_batch(
                 requests, routes, [owned for _, owned in planned],
                 lambda group, parts: self._placed_group(group).search_batch(
@@ -237,16 +244,24 @@ class ShardMapClient:
         serves what the map places on it (the category moved or split), or does not serve it yet (groups
         take up a new layout at their next heartbeat). Still lacking after the last try, the category is named
         in missing_shards, or the query fails when the client is strict: never a silently partial answer.
-        Tries stop early when the next would start past the search's `deadline`."""
+        Tries stop early when another (its pause, and as long as the last took) would not end before the
+        search's `deadline`: the last answers stand."""
         moved: list[set[str]] = []
-        tries = 0
+        tries, took = 0, 0.0
         for attempt, pause in enumerate(MOVED_RETRY_PAUSES):
-            if attempt and deadline is not None and time.monotonic() + pause >= deadline:
+            if attempt and deadline is not None and time.monotonic() + pause + took >= deadline:
                 break
             time.sleep(pause)
-            tries += 1
-            self.shard_map(refresh=attempt > 0, timeout=time_left(deadline, "Searcher.GetShardMap"))
-            routes, answers = ask()
+            started = time.monotonic()
+            try:
+                self.shard_map(refresh=attempt > 0, timeout=time_left(deadline, "Searcher.GetShardMap"))
+                tried = ask()
+            except DeadlineExceededError:
+                if not attempt:
+                    raise
+                break
+            routes, answers = tried
+            tries, took = tries + 1, time.monotonic() - started
             moved = [set() if isinstance(answer, LookalikeError) else self._moved(routed, answer)
                      for routed, answer in zip(routes, answers)]
             if not any(moved):
@@ -269,11 +284,12 @@ class ShardMapClient:
         """The lowest of each reachable group's request limits (and the seed's): a write or batch split for them
         fits every group."""
         deadline = deadline_after(timeout)
+        seed = self.seed.limits(time_left(deadline, "Searcher.GetStats"))  # read once, then kept
         self.shard_map(timeout=time_left(deadline, "Searcher.GetShardMap"))
         calls = {name: (lambda client=client: client.limits(time_left(deadline, "Searcher.GetStats")))
                  for name, client in self.groups.items()}
         answers, _ = gather(calls, self._pool, self._describe)
-        return tightest([self.seed.limits(time_left(deadline, "Searcher.GetStats")), *answers.values()])
+        return tightest([seed, *answers.values()])
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
         """Every group's shards that the map places on it, summed; sequence is the lowest any group applied.

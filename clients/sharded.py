@@ -262,8 +262,12 @@ class ShardedSearcherClient:
             with self._lock:
                 self._strays_failed_at.pop(pod, None)
 
+        if deadline is not None and time.monotonic() >= deadline:
+            return  # the write used its time: they wait for a later one, no pod having failed
         _, unreachable = self._gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()})
         for pod, error in unreachable.items():
+            if isinstance(error, DeadlineExceededError) and deadline is not None and time.monotonic() >= deadline:
+                continue  # the write's time ran out, not the pod: tried again at the next write
             with self._lock:
                 self._strays_failed_at[pod] = time.monotonic()
             log.warning("%s: %d ids stored on other pods may still have an old copy there; deleting them at a "
@@ -282,7 +286,10 @@ class ShardedSearcherClient:
 
     def _plan(self, routing: searcher_pb2.Routing | None,
               deadline: float | None) -> tuple[RoutingPlan, dict[int, list[str]]]:
-        categories = self.categories(timeout=time_left(deadline, "Searcher.GetStats"))
+        left = time_left(deadline, "Searcher.GetStats")
+        # With categories read before, a refresh is worth at most half the time left: a pod that is down
+        # would otherwise take all of it in retries, leaving the search none.
+        categories = self.categories(timeout=left / 2 if left is not None and self._categories is not None else left)
         routed = plan(Routing.from_message(routing), categories, *self._defaults.overridden(self.threshold,
                                                                                             self.max_shards))
         per_pod: dict[int, list[str]] = defaultdict(list)
@@ -295,6 +302,7 @@ class ShardedSearcherClient:
                distinct_products: bool = False) -> searcher_pb2.SearchResponse:
         deadline = deadline_after(timeout)
         routed, per_pod = self._plan(routing, deadline)
+        time_left(deadline, "Searcher.Search")  # raised here, not as every pod's failure
         return search_owners(routed, per_pod, lambda pod, part: self.pods[pod].search(
             vector, model_id, k, part.to_message(), ef, time_left(deadline, "Searcher.Search"), filter,
             distinct_products), k, self._pool,
@@ -306,6 +314,7 @@ class ShardedSearcherClient:
         deadline = deadline_after(timeout)
         planned = [self._plan(request.routing if request.HasField("routing") else None, deadline)
                    for request in requests]
+        time_left(deadline, "Searcher.SearchBatch")  # raised here, not as every pod's failure
         return search_owners_batch(requests, [routed for routed, _ in planned], [owned for _, owned in planned],
                                    lambda pod, parts: self.pods[pod].search_batch(
                                        parts, time_left(deadline, "Searcher.SearchBatch")), self._pool,

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -135,9 +136,11 @@ class SlowNetwork(grpc.UnaryUnaryClientInterceptor):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.calls = 0
+        self._lock = threading.Lock()  # a sharded client calls its pods from several threads
 
     def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        self.calls += 1
+        with self._lock:
+            self.calls += 1
         answer = continuation(client_call_details, request)  # a sync channel's call has ended when this returns
         time.sleep(self.seconds)
         return answer

@@ -219,13 +219,64 @@ def test_a_search_s_timeout_covers_reading_the_categories_and_the_pods(tmp_path:
         sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{pod.port}" for pod in pods],
                                                             refresh_seconds=0.0))
         sharded.upsert([CatalogueItem(f"item-{n}", category, vector, "m") for n, category in enumerate(categories)])
-        slow = SlowNetwork(0.3)
+        slow = SlowNetwork(1.0)
         for pod in sharded.pods:
             pod.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(pod.channel, slow))
-        with pytest.raises(DeadlineExceededError, match="Searcher.Search failed with DEADLINE_EXCEEDED: searcher pod"):
-            sharded.search(vector, "m", k=2, timeout=0.25)
+        with pytest.raises(DeadlineExceededError, match="Searcher.Search failed with DEADLINE_EXCEEDED: the operation's "
+                                                        "timeout passed before this call"):
+            sharded.search(vector, "m", k=2, timeout=0.9)
         assert slow.calls == 2, "each pod's stats, then no time was left to search them"
         assert len(sharded.search(vector, "m", k=2, timeout=30).hits) == 2
+
+
+def test_a_write_that_used_its_time_leaves_its_stray_deletes_to_the_next_write(tmp_path: Path) -> None:
+    """A write whose time ran out before it deleted a moved id's old copy marked the pod as failing, and the
+    next writes left it alone for refresh_seconds. Now the next write deletes the old copy."""
+    import grpc
+    from lookalike.v1 import searcher_pb2_grpc
+    from tests.conftest import SlowNetwork
+
+    first, second = one_category_per_pod(2)
+    vector = np.ones(8, np.float32)
+    with ExitStack() as stack:
+        pods = [start_pod(stack, tmp_path / f"pod{ordinal}") for ordinal in range(2)]
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{pod.port}" for pod in pods]))
+        sharded.upsert([CatalogueItem("moves", first, vector, "m")])
+        slow = SlowNetwork(1.0)
+        for pod in sharded.pods:
+            pod.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(pod.channel, slow))
+        moved = sharded.upsert([CatalogueItem("moves", second, vector, "m")], timeout=0.9)
+        assert [s.code for s in moved.statuses] == [0] and slow.calls == 1, "stored, then no time was left"
+        for pod in sharded.pods:
+            pod.stub = searcher_pb2_grpc.SearcherStub(pod.channel)
+        old = stack.enter_context(SearcherClient(f"127.0.0.1:{pods[0].port}"))
+        assert old.stats().items == 1, "the old copy is still on the first pod"
+        sharded.upsert([CatalogueItem("later", second, vector, "m")], timeout=10)
+        assert old.stats().items == 0, "the next write deleted it"
+
+
+def test_a_map_read_leaves_time_for_the_next_searcher_when_one_hangs(tmp_path: Path) -> None:
+    """Re-reading the shard map gave the first searcher asked all of the timeout: one that takes connections and
+    never answers used it up, no other was asked, and the old map was kept. Now each gets its share of it."""
+    import socket
+
+    import grpc
+    from lookalike.v1 import searcher_pb2_grpc
+
+    vector = np.ones(8, np.float32)
+    with ExitStack() as stack:
+        pod = start_pod(stack, tmp_path / "searcher")
+        hanging = stack.enter_context(socket.create_server(("127.0.0.1", 0)))  # accepts, never speaks HTTP/2
+        client = stack.enter_context(ShardMapClient(f"127.0.0.1:{pod.port}"))
+        client.upsert([CatalogueItem("first", "old", vector, "m")])
+        assert {p.category for p in client.shard_map(refresh=True).placements} == {"old"}
+        with SearcherClient(f"127.0.0.1:{pod.port}") as other:  # another client places a new category
+            other.upsert([CatalogueItem("second", "new", vector, "m")])
+        hung = grpc.insecure_channel(f"127.0.0.1:{hanging.getsockname()[1]}")
+        stack.callback(hung.close)
+        client.seed.stub = searcher_pb2_grpc.SearcherStub(hung)  # the seed now hangs; the group still answers
+        refreshed = client.shard_map(refresh=True, timeout=3)
+        assert {p.category for p in refreshed.placements} == {"old", "new"}, "the group was asked in time"
 
 
 def test_an_id_given_twice_in_one_write_ends_as_its_last_copy(tmp_path: Path) -> None:
