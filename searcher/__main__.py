@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 from typing import Sequence
 
@@ -26,8 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         started, port = create_server(config)
     except (StoreUnavailable, OSError, ValueError) as error:
         # What an operator must fix (an unreachable database, a malformed --store, a data folder that is a
-        # file, a bad setting, a port taken): one line, no traceback.
+        # file, another searcher on it, a bad setting, a port taken): one line, no traceback.
         logging.getLogger("lookalike.searcher").error("cannot start: %s", error)
+        return 1
+    except sqlite3.Error as error:  # a data folder it may not write, a damaged database file
+        logging.getLogger("lookalike.searcher").error("cannot start: the SQLite store in %s: %s", config.data_dir,
+                                                      error)
         return 1
     serve_until_signalled(started, config.grace_seconds, f"searcher listening on port {port}")
     return 0

@@ -15,6 +15,7 @@ lets go of those that left after a grace period.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from collections import defaultdict, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, Sequence, TextIO, TypeVar
 
 import numpy as np
 
@@ -57,6 +58,20 @@ MAX_PRODUCT_DEPTH = 4096
 # as it holds items, plus this many (labels are never reused, and the exact-search table, the id list and
 # the filter columns are sized by label: without it, memory grew with every item ever added).
 COMPACT_SLACK_LABELS = 1024
+
+
+def _lock_data_dir(data_dir: Path) -> TextIO:
+    """The data folder's lock, held while the catalogue is open: two searchers over one folder would write each
+    other's snapshots and each miss the other's writes. OSError naming the folder when another holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "LOCK", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OSError(f"another searcher is using the data folder {data_dir} (its LOCK file is held): give each "
+                      "searcher its own --data") from None
+    return handle
 
 
 def in_lanes(pool: Executor | None, lanes: int, items: Sequence[T], work: Callable[[T], R]) -> list[R]:
@@ -155,7 +170,12 @@ class Catalogue:
                                       numeric_attributes=config.numeric_attribute_names,
                                       filter_exact_factor=config.filter_exact_factor)
         self.routing = config.routing_defaults()
-        self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
+        self._data_lock = _lock_data_dir(self.data_dir)
+        try:
+            self.store = open_store(config.store, self.data_dir, DATABASE, config.store_timeout)
+        except BaseException:
+            self._data_lock.close()
+            raise
         self.shards: dict[ShardKey, Shard] = {}
         # Every category's model lock this replica knows of, served here or not: a category missing
         # from it is new, so its first items need no earlier ones to be built from.
@@ -226,6 +246,12 @@ class Catalogue:
                 self.shards[key], rows = self._build(key, head)
                 replayed += rows
         self.applied_seq = head
+        # Snapshots of shards not built here are of categories the store does not know (a database restored
+        # from a backup, or replaced): left, one would pass for current once its category's log grows past it.
+        kept = {self._snapshot_dir(key).name for key in self.shards}
+        for folder in (self.data_dir / SNAPSHOTS).glob("*"):
+            if folder.name not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
         log.info("loaded %d shards, %d items (%d rows replayed after snapshots) in %.2fs, at sequence %d",
                  len(self.shards), sum(len(s) for s in self.shards.values()), replayed, time.perf_counter() - started,
                  head)
@@ -411,10 +437,13 @@ class Catalogue:
         self._stop.set()
         for worker in self._workers:
             worker.join(timeout=self.config.follow_interval + 5)
-        self.snapshot()
-        self.store.close()
-        if self._probe_pool is not None:
-            self._probe_pool.shutdown(wait=True)
+        try:
+            self.snapshot()
+        finally:  # a snapshot that cannot be written costs a slower start, not the store's orderly close
+            self.store.close()
+            if self._probe_pool is not None:
+                self._probe_pool.shutdown(wait=True)
+            self._data_lock.close()
 
     # -- the log -----------------------------------------------------------------------------------
 
@@ -443,9 +472,10 @@ class Catalogue:
         the lost writes, and would pass for current once the log grows past them)."""
         log.error("the store's log ends at sequence %d, before this replica's %d: writes after it were lost by the "
                   "store; rebuilding every shard from it", store_head, self.applied_seq)
-        for key in list(self.shards):
-            shutil.rmtree(self._snapshot_dir(key), ignore_errors=True)
-            self.shards[key], _ = self._build(key, store_head)
+        with self._snapshot_lock:  # a snapshot pass under way would write a deleted folder back
+            for key in list(self.shards):
+                shutil.rmtree(self._snapshot_dir(key), ignore_errors=True)
+                self.shards[key], _ = self._build(key, store_head)
         self.applied_seq = store_head
         self._unapplied.clear()
 

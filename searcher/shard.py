@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -301,7 +302,11 @@ class Shard:
         directory.mkdir(parents=True, exist_ok=True)
         with self.lock.reading():
             seq = self.applied_seq
-            index_name, meta_name = f"index-{seq}.hnsw", f"meta-{seq}.json"
+            # Names no earlier save used: a save at the sequence of the current snapshot (a compacted shard has
+            # new labels at the same sequence) that stopped between its files would otherwise leave CURRENT
+            # naming the new index beside the old labels.
+            token = uuid.uuid4().hex[:8]
+            index_name, meta_name = f"index-{seq}-{token}.hnsw", f"meta-{seq}-{token}.json"
             staging = directory / (index_name + ".tmp")
             self.index.save_index(str(staging))
             meta = json.dumps({"category": self.category, "part": self.part, "parts": self.parts,

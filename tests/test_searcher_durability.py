@@ -80,6 +80,13 @@ def check_state(stub: searcher_pb2_grpc.SearcherStub, acked: dict[str, State],
     return observed
 
 
+def killed(catalogue: object) -> None:
+    """An in-process catalogue gone as a killed process goes: no final snapshot; its store and its data folder's
+    lock released, as the kernel releases a dead process's files."""
+    catalogue.store.close()  # type: ignore[attr-defined]
+    catalogue._data_lock.close()  # type: ignore[attr-defined]
+
+
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     pick = random.Random(7)
@@ -225,7 +232,7 @@ def test_removals_pruned_while_a_shard_is_built_do_not_bring_deleted_items_back(
     first.upsert([ItemWrite("X", "C", deleted, {}, MODEL), ItemWrite("Y", "C", kept, {}, MODEL)])
     assert first.snapshot() == 1  # C's snapshot holds X
     first.delete(["X"])
-    first.store.close()  # gone without a final snapshot: C's snapshot still holds X
+    killed(first)  # gone without a final snapshot: C's snapshot still holds X
 
     reading = SqliteStore.removals_after
 
@@ -330,7 +337,7 @@ def test_a_store_that_lost_its_last_writes_is_followed_from_its_items_again(tmp_
     assert catalogue.upsert([ItemWrite("W", "C", random_vector(rng), {}, MODEL)])[1] == 2  # reuses sequence 2
     assert catalogue.upsert([ItemWrite("V", "C", random_vector(rng), {}, MODEL)])[1] == 3
     assert served(catalogue) == ["V", "W", "X"]
-    catalogue.store.close()
+    killed(catalogue)
     restarted = Catalogue(config)
     try:
         assert served(restarted) == ["V", "W", "X"]
@@ -410,3 +417,118 @@ def test_a_sigterm_while_starting_ends_the_server_at_once(tmp_path: Path) -> Non
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_snapshot_save_that_stops_between_its_files_leaves_the_last_one_whole(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot files were named by sequence alone. A compacted shard (new labels, same sequence) saved over the
+    current snapshot replaced its index first; stopped before the labels were written (a full disk, a kill),
+    CURRENT named the new index beside the old labels: searches answered ids of None, or failed for good."""
+    from lookalike.routing import Routing
+    from lookalike.searcher import shard as shard_module
+    from lookalike.searcher.catalogue import Catalogue, SearchQuery
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.shard import Shard
+    from lookalike.searcher.store import ItemWrite
+
+    config = SearcherConfig(data_dir=tmp_path / "data", snapshot_interval=0, probe_threads=1, exact_below=0)
+    rng = np.random.default_rng(4)
+    catalogue = Catalogue(config)
+    try:
+        for generation in range(5):  # 3,000 labels given for 600 items: compacted
+            catalogue.upsert([ItemWrite(f"g{generation}-{n}", "C", random_vector(rng), {}, MODEL) for n in range(600)])
+            if generation:
+                catalogue.delete([f"g{generation - 1}-{n}" for n in range(600)])
+        folder = tmp_path / "snapshot"
+        catalogue.shards[("C", 0, 1)].save(folder)
+        query = random_vector(rng)
+        before = [hit.id for hit in catalogue.search(SearchQuery(query, MODEL, 10, routing=Routing())).hits]
+        assert catalogue.compact() == 1
+        compacted = catalogue.shards[("C", 0, 1)]
+        writing = shard_module._write_durably
+
+        def full_disk_for_labels(path: Path, data: bytes) -> None:
+            if path.name.startswith("meta-"):
+                raise OSError(28, "No space left on device")
+            writing(path, data)
+
+        monkeypatch.setattr(shard_module, "_write_durably", full_disk_for_labels)
+        with pytest.raises(OSError, match="No space left"):
+            compacted.save(folder)
+        monkeypatch.setattr(shard_module, "_write_durably", writing)
+        loaded = Shard.load(folder, catalogue.settings)
+        assert loaded is not None
+        found = loaded.search(query, 10, 256)
+        assert [item_id for item_id, *_ in found.hits] == before
+    finally:
+        catalogue.close()
+
+
+def test_snapshots_of_categories_the_store_does_not_know_are_deleted_at_start(tmp_path: Path) -> None:
+    """A database put back from a backup taken before category B: B's snapshot stayed on disk, and once B was
+    written again past its sequence, a restart took it for current, serving the lost items and not the new."""
+    import shutil
+    import sqlite3
+
+    from lookalike.searcher.catalogue import Catalogue
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite
+
+    config = SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1)
+    rng = np.random.default_rng(5)
+    catalogue = Catalogue(config)
+    catalogue.upsert([ItemWrite("a", "A", random_vector(rng), {}, MODEL)])
+    database = tmp_path / "catalogue.sqlite3"
+    source, backup = sqlite3.connect(database), sqlite3.connect(tmp_path / "backup.sqlite3")
+    source.backup(backup)
+    source.close()
+    backup.close()
+    catalogue.upsert([ItemWrite(f"lost-{n}", "B", random_vector(rng), {}, MODEL) for n in range(5)])
+    catalogue.close()  # B's snapshot holds the items about to be lost
+    b_snapshot = catalogue._snapshot_dir(("B", 0, 1))
+    assert b_snapshot.is_dir()
+    shutil.copy(tmp_path / "backup.sqlite3", database)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    restarted = Catalogue(config)
+    try:
+        assert set(restarted.shards) == {("A", 0, 1)} and not b_snapshot.exists()
+        restarted.upsert([ItemWrite(f"new-{n}", "B", random_vector(rng), {}, MODEL) for n in range(8)])
+        killed(restarted)  # B's new items are in the store only
+        again = Catalogue(config)
+        try:
+            assert sorted(again.shards[("B", 0, 1)].label_of) == [f"new-{n}" for n in range(8)]
+        finally:
+            again.close()
+    finally:
+        if not restarted._data_lock.closed:  # an assertion failed before it was killed
+            killed(restarted)
+
+
+def test_a_second_searcher_on_one_data_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two searchers over one data folder both started: each wrote the other's snapshots and missed the other's
+    writes (an item deleted through one was still served by the other). The second is refused, naming the
+    folder; a shutdown whose final snapshot fails still closes the store and frees the folder."""
+    from lookalike.searcher.catalogue import Catalogue
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.shard import Shard
+    from lookalike.searcher.store import ItemWrite
+
+    config = SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1)
+    first = Catalogue(config)
+    with pytest.raises(OSError, match=f"another searcher is using the data folder {tmp_path}"):
+        Catalogue(config)
+    first.upsert([ItemWrite("a", "A", random_vector(np.random.default_rng(6)), {}, MODEL)])
+
+    def unwritable(shard: Shard, directory: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(Shard, "save", unwritable)
+    with pytest.raises(PermissionError):
+        first.close()
+    monkeypatch.undo()
+    second = Catalogue(config)  # the folder was freed, the store closed in order
+    try:
+        assert second.stats().items == 1
+    finally:
+        second.close()
