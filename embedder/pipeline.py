@@ -40,7 +40,10 @@ class EmbeddingPipeline:
         self.batcher = MicroBatcher(model.run, config.max_batch, config.max_delay_ms / 1000.0,
                                     config.max_queued_images)
 
-    def _decode(self, index: int, data: bytes) -> tuple[np.ndarray, Box | None] | ServiceError:
+    def _decode(self, index: int, data: bytes, abandoned: Abandoned) -> tuple[np.ndarray, Box | None] | ServiceError:
+        if abandoned():  # each image checks: a large request's caller may leave while its first images decode
+            return DeadlineExceeded(f"images[{index}] was not decoded: the call ended (its deadline passed or it "
+                                    "was cancelled)")
         try:
             return decode_face_image(data, self.model.input_size, self.limits, name=f"images[{index}]",
                                      face_crop=self.model.face_crop)
@@ -53,7 +56,10 @@ class EmbeddingPipeline:
         if abandoned():
             raise DeadlineExceeded("the call ended (its deadline passed or it was cancelled) before its images "
                                    "were decoded")
-        decoded = list(self._decoders.map(self._decode, range(len(images)), images))
+        decoded = list(self._decoders.map(self._decode, range(len(images)), images, [abandoned] * len(images)))
+        if abandoned():
+            raise DeadlineExceeded("the call ended (its deadline passed or it was cancelled) while its images were "
+                                   "decoded")
         good = [(i, item) for i, item in enumerate(decoded) if not isinstance(item, ServiceError)]
         results = [ImageResult(error=item) if isinstance(item, ServiceError) else None for item in decoded]
         if good:
@@ -65,4 +71,4 @@ class EmbeddingPipeline:
 
     def close(self) -> None:
         self.batcher.close()
-        self._decoders.shutdown(wait=True)
+        self._decoders.shutdown(wait=True, cancel_futures=True)  # decodes not started are for calls now refused

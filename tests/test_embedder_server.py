@@ -293,3 +293,33 @@ def test_processes_share_a_port_only_when_asked(model_dir: Path) -> None:
             create_server(EmbedderConfig(model_dir=model_dir, address=f"127.0.0.1:{port}"))
     finally:
         first.stop(None)
+
+
+def test_images_are_not_decoded_for_a_call_that_ended(model_dir: Path, image_bytes: list[bytes],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the caller had left was asked once, before decoding: a large request whose deadline passed kept
+    the decode threads busy with all of its images (a 64-photo request decoded for 30 s after its caller's
+    1-s deadline), ahead of other callers. Now each image asks first."""
+    from lookalike.embedder import pipeline as pipeline_module
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.model import OnnxModel
+    from lookalike.serving.errors import DeadlineExceeded
+
+    config = EmbedderConfig(model_dir=model_dir, decode_workers=1)
+    pipeline = pipeline_module.EmbeddingPipeline(OnnxModel(config), config)
+    decoding = pipeline_module.decode_face_image
+    decoded: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return decoding(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "decode_face_image", counted)
+    asked = iter([False, False])  # before decoding, and the first image: then the caller is gone
+    try:
+        with pytest.raises(DeadlineExceeded, match="while its images were decoded"):
+            pipeline.embed(image_bytes[:1] * 8, abandoned=lambda: next(asked, True))
+        assert len(decoded) == 1, "only the image decoded before the caller left"
+        assert len(pipeline.embed(image_bytes[:1] * 2)) == 2
+    finally:
+        pipeline.close()

@@ -81,6 +81,27 @@ def test_sixteen_bit_greyscale_is_rescaled_not_clipped() -> None:
     np.testing.assert_array_equal(decoded[..., 0], decoded[..., 1])
 
 
+def test_sixteen_bit_pgm_is_rescaled_not_clipped() -> None:
+    """Pillow opens a 16-bit PGM as mode I, which the rescaling missed: a mid-grey photo came out white."""
+    header = b"P5 120 80 65535\n"
+    array = np.linspace(0, 65535, 120 * 80).reshape(80, 120).astype(">u2")
+    decoded = decode_image(header + array.tobytes(), SIZE)
+    assert decoded.max() > 250 and decoded.min() < 5
+    assert abs(float(decoded.mean()) - 127.5) < 3, "clipping would push the mean towards 255"
+
+
+def test_partial_transparency_is_blended_over_white_as_compositing_does() -> None:
+    """Flattened by pasting through the alpha (two full-size copies fewer than compositing in RGBA): the
+    same pixels as Pillow's alpha_composite over white, to within one level of rounding."""
+    from lookalike.pixels import to_rgb
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, size=(64, 64, 4), dtype=np.uint8), "RGBA")
+    composited = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    difference = np.abs(np.asarray(to_rgb(rgba), np.int16) - np.asarray(composited, np.int16))
+    assert difference.max() <= 1
+
+
 def test_transparency_is_composited_over_white() -> None:
     rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
     rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))

@@ -28,10 +28,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I;16"):
-        # 16-bit greyscale (PNG): Pillow's convert would clip at 255 instead of rescaling.
-        array = np.asarray(image, dtype=np.float32) / 257.0
+        # Pasted through its alpha onto white rather than composited in RGBA: two full-size copies fewer
+        # (a 40-megapixel cut-out took 610 MB at its peak).
+        flattened = Image.new("RGB", rgba.size, BACKGROUND)
+        flattened.paste(rgba, mask=rgba.getchannel("A"))
+        return flattened
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale (PNG's I;16, and PNM's, which Pillow opens as I): convert would clip at 255
+        # instead of rescaling.
+        array = np.clip(np.asarray(image, dtype=np.float32), 0, 65535) / 257.0
         image = Image.fromarray(array.round().astype(np.uint8))
     return image.convert("RGB")
