@@ -77,9 +77,18 @@ class EmbedderConfig:
         if self.max_images_per_request > self.max_queued_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queued_images "
                              f"({self.max_queued_images}): a full request could never be queued")
-        for name in ("threads", "decode_workers", "max_connection_age_seconds"):
+        for name in ("threads", "decode_workers", "max_connection_age_seconds", "max_concurrent_rpcs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic or off) or more, got {getattr(self, name)}")
+        # A NaN or huge delay stopped the batching thread; a port or message size out of range failed deep
+        # inside gRPC or the metrics server.
+        for name, upper in (("max_delay_ms", 60_000.0), ("grace_seconds", 3_600.0)):
+            if not 0 <= getattr(self, name) <= upper:
+                raise ValueError(f"{name} must be 0 to {upper:g}, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65_535:
+            raise ValueError(f"metrics_port must be 0 (none) to 65535, got {self.metrics_port}")
+        if self.max_message_bytes >= 2**31:
+            raise ValueError(f"max_message_bytes must be under 2 GiB (gRPC's limit), got {self.max_message_bytes}")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "EmbedderConfig":

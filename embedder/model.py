@@ -98,5 +98,10 @@ class OnnxModel:
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Runs a few batches so the first real request does not pay for lazy initialisation."""
         width, height = self.input_size
+        expected = (self.manifest.embedding_dim, len(self.manifest.labels))
         for size in batch_sizes:
-            self.run(np.zeros((size, height, width, 3), dtype=np.uint8))
+            embeddings, probabilities = self.run(np.zeros((size, height, width, 3), dtype=np.uint8))
+            # A manifest that does not describe the graph would pass every check and fail each Embed later.
+            if (embeddings.shape[1], probabilities.shape[1]) != expected:
+                raise ModelError(f"the graph answers {embeddings.shape[1]}-d embeddings and {probabilities.shape[1]} "
+                                 f"category probabilities, manifest.json says {expected[0]} and {expected[1]} labels")

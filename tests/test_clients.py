@@ -231,23 +231,45 @@ def test_a_folder_without_a_model_is_named_as_such(tmp_path: Path) -> None:
     assert corrupt.stderr.startswith(f"lookalike eval: {tmp_path / 'manifest.json'} is not a model manifest")
 
 
-def test_services_started_directly_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+def test_services_started_directly_say_what_is_wrong_in_one_line(tmp_path: Path, model_dir: Path) -> None:
     """`python -m lookalike.embedder` / `.searcher` are the images' entry points: an ordinary mistake (no model
-    there, a bad setting, a data folder that is a file, a malformed environment value) is one line and exit 1,
-    not a traceback; the environment variable is named. `lookalike serve embedder --help` lists the
-    embedder's own flags."""
+    there, a manifest that does not describe its graph, a bad setting, a data folder that is a file or that
+    another searcher uses, a malformed environment value) is one line and exit 1, not a traceback; the
+    environment variable is named. `lookalike serve embedder --help` lists the embedder's own flags.
+    (A NaN batching delay stopped the batching thread of a server that then said it was healthy; a
+    manifest listing fewer labels than the graph answered made every Embed fail INTERNAL.)"""
+    import json
+    import shutil
+
+    from lookalike.tools.processes import running_service
+
     not_a_folder = tmp_path / "file.txt"
     not_a_folder.write_text("x")
-    for module, args, env, expected in [
-            ("lookalike.embedder", ["--model", str(tmp_path / "absent")], {}, "has no manifest.json"),
+    wrong_manifest = tmp_path / "wrong-manifest"
+    shutil.copytree(model_dir, wrong_manifest)
+    manifest = json.loads((wrong_manifest / "manifest.json").read_text())
+    manifest["labels"] = manifest["labels"][:-1]
+    (wrong_manifest / "manifest.json").write_text(json.dumps(manifest))
+    in_use = tmp_path / "in-use"
+    cases = [("lookalike.embedder", ["--model", str(tmp_path / "absent")], {}, "has no manifest.json"),
             ("lookalike.embedder", ["--model", str(tmp_path), "--providers", "gpu"], {}, "providers ['gpu']"),
+            ("lookalike.embedder", ["--model", str(tmp_path), "--max-delay-ms", "nan"], {},
+             "max_delay_ms must be 0 to 60000, got nan"),
+            ("lookalike.embedder", ["--model", str(tmp_path), "--metrics-port", "70000"], {},
+             "metrics_port must be 0 (none) to 65535"),
+            ("lookalike.embedder", ["--model", str(tmp_path), "--max-concurrent-rpcs", "-1"], {},
+             "max_concurrent_rpcs must be 0"),
+            ("lookalike.embedder", ["--model", str(wrong_manifest)], {}, "manifest.json says"),
+            ("lookalike.searcher", ["--data", str(in_use)], {}, f"another searcher is using the data folder {in_use}"),
             ("lookalike.searcher", ["--data", str(not_a_folder)], {}, "cannot start:"),
             ("lookalike.searcher", ["--data", str(tmp_path)], {"LOOKALIKE_SEARCHER_EF": "abc"},
-             "environment variable LOOKALIKE_SEARCHER_EF='abc' is not a valid ef (int)")]:
-        result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
-                                env={**os.environ, **env})
-        assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, \
-            (module, args, result.stderr[-2000:])
+             "environment variable LOOKALIKE_SEARCHER_EF='abc' is not a valid ef (int)")]
+    with running_service("lookalike.searcher", ["--data", str(in_use)]):  # the folder is in use
+        for module, args, env, expected in cases:
+            result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                                    timeout=120, env={**os.environ, **env})
+            assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, \
+                (module, args, result.stderr[-2000:])
     helped = run_cli("serve", "embedder", "--help")
     assert helped.returncode == 0 and "--max-batch" in helped.stdout and "--max-queued-images" in helped.stdout
 
