@@ -251,13 +251,21 @@ class Store(ABC):
         return StoredItem(item_id, category, np.frombuffer(bytes(vector), dtype="<f4"), json.loads(attributes),
                           model_id, product, int(seq))
 
-    def items_after(self, category: str, after: int, up_to: int) -> Iterator[StoredItem]:
-        """A category's items written in (after, up_to], in write order."""
-        with self._reading() as conn:
-            rows = self._run(conn, f"SELECT {self._ITEM_COLUMNS} FROM items "
-                                   "WHERE category = ? AND seq > ? AND seq <= ? ORDER BY seq", (category, after, up_to))
+    def items_after(self, category: str, after: int, up_to: int, page: int = 4096) -> Iterator[StoredItem]:
+        """A category's items written in (after, up_to], in write order; read `page` at a time, each page in its
+        own read transaction, so that a slow reader (a shard of millions of items built into hnswlib) holds up
+        no writer (SQLite's one connection is locked while a transaction is open). Pages agree with each other:
+        a write after the first page gets a sequence past up_to, so rows can only leave the pages still to read
+        (rewritten or deleted later), and the log after up_to, which the caller reads next, carries them."""
+        while True:
+            with self._reading() as conn:
+                rows = list(self._run(conn, f"SELECT {self._ITEM_COLUMNS} FROM items WHERE category = ? AND seq > ? "
+                                            f"AND seq <= ? ORDER BY seq LIMIT {int(page)}", (category, after, up_to)))
             for row in rows:
                 yield self._item(row)
+            if len(rows) < page:
+                return
+            after = int(rows[-1][-1])
 
     def removals_after(self, category: str, after: int, up_to: int) -> list[Removal]:
         """A category's removals in (after, up_to], in write order."""

@@ -532,3 +532,28 @@ def test_a_second_searcher_on_one_data_folder_is_refused(tmp_path: Path, monkeyp
         assert second.stats().items == 1
     finally:
         second.close()
+
+
+def test_reading_a_category_page_by_page_holds_up_no_write(tmp_path: Path) -> None:
+    """A shard built from the store (a start, a compaction) read its category in one transaction while it
+    filled hnswlib: over SQLite every write waited for the whole build (a 40,000-item compaction held a
+    one-item write for 18 s). Now each page is its own transaction: a write goes through between pages,
+    and the pages still give every item once, in write order."""
+    from lookalike.searcher.store import ItemWrite, SqliteStore
+
+    store = SqliteStore(tmp_path / "catalogue.sqlite3")
+    rng = np.random.default_rng(7)
+    try:
+        store.upsert([ItemWrite(f"c{n}", "C", random_vector(rng), {}, MODEL) for n in range(250)])
+        head = store.head()
+        reading = store.items_after("C", 0, head, page=100)
+        first = next(reading)  # the build has begun
+        writer = threading.Thread(target=store.upsert, args=([ItemWrite("d", "D", random_vector(rng), {}, MODEL)],))
+        writer.start()
+        writer.join(timeout=10)
+        assert not writer.is_alive(), "the write waited for the reading to end"
+        rest = list(reading)
+        assert [item.id for item in [first, *rest]] == [f"c{n}" for n in range(250)]
+        assert store.head() == head + 1
+    finally:
+        store.close()
