@@ -109,7 +109,8 @@ HELP = {
     "decode_workers": "image decoding threads (0: one per CPU the cgroup quota allows)",
     "max_images_per_request": "images per Embed request",
     "max_image_bytes": "bytes per encoded image",
-    "max_image_pixels": "pixels per image (decompression-bomb guard)",
+    "max_image_pixels": "pixels decoded per image (decompression-bomb guard; a JPEG decoded at a reduced scale "
+                        "counts at that scale)",
     "max_message_bytes": "largest gRPC message",
     "grpc_workers": "gRPC handler threads",
     "max_concurrent_rpcs": "RPCs in progress at once; RESOURCE_EXHAUSTED past it (0: unbounded)",

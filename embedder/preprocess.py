@@ -200,10 +200,6 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
         raise InvalidArgument(f"{name} is not a readable image ({type(error).__name__}), expected {FORMAT_NAMES}"
                               ) from error
     width, height = image.size
-    if width * height > limits.max_pixels:
-        raise ResourceExhausted(
-            f"{name} is {width}x{height} = {width * height} pixels, limit is {limits.max_pixels} pixels per image"
-        )
     if width == 0 or height == 0:
         raise InvalidArgument(f"{name} is {width}x{height} pixels, expected at least 1x1")
     try:
@@ -211,6 +207,15 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the requested size.
             # (Not with a face crop: the face is a part of the photo and needs its pixels.)
             image.draft("RGB", size)
+    except Exception as error:  # noqa: BLE001 - a corrupt header surfaces as many types
+        raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
+    # The limit is on the pixels decoded: a 60-megapixel camera JPEG decodes at an eighth of its size.
+    decoded_width, decoded_height = image.size
+    if decoded_width * decoded_height > limits.max_pixels:
+        at = "" if image.size == (width, height) else f", decoded at {decoded_width}x{decoded_height}"
+        raise ResourceExhausted(f"{name} is {width}x{height}{at} = {decoded_width * decoded_height} pixels, "
+                                f"limit is {limits.max_pixels} pixels per image")
+    try:
         image.load()
         image = upright(image)
         image = to_rgb(image)

@@ -147,6 +147,16 @@ def test_pixel_bomb_is_refused_before_decoding() -> None:
         decode_image(png_claiming(20000, 20000), SIZE)
 
 
+def test_a_large_jpeg_counts_the_pixels_it_is_decoded_at() -> None:
+    """The pixel limit was checked before JPEG's reduced-scale decoding: a 45-60-megapixel camera photo, which
+    decodes at an eighth of its size in milliseconds, was refused."""
+    photo = encode(gradient(2400, 1800), "JPEG", quality=90)  # 4.32 megapixels, decoded at 300x225
+    limits = ImageLimits(max_pixels=1_000_000)
+    assert decode_image(photo, SIZE, limits).shape == (SIZE[1], SIZE[0], 3)
+    with pytest.raises(ResourceExhausted, match=r"2400x1800, decoded at 600x450 = 270000 pixels, limit is 100000"):
+        decode_image(photo, (500, 400), ImageLimits(max_pixels=100_000))  # draft stops at 1/4 for 500x400
+
+
 def test_byte_limit() -> None:
     with pytest.raises(ResourceExhausted, match="has 2000 bytes, limit is 1000 bytes"):
         decode_image(b"\xff" * 2000, SIZE, ImageLimits(max_bytes=1000))
