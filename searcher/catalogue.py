@@ -176,6 +176,7 @@ class Catalogue:
         except BaseException:
             self._data_lock.close()
             raise
+        self.store_id = self.store.store_id()
         self.shards: dict[ShardKey, Shard] = {}
         # Every category's model lock this replica knows of, served here or not: a category missing
         # from it is new, so its first items need no earlier ones to be built from.
@@ -266,9 +267,10 @@ class Catalogue:
         except Exception:  # noqa: BLE001 - a bad snapshot is rebuilt from the store
             log.exception("snapshot of shard %r is unreadable; rebuilding it from the store", key)
         if shard is not None and not ((shard.category, shard.part, shard.parts) == key and shard.model_id == model_id
-                                      and shard.dimension == dimension and shard.applied_seq <= up_to):
-            # Another shard's or model's, or newer than the store (a database restored from an older
-            # backup): the store is the truth, so rebuild.
+                                      and shard.dimension == dimension and shard.applied_seq <= up_to
+                                      and shard.store_id == self.store_id):
+            # Another shard's, model's or database's, or newer than the store (a database restored from an
+            # older backup): the store is the truth, so rebuild.
             log.info("snapshot of shard %r (sequence %d) does not fit the store (at %d); rebuilding", key,
                      shard.applied_seq, up_to)
             shard = None
@@ -427,7 +429,7 @@ class Catalogue:
             for key, shard in list(self.shards.items()):
                 if not shard.needs_snapshot:
                     continue
-                shard.save(self._snapshot_dir(key))
+                shard.save(self._snapshot_dir(key), self.store_id)
                 self.store.prune_tombstones(key[0], shard.snapshot_seq, older_than)
                 written += 1
         return written

@@ -117,6 +117,8 @@ class Shard:
         self.content_seq = 0
         self.snapshot_seq = 0
         self.snapshot_time: float | None = None
+        # The store the last snapshot was taken from (Store.store_id; 0: none, or a snapshot from before ids).
+        self.store_id = 0
         if index is None:
             index = hnswlib.Index(space="ip", dim=dimension)
             index.init_index(max_elements=settings.initial_capacity, ef_construction=settings.ef_construction,
@@ -297,8 +299,9 @@ class Shard:
 
     # -- snapshots ---------------------------------------------------------------------------------
 
-    def save(self, directory: Path) -> None:
-        """Writes index + maps at the shard's applied sequence number, atomically (CURRENT is switched last)."""
+    def save(self, directory: Path, store_id: int) -> None:
+        """Writes index + maps at the shard's applied sequence number, atomically (CURRENT is switched last),
+        naming the store they came from."""
         directory.mkdir(parents=True, exist_ok=True)
         with self.lock.reading():
             seq = self.applied_seq
@@ -311,6 +314,7 @@ class Shard:
             self.index.save_index(str(staging))
             meta = json.dumps({"category": self.category, "part": self.part, "parts": self.parts,
                                "model_id": self.model_id, "dimension": self.dimension, "seq": seq,
+                               "store_id": store_id,
                                "next_label": self.next_label, "labels": self.label_of, "attributes": self.attributes,
                                "products": self.products, "written_at": time.time()}).encode()
         with open(staging, "rb+") as handle:
@@ -326,6 +330,7 @@ class Shard:
                 stale.unlink()
         self.snapshot_seq = seq
         self.snapshot_time = time.time()
+        self.store_id = store_id
 
     @classmethod
     def load(cls, directory: Path, settings: IndexSettings) -> "Shard | None":
@@ -349,6 +354,7 @@ class Shard:
         shard.columns.set_live(np.fromiter(shard.label_of.values(), dtype=np.int64, count=len(shard.label_of)))
         shard.applied_seq = shard.content_seq = shard.snapshot_seq = meta["seq"]
         shard.snapshot_time = meta["written_at"]
+        shard.store_id = meta.get("store_id", 0)
         return shard
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import logging
 import sqlite3
 import threading
@@ -206,6 +207,16 @@ class Store(ABC):
             if statement.strip():
                 conn.execute(statement)
         self._run(conn, "INSERT INTO counters (name, value) VALUES ('seq', 0) ON CONFLICT (name) DO NOTHING")
+        # Which database this is: a snapshot names the one it was taken from (see store_id).
+        self._run(conn, "INSERT INTO counters (name, value) VALUES ('store_id', ?) ON CONFLICT (name) DO NOTHING",
+                  (secrets.randbits(62) + 1,))
+
+    def store_id(self) -> int:
+        """A number drawn when the database was created: a database created again (a PostgreSQL cluster
+        re-created under replicas that keep their disks) starts its sequence again, and snapshots of the old
+        one would pass for current once its log grew past them."""
+        with self._reading() as conn:
+            return int(self._run(conn, "SELECT value FROM counters WHERE name = 'store_id'").fetchone()[0])
 
     def head(self) -> int:
         """The sequence number of the last committed write."""

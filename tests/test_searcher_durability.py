@@ -266,12 +266,12 @@ def test_snapshot_passes_never_save_a_shard_twice_at_once(tmp_path: Path, monkey
     saving, most_at_once, errors = [0], [0], []
     save = Shard.save
 
-    def slow_save(shard: Shard, directory: Path) -> None:
+    def slow_save(shard: Shard, directory: Path, store_id: int) -> None:
         saving[0] += 1
         most_at_once[0] = max(most_at_once[0], saving[0])
         time.sleep(0.3)
         try:
-            save(shard, directory)
+            save(shard, directory, store_id)
         finally:
             saving[0] -= 1
 
@@ -440,7 +440,7 @@ def test_a_snapshot_save_that_stops_between_its_files_leaves_the_last_one_whole(
             if generation:
                 catalogue.delete([f"g{generation - 1}-{n}" for n in range(600)])
         folder = tmp_path / "snapshot"
-        catalogue.shards[("C", 0, 1)].save(folder)
+        catalogue.shards[("C", 0, 1)].save(folder, catalogue.store_id)
         query = random_vector(rng)
         before = [hit.id for hit in catalogue.search(SearchQuery(query, MODEL, 10, routing=Routing())).hits]
         assert catalogue.compact() == 1
@@ -454,7 +454,7 @@ def test_a_snapshot_save_that_stops_between_its_files_leaves_the_last_one_whole(
 
         monkeypatch.setattr(shard_module, "_write_durably", full_disk_for_labels)
         with pytest.raises(OSError, match="No space left"):
-            compacted.save(folder)
+            compacted.save(folder, catalogue.store_id)
         monkeypatch.setattr(shard_module, "_write_durably", writing)
         loaded = Shard.load(folder, catalogue.settings)
         assert loaded is not None
@@ -520,7 +520,7 @@ def test_a_second_searcher_on_one_data_folder_is_refused(tmp_path: Path, monkeyp
         Catalogue(config)
     first.upsert([ItemWrite("a", "A", random_vector(np.random.default_rng(6)), {}, MODEL)])
 
-    def unwritable(shard: Shard, directory: Path) -> None:
+    def unwritable(shard: Shard, directory: Path, store_id: int) -> None:
         raise PermissionError(13, "Permission denied", str(directory))
 
     monkeypatch.setattr(Shard, "save", unwritable)
@@ -557,3 +557,30 @@ def test_reading_a_category_page_by_page_holds_up_no_write(tmp_path: Path) -> No
         assert store.head() == head + 1
     finally:
         store.close()
+
+
+def test_snapshots_of_another_database_are_not_taken_for_current(tmp_path: Path) -> None:
+    """A database created again (a PostgreSQL cluster re-created under replicas that keep their disks) starts
+    its sequence again: a snapshot of the old one passed for current once the new log grew past it, serving
+    the old database's items beside the new one's. Each snapshot now names its database."""
+    from lookalike.searcher.catalogue import Catalogue
+    from lookalike.searcher.config import SearcherConfig
+    from lookalike.searcher.store import ItemWrite, SqliteStore
+
+    config = SearcherConfig(data_dir=tmp_path, snapshot_interval=0, probe_threads=1)
+    rng = np.random.default_rng(8)
+    old = Catalogue(config)
+    old.upsert([ItemWrite(f"old-{n}", "A", random_vector(rng), {}, MODEL) for n in range(3)])
+    old.close()  # A's snapshot at sequence 1
+    database = tmp_path / "catalogue.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    created_again = SqliteStore(database)  # written by another replica before this one starts again
+    for n in range(3):
+        created_again.upsert([ItemWrite(f"new-{n}", "A", random_vector(rng), {}, MODEL)])
+    created_again.close()
+    restarted = Catalogue(config)
+    try:
+        assert sorted(restarted.shards[("A", 0, 1)].label_of) == ["new-0", "new-1", "new-2"]
+    finally:
+        restarted.close()
