@@ -176,6 +176,8 @@ def test_rpcs_past_the_concurrency_limit_get_resource_exhausted(tmp_path: Path) 
 MAX_IMAGES = 8
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
 MAX_IMAGE_PIXELS = 12_000_000
+# The conftest model's input (width, height): a JPEG is decoded at the reduced scale Pillow's draft picks for it.
+MODEL_INPUT = (224, 224)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # not in GetModelInfo: gRPC itself refuses a larger request
 
 # What a payload must get back: an embedding (EMBEDS; ANCHOR: and the known vector), its own error with
@@ -225,6 +227,7 @@ def embedder_under_test(embedder, grocery_val: list) -> EmbedderUnderTest:
     info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=10)
     assert (info.max_images_per_request, info.max_image_bytes, info.max_image_pixels) == (
         MAX_IMAGES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS), "conftest's embedder limits changed: update the constants"
+    assert (info.manifest.input.width, info.manifest.input.height) == MODEL_INPUT, "update MODEL_INPUT"
     anchor = grocery_val[0].read_bytes()
     result = stub.Embed(embedder_pb2.EmbedRequest(images=[embedder_pb2.Image(data=anchor)]), timeout=30).results[0]
     reference = np.frombuffer(result.embedding.vector.values, "<f4").copy()
@@ -320,20 +323,27 @@ def claiming(fmt: str, width: int, height: int) -> bytes:
 @st.composite
 def bomb_headers(draw: st.DrawFn) -> Payload:
     """Headers declaring any size (0 up to 2^32 - 1 a side) over a 1-pixel body: over the pixel limit is
-    RESOURCE_EXHAUSTED, checked before decoding; an empty side is INVALID_ARGUMENT."""
+    RESOURCE_EXHAUSTED, checked before decoding (a JPEG's at the reduced scale it is decoded at); an empty
+    side is INVALID_ARGUMENT."""
     fmt = draw(st.sampled_from(["PNG", "JPEG", "GIF", "BMP"]))
     side = {"PNG": st.integers(0, 2**32 - 1), "BMP": st.integers(-2**31, 2**31 - 1)}.get(fmt, st.integers(0, 2**16 - 1))
     small = st.integers(-3 if fmt == "BMP" else 0, 5000)
     width, height = draw(small | side), draw(small | side)
+    data = claiming(fmt, width, height)
+    decoded = width * height
+    if fmt == "JPEG" and decoded:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", MODEL_INPUT)
+        decoded = image.size[0] * image.size[1]
     if width < 0 or height < 0:
         expect = EITHER  # BMP: Pillow reads some negative sizes as top-down, others as huge
-    elif width * height > MAX_IMAGE_PIXELS:
+    elif decoded > MAX_IMAGE_PIXELS:
         expect = EXHAUSTED
     elif fmt in ("PNG", "JPEG", "BMP") and width * height == 0:
         expect = INVALID
     else:
         expect = EITHER  # a declared size the 1-pixel body cannot fill: usually truncated, sometimes padded out
-    return Payload(f"{fmt} header claiming {width}x{height}", claiming(fmt, width, height), expect)
+    return Payload(f"{fmt} header claiming {width}x{height}", data, expect)
 
 
 @functools.cache
