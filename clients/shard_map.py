@@ -68,47 +68,61 @@ class ShardMapClient:
 
     def shard_map(self, refresh: bool = False, timeout: float | None = None) -> searcher_pb2.GetShardMapResponse:
         """The map (cached for refresh_seconds). When no searcher answers (within `timeout`, all of them),
-        the last map is kept."""
+        the last map is kept; so it is while another thread reads it for longer than half of `timeout` (the
+        other half left for the operation the map is read for)."""
         deadline = deadline_after(timeout)
-        with self._lock:
-            if self._map is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        wait = -1.0 if left is None else left / 2 if self._map is not None else left
+        if not self._lock.acquire(timeout=wait):
+            if self._map is not None:
                 return self._map
-            error: Exception | None = None
-            candidates = [self.seed, *self.groups.values()]
-            for position, client in enumerate(candidates):
-                try:
-                    left = time_left(deadline, "Searcher.GetShardMap")
-                    # Each searcher gets its share of what is left: one that hangs leaves time for the others.
-                    share = left / (len(candidates) - position) if left is not None else None
-                    response = call_with_retries(client.stub.GetShardMap, searcher_pb2.GetShardMapRequest(),
-                                                 client.settings, share, "Searcher.GetShardMap")
-                    break
-                except UNREACHABLE as failure:
-                    error = error or failure  # the first searcher's error says most
-            else:
-                if self._map is None:
-                    raise error  # type: ignore[misc]
-                log.warning("no searcher answered GetShardMap (%s); keeping the map from %.0fs ago", error,
-                            time.monotonic() - self._fetched_at)
-                return self._map
-            groups: dict[str, SearcherClient] = {}
-            for group in response.groups:
-                target = group.target or self.settings.target
-                key = (group.name, target)
-                if key not in self._clients:
-                    self._clients[key] = SearcherClient(dataclasses.replace(self.settings, target=target))
-                groups[group.name] = self._clients[key]
-            for name in sorted(set(self.groups) - set(groups)):
-                log.warning("replica group %r left the shard map (no live replica); its categories are missing "
-                            "until it is back", name)
-            self.groups = groups
-            placements: dict[str, list[str]] = {}
-            for placement in sorted(response.placements, key=lambda p: (p.category, p.part)):
-                if not placement.building:  # a split still being built is served by the old layout
-                    placements.setdefault(placement.category, []).append(placement.group)
-            self.placements = placements
-            self._map, self._fetched_at = response, time.monotonic()
-            return response
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "the operation's timeout passed while "
+                                        "another thread read the shard map", "Searcher.GetShardMap")
+        try:
+            return self._read_map(refresh, deadline)
+        finally:
+            self._lock.release()
+
+    def _read_map(self, refresh: bool, deadline: float | None) -> searcher_pb2.GetShardMapResponse:
+        """shard_map() under its lock."""
+        if self._map is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
+            return self._map
+        error: Exception | None = None
+        candidates = [self.seed, *self.groups.values()]
+        for position, client in enumerate(candidates):
+            try:
+                left = time_left(deadline, "Searcher.GetShardMap")
+                # Each searcher gets its share of what is left: one that hangs leaves time for the others.
+                share = left / (len(candidates) - position) if left is not None else None
+                response = call_with_retries(client.stub.GetShardMap, searcher_pb2.GetShardMapRequest(),
+                                             client.settings, share, "Searcher.GetShardMap")
+                break
+            except UNREACHABLE as failure:
+                error = error or failure  # the first searcher's error says most
+        else:
+            if self._map is None:
+                raise error  # type: ignore[misc]
+            log.warning("no searcher answered GetShardMap (%s); keeping the map from %.0fs ago", error,
+                        time.monotonic() - self._fetched_at)
+            return self._map
+        groups: dict[str, SearcherClient] = {}
+        for group in response.groups:
+            target = group.target or self.settings.target
+            key = (group.name, target)
+            if key not in self._clients:
+                self._clients[key] = SearcherClient(dataclasses.replace(self.settings, target=target))
+            groups[group.name] = self._clients[key]
+        for name in sorted(set(self.groups) - set(groups)):
+            log.warning("replica group %r left the shard map (no live replica); its categories are missing "
+                        "until it is back", name)
+        self.groups = groups
+        placements: dict[str, list[str]] = {}
+        for placement in sorted(response.placements, key=lambda p: (p.category, p.part)):
+            if not placement.building:  # a split still being built is served by the old layout
+                placements.setdefault(placement.category, []).append(placement.group)
+        self.placements = placements
+        self._map, self._fetched_at = response, time.monotonic()
+        return response
 
     def categories(self) -> set[str]:
         self.shard_map()

@@ -279,6 +279,31 @@ def test_a_map_read_leaves_time_for_the_next_searcher_when_one_hangs(tmp_path: P
         assert {p.category for p in refreshed.placements} == {"old", "new"}, "the group was asked in time"
 
 
+def test_a_search_waits_for_another_thread_s_map_read_at_most_half_its_timeout(tmp_path: Path) -> None:
+    """A search whose cached map had aged waited on the map's lock as long as another thread's read took (with
+    no timeout, 30 s a searcher that does not answer). Now it waits half its timeout, then searches with the
+    last map."""
+    import threading
+
+    vector = np.ones(8, np.float32)
+    with ExitStack() as stack:
+        pod = start_pod(stack, tmp_path / "searcher")
+        client = stack.enter_context(ShardMapClient(f"127.0.0.1:{pod.port}", refresh_seconds=0.0))
+        client.upsert([CatalogueItem("x", "a", vector, "m")])
+        client.shard_map(refresh=True)
+        found: list = []
+        client._lock.acquire()  # another thread's read of the map, taking long
+        try:
+            searching = threading.Thread(target=lambda: found.append(client.search(vector, "m", k=1, timeout=2)))
+            searching.start()
+            searching.join(timeout=6)
+            assert not searching.is_alive(), "the search waited for the other read to end"
+        finally:
+            client._lock.release()
+            searching.join()
+        assert [hit.id for hit in found[0].hits] == ["x"]
+
+
 def test_an_id_given_twice_in_one_write_ends_as_its_last_copy(tmp_path: Path) -> None:
     """Two copies of an id in one request, in categories of different pods, were each stored on their pod,
     then each deleted as the other's stray: stored nowhere, both acknowledged. One searcher keeps the last."""
