@@ -135,6 +135,10 @@ class AsyncLookalike:
             self._model = await self.embedder.model_info(timeout)
         return self._model
 
+    async def _model_within(self, deadline: float | None) -> embedder_pb2.GetModelInfoResponse:
+        """Lookalike._model_within, awaited."""
+        return self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+
     async def model_id(self) -> str:
         return (await self.model_info()).model_id
 
@@ -152,7 +156,7 @@ class AsyncLookalike:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1,
                                                  timeout=time_left(deadline, "Embedder.Embed"))
-            model = self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = await self._model_within(deadline)
             items, result = catalogue_items(embedded, model.model_id, categories, attributes, products)
             size = fitted((await self.searcher.limits(time_left(deadline, "Searcher.GetStats"))).max_batch,
                           UPSERT_BATCH)
@@ -173,7 +177,7 @@ class AsyncLookalike:
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
-            model = self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = await self._model_within(deadline)
             response = await self.searcher.search(embedded.vector, model.model_id, k,
                                                   routing_request(routing, embedded, *await self.routing()), ef,
                                                   time_left(deadline, "Searcher.Search"), query_filter,
@@ -190,7 +194,7 @@ class AsyncLookalike:
             embedded = await self.embedder.embed(images, ids=[str(n) for n in range(len(images))],
                                                  timeout=time_left(deadline, "Embedder.Embed"))
             embedded_at = time.perf_counter()
-            model = self._model or await self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = await self._model_within(deadline)
             values = await self.routing()
             requests = [search_request(e.vector, model.model_id, k, routing_request(routing, e, *values), ef,
                                        query_filter, distinct_products) for e in embedded if e.ok]

@@ -188,13 +188,16 @@ def deadline_after(timeout: float | None) -> float | None:
     return time.monotonic() + timeout if timeout else None
 
 
+def seconds_left(deadline: float | None) -> float | None:
+    """What is left of an operation's deadline, never below 0 (None: it has no deadline)."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
 def time_left(deadline: float | None, name: str) -> float | None:
     """The timeout for an operation's next call: what is left of its deadline (None: the call's default).
     Raises DeadlineExceededError once nothing is left, rather than starting a call that cannot finish."""
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
+    left = seconds_left(deadline)
+    if left == 0.0:
         raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     "the operation's timeout passed before this call", name)
     return left

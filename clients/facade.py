@@ -217,6 +217,10 @@ class Lookalike:
             self._model = self.embedder.model_info(timeout)
         return self._model
 
+    def _model_within(self, deadline: float | None) -> embedder_pb2.GetModelInfoResponse:
+        """model_info() inside an operation's deadline: time is asked of it only while the model is unread."""
+        return self._model or self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+
     @property
     def model_id(self) -> str:
         return self.model_info().model_id
@@ -243,7 +247,7 @@ class Lookalike:
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1,
                                            timeout=time_left(deadline, "Embedder.Embed"))
-            model_id = (self._model or self.model_info(time_left(deadline, "Embedder.GetModelInfo"))).model_id
+            model_id = self._model_within(deadline).model_id
             items, result = catalogue_items(embedded, model_id, categories, attributes, products)
             size = fitted(self.searcher.limits(time_left(deadline, "Searcher.GetStats")).max_batch, UPSERT_BATCH)
             for batch, replaced in upsert_batches(items, replace_products, refused_products(embedded, products), size):
@@ -265,7 +269,7 @@ class Lookalike:
             if not embedded.ok:
                 raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
             embedded_at = time.perf_counter()
-            model = self._model or self.model_info(time_left(deadline, "Embedder.GetModelInfo"))
+            model = self._model_within(deadline)
             response = self.searcher.search(embedded.vector, model.model_id, k,
                                             routing_request(routing, embedded, *self.routing), ef,
                                             time_left(deadline, "Searcher.Search"), query_filter, distinct_products)
@@ -284,7 +288,7 @@ class Lookalike:
             embedded = self.embedder.embed(images, ids=[str(n) for n in range(len(images))],
                                            timeout=time_left(deadline, "Embedder.Embed"))
             embedded_at = time.perf_counter()
-            model_id = (self._model or self.model_info(time_left(deadline, "Embedder.GetModelInfo"))).model_id
+            model_id = self._model_within(deadline).model_id
             requests = [search_request(e.vector, model_id, k, routing_request(routing, e, *self.routing), ef,
                                        query_filter, distinct_products) for e in embedded if e.ok]
             answers = iter(self.searcher.search_batch(requests, time_left(deadline, "Searcher.SearchBatch"))

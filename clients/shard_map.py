@@ -23,7 +23,8 @@ import grpc
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
-                                         call_with_retries, channel_settings, deadline_after, time_left)
+                                         call_with_retries, channel_settings, deadline_after, seconds_left,
+                                         time_left)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.client.sharded import UNREACHABLE, BatchAnswer, gather, search_owners, search_owners_batch
 from lookalike.routing import Routing, RoutingDefaults, RoutingPlan, part_of, plan
@@ -71,7 +72,7 @@ class ShardMapClient:
         the last map is kept; so it is while another thread reads it for longer than half of `timeout` (the
         other half left for the operation the map is read for)."""
         deadline = deadline_after(timeout)
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        left = seconds_left(deadline)
         wait = -1.0 if left is None else left / 2 if self._map is not None else left
         if not self._lock.acquire(timeout=wait):
             if self._map is not None:
@@ -173,8 +174,7 @@ class ShardMapClient:
             for position, status in zip(positions[key], response.statuses):
                 statuses[position] = status
         # New categories were just placed: read where, if time is left (the items are stored either way).
-        if any(item.category not in self.placements for item in items) and (
-                deadline is None or time.monotonic() < deadline):
+        if any(item.category not in self.placements for item in items) and seconds_left(deadline) != 0.0:
             self.shard_map(refresh=True, timeout=time_left(deadline, "Searcher.GetShardMap"))
         return searcher_pb2.UpsertResponse(statuses=statuses, sequence=sequence)
 
@@ -263,7 +263,8 @@ class ShardMapClient:
         moved: list[set[str]] = []
         tries, took = 0, 0.0
         for attempt, pause in enumerate(MOVED_RETRY_PAUSES):
-            if attempt and deadline is not None and time.monotonic() + pause + took >= deadline:
+            left = seconds_left(deadline)
+            if attempt and left is not None and left <= pause + took:
                 break
             time.sleep(pause)
             started = time.monotonic()

@@ -19,7 +19,8 @@ from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, Response,
-                                         UnavailableError, deadline_after, library_error, time_left)
+                                         UnavailableError, deadline_after, library_error, seconds_left,
+                                         time_left)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
                                rendezvous_owner)
@@ -262,11 +263,11 @@ class ShardedSearcherClient:
             with self._lock:
                 self._strays_failed_at.pop(pod, None)
 
-        if deadline is not None and time.monotonic() >= deadline:
+        if seconds_left(deadline) == 0.0:
             return  # the write used its time: they wait for a later one, no pod having failed
         _, unreachable = self._gather({pod: (lambda pod=pod, ids=ids: delete(pod, ids)) for pod, ids in due.items()})
         for pod, error in unreachable.items():
-            if isinstance(error, DeadlineExceededError) and deadline is not None and time.monotonic() >= deadline:
+            if isinstance(error, DeadlineExceededError) and seconds_left(deadline) == 0.0:
                 continue  # the write's time ran out, not the pod: tried again at the next write
             with self._lock:
                 self._strays_failed_at[pod] = time.monotonic()

@@ -179,6 +179,10 @@ def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = Image
     return decode_face_image(data, size, limits, name, face_crop)[0]
 
 
+def _corrupt(name: str, error: Exception) -> InvalidArgument:
+    return InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}")
+
+
 def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
                       name: str = "image", face_crop: FaceCrop | None = None) -> tuple[np.ndarray, Box | None]:
     """Encoded image bytes -> (uint8 RGB array of shape (height, width, 3) at `size` = (width, height), the
@@ -208,7 +212,7 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
             # (Not with a face crop: the face is a part of the photo and needs its pixels.)
             image.draft("RGB", size)
     except Exception as error:  # noqa: BLE001 - a corrupt header surfaces as many types
-        raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
+        raise _corrupt(name, error) from error
     # The limit is on the pixels decoded: a 60-megapixel camera JPEG decodes at an eighth of its size.
     decoded_width, decoded_height = image.size
     if decoded_width * decoded_height > limits.max_pixels:
@@ -220,7 +224,7 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
         image = upright(image)
         image = to_rgb(image)
     except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
-        raise InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}") from error
+        raise _corrupt(name, error) from error
     face = cut_face(image, face_crop, size) if face_crop is not None else None
     box = None
     if face is not None:

@@ -216,7 +216,7 @@ class Store(ABC):
         re-created under replicas that keep their disks) starts its sequence again, and snapshots of the old
         one would pass for current once its log grew past them."""
         with self._reading() as conn:
-            return int(self._run(conn, "SELECT value FROM counters WHERE name = 'store_id'").fetchone()[0])
+            return self._counter(conn, "store_id")
 
     def head(self) -> int:
         """The sequence number of the last committed write."""
@@ -224,7 +224,10 @@ class Store(ABC):
             return self._head(conn)
 
     def _head(self, conn: Any) -> int:
-        return int(self._run(conn, "SELECT value FROM counters WHERE name = 'seq'").fetchone()[0])
+        return self._counter(conn, "seq")
+
+    def _counter(self, conn: Any, name: str) -> int:
+        return int(self._run(conn, "SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0])
 
     def shard_locks(self) -> dict[str, tuple[str, int]]:
         """category -> (model_id, dimension) for every shard ever created."""
