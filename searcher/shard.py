@@ -8,6 +8,7 @@ allow_replace_deleted; a wrong dimension raises a bare RuntimeError (callers val
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -37,7 +38,7 @@ NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 def _label_locks() -> int:
     """How many label locks each hnswlib index allocates: 65,536 in PyPI's build, fewer in the one `make` and
     the searcher image install (third_party/hnswlib/build_wheel.py), whose local version names the count
-    (0.8.0+locks1024.savenogil)."""
+    (0.8.0+locks1024.savenogil.savechecked)."""
     _, _, local = importlib.metadata.version("hnswlib").partition("+locks")
     count = local.split(".")[0]
     return int(count) if count.isdigit() else 65_536
@@ -312,17 +313,23 @@ class Shard:
             index_name, meta_name = f"index-{seq}-{token}.hnsw", f"meta-{seq}-{token}.json"
             staging = directory / (index_name + ".tmp")
             self.index.save_index(str(staging))
-            meta = json.dumps({"category": self.category, "part": self.part, "parts": self.parts,
-                               "model_id": self.model_id, "dimension": self.dimension, "seq": seq,
-                               "store_id": store_id,
-                               "next_label": self.next_label, "labels": self.label_of, "attributes": self.attributes,
-                               "products": self.products, "written_at": time.time()}).encode()
+            meta = {"category": self.category, "part": self.part, "parts": self.parts, "model_id": self.model_id,
+                    "dimension": self.dimension, "seq": seq, "store_id": store_id, "next_label": self.next_label,
+                    "labels": self.label_of, "attributes": self.attributes, "products": self.products,
+                    "written_at": time.time()}
+            meta_bytes = json.dumps(meta).encode()
         with open(staging, "rb+") as handle:
             os.fsync(handle.fileno())
+            handle.seek(0)
+            index_digest = hashlib.file_digest(handle, "blake2b").hexdigest()
         os.replace(staging, directory / index_name)
-        _write_durably(directory / (meta_name + ".tmp"), meta)
+        _write_durably(directory / (meta_name + ".tmp"), meta_bytes)
         os.replace(directory / (meta_name + ".tmp"), directory / meta_name)
-        _write_durably(directory / (CURRENT + ".tmp"), json.dumps({"index": index_name, "meta": meta_name}).encode())
+        # What was written, as read back from the disk: a snapshot changed since (a flipped bit in a vector or
+        # a graph link loads without complaint and answers wrong for good) is rebuilt instead.
+        current = {"index": index_name, "index_blake2b": index_digest, "meta": meta_name,
+                   "meta_blake2b": hashlib.blake2b(meta_bytes).hexdigest()}
+        _write_durably(directory / (CURRENT + ".tmp"), json.dumps(current).encode())
         os.replace(directory / (CURRENT + ".tmp"), directory / CURRENT)
         _fsync_dir(directory)
         for stale in directory.iterdir():
@@ -339,7 +346,12 @@ class Shard:
         if not current.is_file():
             return None
         names = json.loads(current.read_text())
-        meta = json.loads((directory / names["meta"]).read_text())
+        meta_bytes = (directory / names["meta"]).read_bytes()
+        _check_digest(directory / names["meta"], names.get("meta_blake2b"), hashlib.blake2b(meta_bytes).hexdigest())
+        meta = json.loads(meta_bytes)
+        with open(directory / names["index"], "rb") as handle:
+            _check_digest(directory / names["index"], names.get("index_blake2b"),
+                          hashlib.file_digest(handle, "blake2b").hexdigest())
         index = hnswlib.Index(space="ip", dim=meta["dimension"])
         index.load_index(str(directory / names["index"]), allow_replace_deleted=True)
         shard = cls(meta["category"], meta["model_id"], meta["dimension"], settings, index,
@@ -356,6 +368,12 @@ class Shard:
         shard.snapshot_time = meta["written_at"]
         shard.store_id = meta.get("store_id", 0)
         return shard
+
+
+def _check_digest(path: Path, recorded: str | None, actual: str) -> None:
+    """Refuses a snapshot file whose bytes are not those written (snapshots from before digests have none)."""
+    if recorded is not None and actual != recorded:
+        raise ValueError(f"{path}: its BLAKE2b digest is {actual[:16]}..., not the {recorded[:16]}... written")
 
 
 def _best(similarities: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -7,14 +7,17 @@ before its first item. The locks only stripe concurrent writes to labels (label 
 writes under its own write lock, and only its bulk inserts run on several threads, so 1,024 stripes leave
 those threads as unlikely to meet as 65,536 do in practice, and an index costs 40 KB of them.
 
-And `Index.save_index` lets go of Python's GIL while it writes, as knn_query and add_items already do: it
+And `Index.save_index` raises when its file could not be written whole: it wrote through a stream whose
+failures it never checked, so a full disk left a truncated index that the searcher took for a snapshot.
+
+`Index.save_index` also lets go of Python's GIL while it writes, as knn_query and add_items already do: it
 held it for the whole write (about 80 ms for 60,000 256-d items), stalling every other thread of the searcher,
 searches of other shards and gRPC's, at each snapshot. The searcher saves under the shard's read lock, so no
 write changes the index meanwhile.
 
 Nothing else changes: the same sdist (checked against its sha256), the same setup.py (which compiles with
--march=native unless HNSWLIB_NO_NATIVE is set), and the version gets a local label, 0.8.0+locks1024.savenogil,
-so `pip show hnswlib` tells the builds apart and `==0.8.0` in requirements.lock still matches it.
+-march=native unless HNSWLIB_NO_NATIVE is set), and the version gets a local label,
+0.8.0+locks1024.savenogil.savechecked, so `pip show hnswlib` tells the builds apart and `==0.8.0` in requirements.lock still matches it.
 
 Usage: python third_party/hnswlib/build_wheel.py WHEEL_DIR   (prints the wheel's path)
 """
@@ -30,7 +33,7 @@ from pathlib import Path
 VERSION = "0.8.0"
 SDIST_SHA256 = "cb6d037eedebb34a7134e7dc78966441dfd04c9cf5ee93911be911ced951c44c"
 LABEL_LOCKS = 1024
-LOCAL_VERSION = f"{VERSION}+locks{LABEL_LOCKS}.savenogil"
+LOCAL_VERSION = f"{VERSION}+locks{LABEL_LOCKS}.savenogil.savechecked"
 # The interpreter's tag too: a wheel kept from another Python (PYTHON=python3.12 make setup) does not install here.
 WHEEL_PATTERN = f"hnswlib-{LOCAL_VERSION}-cp{sys.version_info.major}{sys.version_info.minor}-*.whl"
 
@@ -64,6 +67,10 @@ def build(wheel_dir: Path) -> Path:
                       "    void saveIndex(const std::string &path_to_index) {\n        appr_alg->saveIndex(path_to_index);",
                       "    void saveIndex(const std::string &path_to_index) {\n        py::gil_scoped_release l;\n"
                       "        appr_alg->saveIndex(path_to_index);")
+        _replace_once(source / "hnswlib" / "hnswalg.h",
+                      "                output.write(linkLists_[i], linkListSize);\n        }\n        output.close();\n",
+                      "                output.write(linkLists_[i], linkListSize);\n        }\n        output.close();\n"
+                      "        if (!output) throw std::runtime_error(\"Cannot write the index to \" + location);\n")
         _replace_once(source / "setup.py", f"__version__ = '{VERSION}'", f"__version__ = '{LOCAL_VERSION}'")
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheel_dir),
                         str(source)], check=True)
