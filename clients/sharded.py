@@ -180,7 +180,8 @@ class ShardedSearcherClient:
         of them fails as unreachable instead of finding them unknown; before any read, its error is raised."""
         if self._categories is not None and not refresh and time.monotonic() - self._fetched_at < self.refresh_seconds:
             return self._categories
-        answers, unreachable = self._gather({i: (lambda pod=pod: pod.stats(timeout))
+        deadline = deadline_after(timeout)
+        answers, unreachable = self._gather({i: (lambda pod=pod: pod.stats(time_left(deadline, "Searcher.GetStats")))
                                              for i, pod in enumerate(self.pods)})
         if unreachable and self._categories is None:
             raise next(iter(unreachable.values()))
@@ -277,7 +278,9 @@ class ShardedSearcherClient:
     def delete(self, ids: Sequence[str] = (), timeout: float | None = None,
                products: Sequence[str] = ()) -> searcher_pb2.DeleteResponse:
         """Deletes on every pod (an id's category, and so its pod, is not known here)."""
-        responses = self._fan_out({i: (lambda pod=pod: pod.delete(ids, timeout, products))
+        deadline = deadline_after(timeout)
+        responses = self._fan_out({i: (lambda pod=pod: pod.delete(ids, time_left(deadline, "Searcher.Delete"),
+                                                                  products))
                                    for i, pod in enumerate(self.pods)})
         missing_everywhere = set.intersection(*(set(r.missing) for r in responses.values()))
         return searcher_pb2.DeleteResponse(deleted=sum(r.deleted for r in responses.values()),
@@ -323,11 +326,14 @@ class ShardedSearcherClient:
 
     def limits(self, timeout: float | None = None) -> searcher_pb2.RequestLimits:
         """The lowest of each pod's request limits: a write or batch split for them fits every pod."""
-        return tightest(self._fan_out({i: (lambda pod=pod: pod.limits(timeout)) for i, pod in enumerate(self.pods)})
-                        .values())
+        deadline = deadline_after(timeout)
+        return tightest(self._fan_out({i: (lambda pod=pod: pod.limits(time_left(deadline, "Searcher.GetStats")))
+                                       for i, pod in enumerate(self.pods)}).values())
 
     def stats(self, timeout: float | None = None) -> searcher_pb2.GetStatsResponse:
-        responses = self._fan_out({i: (lambda pod=pod: pod.stats(timeout)) for i, pod in enumerate(self.pods)})
+        deadline = deadline_after(timeout)
+        responses = self._fan_out({i: (lambda pod=pod: pod.stats(time_left(deadline, "Searcher.GetStats")))
+                                   for i, pod in enumerate(self.pods)})
         merged = searcher_pb2.GetStatsResponse(items=sum(r.items for r in responses.values()),
                                                sequence=max(r.sequence for r in responses.values()))
         merged.shards.extend(sorted((s for r in responses.values() for s in r.shards), key=lambda s: s.category))

@@ -1,6 +1,7 @@
 """Scale-out: three real searcher processes behind the sharded client answer exactly like one searcher."""
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -227,6 +228,36 @@ def test_a_search_s_timeout_covers_reading_the_categories_and_the_pods(tmp_path:
             sharded.search(vector, "m", k=2, timeout=0.9)
         assert slow.calls == 2, "each pod's stats, then no time was left to search them"
         assert len(sharded.search(vector, "m", k=2, timeout=30).hits) == 2
+
+
+def test_pod_calls_queued_behind_other_operations_get_only_what_is_left_of_the_timeout(tmp_path: Path) -> None:
+    """The client's pods share one thread per pod across every operation. Stats, limits, categories and deletes
+    gave each pod call the whole timeout when it started, however long it had waited for a thread behind
+    another operation's calls: an operation ended well past its timeout, and succeeded."""
+    import grpc
+    from lookalike.client.connection import DeadlineExceededError
+    from lookalike.v1 import searcher_pb2_grpc
+    from tests.conftest import SlowNetwork
+
+    with ExitStack() as stack:
+        pods = [start_pod(stack, tmp_path / f"pod{ordinal}") for ordinal in range(2)]
+        sharded = stack.enter_context(ShardedSearcherClient([f"127.0.0.1:{pod.port}" for pod in pods]))
+        slow = SlowNetwork(1.0)
+        for pod in sharded.pods:
+            pod.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(pod.channel, slow))
+        operations = {"stats": lambda timeout: sharded.stats(timeout),
+                      "limits": lambda timeout: sharded.limits(timeout),
+                      "categories": lambda timeout: sharded.categories(refresh=True, timeout=timeout),
+                      "delete": lambda timeout: sharded.delete(["nothing"], timeout)}
+        for name, operation in operations.items():
+            ahead = threading.Thread(target=sharded.stats, args=(30,))  # holds both pods' threads for 1 s
+            ahead.start()
+            time.sleep(0.2)
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                operation(0.5)
+            assert time.monotonic() - started < 1.2, name
+            ahead.join()
 
 
 def test_a_write_that_used_its_time_leaves_its_stray_deletes_to_the_next_write(tmp_path: Path) -> None:
