@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lookalike.serving.settings import parse_config
+from lookalike.serving.settings import check_serving_settings, parse_config
 
 ENV_PREFIX = "LOOKALIKE_EMBEDDER_"
 PROVIDERS = ("tensorrt", "cuda", "cpu")
@@ -70,25 +70,20 @@ class EmbedderConfig:
         unknown = [p for p in self.providers if p not in PROVIDERS]
         if unknown or not self.providers:
             raise ValueError(f"providers {list(self.providers)}: each must be one of {list(PROVIDERS)}")
+        check_serving_settings(self)
         for name in ("max_batch", "max_images_per_request", "max_image_bytes", "max_image_pixels",
-                     "max_message_bytes", "grpc_workers", "max_queued_images"):
+                     "max_queued_images"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_images_per_request > self.max_queued_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queued_images "
                              f"({self.max_queued_images}): a full request could never be queued")
-        for name in ("threads", "decode_workers", "max_connection_age_seconds", "max_concurrent_rpcs"):
+        for name in ("threads", "decode_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 (automatic or off) or more, got {getattr(self, name)}")
-        # A NaN or huge delay stopped the batching thread; a port or message size out of range failed deep
-        # inside gRPC or the metrics server.
-        for name, upper in (("max_delay_ms", 60_000.0), ("grace_seconds", 3_600.0)):
-            if not 0 <= getattr(self, name) <= upper:
-                raise ValueError(f"{name} must be 0 to {upper:g}, got {getattr(self, name)}")
-        if not 0 <= self.metrics_port <= 65_535:
-            raise ValueError(f"metrics_port must be 0 (none) to 65535, got {self.metrics_port}")
-        if self.max_message_bytes >= 2**31:
-            raise ValueError(f"max_message_bytes must be under 2 GiB (gRPC's limit), got {self.max_message_bytes}")
+                raise ValueError(f"{name} must be 0 (automatic) or more, got {getattr(self, name)}")
+        # A NaN or huge delay stopped the batching thread.
+        if not 0 <= self.max_delay_ms <= 60_000:
+            raise ValueError(f"max_delay_ms must be 0 to 60000, got {self.max_delay_ms}")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "EmbedderConfig":

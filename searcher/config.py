@@ -7,7 +7,7 @@ from typing import Sequence
 
 from lookalike.codec import read_manifest
 from lookalike.routing import DEFAULT_MAX_SHARDS, DEFAULT_THRESHOLD, MAX_PRIOR_WEIGHT, RoutingDefaults
-from lookalike.serving.settings import parse_config
+from lookalike.serving.settings import check_serving_settings, parse_config
 
 # A third of the 15 s after which the shard map takes a silent replica as gone (Store.LIVE_SECONDS): two
 # heartbeats may be late without the replica dropping out.
@@ -103,9 +103,10 @@ class SearcherConfig:
     otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
+        check_serving_settings(self)
         for name in ("m", "ef_construction", "ef", "initial_capacity", "max_k", "max_batch", "max_dimension",
                      "max_attributes", "max_attribute_bytes", "max_batch_queries", "max_categories",
-                     "routing_max_shards", "max_message_bytes", "grpc_workers"):
+                     "routing_max_shards"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.follow_interval <= 0 or self.store_timeout <= 0:

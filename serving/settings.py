@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -16,11 +17,43 @@ from typing import Any, Callable, Sequence, TypeVar
 Config = TypeVar("Config")
 
 
+def _switch(text: str) -> bool:
+    # A misspelt value ("ture") read as off silently; refused instead (the caller names the variable).
+    word = text.strip().lower()
+    if word not in SWITCH_WORDS:
+        raise ValueError(word)
+    return SWITCH_WORDS[word]
+
+
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                "off": False, "": False}
+# gRPC takes a connection's age in milliseconds as a 32-bit integer: about 24 days.
+MAX_CONNECTION_AGE_SECONDS = 2_000_000.0
+
+
+def check_serving_settings(config: Any) -> None:
+    """Refuses, in one line, the settings both servers hand to gRPC and the metrics server (serving/server.py)
+    when out of the range those take: they failed deep inside them (an OverflowError traceback, a NaN that
+    names nothing) or, with a negative RPC limit, every call was refused behind a healthy server."""
+    for name in ("max_message_bytes", "grpc_workers"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.max_message_bytes >= 2**31:
+        raise ValueError(f"max_message_bytes must be under 2 GiB (gRPC's limit), got {config.max_message_bytes}")
+    if config.max_concurrent_rpcs < 0:
+        raise ValueError(f"max_concurrent_rpcs must be 0 (unbounded) or more, got {config.max_concurrent_rpcs}")
+    for name, upper in (("max_connection_age_seconds", MAX_CONNECTION_AGE_SECONDS), ("grace_seconds", 3_600.0)):
+        if not 0 <= getattr(config, name) <= upper:  # NaN fails too
+            raise ValueError(f"{name} must be 0 to {upper:g}, got {getattr(config, name)}")
+    if not 0 <= config.metrics_port <= 65_535:
+        raise ValueError(f"metrics_port must be 0 (none) to 65535, got {config.metrics_port}")
+
+
 def _converter(hint: Any) -> Callable[[str], Any]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if hint is bool:
-        return lambda text: text.strip().lower() in ("1", "true", "yes", "on")
+        return _switch
     if typing.get_origin(hint) is tuple:
         return lambda text: tuple(part.strip().lower() for part in text.split(",") if part.strip())
     if hint is Path:
@@ -54,4 +87,9 @@ def parse_config(cls: type[Config], argv: Sequence[str] | None, *, prog: str, de
         else:
             parser.add_argument("--" + name, dest=field.name, type=convert, default=default, required=required,
                                 help=text)
-    return cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    for field in dataclasses.fields(cls):
+        # No setting means "nan" or "inf": they passed range checks written as `x < 0` and failed far away.
+        if hints[field.name] is float and not math.isfinite(values[field.name]):
+            raise ValueError(f"{field.name} must be a finite number, got {values[field.name]}")
+    return cls(**values)
