@@ -70,7 +70,8 @@ class ChannelSettings:
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
         """The metadata every call sends: `metadata`, plus the bearer token when there is one."""
-        token = self.token or os.environ.get("LOOKALIKE_TOKEN", "")
+        # Stripped as the file's is: a Secret made from a file keeps its newline, which a header cannot carry.
+        token = (self.token or os.environ.get("LOOKALIKE_TOKEN", "")).strip()
         if not token and os.environ.get("LOOKALIKE_TOKEN_FILE"):
             path = os.environ["LOOKALIKE_TOKEN_FILE"]
             try:
