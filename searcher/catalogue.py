@@ -554,6 +554,13 @@ class Catalogue:
             outcomes[position] = ItemOutcome(ResourceExhausted(
                 f"{names[position]}.category {items[position].category!r} would be a new category, but this searcher "
                 f"holds its limit of {self.config.max_categories} (max_categories); use an existing category"))
+        # An id written again later in the request (only that write was stored or refused) shares its outcome.
+        last = {item.id: position for position, item in enumerate(items)}
+        for position, item in enumerate(items):
+            error = outcomes[last[item.id]].error
+            if last[item.id] != position and error is not None:
+                outcomes[position] = ItemOutcome(type(error)(
+                    f"{names[position]}.id {item.id!r} is written again by {names[last[item.id]]}, refused: {error}"))
         self.catch_up(outcome.seq)
         return outcomes, outcome.seq
 

@@ -314,7 +314,7 @@ class Store(ABC):
         they name a new category when max_categories (0: no limit) exist.
 
         An item that changes category leaves a tombstone in its old category. A repeated id in one
-        request: the last write wins. A new category is placed on a live replica group by rendezvous
+        request: the last write wins, and the earlier ones have no effect (the caller reports its outcome). A new category is placed on a live replica group by rendezvous
         hashing (on `home_group` when none is live), in the same transaction. The stored photos of
         `replace_products` that `items` does not write again are removed in the same transaction, except the
         ids in `carried` (a request's items refused before they got here: the request still carries them).
@@ -333,7 +333,12 @@ class Store(ABC):
             for item_id, category in replaced.items():
                 seq += 1
                 tombstones.append((seq, item_id, category, now))
+            # A repeated id: only its last write is stored, so only it may create or lock a category (an earlier
+            # one, dropped, left an empty category behind, locked to its model).
+            last = {item.id: position for position, item in enumerate(items)}
             for position, item in enumerate(items):
+                if last[item.id] != position:
+                    continue
                 wanted = (item.model_id, int(item.vector.shape[0]))
                 lock = locks.get(item.category)
                 if lock is None and max_categories and len(locks) >= max_categories:
@@ -352,7 +357,6 @@ class Store(ABC):
                 seq += 1
                 rows.append((item.id, item.category, item.vector.astype("<f4").tobytes(), json.dumps(item.attributes),
                              item.model_id, item.product, seq))
-                previous[item.id] = item.category
             if replaced:
                 self._executemany(conn, "DELETE FROM items WHERE id = ?", [(item_id,) for item_id in replaced])
             if rows or replaced:

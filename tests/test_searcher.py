@@ -234,6 +234,35 @@ def test_an_id_repeated_in_one_upsert_is_one_item_with_the_last_write(tmp_path: 
     started.stop(None)
 
 
+def test_a_write_replaced_later_in_its_request_leaves_no_trace(tmp_path: Path) -> None:
+    """An id written to a new category and then again elsewhere in the same Upsert: the first write was dropped,
+    but it had already created its category and locked it to its model. The empty category used up a slot of
+    max_categories, refused later items of that request, and after a restart failed every global search of
+    the other model FAILED_PRECONDITION, for good (categories are never removed)."""
+    x_vector, y_vector = np.eye(4, dtype=np.float32)[0], np.eye(8, dtype=np.float32)[1]
+    request = pb.UpsertRequest(items=[
+        pb.Item(id="a", category="X", vector=pack_vector(x_vector), model_id="m2"),
+        pb.Item(id="a", category="Y", vector=pack_vector(y_vector), model_id="m"),
+        pb.Item(id="b", category="Z", vector=pack_vector(y_vector), model_id="m")])
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, max_categories=2)
+    response = stub(channel).Upsert(request, timeout=30)
+    assert [s.code for s in response.statuses] == [0, 0, 0], [s.message for s in response.statuses]
+    assert {shard.category for shard in stub(channel).GetStats(pb.GetStatsRequest()).shards} == {"Y", "Z"}
+    started.stop(None)
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, max_categories=2)
+    assert {h.id for h in search(channel, y_vector, "m", k=4).hits} == {"a", "b"}
+    assert {p.category for p in stub(channel).GetShardMap(pb.GetShardMapRequest()).placements} == {"Y", "Z"}
+    # A last write refused refuses the whole id: the earlier write is not stored in its place.
+    response = stub(channel).Upsert(pb.UpsertRequest(items=[
+        pb.Item(id="a", category="Y", vector=pack_vector(x_vector @ np.ones((4, 8), np.float32)), model_id="m"),
+        pb.Item(id="a", category="Y", vector=pack_vector(x_vector), model_id="m2")]), timeout=30)
+    assert [s.code for s in response.statuses] == [grpc.StatusCode.FAILED_PRECONDITION.value[0]] * 2
+    assert response.statuses[0].message.startswith("items[0].id 'a' is written again by items[1], refused: "
+                                                   "items[1] is a 4-d vector from model 'm2'")
+    assert search(channel, y_vector, "m", k=1).hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+    started.stop(None)
+
+
 def test_attributes_follow_each_replace_and_survive_restart(tmp_path: Path) -> None:
     vectors = np.eye(4, dtype=np.float32)
     make = lambda i, attributes: pb.Item(id=f"sku{i}", category="a", vector=pack_vector(vectors[i]),  # noqa: E731
