@@ -19,7 +19,8 @@ RPC_LATENCY = Histogram("lookalike_rpc_latency_seconds", "RPC handling time, by 
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary RPC, labelled with the status code it ended with, and logs each failed one
+    """Counts and times every unary RPC, labelled with the status code it ended with (DEADLINE_EXCEEDED or
+    CANCELLED for one its caller stopped waiting for, whatever the handler returned), and logs each failed one
     (with its trace id when tracing is on, so a client's report can be matched to the server's side)."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -40,6 +41,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             finally:
                 if code == "OK" and context.code() not in (None, grpc.StatusCode.OK):
                     code = context.code().name
+                if code == "OK" and not context.is_active():  # the caller stopped waiting: its answer is dropped
+                    remaining = context.time_remaining()
+                    code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
                 seconds = time.perf_counter() - started
                 RPC_REQUESTS.labels(method, code).inc()
                 RPC_LATENCY.labels(method, code).observe(seconds)

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from lookalike.client.connection import ChannelSettings, InvalidArgumentError, UnavailableError
-from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for
+from lookalike.client.searcher_client import CatalogueItem, SearcherClient, routing_for, search_request
 from tests.conftest import start_searcher
 from lookalike.tools.processes import free_port
 
@@ -143,6 +143,38 @@ def test_searcher_metrics(tmp_path: Path) -> None:
     assert counted(before, after, "lookalike_rpc_requests_total", code="INVALID_ARGUMENT", method="Search") == 1
     assert counted(before, after, "lookalike_rpc_requests_total", code="OK", method="Upsert") == 1
     assert counted(before, after, "lookalike_rpc_requests_total", code="OK", method="Delete") == 1
+
+
+def test_calls_their_callers_gave_up_on_are_counted_as_such(tmp_path: Path) -> None:
+    """A search that outlived its caller's deadline, or whose caller cancelled it, was counted code OK: a
+    dashboard of errors showed none while every client timed out."""
+    metrics_port = free_port()
+    started, channel = start_searcher(tmp_path, snapshot_interval=0, metrics_port=metrics_port)
+    try:
+        with SearcherClient(f"127.0.0.1:{started.port}") as client:
+            vector = np.eye(4, dtype=np.float32)[0]
+            client.upsert([CatalogueItem("i0", "hats", vector, "m")])
+            before = scrape(metrics_port)
+            request = search_request(vector, "m", 1, routing_for(categories=["hats"]), 0)
+            shard = started.catalogue.shards[("hats", 0, 1)]
+            with shard.lock.writing():  # the searches wait for it
+                with pytest.raises(grpc.RpcError) as timed_out:
+                    client.stub.Search(request, timeout=0.3)
+                cancelled = client.stub.Search.future(request, timeout=30)
+                time.sleep(0.3)
+                cancelled.cancel()
+            assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 10
+            while sum(counted(before, scrape(metrics_port), "lookalike_rpc_requests_total", code=code, method="Search")
+                      for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")) < 2:
+                assert time.monotonic() < deadline, "the two searches were not counted"
+                time.sleep(0.05)
+        after = scrape(metrics_port)
+    finally:
+        channel.close()
+        started.stop(None)
+    assert counted(before, after, "lookalike_rpc_requests_total", code="DEADLINE_EXCEEDED", method="Search") == 1
+    assert counted(before, after, "lookalike_rpc_requests_total", code="CANCELLED", method="Search") == 1
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
