@@ -30,7 +30,7 @@ def start_tracing(service_name: str, otlp_endpoint: str) -> grpc.ServerIntercept
     that everything after it (metrics, auth, the servicer) runs inside the span.
     """
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.instrumentation.grpc import server_interceptor
+    from opentelemetry.instrumentation.grpc import filters, server_interceptor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -43,7 +43,9 @@ def start_tracing(service_name: str, otlp_endpoint: str) -> grpc.ServerIntercept
     atexit.register(provider.shutdown)
     _log_trace_ids()
     logging.getLogger(__name__).info("tracing: spans of %s go to %s", service_name, otlp_endpoint)
-    return server_interceptor(tracer_provider=provider)
+    # Health calls are left out: the interceptor's wrapper of Health.Watch blocks, so each open watch (no token
+    # needed) held a handler thread and a few froze the server; and probes every few seconds are not worth spans.
+    return server_interceptor(tracer_provider=provider, filter_=filters.negate(filters.health_check()))
 
 
 def _log_trace_ids() -> None:

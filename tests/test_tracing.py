@@ -120,3 +120,42 @@ def test_one_trace_across_client_embedder_and_searcher(model_dir: Path, grocery_
     # The refused call's server log line carries its trace id.
     refused = [line for line in searcher_log if "Search ended INVALID_ARGUMENT" in line]
     assert refused and f"trace={traces['refused']}" in refused[0], searcher_log[-5:]
+
+
+WATCHED = """
+import sys
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lookalike.serving.server import bind, build_server
+
+server, health = build_server(max_workers=4, max_message_bytes=4 << 20, service_names=["lookalike.v1.Searcher"],
+                              otlp_endpoint=sys.argv[1])
+port = bind(server, "127.0.0.1:0")
+server.start()
+health.set("", health_pb2.HealthCheckResponse.SERVING)
+watches = []
+for _ in range(4):  # as many as the server has handler threads
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    next(watch)
+    watches.append((channel, watch))
+with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    try:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        print(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+    except grpc.RpcError as error:
+        print(error.code().name)
+for channel, watch in watches:
+    watch.cancel()
+    channel.close()
+server.stop(None)
+"""
+
+
+def test_with_tracing_on_open_health_watches_hold_no_handler_thread() -> None:
+    """The tracing interceptor wrapped Health.Watch in a blocking stream handler: each watch (kubelet's, a
+    client's, anyone's: health needs no token) held a handler thread, and a few froze the server. Health
+    calls are not traced."""
+    done = subprocess.run([sys.executable, "-c", WATCHED, "http://127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "SERVING", done.stdout + done.stderr[-2000:]
