@@ -52,22 +52,30 @@ class IndexSummary:
 
 
 class Journal:
-    """Images the searcher acknowledged, one per line: the id with what was stored under it (file, category or
-    that it was predicted, label) and the file's size and mtime, so a changed file, placement or label is redone."""
+    """Images the searcher acknowledged, one per line: the id with what was stored under it (the model that
+    embedded it, the file by its absolute path, category or that it was predicted, label) and the file's size and
+    mtime, so a changed file, placement, label or model is redone."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self.done: set[str] = set()
-        if path is not None and path.is_file():
+        if path is None:
+            return
+        try:  # before anything is stored: a journal that cannot be written would record none of it
+            with path.open("a", encoding="utf-8"):
+                pass
             self.done = set(path.read_text(encoding="utf-8").splitlines())
+        except OSError as error:
+            raise OSError(error.errno, f"the journal {path} cannot be written: {error.strerror}") from None
 
     @staticmethod
-    def key(image: CatalogueImage, use_labels: bool) -> str:
+    def key(image: CatalogueImage, use_labels: bool, model_id: str) -> str:
         """OSError when the file cannot be read."""
         stat = image.path.stat()
         category = image.category if use_labels else "(predicted)"
-        return f"{image.item_id}\t{image.path}\t{category}\t{image.label}\t{stat.st_size}\t{stat.st_mtime_ns}"
+        return (f"{image.item_id}\t{model_id}\t{image.path.resolve()}\t{category}\t{image.label}\t{stat.st_size}\t"
+                f"{stat.st_mtime_ns}")
 
     def record(self, keys: Sequence[str]) -> None:
         if self.path is None or not keys:
@@ -112,8 +120,9 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
                     progress: TextIO | None = sys.stderr) -> IndexSummary:
     """Embeds and stores every image not yet in the journal, `concurrency` batches at a time.
 
-    Idempotent: ids are upserted, and ids the journal records as stored (same file size and mtime) are
-    skipped, so an interrupted run resumes where it stopped. use_labels=False stores each image in its
+    Idempotent: ids are upserted, and ids the journal records as stored (same model, file, size and mtime) are
+    skipped, so an interrupted run resumes where it stopped; an id listed twice is indexed once, from its last
+    image. use_labels=False stores each image in its
     predicted category instead of its folder's. A batch that fails is listed in the summary and the run goes
     on, except for a service that is down or refuses the caller (STOPS_THE_RUN): that error is raised once
     the batches already in flight end, and what they stored is in the journal.
@@ -125,11 +134,13 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
     record = Journal(journal)
     if record.done and lookalike.searcher.stats().items == 0:
         record.done.clear()  # the searcher was emptied since: the journal no longer says what is stored
+    images = list({image.item_id: image for image in images}.values())
+    model_id = lookalike.model_id
     keys: dict[str, str] = {}
     unreadable: list[tuple[str, str]] = []
     for image in images:
         try:
-            keys[image.item_id] = Journal.key(image, use_labels)
+            keys[image.item_id] = Journal.key(image, use_labels, model_id)
         except OSError as error:  # listed as failed; the rest of the catalogue goes on
             unreadable.append((image.item_id, f"{type(error).__name__}: {error}"))
     pending = [image for image in images if image.item_id in keys and keys[image.item_id] not in record.done]

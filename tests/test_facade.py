@@ -328,6 +328,49 @@ def test_catalogue_indexing_redoes_what_changed_and_lists_missing_files(services
         assert index_catalogue(lookalike, relabelled, journal=journal, batch_size=4, progress=None).skipped == 12
 
 
+def test_the_journal_knows_the_model_each_image_was_stored_with(embedder, model_dir: Path, grocery_val: list,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal keyed images without the model: rerun against an embedder serving another model, every
+    image was "already indexed (skipped)" and the run succeeded, with nothing stored under the new model.
+    It held paths as given, so a run from another folder (`make demo`, then `make web`) redid everything;
+    it was opened only after the first batch was stored (a bad --journal failed with items stored and none
+    recorded); and an id listed twice was counted twice (skipped -1)."""
+    import shutil
+    from dataclasses import replace
+
+    from lookalike.embedder.config import EmbedderConfig
+    from lookalike.embedder.server import create_server
+
+    other_model = tmp_path / "other-model"
+    shutil.copytree(model_dir, other_model)
+    manifest = json.loads((other_model / "manifest.json").read_text())
+    manifest["model_id"] += "-retrained"
+    (other_model / "manifest.json").write_text(json.dumps(manifest))
+    other, other_port = create_server(EmbedderConfig(model_dir=other_model, address="127.0.0.1:0"))
+    searcher, channel = start_searcher(tmp_path / "searcher", snapshot_interval=0)
+    monkeypatch.chdir(grocery_val[0].path.parent.parent)
+    relative = [replace(image, path=Path(os.path.relpath(image.path))) for image in grocery_val[:6]]
+    journal = tmp_path / "journal.txt"
+    try:
+        with Lookalike(f"127.0.0.1:{embedder[0].port}", f"127.0.0.1:{searcher.port}") as lookalike:
+            first = index_catalogue(lookalike, [*relative, relative[0]], journal=journal, progress=None)
+            assert (first.indexed, first.skipped, first.failed) == (6, 0, [])
+            again = index_catalogue(lookalike, grocery_val[:6], journal=journal, progress=None)  # absolute paths
+            assert (again.indexed, again.skipped) == (0, 6)
+        with Lookalike(f"127.0.0.1:{other_port}", f"127.0.0.1:{searcher.port}") as lookalike:
+            retrained = index_catalogue(lookalike, grocery_val[:6], journal=journal, progress=None)
+            assert (retrained.indexed, retrained.skipped, len(retrained.failed)) == (0, 0, 6)
+            assert "re-embed it with" in retrained.failed[0][1]
+            with pytest.raises(OSError, match=f"the journal {tmp_path}/absent/journal.txt cannot be written"):
+                index_catalogue(lookalike, grocery_val[6:8], journal=tmp_path / "absent" / "journal.txt",
+                                progress=None)
+            assert lookalike.searcher.stats().items == 6, "nothing stored before the journal was refused"
+    finally:
+        other.stop(None)
+        channel.close()
+        searcher.stop(None)
+
+
 def test_catalogue_indexing_stops_when_the_embedder_is_down(services: tuple[str, str], grocery_val: list,
                                                               tmp_path: Path) -> None:
     """Every batch would meet the same UNAVAILABLE: the run raises it instead of listing the whole catalogue
