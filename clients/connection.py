@@ -55,6 +55,17 @@ class ChannelSettings:
     backoff_max: float = 3.0
     keepalive_seconds: int = 60
 
+    def __post_init__(self) -> None:
+        # gRPC reads a port past 65535 modulo 65536 (host:110831 reached port 45295) and an empty target as a
+        # name to resolve, failing each call UNKNOWN: refused here, naming the target.
+        if not self.target.strip():
+            raise ValueError("target is empty: expected host:port, ipv4:host:port,... or dns:///name:port")
+        addresses = self.target.split(":", 1)[1] if self.target.startswith(("ipv4:", "ipv6:")) else self.target
+        for address in addresses.split(","):
+            port = address.rpartition(":")[2]
+            if port.isdigit() and int(port) > 65_535:
+                raise ValueError(f"target {self.target!r}: port {port} is out of range (1 to 65535)")
+
     def _options(self) -> list[tuple[str, int | str]]:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),

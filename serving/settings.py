@@ -47,6 +47,13 @@ def check_serving_settings(config: Any) -> None:
             raise ValueError(f"{name} must be 0 to {upper:g}, got {getattr(config, name)}")
     if not 0 <= config.metrics_port <= 65_535:
         raise ValueError(f"metrics_port must be 0 (none) to 65535, got {config.metrics_port}")
+    for name in ("address", "health_address"):
+        address = getattr(config, name)
+        port = address.rpartition(":")[2]
+        # gRPC takes a port past 65535 modulo 65536: --address :65537 listened on port 1.
+        if (address or name == "address") and not address.startswith("unix:") and not (port.isdigit()
+                                                                                         and int(port) <= 65_535):
+            raise ValueError(f"{name} must be host:port with a port of 0 to 65535, got {address!r}")
 
 
 def _converter(hint: Any) -> Callable[[str], Any]:

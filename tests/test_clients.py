@@ -200,7 +200,14 @@ def test_cli_refuses_bad_values_naming_the_flag(tmp_path: Path) -> None:
                            (("search", "q.jpg", "--searcher", ","), "lookalike search: --searcher is ','"),
                            (("demo", "--query-count", "0"), "argument --query-count: 0 is below 1"),
                            (("demo", "--catalog-size", "-5"), "argument --catalog-size: -5 is below 1"),
-                           (("bench", "searcher", "--items", "0"), "argument --items: 0 is below 1")]:
+                           (("bench", "searcher", "--items", "0"), "argument --items: 0 is below 1"),
+                           # gRPC took a port past 65535 modulo 65536 (this one reached port 45295)...
+                           (("embed", "q.jpg", "--embedder", "127.0.0.1:110831"),
+                            "argument --embedder: target '127.0.0.1:110831': port 110831 is out of range"),
+                           # ...and an empty target as a name to resolve: each call failed UNKNOWN.
+                           (("index", str(tmp_path), "--embedder", ""), "argument --embedder: target is empty"),
+                           (("embed", "q.jpg", "--timeout", "0"), "argument --timeout: 0 is not a number of seconds"),
+                           (("embed", "q.jpg", "--timeout", "nan"), "argument --timeout: nan is not a number of")]:
         result = run_cli(*args)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
 
@@ -264,6 +271,8 @@ def test_services_started_directly_say_what_is_wrong_in_one_line(tmp_path: Path,
             ("lookalike.embedder", ["--model", str(wrong_manifest)], {}, "manifest.json says"),
             ("lookalike.searcher", ["--data", str(in_use)], {}, f"another searcher is using the data folder {in_use}"),
             ("lookalike.searcher", ["--data", str(not_a_folder)], {}, "cannot start:"),
+            ("lookalike.searcher", ["--data", str(tmp_path), "--address", "127.0.0.1:99999"], {},
+             "address must be host:port with a port of 0 to 65535, got '127.0.0.1:99999'"),
             ("lookalike.searcher", ["--data", str(tmp_path), "--max-concurrent-rpcs", "-1"], {},
              "max_concurrent_rpcs must be 0 (unbounded) or more, got -1"),
             ("lookalike.searcher", ["--data", str(tmp_path), "--metrics-port", "70000"], {},

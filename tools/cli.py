@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lookalike.client.connection import LookalikeError
+from lookalike.client.connection import ChannelSettings, LookalikeError
 from lookalike.serving.tracing import LOG_FORMAT
 from lookalike.tools.processes import ServiceStartError
 
@@ -67,6 +68,26 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
         return value
     return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return value
+
+
+def embedder_target(text: str) -> str:
+    """An argparse type: an address the client can reach (argparse names the flag when it is not)."""
+    try:
+        ChannelSettings(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _index(args: argparse.Namespace, rest: list[str]) -> int:
@@ -263,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="embed image files with a running embedder and print their categories")
     embed.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...)")
-    embed.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
+    embed.add_argument("--embedder", type=embedder_target, default="localhost:50051",
+                       help="embedder address host:port")
     embed.add_argument("--top", type=at_least(0), default=3, help="categories to show per image (0: all)")
-    embed.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    embed.add_argument("--timeout", type=positive_seconds, default=30.0, help="seconds per call")
     embed.add_argument("--vectors", action="store_true", help="include vectors in --json output")
     embed.add_argument("--json", action="store_true", help="one JSON object per image")
     embed.set_defaults(run=_embed)
@@ -273,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="embed a labelled image folder (or list file) and store it in the "
                                               "searcher; resumable")
     index.add_argument("catalog", type=Path, help="ROOT/<category>/*.jpg, or a list file like grocery's train.txt")
-    index.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
+    index.add_argument("--embedder", type=embedder_target, default="localhost:50051",
+                       help="embedder address host:port")
     index.add_argument("--searcher", default="localhost:50052",
                        help="searcher address host:port; replicas as ipv4:a:1,b:2 or dns:///name:port; or "
                             "comma-separated pod addresses (sharded)")
@@ -290,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="find the catalogue items that look most like a photo")
     search.add_argument("image", help="the query photo")
-    search.add_argument("--embedder", default="localhost:50051", help="embedder address host:port")
+    search.add_argument("--embedder", type=embedder_target, default="localhost:50051",
+                        help="embedder address host:port")
     search.add_argument("--searcher", default="localhost:50052",
                         help="searcher address host:port; replicas as ipv4:a:1,b:2 or dns:///name:port; or "
                             "comma-separated pod addresses (sharded)")
@@ -357,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     web = commands.add_parser("web", help="the web demo: a page to search by photo; with no addresses it starts the "
                                           "demo's services (model and index built as `lookalike demo` does)")
-    web.add_argument("--embedder", help="a running embedder's address host:port (with --searcher)")
+    web.add_argument("--embedder", type=embedder_target,
+                     help="a running embedder's address host:port (with --searcher)")
     web.add_argument("--searcher", help="a running searcher's address or target (with --embedder)")
     web.add_argument("--samples", type=Path, help="labelled photos (folder or list file) to offer as sample "
                                                   "queries (default with the demo's services: its held-out photos)")
@@ -388,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="peers: the virtual environment holding Chroma and Milvus Lite (created when missing)")
     bench.add_argument("--peer", action="append", choices=["chroma", "milvus-lite"],
                        help="peers: which peer to run, repeatable (default: both)")
-    bench.add_argument("--peer-timeout", type=float, default=1800.0,
+    bench.add_argument("--peer-timeout", type=positive_seconds, default=1800.0,
                        help="peers: seconds one peer may take (ingest, ef search and rows); past it, reported unfinished")
     bench.add_argument("--ef", type=at_least(0), default=0,
                        help="filters: the searcher's ef (default: the smallest with unfiltered recall@10 >= 0.95)")
@@ -403,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gpu: concurrent gRPC clients for the many-photo rows (0: two per CPU core)")
     bench.add_argument("--soak-items", type=at_least(1), default=1000,
                        help="soak: catalogue items, filled first, then re-indexed and deleted over the run")
-    bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: seconds between samples")
+    bench.add_argument("--sample-seconds", type=positive_seconds, default=10.0, help="soak: seconds between samples")
     bench.add_argument("--startup-items", type=at_least(0), default=0,
                        help="replicas: measure replica start-up at this many items (rows written straight into "
                             "the store)")
@@ -414,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workdir", default="var/demo", help="where the demo's models are (built if missing)")
     bench.add_argument("--images", type=Path, help="folder or list file of real photos (default: grocery val, "
                                                    "else Fashion-MNIST test); photo: the query photos")
-    bench.add_argument("--seconds", type=float, default=6.0, help="duration of each measurement")
+    bench.add_argument("--seconds", type=positive_seconds, default=6.0, help="duration of each measurement")
     bench.add_argument("--json", action="store_true", help="print results as JSON")
     bench.set_defaults(run=_bench)
     return parser
