@@ -207,9 +207,28 @@ def test_cli_refuses_bad_values_naming_the_flag(tmp_path: Path) -> None:
                            # ...and an empty target as a name to resolve: each call failed UNKNOWN.
                            (("index", str(tmp_path), "--embedder", ""), "argument --embedder: target is empty"),
                            (("embed", "q.jpg", "--timeout", "0"), "argument --timeout: 0 is not a number of seconds"),
-                           (("embed", "q.jpg", "--timeout", "nan"), "argument --timeout: nan is not a number of")]:
+                           (("embed", "q.jpg", "--timeout", "nan"), "argument --timeout: nan is not a number of"),
+                           # Streamlit's traceback, after the demo's services had started.
+                           (("web", "--port", "70000"), "argument --port: 70000 is above 65535")]:
         result = run_cli(*args)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+
+
+def test_eval_refuses_an_output_it_could_not_write_before_evaluating(model_dir: Path, tmp_path: Path) -> None:
+    """The report was written after the evaluation (minutes on a real catalogue): into a folder that does not
+    exist, the evaluation was lost with nothing printed. And the demo refuses queries that are catalogue
+    photos, as eval does (each found itself at the top)."""
+    from tests.conftest import GROCERY
+
+    if not GROCERY.is_dir():
+        pytest.skip("grocery not found (../shared/datasets is absent)")
+    output = tmp_path / "absent" / "report.json"
+    result = run_cli("eval", "--model", str(model_dir), "--catalog", str(GROCERY / "train.txt"), "--queries",
+                     str(GROCERY / "val.txt"), "--output", str(output))
+    assert result.returncode == 2 and f"--output {output}: its folder" in result.stderr, result.stderr
+    shared = run_cli("demo", "--workdir", str(tmp_path), "--catalog", str(GROCERY / "val.txt"), "--queries",
+                     str(GROCERY / "val.txt"), "--query-count", "10")
+    assert shared.returncode == 2 and "queries also in the catalogue" in shared.stderr, shared.stderr
 
 
 def test_cli_serve_embedder_starts_and_answers(model_dir: Path, grocery_val: list) -> None:

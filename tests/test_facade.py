@@ -472,6 +472,26 @@ def test_demo_on_a_reduced_catalogue(tmp_path: Path) -> None:
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "already_indexed: 300" in second.stdout and "query " in second.stdout and "mAP@10:" in second.stdout
+    # A SIGTERM stops the services the demo started (they were left running, holding the searcher's data
+    # folder: the next run failed "another searcher is using the data folder").
+    import signal
+    import subprocess
+    import sys
+
+    demo = subprocess.Popen([sys.executable, "-m", "lookalike.tools.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert demo.stderr is not None
+    for line in demo.stderr:
+        if line.startswith("indexing "):  # both services are up
+            break
+    demo.send_signal(signal.SIGTERM)
+    _, rest = demo.communicate(timeout=60)
+    assert demo.returncode == 130 and "lookalike demo: interrupted" in rest, rest
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "searcher")]).returncode == 1, "a service was left running"
+    # A catalogue image that cannot be stored fails the run (exit 1), as `lookalike index` does.
+    sorted((tmp_path / "fashion-mnist" / "train").rglob("*.png"))[0].write_bytes(b"not a png")
+    third = run_cli(*args)
+    assert third.returncode == 1 and "failed: 1" in third.stdout, third.stdout + third.stderr
 
 
 def test_cli_export_builds_a_verified_model(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +18,7 @@ from lookalike.client.connection import ChannelSettings, LookalikeError
 from lookalike.serving.tracing import LOG_FORMAT
 from lookalike.tools.processes import ServiceStartError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> int:
@@ -57,8 +58,9 @@ def _embed(args: argparse.Namespace, rest: list[str]) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `minimum` (argparse names the flag when it is not)."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum` (nor larger than `maximum`; argparse names the
+    flag when it is not)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -66,6 +68,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above {maximum}")
         return value
     return parse
 
@@ -389,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--images-root", type=Path, action="append", default=[],
                      help="a folder the page may show catalogue photos from (repeatable; with --embedder and "
                           "--searcher, none unless given: an item's path attribute names a file on this machine)")
-    web.add_argument("--port", type=at_least(0), default=8501, help="the page's port (0: a free one)")
+    web.add_argument("--port", type=at_least(0, 65_535), default=8501, help="the page's port (0: a free one)")
     web.add_argument("--address", default="127.0.0.1", help="the address the page listens on (0.0.0.0: all)")
     web.add_argument("--workdir", default="var/demo", help="the demo's models, index and data (built if missing)")
     web.add_argument("--catalog-size", type=at_least(1), default=10_000, help="catalogue images the demo indexes")
@@ -445,14 +449,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("export", "serve"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=LOG_FORMAT)
+    # A SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the services and the page a command started
+    # (demo, web, eval) are stopped with it instead of left running on the data folder's lock.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.run(args, rest)
+    except KeyboardInterrupt:
+        print(f"lookalike {args.command}: interrupted (a rerun resumes where the journal stops)"
+              if args.command in ("index", "demo") else f"lookalike {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except LookalikeError as error:
         print(f"lookalike {args.command}: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lookalike.quality.labelled_images import LabelledImage, read_labelled_images
+from lookalike.quality.labelled_images import LabelledImage, read_labelled_images, refuse_shared_photos
 from lookalike.client.indexing import IndexSummary, index_catalogue
 from lookalike.client.facade import Lookalike, SearchResult
 from lookalike.quality.retrieval_metrics import average_precision, average_precision_over_hits, hit_at, precision_at
@@ -125,10 +125,11 @@ def prepare_demo(workdir: Path, catalog: Path | None = None, queries: Path | Non
 
         catalog = catalog or materialize(workdir / "fashion-mnist", "train", math.ceil(catalog_size / 10))
         queries = queries or materialize(workdir / "fashion-mnist", "test", math.ceil(query_count / 10))
+    catalogue = stratified(read_labelled_images(catalog), catalog_size)
+    query_images = stratified(read_labelled_images(queries), query_count, seed=1)
+    refuse_shared_photos(catalogue, query_images, "queries also in the catalogue (each would find itself)")
     model_dir = ensure_model(workdir, catalog, head_per_category)
-    return DemoSetup(workdir, catalog, model_dir, read_manifest(model_dir).model_id,
-                     stratified(read_labelled_images(catalog), catalog_size),
-                     stratified(read_labelled_images(queries), query_count, seed=1))
+    return DemoSetup(workdir, catalog, model_dir, read_manifest(model_dir).model_id, catalogue, query_images)
 
 
 @contextmanager
@@ -185,9 +186,11 @@ def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = 
     sheet = contact_sheet(results[:SHEET_QUERIES], workdir / "contact-sheet.png")
     report["contact_sheet"] = str(sheet)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
+    # Like `lookalike index`: a catalogue image that could not be stored fails the run, after the report.
+    outcome = 1 if summary.failed else 0
     if as_json:
         print(json.dumps(report, indent=2))
-        return 0
+        return outcome
     for query, result in results[:6]:
         predicted = ", ".join(f"{c} {p:.2f}" for c, p in result.categories[:3])
         probed = ", ".join(p.category for p in result.probes)
@@ -198,4 +201,4 @@ def run_demo(workdir: Path, catalog: Path | None = None, queries: Path | None = 
     print()
     for key, value in report.items():
         print(f"{key}: {value}")
-    return 0
+    return outcome

@@ -197,6 +197,8 @@ def run_eval(model_dir: Path, catalogue: Sequence[LabelledImage], queries: Seque
              max_shards: int | None = None, fit_on_queries: bool = False) -> int:
     """Starts an embedder on `model_dir` and an empty searcher, evaluates, prints the report."""
     refuse_shared_photos(catalogue, queries, "queries also in the catalogue (each would find itself)")
+    if output is not None and not output.parent.is_dir():  # found out after minutes of evaluation, it lost them
+        raise ValueError(f"--output {output}: its folder {output.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as data, \
             running_service("lookalike.embedder", ["--model", str(model_dir)]) as (_, embedder_port), \
             running_service("lookalike.searcher", ["--data", data, "--snapshot-interval", "0"]) as (_, searcher_port):

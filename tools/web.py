@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import signal
 import subprocess
 import sys
 import threading
@@ -111,9 +110,6 @@ def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = N
         if not embedder.strip():
             raise ValueError("--embedder is empty, expected host:port or a gRPC target")
         searcher_target(searcher)
-    # A SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the page and the services started
-    # here are stopped with it instead of left running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with ExitStack() as stack:
         sample_photos: list[Path] = []
         if samples is not None:
@@ -132,5 +128,5 @@ def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = N
         print(f"\nLookalike web demo: {url}  (embedder {embedder}, searcher {searcher}; Ctrl-C stops it)", flush=True)
         try:
             return process.wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM (lookalike.tools.cli raises it for both): stopped as asked
             return 0
