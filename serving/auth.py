@@ -27,7 +27,8 @@ ROLES = ("read", "write", "admin")
 METHOD_ROLES = {"Embed": "read", "GetModelInfo": "read", "Search": "read", "SearchBatch": "read", "GetStats": "read",
                 "GetShardMap": "read", "Upsert": "write", "Delete": "write", "MoveCategory": "admin",
                 # Reflection's stream holds a handler thread while it stays open: open to anyone, a few idle
-                # streams froze the server. Health's Watch streams hold none, so probes stay open.
+                # streams froze the server. Health's Watch streams hold none, so probes stay open (its
+                # unary Check, like any unary call, holds one until its request arrives: see README).
                 "ServerReflectionInfo": "read"}
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
@@ -104,10 +105,13 @@ class TokenFile:
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+    # A stream of requests, whatever the method's shape, so the refusal reads none: for a unary handler gRPC
+    # holds a handler thread until the request arrives, and streams without a token that sent nothing held
+    # every thread, freezing the server.
+    def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

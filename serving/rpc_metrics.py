@@ -25,10 +25,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        # Unary answers: the RPCs, and auth's refusals (serving/auth.py reads no request to refuse one).
+        if handler is None or (handler.unary_unary or handler.stream_unary) is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
+        inner = handler.unary_unary or handler.stream_unary
 
         def timed(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -50,8 +51,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 if code != "OK":
                     log.info("%s ended %s after %.1f ms: %s", method, code, seconds * 1000, context.details())
 
-        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        wrap = (grpc.unary_unary_rpc_method_handler if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler)
+        return wrap(timed, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 def serve_metrics(port: int) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +115,48 @@ def test_reflection_needs_a_token_and_made_up_methods_cost_nothing(guarded) -> N
             assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
         grown = method_series() - before
         assert not grown, f"made-up methods added {len(grown)} metric series, e.g. {sorted(grown)[:2]}"
+
+
+def test_callers_without_a_token_cannot_hold_the_handler_threads(tmp_path: Path) -> None:
+    """A refusal was a unary handler: gRPC holds a handler thread waiting for the request before running it, so
+    as many streams without a token as the server has threads, sending nothing, froze every call. Refusals
+    now read nothing; and they are still counted, by method and code."""
+    from prometheus_client import REGISTRY
+
+    def refused(method: str) -> float:
+        return REGISTRY.get_sample_value("lookalike_rpc_requests_total",
+                                         {"method": method, "code": "UNAUTHENTICATED"}) or 0.0
+
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, TOKENS)
+    started, channel = start_searcher(tmp_path / "data", snapshot_interval=0, auth_tokens=tokens, grpc_workers=4)
+    idle: list[tuple[grpc.Channel, object]] = []
+    release = threading.Event()
+
+    def nothing_until_released():  # type: ignore[no-untyped-def]
+        release.wait()
+        return
+        yield
+
+    before = refused("Search")
+    try:
+        for _ in range(4):
+            stream = grpc.insecure_channel(f"127.0.0.1:{started.port}")
+            idle.append((stream, stream.stream_stream("/lookalike.v1.Searcher/Search")(nothing_until_released(),
+                                                                                      timeout=60)))
+        time.sleep(0.5)
+        assert client(started, TOKENS["read"]).stats().items == 0
+        for _, call in idle:
+            with pytest.raises(grpc.RpcError) as answer:
+                next(call)
+            assert answer.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert refused("Search") - before == 4
+    finally:
+        release.set()
+        for stream, _ in idle:
+            stream.close()
+        channel.close()
+        started.stop(None)
 
 
 def test_a_rotated_tokens_file_is_read_without_a_restart(guarded) -> None:

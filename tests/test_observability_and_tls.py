@@ -163,6 +163,7 @@ def test_calls_their_callers_gave_up_on_are_counted_as_such(tmp_path: Path) -> N
                 cancelled = client.stub.Search.future(request, timeout=30)
                 time.sleep(0.3)
                 cancelled.cancel()
+                time.sleep(0.3)  # the server has heard of it before the search goes on
             assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             deadline = time.monotonic() + 10
             while sum(counted(before, scrape(metrics_port), "lookalike_rpc_requests_total", code=code, method="Search")
