@@ -8,7 +8,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +23,47 @@ from lookalike.serving.tracing import start_tracing
 log = logging.getLogger(__name__)
 
 
+# Health names are service names ("lookalike.v1.Searcher"): far below this.
+MAX_HEALTH_NAME_BYTES = 256
+
+
+class BoundedHealthServicer(health.HealthServicer):
+    """grpc_health's servicer, keeping nothing of a Watch once it ends. Its table of watchers kept every name
+    ever watched (health needs no token, and a name may be as long as a message): 40 watches of 8 MB names
+    held 320 MB for good."""
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
+              send_response_callback: Callable[[health_pb2.HealthCheckResponse | None], None] | None = None) -> Any:
+        if len(request.service.encode()) > MAX_HEALTH_NAME_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"service is {len(request.service.encode())} bytes, expected a service name of at most "
+                          f"{MAX_HEALTH_NAME_BYTES}")
+        answer = super().Watch(request, context, send_response_callback)
+        if send_response_callback is not None and not context.is_active():
+            # Ended before its close callback was added: gRPC never runs that one, so the watcher stayed.
+            self._forget(send_response_callback, request.service)
+        return answer
+
+    def _forget(self, send_response_callback: Callable, service: str) -> bool:
+        """Removes a watcher (and its name once none is left); False when it was gone already."""
+        with self._lock:
+            watchers = self._send_response_callbacks.get(service)
+            if watchers is None or send_response_callback not in watchers:
+                return False
+            watchers.remove(send_response_callback)
+            if not watchers:
+                del self._send_response_callbacks[service]
+            return True
+
+    # grpc_health's own hook (the version requirements.lock pins), forgetting the watcher as above.
+    def _on_close_callback(self, send_response_callback: Callable, service: str) -> Callable[[], None]:
+        def callback() -> None:
+            if self._forget(send_response_callback, service):
+                send_response_callback(None)
+
+        return callback
+
+
 def build_server(
     *,
     max_workers: int,
@@ -33,7 +74,7 @@ def build_server(
     max_connection_age_seconds: float = 0.0,
     otlp_endpoint: str = "",
     reuse_port: bool = False,
-) -> tuple[grpc.Server, health.HealthServicer]:
+) -> tuple[grpc.Server, BoundedHealthServicer]:
     """A gRPC server with message-size limits, per-RPC metrics, grpc.health.v1 (NOT_SERVING for now),
     reflection, given a tokens file bearer-token auth with roles (lookalike.serving.auth), and given an
     OTLP endpoint a trace span per RPC (lookalike.serving.tracing).
@@ -67,7 +108,7 @@ def build_server(
     # Past max_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED, before a thread or a buffer is spent.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          interceptors=interceptors, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = BoundedHealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -178,6 +178,33 @@ def test_calls_their_callers_gave_up_on_are_counted_as_such(tmp_path: Path) -> N
     assert counted(before, after, "lookalike_rpc_requests_total", code="CANCELLED", method="Search") == 1
 
 
+def test_health_watches_of_made_up_names_keep_nothing(tmp_path: Path) -> None:
+    """Health needs no token, and grpc_health kept an entry per name ever watched: 40 watches of 8 MB names
+    held 320 MB for good. Names are bounded, and a watch's entry goes when it ends."""
+    started, channel = start_searcher(tmp_path, snapshot_interval=0)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.Watch(health_pb2.HealthCheckRequest(service="x" * 300), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "service is 300 bytes, expected a service name of at most 256" in refused.value.details()
+        watched_before = set(started.health._send_response_callbacks)  # grpc_health's table of watchers
+        for n in range(20):
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=f"made-up-{n}"), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            watch.cancel()
+        deadline = time.monotonic() + 10
+        while set(started.health._send_response_callbacks) != watched_before:
+            assert time.monotonic() < deadline, set(started.health._send_response_callbacks) - watched_before
+            time.sleep(0.05)
+        kept = stub.Watch(health_pb2.HealthCheckRequest(service="lookalike.v1.Searcher"), timeout=10)
+        assert next(kept).status == health_pb2.HealthCheckResponse.SERVING
+        kept.cancel()
+    finally:
+        channel.close()
+        started.stop(None)
+
+
 def self_signed(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "tls.crt", directory / "tls.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
