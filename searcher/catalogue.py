@@ -41,7 +41,8 @@ from lookalike.searcher.config import SearcherConfig
 from lookalike.searcher.filters import AttributeFilter
 from lookalike.searcher.shard_metrics import SHARD_PROBES
 from lookalike.searcher.shard import IndexSettings, Shard
-from lookalike.searcher.store import ItemWrite, LogBatch, Placement, Replica, ShardKey, StoredItem, open_store
+from lookalike.searcher.store import (ItemWrite, LogBatch, Placement, Removal, Replica, ShardKey, StoredItem,
+                                      open_store)
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +310,15 @@ class Catalogue:
         return shard, replayed + len(batch)
 
     @staticmethod
-    def _put(shard: Shard, items: list[StoredItem], removed: Sequence[str] = (), seq: int = 0) -> None:
-        """Applies removals then items; `seq` is the log position they reach (default: the last item's)."""
+    def _put(shard: Shard, items: list[StoredItem], removed: Sequence[str] = (), seq: int = 0,
+             short_of: int | None = None) -> None:
+        """Applies removals then items; `seq` is the log position they reach (default: the last item's). With
+        `short_of`, the position of a removal still to be applied to the shard, they reach just before it: a
+        snapshot taken before that removal must not claim it (the removal would be lost for good), and a
+        replay from there puts the items again, which changes nothing."""
         if items or removed:
-            shard.apply(max([seq, *(i.seq for i in items)]), removed=removed, ids=[i.id for i in items],
+            reached = max([seq, *(i.seq for i in items)]) if short_of is None else short_of - 1
+            shard.apply(reached, removed=removed, ids=[i.id for i in items],
                         vectors=np.stack([i.vector for i in items]) if items else None,
                         attributes=[i.attributes for i in items], products=[i.product for i in items])
 
@@ -513,19 +519,32 @@ class Catalogue:
                 if key[0] in new and key not in self.shards:
                     # New in this batch: nothing before it to build from.
                     self.shards[key] = Shard(key[0], *self.locks[key[0]], self.settings, part=key[1], parts=key[2])
-        removed: dict[str, list[str]] = defaultdict(list)
-        for removal in batch.removals:
-            removed[removal.category].append(removal.id)
         placed: dict[str, list[StoredItem]] = defaultdict(list)
         for item in batch.items:
             placed[item.category].append(item)
+        # An id moved to another category leaves its old shard only once it is in the new one: a search
+        # between the two finds it twice (merge_hits keeps one) rather than nowhere (searches in flight missed
+        # it about once in a thousand while it moved back and forth).
+        category_of = {item.id: item.category for item in batch.items}
+        removed: dict[str, list[str]] = defaultdict(list)
+        moved_away: dict[str, list[Removal]] = defaultdict(list)
+        for removal in batch.removals:
+            if category_of.get(removal.id, removal.category) != removal.category:
+                moved_away[removal.category].append(removal)
+            else:
+                removed[removal.category].append(removal.id)
         # The items table holds each id's latest write, so within a batch a category's removals come
         # before its puts: removals first, then puts, is the log's order.
         for key, shard in sorted(self.shards.items()):
             category, part, parts = key
             if category in removed or category in placed:
                 entries = [item for item in placed.get(category, []) if part_of(item.id, parts) == part]
-                self._put(shard, entries, removed.get(category, []), batch.head)
+                later = moved_away.get(category)
+                self._put(shard, entries, removed.get(category, []), batch.head,
+                          short_of=min(r.seq for r in later) if later else None)
+        for key, shard in sorted(self.shards.items()):
+            if key[0] in moved_away:
+                self._put(shard, [], [r.id for r in moved_away[key[0]]], batch.head)
         for shard in list(self.shards.values()):
             shard.advance(batch.head)
         self.applied_seq = max(self.applied_seq, batch.head)
