@@ -365,6 +365,10 @@ def test_catalogue_text_is_code_so_no_writer_can_put_links_on_the_page() -> None
     assert literal("https://evil.example/login") == "`https://evil.example/login`"
     assert literal("a`b") == "``a`b``"
     assert literal("`x``") == "``` `x`` ```"
+    # Line breaks would end the span (a line starting with # is a heading): one space each run of them.
+    assert literal("evil\n# heading\r\n\n[link](https://evil.example)") == \
+        "`evil # heading [link](https://evil.example)`"
+    assert plain("a\n\n# b") == "a \\# b"
 
 
 def test_an_empty_service_address_is_refused_before_the_page_starts(tmp_path: Path) -> None:

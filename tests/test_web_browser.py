@@ -87,3 +87,40 @@ def test_uploading_a_photo_shows_its_lookalikes(app_url: str, browser: webdriver
     time.sleep(1.0)  # the bar chart draws itself after the data arrives
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT)) and SCREENSHOT.stat().st_size > 10_000
+
+
+def test_catalogue_text_cannot_put_markup_on_the_page(embedder, grocery_val: list, browser: webdriver.Chrome,
+                                                      tmp_path: Path) -> None:
+    """A catalogue writer may put any text but NUL in ids and attributes. A line break ended the code span the
+    page shows it in: a line starting with # became a heading, and links and remote images became live (every
+    visitor's browser fetched the writer's image)."""
+    from lookalike.client.facade import Lookalike
+    from tests.conftest import start_searcher
+
+    started_embedder, _ = embedder
+    embedder_address = f"127.0.0.1:{started_embedder.port}"
+    photo = grocery_val[0]
+    evil = "evil\n# HEADING FROM ID\n[click me](https://evil.example/login) ![img](http://127.0.0.1:9/track.png)"
+    searcher, channel = start_searcher(tmp_path / "searcher", snapshot_interval=0)
+    try:
+        searcher_address = f"127.0.0.1:{searcher.port}"
+        with Lookalike(embedder_address, searcher_address) as lookalike:
+            stored = lookalike.index([photo.path], [evil], [photo.category],
+                                     [{"path": str(photo.path), "note": "x\n\n[phish](https://evil.example/phish)"}])
+            assert stored.indexed == [evil]
+        with running_web_app(embedder_address, searcher_address, samples=[photo.path],
+                             image_roots=[GROCERY]) as (_, url):
+            browser.get(url)
+            WebDriverWait(browser, PAGE_TIMEOUT).until(
+                lambda driver: "Routing modes compared" in driver.find_element(By.TAG_NAME, "body").text)
+            time.sleep(1.0)
+            shown = browser.find_element(By.TAG_NAME, "body").text
+            assert "HEADING FROM ID" in shown and "[click me](https://evil.example/login)" in shown
+            assert not browser.find_elements(By.CSS_SELECTOR, ".st-key-results h1, .st-key-compare h1")
+            links = [a.get_attribute("href") or "" for a in browser.find_elements(By.TAG_NAME, "a")]
+            assert not [href for href in links if "evil.example" in href], links
+            sources = [image.get_attribute("src") or "" for image in browser.find_elements(By.TAG_NAME, "img")]
+            assert not [src for src in sources if "127.0.0.1:9/" in src], sources
+    finally:
+        channel.close()
+        searcher.stop(None)

@@ -194,16 +194,24 @@ def query_preview(data: bytes, size: int = 224, face: tuple[int, int, int, int] 
         return None
 
 
+def one_line(text: str) -> str:
+    """Markdown reads the lines of a block before anything inside them: a line break in the text would end the
+    escaping or the code span around it (a next line starting with # is a heading, a blank line ends the
+    paragraph), so every run of them is one space."""
+    return re.sub(r"[\r\n]+", " ", text)
+
+
 def plain(text: str) -> str:
     """Text from the catalogue or a file name, shown as itself in markdown: Streamlit would otherwise read
     `*`, `_`, `[` or `$` in an id or an attribute as emphasis, links or LaTeX."""
-    return re.sub(r"([\\`*_{}\[\]<>|~$#])", r"\\\1", text)
+    return re.sub(r"([\\`*_{}\[\]<>|~$#])", r"\\\1", one_line(text))
 
 
 def literal(text: str) -> str:
     """Text any catalogue writer chose (ids, categories, attributes) as inline code: shown as itself, never as a
     link. Streamlit's markdown links bare URLs, www. names and e-mail addresses even when escaped, so
     plain() would let a writer put links on the page."""
+    text = one_line(text)
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""  # CommonMark strips one space each side
     return f"{fence}{pad}{text}{pad}{fence}"
