@@ -371,6 +371,26 @@ def test_catalogue_text_is_code_so_no_writer_can_put_links_on_the_page() -> None
     assert plain("a\n\n# b") == "a \\# b"
 
 
+def test_routing_starts_at_the_model_s_values_else_the_searcher_s(model_dir: Path) -> None:
+    """Without fitted values the controls started at the built-in defaults, not at the searcher's: the page
+    probed other shards than `Lookalike.search` did for the same photo."""
+    from lookalike.codec import read_manifest
+    from lookalike.routing import RoutingDefaults
+    from lookalike.v1 import embedder_pb2, searcher_pb2
+    from lookalike.web.app import routing_start
+
+    stats = searcher_pb2.GetStatsResponse(
+        routing_defaults=searcher_pb2.RoutingSettings(threshold=0.5, max_shards=2, prior_weight=0.25))
+    manifest = read_manifest(model_dir)
+    fitted = RoutingDefaults.of_model(manifest)
+    assert fitted is not None
+    assert routing_start(embedder_pb2.GetModelInfoResponse(manifest=manifest), stats) == (fitted, True)
+    manifest.ClearField("routing")
+    unfitted = embedder_pb2.GetModelInfoResponse(manifest=manifest)
+    assert routing_start(unfitted, stats) == (RoutingDefaults(0.5, 2, 0.25), False)
+    assert routing_start(unfitted, None) == (RoutingDefaults(), False)
+
+
 def test_an_empty_service_address_is_refused_before_the_page_starts(tmp_path: Path) -> None:
     """Not on every visit, as a traceback the visitor cannot act on."""
     from lookalike.tools.web import run_web

@@ -259,8 +259,19 @@ def choose_query(settings: AppSettings) -> tuple[str, bytes] | None:
     return None
 
 
+def routing_start(info: embedder_pb2.GetModelInfoResponse | None,
+                  stats: searcher_pb2.GetStatsResponse | None) -> tuple[RoutingDefaults, bool]:
+    """Where the routing controls start, and whether that is the model's: its values fitted on validation photos
+    at export, else the searcher's defaults (what a search that leaves them unset gets: the page started from
+    the built-in ones, probing other shards than the library's search of the same photo)."""
+    fitted = RoutingDefaults.of_model(info.manifest) if info is not None else None
+    if fitted is not None:
+        return fitted, True
+    return (RoutingDefaults.from_message(stats.routing_defaults) if stats is not None else RoutingDefaults()), False
+
+
 def sidebar(settings: AppSettings, info: embedder_pb2.GetModelInfoResponse | None,
-            sizes: dict[str, int] | None) -> tuple[str, int, float, int, float]:
+            stats: searcher_pb2.GetStatsResponse | None) -> tuple[str, int, float, int, float]:
     """The controls (routing mode, k, threshold, shard cap, prior weight), the model and the catalogue."""
     bar = st.sidebar
     bar.header("Search")
@@ -268,9 +279,7 @@ def sidebar(settings: AppSettings, info: embedder_pb2.GetModelInfoResponse | Non
                      help="global: every shard; top-1 shard: only the most probable category's; adaptive: "
                           "categories by probability until the threshold is covered")
     k = bar.slider("Results (k)", 1, 50, 10, key="k")
-    # Start from the model's routing, fitted on validation photos at export (the searcher's defaults without it).
-    fitted = RoutingDefaults.of_model(info.manifest) if info is not None else None
-    start = fitted or RoutingDefaults()
+    start, fitted = routing_start(info, stats)
     threshold = bar.slider("Routing threshold", 0.05, 1.0, min(max(start.threshold, 0.05), 1.0), 0.01, key="threshold",
                            help="adaptive routing probes the most probable categories until their probabilities "
                                 "add up to this")
@@ -279,8 +288,8 @@ def sidebar(settings: AppSettings, info: embedder_pb2.GetModelInfoResponse | Non
                                       value=min(max(start.max_shards, 1), 1000), step=1, key="max_shards"))
     prior_weight = bar.slider("Prior weight", 0.0, 2.0, min(start.prior_weight, 2.0), 0.01, key="prior_weight",
                               help="hits from all probed shards merge by cosine + weight × ln p(category)")
-    if fitted is not None:
-        bar.caption("Routing starts at the model's values, fitted on validation photos at export.")
+    bar.caption("Routing starts at the model's values, fitted on validation photos at export." if fitted else
+                "Routing starts at the searcher's defaults (the model has no fitted values).")
     bar.header("Model")
     bar.caption(f"embedder at {settings.embedder}")
     if info is not None:
@@ -289,7 +298,8 @@ def sidebar(settings: AppSettings, info: embedder_pb2.GetModelInfoResponse | Non
         bar.warning("unavailable")
     bar.header("Catalogue")
     bar.caption(f"searcher at {settings.searcher}")
-    if sizes is not None:
+    if stats is not None:
+        sizes = shard_sizes(stats)
         bar.markdown(f"**{sum(sizes.values()):,} items in {shards(len(sizes))}**")
         bar.dataframe({"shard": list(sizes), "items": list(sizes.values())}, hide_index=True)
     else:
@@ -387,8 +397,7 @@ def main() -> None:
     st.title("Lookalike: visual product search")
     info = _call("Model", settings, lookalike.embedder.model_info)
     stats = _call("Catalogue", settings, lookalike.searcher.stats)
-    sizes = shard_sizes(stats) if stats is not None else None
-    mode, k, threshold, max_shards, prior_weight = sidebar(settings, info, sizes)
+    mode, k, threshold, max_shards, prior_weight = sidebar(settings, info, stats)
     query = choose_query(settings)
     if query is None:
         st.info("Upload a photo to find the catalogue items that look most like it.")
