@@ -401,6 +401,23 @@ def test_an_empty_service_address_is_refused_before_the_page_starts(tmp_path: Pa
         run_web(tmp_path, embedder=" ", searcher="127.0.0.1:1")
 
 
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """The page's health check passed for whatever already answered on the port: `lookalike web` announced
+    another server's page as its own (after building the demo's model and starting its services), then failed."""
+    import socket
+
+    from lookalike.tools.processes import ServiceStartError
+    from lookalike.tools.web import run_web
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServiceStartError, match=f"port {port} on 127.0.0.1 is taken"):
+            run_web(tmp_path / "never-built", port=port)
+    assert not (tmp_path / "never-built").exists(), "nothing was prepared"
+
+
 def test_changing_only_what_is_shown_calls_no_service_again(page: tuple[AppTest, object, str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The routing radio picks one of the three answers already searched: Streamlit's rerun must not embed and

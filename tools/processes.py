@@ -22,6 +22,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def refuse_taken_port(host: str, port: int) -> None:
+    """Raises ServiceStartError when a server already listens on host:port. Checked before a server that takes
+    that port starts: a health check would pass for the other server, which would then be announced as ours."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ServiceStartError(f"port {port} on {host} is taken ({error.strerror}): stop what listens there "
+                                    "or choose another port") from None
+
+
 class ServiceStartError(RuntimeError):
     """A server (or the web app) that exited or never became ready: its last output is in the message."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from lookalike.client.facade import searcher_target
-from lookalike.tools.processes import ServiceStartError, free_port, stop_process
+from lookalike.tools.processes import ServiceStartError, free_port, refuse_taken_port, stop_process
 
 SAMPLE_QUERIES = 8
 
@@ -68,6 +68,8 @@ def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), 
 
     Its output is kept for the error raised when it fails to start, and echoed when `echo` is set.
     """
+    if port:
+        refuse_taken_port(address, port)
     port = port or free_port()
     url = page_url(address, port)
     process = subprocess.Popen(streamlit_command(embedder, searcher, samples, port, address, image_roots),
@@ -86,7 +88,7 @@ def running_web_app(embedder: str, searcher: str, samples: Sequence[Path] = (), 
     threading.Thread(target=relay, daemon=True).start()
     try:
         deadline = time.monotonic() + startup_timeout
-        while not _healthy(url):
+        while process.poll() is not None or not _healthy(url):  # healthy, and ours
             if process.poll() is not None or time.monotonic() > deadline:
                 raise ServiceStartError(f"the web app did not start at {url}:\n{''.join(output[-30:])}")
             time.sleep(0.25)
@@ -110,6 +112,8 @@ def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = N
         if not embedder.strip():
             raise ValueError("--embedder is empty, expected host:port or a gRPC target")
         searcher_target(searcher)
+    if port:  # before the demo's model is built and its services started
+        refuse_taken_port(address, port)
     with ExitStack() as stack:
         sample_photos: list[Path] = []
         if samples is not None:
