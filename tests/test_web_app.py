@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -399,6 +400,30 @@ def test_an_empty_service_address_is_refused_before_the_page_starts(tmp_path: Pa
         run_web(tmp_path, embedder="127.0.0.1:1", searcher="")
     with pytest.raises(ValueError, match="--embedder is empty"):
         run_web(tmp_path, embedder=" ", searcher="127.0.0.1:1")
+
+
+def test_a_query_s_embedding_and_searches_share_one_timeout(services: tuple[str, str], grocery_val: list) -> None:
+    """Each of the page's calls (the embedding, then one search per routing mode) had the whole timeout: with a
+    slow searcher a visitor waited three times as long. A slow network holds each answer 1 s here."""
+    import grpc
+    from lookalike.client.connection import DeadlineExceededError
+    from lookalike.client.facade import Lookalike
+    from lookalike.v1 import embedder_pb2_grpc, searcher_pb2_grpc
+    from lookalike.web.app import search_modes
+    from tests.conftest import SlowNetwork
+
+    with Lookalike(*services) as lookalike:
+        model_id = lookalike.model_id
+        slow = SlowNetwork(1.0)
+        lookalike.embedder.stub = embedder_pb2_grpc.EmbedderStub(grpc.intercept_channel(lookalike.embedder.channel,
+                                                                                        slow))
+        lookalike.searcher.stub = searcher_pb2_grpc.SearcherStub(grpc.intercept_channel(lookalike.searcher.channel,
+                                                                                        slow))
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            search_modes(lookalike, grocery_val[0].path.read_bytes(), model_id, 5, list(ROUTING_MODES), 0.9, 4, 0.0,
+                         timeout=1.5)
+        assert time.monotonic() - started < 2.8 and slow.calls == 2, "the embedding and one search, then none"
 
 
 def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import streamlit as st
 from PIL import Image, ImageDraw, ImageOps
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, UnavailableError,
-                                         library_error)
+                                         deadline_after, library_error, time_left)
 from lookalike.client.facade import Lookalike, SearchResult, routing_request, search_result, searcher_target
 from lookalike.pixels import to_rgb, upright
 from lookalike.routing import RoutingDefaults
@@ -29,7 +29,7 @@ THUMBNAIL, SMALL_THUMBNAIL, COLUMNS, COMPARED_HITS = 160, 72, 5, 5
 TOP_CATEGORIES_SHOWN = 10
 FACE_BOX_COLOUR = (0, 200, 0)
 # A page waits on a person: a service that is down should say so within a second or two, not after
-# the library's default eight retries.
+# the library's default eight retries; a query (its embedding and its searches) gets CALL_TIMEOUT in all.
 CALL_TIMEOUT, CALL_RETRIES = 15.0, 2
 
 Answer = TypeVar("Answer")
@@ -92,12 +92,14 @@ def remembered(slot: str, key: tuple, compute: Callable[[], Answer]) -> Answer:
 
 
 def search_modes(lookalike: Lookalike, image: bytes, model_id: str, k: int, modes: Sequence[str], threshold: float,
-                 max_shards: int, prior_weight: float) -> dict[str, SearchResult]:
+                 max_shards: int, prior_weight: float, timeout: float = CALL_TIMEOUT) -> dict[str, SearchResult]:
     """Embeds the photo once and searches it under each routing mode (keys of ROUTING_MODES), so the
-    modes are compared on the same embedding. Raises the library's error, carrying the server's
-    message, when the embedder refuses the photo or a call fails."""
+    modes are compared on the same embedding, all within `timeout` (each call had all of it: a slow searcher
+    kept the page waiting three times as long). Raises the library's error, carrying the server's message,
+    when the embedder refuses the photo or a call fails."""
+    deadline = deadline_after(timeout)
     started = time.perf_counter()
-    embedded = lookalike.embedder.embed([image], ids=["query"])[0]
+    embedded = lookalike.embedder.embed([image], ids=["query"], timeout=time_left(deadline, "Embedder.Embed"))[0]
     if not embedded.ok:
         raise library_error(embedded.error_code, embedded.error, "Embedder.Embed")
     embed_seconds = time.perf_counter() - started
@@ -105,7 +107,8 @@ def search_modes(lookalike: Lookalike, image: bytes, model_id: str, k: int, mode
     for mode in modes:
         routing = routing_request(ROUTING_MODES[mode], embedded, threshold, max_shards, prior_weight)
         searching = time.perf_counter()
-        response = lookalike.searcher.search(embedded.vector, model_id, k, routing)
+        response = lookalike.searcher.search(embedded.vector, model_id, k, routing,
+                                             timeout=time_left(deadline, "Searcher.Search"))
         results[mode] = search_result(embedded, response, embed_seconds, time.perf_counter() - searching)
     return results
 
