@@ -156,7 +156,8 @@ def index_catalogue(lookalike: Lookalike, images: Sequence[CatalogueImage], *, j
         try:
             result = lookalike.index([image.path for image in batch], [image.item_id for image in batch],
                                      categories=[image.category for image in batch] if use_labels else None,
-                                     attributes=[{"label": image.label, "path": str(image.path)} for image in batch])
+                                     attributes=[{"label": image.label, "path": str(image.path.resolve())}
+                                                 for image in batch])
         except Exception as error:  # noqa: BLE001 - one failed batch (an unreadable file, ...) must not stop the catalogue
             if isinstance(error, LookalikeError) and error.code in STOPS_THE_RUN:
                 stopped.append(error)

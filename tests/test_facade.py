@@ -334,7 +334,8 @@ def test_the_journal_knows_the_model_each_image_was_stored_with(embedder, model_
     image was "already indexed (skipped)" and the run succeeded, with nothing stored under the new model.
     It held paths as given, so a run from another folder (`make demo`, then `make web`) redid everything;
     it was opened only after the first batch was stored (a bad --journal failed with items stored and none
-    recorded); and an id listed twice was counted twice (skipped -1)."""
+    recorded); and an id listed twice was counted twice (skipped -1). Items recorded their path as given, so
+    the page, run from another folder, found no photo for them."""
     import shutil
     from dataclasses import replace
 
@@ -357,6 +358,9 @@ def test_the_journal_knows_the_model_each_image_was_stored_with(embedder, model_
             assert (first.indexed, first.skipped, first.failed) == (6, 0, [])
             again = index_catalogue(lookalike, grocery_val[:6], journal=journal, progress=None)  # absolute paths
             assert (again.indexed, again.skipped) == (0, 6)
+            # The page finds an item's photo by the path stored with it, from wherever it runs.
+            found = lookalike.search(grocery_val[0].path, k=1, routing="all").matches[0]
+            assert found.attributes["path"] == str(grocery_val[0].path.resolve())
         with Lookalike(f"127.0.0.1:{other_port}", f"127.0.0.1:{searcher.port}") as lookalike:
             retrained = index_catalogue(lookalike, grocery_val[:6], journal=journal, progress=None)
             assert (retrained.indexed, retrained.skipped, len(retrained.failed)) == (0, 0, 6)

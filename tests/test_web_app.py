@@ -426,7 +426,7 @@ def test_a_query_s_embedding_and_searches_share_one_timeout(services: tuple[str,
         assert time.monotonic() - started < 2.8 and slow.calls == 2, "the embedding and one search, then none"
 
 
-def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+def test_a_taken_port_or_a_missing_images_root_is_refused_before_anything_starts(tmp_path: Path) -> None:
     """The page's health check passed for whatever already answered on the port: `lookalike web` announced
     another server's page as its own (after building the demo's model and starting its services), then failed."""
     import socket
@@ -440,6 +440,8 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ServiceStartError, match=f"port {port} on 127.0.0.1 is taken"):
             run_web(tmp_path / "never-built", port=port)
+    with pytest.raises(ValueError, match="--images-root .*absent is not a folder"):
+        run_web(tmp_path / "never-built", port=0, image_roots=[tmp_path / "absent"])
     assert not (tmp_path / "never-built").exists(), "nothing was prepared"
 
 

@@ -114,6 +114,9 @@ def run_web(workdir: Path, embedder: str | None = None, searcher: str | None = N
         searcher_target(searcher)
     if port:  # before the demo's model is built and its services started
         refuse_taken_port(address, port)
+    for root in image_roots:
+        if not Path(root).is_dir():
+            raise ValueError(f"--images-root {root} is not a folder")
     with ExitStack() as stack:
         sample_photos: list[Path] = []
         if samples is not None:
