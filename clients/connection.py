@@ -79,8 +79,9 @@ class ChannelSettings:
             ("grpc.service_config", _ROUND_ROBIN),
         ]
 
-    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """The metadata every call sends: `metadata`, plus the bearer token when there is one."""
+    def call_metadata(self, name: str = "") -> tuple[tuple[str, str], ...] | None:
+        """The metadata every call sends: `metadata`, plus the bearer token when there is one. `name` (the call,
+        "Embedder.Embed") is named in the error when the token file cannot be read."""
         # Stripped as the file's is: a Secret made from a file keeps its newline, which a header cannot carry.
         token = (self.token or os.environ.get("LOOKALIKE_TOKEN", "")).strip()
         if not token and os.environ.get("LOOKALIKE_TOKEN_FILE"):
@@ -89,7 +90,7 @@ class ChannelSettings:
                 token = Path(path).read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as error:  # the library's error, as for a refused token
                 raise library_error(grpc.StatusCode.UNAUTHENTICATED, f"the token file {path} (LOOKALIKE_TOKEN_FILE) "
-                                    f"cannot be read: {error}") from error
+                                    f"cannot be read: {error}", name) from error
         metadata = self.metadata + ((("authorization", f"Bearer {token}"),) if token else ())
         trace_context: dict[str, str] = {}
         propagate.inject(trace_context)
@@ -236,7 +237,7 @@ def call_with_retries(method: Callable[..., Response], request: Any, settings: C
             span.set_attribute("lookalike.attempts", attempt + 1)
             try:
                 return method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                              metadata=settings.call_metadata())
+                              metadata=settings.call_metadata(name))
             except grpc.RpcError as error:
                 time.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")
@@ -252,7 +253,7 @@ async def call_with_retries_async(method: Callable[..., Any], request: Any, sett
             span.set_attribute("lookalike.attempts", attempt + 1)
             try:
                 return await method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                    metadata=settings.call_metadata())
+                                    metadata=settings.call_metadata(name))
             except grpc.RpcError as error:
                 await asyncio.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")

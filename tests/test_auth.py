@@ -184,6 +184,7 @@ def test_the_client_takes_its_token_from_the_environment_or_a_file(guarded, tmp_
     monkeypatch.setenv("LOOKALIKE_TOKEN_FILE", str(tmp_path / "missing"))
     error = refusal(lambda: client(started).stats())
     assert error.code == grpc.StatusCode.UNAUTHENTICATED and "LOOKALIKE_TOKEN_FILE) cannot be read" in error.details
+    assert error.method == "Searcher.GetStats", "the call it was for (the web page blamed the searcher for all)"
 
 
 def test_a_malformed_rewrite_keeps_the_last_good_tokens(guarded, caplog: pytest.LogCaptureFixture) -> None:
