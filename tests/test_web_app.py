@@ -402,6 +402,19 @@ def test_an_empty_service_address_is_refused_before_the_page_starts(tmp_path: Pa
         run_web(tmp_path, embedder=" ", searcher="127.0.0.1:1")
 
 
+def test_a_huge_camera_jpeg_the_embedder_takes_has_a_preview() -> None:
+    """Pillow's own bomb check counts a JPEG's full size: a 182-megapixel JPEG, which the embedder takes (it
+    decodes at an eighth), had no preview. The page counts the pixels it decodes, as the embedder does."""
+    from PIL import Image
+
+    from lookalike.web.app import query_preview
+
+    buffer = io.BytesIO()
+    Image.new("L", (14_000, 13_000), 128).save(buffer, "JPEG", quality=50)
+    preview = query_preview(buffer.getvalue(), size=64)
+    assert preview is not None and Image.open(io.BytesIO(preview)).size == (64, 64)
+
+
 def test_a_query_s_embedding_and_searches_share_one_timeout(services: tuple[str, str], grocery_val: list) -> None:
     """Each of the page's calls (the embedding, then one search per routing mode) had the whole timeout: with a
     slow searcher a visitor waited three times as long. A slow network holds each answer 1 s here."""

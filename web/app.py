@@ -34,6 +34,12 @@ CALL_TIMEOUT, CALL_RETRIES = 15.0, 2
 
 Answer = TypeVar("Answer")
 
+# Pixels decoded for a thumbnail, counted after a JPEG's reduced-scale draft, as the embedder counts them:
+# Pillow's own check counts a JPEG's full size, so a 192-megapixel camera JPEG the embedder took (it decodes
+# at an eighth) had no preview.
+MAX_DECODED_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = None
+
 
 @dataclass(frozen=True)
 class AppSettings:
@@ -151,6 +157,8 @@ def shard_sizes(stats: searcher_pb2.GetStatsResponse) -> dict[str, int]:
 def _thumbnail_of(image: Image.Image, size: int) -> bytes:
     # JPEG decodes at a reduced scale when the thumbnail is much smaller than the photo.
     image.draft("RGB", (size, size))
+    if image.width * image.height > MAX_DECODED_PIXELS:
+        raise ValueError(f"{image.width}x{image.height} pixels to decode, more than {MAX_DECODED_PIXELS}")
     image = to_rgb(upright(image))  # as the embedder took it
     # Tiny images (Fashion-MNIST's 28x28) stay crisp enlarged pixel by pixel; photos are resampled smoothly.
     method = Image.Resampling.NEAREST if max(image.size) * 3 <= size else Image.Resampling.BICUBIC
@@ -178,7 +186,7 @@ def catalogue_thumbnail(attributes: Mapping[str, str], roots: Sequence[Path], si
         if not any(resolved.is_relative_to(root) for root in roots):
             return None
         return file_thumbnail(str(resolved), os.stat(resolved).st_mtime_ns, size)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError):
         return None
 
 
@@ -193,7 +201,7 @@ def query_preview(data: bytes, size: int = 224, face: tuple[int, int, int, int] 
             ImageDraw.Draw(turned).rectangle((face[0], face[1], face[2] - 1, face[3] - 1), outline=FACE_BOX_COLOUR,
                                              width=max(2, max(turned.size) // 100))
             return _thumbnail_of(turned, size)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError):
         return None
 
 
