@@ -73,7 +73,8 @@ def _read_folder(root: Path) -> list[LabelledImage]:
     images = []
     for category_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(category_dir.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            # A broken link is listed too: indexing then reports it failed instead of leaving it out unsaid.
+            if path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or path.is_symlink()):
                 item_id = path.relative_to(root).with_suffix("").as_posix()
                 images.append(LabelledImage(item_id, path, category_dir.name, category_dir.name))
     if not images:

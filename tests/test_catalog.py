@@ -15,9 +15,13 @@ def test_folder_layout(tmp_path: Path) -> None:
             (tmp_path / category / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / category / name).write_bytes(b"x")
     (tmp_path / "hat" / "notes.txt").write_text("not an image")
+    (tmp_path / "hat" / "folder.jpg").mkdir()  # not an image file
+    # A photo whose link is broken is listed (indexing reports it as failed), not left out without a word.
+    (tmp_path / "shoes" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     images = read_labelled_images(tmp_path)
     assert [(i.item_id, i.category, i.label) for i in images] == [
-        ("hat/a", "hat", "hat"), ("hat/b", "hat", "hat"), ("shoes/nested/c", "shoes", "shoes")]
+        ("hat/a", "hat", "hat"), ("hat/b", "hat", "hat"), ("shoes/gone", "shoes", "shoes"),
+        ("shoes/nested/c", "shoes", "shoes")]
 
 
 def test_list_file_with_class_names(tmp_path: Path) -> None:
