@@ -38,6 +38,9 @@ class EmbedderConfig:
     max_images_per_request: int = 64
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Pixels decoding at once across the decode threads (PixelBudget): two images of the largest size, or many
+    # photos; a burst of large ones waits rather than taking the pod past its memory limit.
+    max_decoding_pixels: int = 80_000_000
     max_message_bytes: int = 64 * 1024 * 1024
     # Handler threads mostly wait for decoding and the model; calls beyond them wait in gRPC's queue, where
     # max_queued_images cannot see them, so enough of them that the image queue fills first (64 x 64 > 2,048).
@@ -72,7 +75,7 @@ class EmbedderConfig:
             raise ValueError(f"providers {list(self.providers)}: each must be one of {list(PROVIDERS)}")
         check_serving_settings(self)
         for name in ("max_batch", "max_images_per_request", "max_image_bytes", "max_image_pixels",
-                     "max_queued_images"):
+                     "max_decoding_pixels", "max_queued_images"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_images_per_request > self.max_queued_images:
@@ -106,6 +109,8 @@ HELP = {
     "max_image_bytes": "bytes per encoded image",
     "max_image_pixels": "pixels decoded per image (decompression-bomb guard; a JPEG decoded at a reduced scale "
                         "counts at that scale)",
+    "max_decoding_pixels": "pixels decoding at once across the decode threads (a burst of large photos waits "
+                           "instead of taking the pod past its memory limit; a larger image decodes alone)",
     "max_message_bytes": "largest gRPC message",
     "grpc_workers": "gRPC handler threads",
     "max_concurrent_rpcs": "RPCs in progress at once; RESOURCE_EXHAUSTED past it (0: unbounded)",

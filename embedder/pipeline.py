@@ -11,7 +11,7 @@ import numpy as np
 from lookalike.embedder.batcher import Abandoned, MicroBatcher, never_abandoned
 from lookalike.embedder.config import EmbedderConfig
 from lookalike.embedder.model import OnnxModel
-from lookalike.embedder.preprocess import Box, ImageLimits, decode_face_image
+from lookalike.embedder.preprocess import Box, ImageLimits, PixelBudget, decode_face_image
 from lookalike.serving.cpus import available_cpus
 from lookalike.serving.errors import DeadlineExceeded, ServiceError
 
@@ -35,6 +35,7 @@ class EmbeddingPipeline:
     def __init__(self, model: OnnxModel, config: EmbedderConfig) -> None:
         self.model = model
         self.limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        self.budget = PixelBudget(config.max_decoding_pixels)
         self._decoders = ThreadPoolExecutor(max_workers=config.decode_workers or available_cpus(),
                                             thread_name_prefix="decode")
         self.batcher = MicroBatcher(model.run, config.max_batch, config.max_delay_ms / 1000.0,
@@ -46,7 +47,7 @@ class EmbeddingPipeline:
                                     "was cancelled)")
         try:
             return decode_face_image(data, self.model.input_size, self.limits, name=f"images[{index}]",
-                                     face_crop=self.model.face_crop)
+                                     face_crop=self.model.face_crop, budget=self.budget)
         except ServiceError as error:
             return error
 

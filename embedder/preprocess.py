@@ -5,12 +5,14 @@ identical pixels.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import io
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -183,8 +185,51 @@ def _corrupt(name: str, error: Exception) -> InvalidArgument:
     return InvalidArgument(f"{name} could not be decoded, the data is truncated or corrupt: {error}")
 
 
+def _glibc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library: it keeps what it keeps
+        return None
+
+
+GLIBC = _glibc()
+# A decode this large gives its memory back when it ends (below that, the heap's reuse is worth more).
+LARGE_DECODE_PIXELS = 4_000_000
+
+
+class PixelBudget:
+    """Pixels being decoded at once across threads. A decode holds its image's pixels (counted after a JPEG's
+    draft) from decoding to the resized result, waiting while the others hold too many: a decode peaks near
+    8 bytes a decoded pixel (a 36-megapixel PNG: about 280 MB), so threads sized to the cores could together
+    take a pod past its memory limit on a burst of large photos (`lookalike bench decoding`). An image larger
+    than the whole budget decodes alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self.held = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def holding(self, pixels: int) -> Iterator[None]:
+        held = min(pixels, self.pixels)
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + held <= self.pixels)
+            self.held += held
+        try:
+            yield
+        finally:
+            if pixels >= LARGE_DECODE_PIXELS and GLIBC is not None:
+                # glibc keeps a freed image in its thread's heap: each decode thread kept its largest one
+                # resident for good, and the budget bounded nothing (measured: BENCHMARKS.md).
+                GLIBC.malloc_trim(0)
+            with self._changed:
+                self.held -= held
+                self._changed.notify_all()
+
+
 def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = ImageLimits(),
-                      name: str = "image", face_crop: FaceCrop | None = None) -> tuple[np.ndarray, Box | None]:
+                      name: str = "image", face_crop: FaceCrop | None = None,
+                      budget: PixelBudget | None = None) -> tuple[np.ndarray, Box | None]:
     """Encoded image bytes -> (uint8 RGB array of shape (height, width, 3) at `size` = (width, height), the
     face box embedded or None).
 
@@ -192,7 +237,7 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
     white); the whole picture, or with `face_crop` its largest face, is resized with bilinear filtering.
     `name` prefixes errors. Raises InvalidArgument for empty, unreadable or corrupt data,
     ResourceExhausted for data over the limits, and FailedPrecondition when a face is needed and none
-    is found.
+    is found. With `budget`, the decode waits for its pixels there (see PixelBudget).
     """
     if not data:
         raise InvalidArgument(f"{name} is empty (0 bytes), expected an encoded JPEG, PNG or WebP image")
@@ -219,17 +264,20 @@ def decode_face_image(data: bytes, size: tuple[int, int], limits: ImageLimits = 
         at = "" if image.size == (width, height) else f", decoded at {decoded_width}x{decoded_height}"
         raise ResourceExhausted(f"{name} is {width}x{height}{at} = {decoded_width * decoded_height} pixels, "
                                 f"limit is {limits.max_pixels} pixels per image")
-    try:
-        image.load()
-        image = upright(image)
-        image = to_rgb(image)
-    except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
-        raise _corrupt(name, error) from error
-    face = cut_face(image, face_crop, size) if face_crop is not None else None
-    box = None
-    if face is not None:
-        image, box = face
-    elif face_crop is not None and face_crop.no_face == "fail":
-        raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
-                                 "(its manifest's input.face_crop.no_face is 'fail')")
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8), box
+    with budget.holding(decoded_width * decoded_height) if budget is not None else nullcontext():
+        try:
+            image.load()
+            image = upright(image)
+            image = to_rgb(image)
+        except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many types
+            raise _corrupt(name, error) from error
+        face = cut_face(image, face_crop, size) if face_crop is not None else None
+        box = None
+        if face is not None:
+            image, box = face
+        elif face_crop is not None and face_crop.no_face == "fail":
+            raise FailedPrecondition(f"{name} shows no face the detector finds, and this model embeds faces "
+                                     "(its manifest's input.face_crop.no_face is 'fail')")
+        pixels = np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+        del image, face  # freed within the budget's turn, so its end can give the memory back
+    return pixels, box

@@ -195,3 +195,55 @@ def test_transparency_of_greyscale_and_rgb_pngs_is_composited_over_white(mode: s
     decoded = decode_image(encode(image, "PNG", transparency=transparent), (40, 40))
     assert tuple(decoded[20, 35]) == (255, 255, 255)
     assert tuple(decoded[20, 5]) == ((200, 200, 200) if mode == "L" else (0, 0, 255))
+
+
+def test_decodes_hold_their_pixels_in_one_budget_across_threads() -> None:
+    """Decode threads sized to the cores each peak near 4 bytes a decoded pixel (10 for 16-bit grey): a burst
+    of large photos took them all at once, past a pod's memory limit. Each decode now holds its pixels in a
+    shared budget while it runs; one larger than the budget runs alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import contextmanager
+
+    from lookalike.embedder.preprocess import PixelBudget, decode_face_image
+
+    class Watched(PixelBudget):
+        most = 0
+
+        @contextmanager
+        def holding(self, pixels: int):  # type: ignore[no-untyped-def]
+            with super().holding(pixels):
+                Watched.most = max(Watched.most, self.held)
+                yield
+
+    photo = encode(Image.new("RGB", (1000, 800), (200, 30, 30)), "PNG")
+    budget = Watched(2 * 800_000)  # two of these at once
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        decoded = list(pool.map(lambda _: decode_face_image(photo, (32, 32), budget=budget)[0], range(24)))
+    assert all(pixels.shape == (32, 32, 3) for pixels in decoded)
+    assert 800_000 <= Watched.most <= 1_600_000 and budget.held == 0
+    alone = Watched(100)
+    assert decode_face_image(photo, (32, 32), budget=alone)[0].shape == (32, 32, 3) and alone.held == 0
+    done = threading.Event()
+    with budget.holding(1_600_000):  # the budget is full: a decode waits for it
+        waiting = threading.Thread(target=lambda: (decode_face_image(photo, (32, 32), budget=budget), done.set()))
+        waiting.start()
+        assert not done.wait(0.5)
+    waiting.join(10)
+    assert done.is_set()
+
+
+def test_bench_decoding_compares_the_budget_with_none() -> None:
+    """`lookalike bench decoding` on small photos: each configuration ran, against the first (no budget)."""
+    import contextlib
+    import json
+
+    from lookalike.tools.bench_decoding import CONFIGURATIONS, run_decoding_bench
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run_decoding_bench(megapixels=4, turns=1, as_json=True) == 0
+    rows = json.loads(printed.getvalue())["rows"]
+    assert [row["configuration"] for row in rows] == [name for name, _, _ in CONFIGURATIONS]
+    assert rows[0]["memory_ratio"] == rows[0]["time_ratio"] == 1.0
+    assert all(row["decode_peak_mb"] > 0 and row["seconds"] > 0 for row in rows)

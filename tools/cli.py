@@ -236,6 +236,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         return run_peers_bench(items=args.items, dimension=args.dimension, seconds=args.seconds,
                                venv_dir=Path(args.peers_venv), peer_timeout=args.peer_timeout,
                                peers=tuple(args.peer or PEERS), as_json=args.json)
+    if args.service == "decoding":
+        from lookalike.tools.bench_decoding import run_decoding_bench
+
+        return run_decoding_bench(as_json=args.json)
     if args.service == "servers":
         from lookalike.tools.bench_servers import run_servers_bench
 
@@ -403,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "embedder (ONNX Runtime, fp32 and int8) or searcher (hnswlib); "
                                               "or a soak: a long mixed load watching memory")
     bench.add_argument("service", choices=["embedder", "searcher", "replicas", "filters", "soak", "faces", "servers",
-                                            "peers", "photo", "gpu"],
+                                            "peers", "photo", "gpu", "decoding"],
                        help="which service to measure (replicas: searchers over PostgreSQL against SQLite; filters: "
                             "filtered search against post-filtering and exact, and batch search; soak: both "
                             "services under mixed load with auth on, for --seconds, e.g. 1800; faces: the face "
@@ -412,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "Lite on the same vectors, installed on first use into --peers-venv; photo: one photo to ranked "
                             "results through both services, 1 client, against each call alone, with each process's "
                             "CPU per call; gpu: the embedder on --providers (CUDA), fp32 against its fp16 twin: parity, "
-                            "in-process by batch size, host decode and gRPC from JPEG bytes, with the GPU's utilisation)")
+                            "in-process by batch size, host decode and gRPC from JPEG bytes, with the GPU's utilisation; "
+                            "decoding: the embedder's decode threads on a burst of large photos, memory and time "
+                            "with and without the pixel budget)")
     bench.add_argument("--peers-venv", default="var/peers-venv",
                        help="peers: the virtual environment holding Chroma and Milvus Lite (created when missing)")
     bench.add_argument("--peer", action="append", choices=["chroma", "milvus-lite"],
