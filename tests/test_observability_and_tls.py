@@ -358,13 +358,18 @@ def test_tls_port_and_plaintext_health_port(tmp_path: Path) -> None:
         started.stop(None)
 
 
-def test_the_health_port_answers_while_every_handler_thread_is_busy() -> None:
-    """Kubelet's startup and readiness probes ask the health-only port: on the serving port a probe waits
-    behind long calls holding every handler thread (here one thread, one call held open) and times out, which
-    took busy pods out of their Service; the health port has threads of its own and answers at once."""
+@pytest.mark.parametrize(("workers", "rpc_limit", "refusal"), [(1, 0, grpc.StatusCode.DEADLINE_EXCEEDED),
+                                                             (4, 1, grpc.StatusCode.RESOURCE_EXHAUSTED)])
+def test_the_health_port_answers_while_the_serving_port_is_busy(workers: int, rpc_limit: int,
+                                                                 refusal: grpc.StatusCode) -> None:
+    """Kubelet's probes ask the health-only port: on the serving port a probe waits behind long calls holding
+    every handler thread (one thread, one call held open) and times out, which took busy pods out of their
+    Service; and at --max-concurrent-rpcs (one call) gRPC refuses the probe too, which restarted busy pods when
+    liveness asked there. The health port has threads of its own and answers at once."""
     from lookalike.serving.server import build_server, start_health_server
 
-    server, health_servicer = build_server(max_workers=1, max_message_bytes=1 << 20, service_names=["test.Slow"])
+    server, health_servicer = build_server(max_workers=workers, max_message_bytes=1 << 20,
+                                           service_names=["test.Slow"], max_concurrent_rpcs=rpc_limit)
     release, entered = threading.Event(), threading.Event()
 
     def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -383,10 +388,10 @@ def test_the_health_port_answers_while_every_handler_thread_is_busy() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, \
                 grpc.insecure_channel(f"127.0.0.1:{health_port}") as health_channel:
             held = channel.unary_unary("/test.Slow/Hold").future(b"", timeout=30)
-            assert entered.wait(10)  # the one handler thread is taken
+            assert entered.wait(10)  # the one handler thread, or the one call allowed, is taken
             with pytest.raises(grpc.RpcError) as waited:
                 health_pb2_grpc.HealthStub(channel).Check(check, timeout=1)
-            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert waited.value.code() == refusal
             reply = health_pb2_grpc.HealthStub(health_channel).Check(check, timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             release.set()
