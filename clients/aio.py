@@ -8,11 +8,11 @@ import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, call_with_retries_async, channel_settings,
                                          deadline_after, library_error, time_left, tracer)
-from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_one_per_image,
+from lookalike.client.embedder_client import (EmbeddedImage, ImageInput, RequestLimits, check_embed_arguments,
                                               embed_plan)
 from lookalike.client.facade import (UPSERT_BATCH, IndexResult, RoutingMode, SearchResult, batch_search_result,
-                                     catalogue_items, record_upserts, refused_products, routing_request, search_result,
-                                     upsert_batches)
+                                     catalogue_items, check_catalogue_fields, record_upserts, refused_products,
+                                     routing_request, search_result, upsert_batches)
 from lookalike.client.searcher_client import (BATCH_QUERIES, CatalogueItem, FilterInput, as_filter, batch_result,
                                               fitted, search_batch_requests, search_request)
 from lookalike.routing import model_routing
@@ -34,6 +34,7 @@ class AsyncEmbedderClient:
                     timeout: float | None = None) -> list[EmbeddedImage]:
         """EmbedderClient.embed, awaited: `timeout` bounds all of it."""
         deadline = deadline_after(timeout)
+        check_embed_arguments(images, ids)
         if self._limits is None:
             self._limits = RequestLimits.of(await self.model_info(time_left(deadline, "Embedder.GetModelInfo")),
                                             self.settings)
@@ -150,9 +151,8 @@ class AsyncLookalike:
                     categories: Sequence[str | None] | None = None,
                     attributes: Sequence[Mapping[str, str]] | None = None, timeout: float | None = None,
                     products: Sequence[str] | None = None, replace_products: bool = False) -> IndexResult:
-        # ids are checked by embed; the other per-image lists before anything is sent
         deadline = deadline_after(timeout)
-        check_one_per_image(images, categories=categories, attributes=attributes, products=products)
+        check_catalogue_fields(images, categories, attributes, products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = await self.embedder.embed(images, ids=ids, top_categories=1,
                                                  timeout=time_left(deadline, "Embedder.Embed"))

@@ -1,6 +1,7 @@
 """EmbedderClient: encoded images in, vectors and category probabilities out, over gRPC."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
@@ -44,10 +45,22 @@ def read_image(image: ImageInput) -> bytes:
 
 def check_one_per_image(images: Sequence[object], **per_image: Sequence[object] | None) -> None:
     """Refuses per-image lists (ids, categories, ...) that do not have one entry per image: zipped, a short
-    one would silently drop images."""
+    one would silently drop images. A string or bytes given for a list is refused too: iterated, it would be
+    one image, id or category per character."""
+    for name, values in {"images": images, **per_image}.items():
+        if isinstance(values, (str, bytes, Path)):
+            raise TypeError(f"{name} is a {type(values).__name__}, expected a list with one entry per image "
+                            "(one image goes in a list of one)")
     for name, values in per_image.items():
         if values is not None and len(values) != len(images):
             raise ValueError(f"{name} has {len(values)} entries, expected one per image ({len(images)})")
+
+
+def check_entries(name: str, values: Sequence[object] | None, types: type | tuple[type, ...], expected: str) -> None:
+    """Refuses a list entry of a type its message field cannot carry, before anything is sent."""
+    for position, value in enumerate(values or ()):
+        if not isinstance(value, types):
+            raise TypeError(f"{name}[{position}] is a {type(value).__name__}, expected {expected}")
 
 
 # What an image adds to a request besides its bytes and id: field tags and length prefixes.
@@ -88,13 +101,21 @@ class EmbedPlan:
         return [result if result is not None else next(sent) for result in self.refused]
 
 
+def check_embed_arguments(images: Sequence[ImageInput], ids: Sequence[str] | None) -> None:
+    """Refuses images and ids no request can carry, before anything is sent (the model's limits are asked
+    first)."""
+    check_one_per_image(images, ids=ids)
+    check_entries("images", images, (bytes, str, os.PathLike), "bytes or a file path")
+    check_entries("ids", ids, str, "a str")
+
+
 def embed_plan(images: Sequence[ImageInput], ids: Sequence[str] | None, top_categories: int,
                limits: RequestLimits) -> EmbedPlan:
     """The Embed requests for a list of images, each within the server's image count and message size, so
     one bad image fails alone. A file that cannot be read gets INVALID_ARGUMENT, as bytes that are not an image
     do. An image larger than a request can carry is not sent (the server would refuse its whole request): it
     gets RESOURCE_EXHAUSTED, as an image over the server's per-image limit does."""
-    check_one_per_image(images, ids=ids)
+    check_embed_arguments(images, ids)
     ids = list(ids) if ids is not None else [str(i) for i in range(len(images))]
     requests: list[embedder_pb2.EmbedRequest] = []
     refused: list[EmbeddedImage | None] = []
@@ -151,6 +172,7 @@ class EmbedderClient:
         """Embeds images (bytes or paths), split into requests the server accepts; one result per image.
         `timeout` bounds all of it, every request and retry."""
         deadline = deadline_after(timeout)
+        check_embed_arguments(images, ids)
         if self._limits is None:
             self._limits = RequestLimits.of(self.model_info(time_left(deadline, "Embedder.GetModelInfo")),
                                             self.settings)

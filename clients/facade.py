@@ -12,7 +12,8 @@ from typing import Collection, Mapping, Sequence, Union
 
 from lookalike.client.connection import (ChannelSettings, LookalikeError, deadline_after, library_error, time_left,
                                          tracer)
-from lookalike.client.embedder_client import EmbeddedImage, EmbedderClient, ImageInput, check_one_per_image
+from lookalike.client.embedder_client import (EmbeddedImage, EmbedderClient, ImageInput, check_entries,
+                                              check_one_per_image)
 from lookalike.client.searcher_client import (CatalogueItem, FilterInput, SearcherClient, as_filter, fitted,
                                               routing_for, search_request)
 from lookalike.client.shard_map import ShardMapClient
@@ -90,6 +91,20 @@ def routing_request(mode: RoutingMode, embedded: EmbeddedImage, threshold: float
             return routing_for()
         raise ValueError(f"routing {mode!r}: expected 'adaptive', 'top1', 'all' or a list of categories")
     return routing_for(categories=list(mode))
+
+
+def check_catalogue_fields(images: Sequence[ImageInput], categories: Sequence[str | None] | None,
+                           attributes: Sequence[Mapping[str, str]] | None, products: Sequence[str] | None) -> None:
+    """Refuses per-image lists index cannot store, before anything is sent: found while building a later upsert
+    batch, a bad entry stopped the run after earlier batches were stored. ids are checked by embed."""
+    check_one_per_image(images, categories=categories, attributes=attributes, products=products)
+    check_entries("categories", categories, (str, type(None)), "a category name or None (predicted)")
+    check_entries("attributes", attributes, Mapping, "a mapping of str to str")
+    check_entries("products", products, str, "a product key (str)")
+    for position, mapping in enumerate(attributes or ()):
+        for key, value in mapping.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"attributes[{position}] has {key!r}: {value!r}, expected str keys and values")
 
 
 def catalogue_items(embedded: Sequence[EmbeddedImage], model_id: str, categories: Sequence[str | None] | None,
@@ -242,8 +257,7 @@ class Lookalike:
         `timeout` bounds all of it, as in every method here: each call gets what is left.
         """
         deadline = deadline_after(timeout)
-        # ids are checked by embed; the other per-image lists before anything is sent
-        check_one_per_image(images, categories=categories, attributes=attributes, products=products)
+        check_catalogue_fields(images, categories, attributes, products)
         with tracer.start_as_current_span("Lookalike.index", attributes={"lookalike.images": len(images)}):
             embedded = self.embedder.embed(images, ids=ids, top_categories=1,
                                            timeout=time_left(deadline, "Embedder.Embed"))

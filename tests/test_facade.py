@@ -128,6 +128,36 @@ def test_a_filter_that_does_not_parse_is_invalid_argument_before_any_call(grocer
     asyncio.run(search_async())
 
 
+def test_index_refuses_entries_it_cannot_send_before_any_call(grocery_val: list) -> None:
+    """A non-str attribute value raised TypeError while a later upsert batch was built, after earlier batches
+    were stored; a string given for a list was iterated per character. Each is now a TypeError naming the
+    entry, raised before anything is sent: with no service listening, nothing else could come before the
+    UnavailableError of the first call."""
+    down = ChannelSettings(f"127.0.0.1:{free_port()}", retries=0, timeout=5)
+    photo = grocery_val[0].path
+    refused = [
+        (([photo], ["a"], None, [{"size": 42}]), r"attributes\[0\] has 'size': 42, expected str keys and values"),
+        (([photo], ["a"], None, ["red"]), r"attributes\[0\] is a str, expected a mapping of str to str"),
+        (([photo], ["a"], [7]), r"categories\[0\] is a int, expected a category name or None"),
+        (([photo], [7]), r"ids\[0\] is a int, expected a str"),
+        (([photo], "a"), r"ids is a str, expected a list with one entry per image"),
+        ((str(photo), ["a"]), r"images is a str, expected a list with one entry per image"),
+        (([3], ["a"]), r"images\[0\] is a int, expected bytes or a file path"),
+    ]
+    with Lookalike(down, down) as lookalike:
+        for arguments, message in refused:
+            with pytest.raises(TypeError, match=message):
+                lookalike.index(*arguments)  # type: ignore[arg-type]
+
+    async def index_async() -> None:
+        async with AsyncLookalike(down, down) as lookalike:
+            for arguments, message in refused:
+                with pytest.raises(TypeError, match=message):
+                    await lookalike.index(*arguments)  # type: ignore[arg-type]
+
+    asyncio.run(index_async())
+
+
 def test_replacing_a_product_with_a_refused_photo_removes_nothing_of_it(services: tuple[str, str],
                                                                          grocery_val: list) -> None:
     """A product whose new photos include one the embedder refuses is not replaced: its good photos are stored,
