@@ -254,6 +254,12 @@ async def call_with_retries_async(method: Callable[..., Any], request: Any, sett
             try:
                 return await method(request, timeout=max(deadline - time.monotonic(), 0.001),
                                     metadata=settings.call_metadata(name))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the caller's own cancellation goes on up
+                # grpc.aio cancels the calls of a channel closed under them: an error of the call, not of the task
+                raise library_error(grpc.StatusCode.CANCELLED, "the client was closed during the call", name) from None
             except grpc.RpcError as error:
                 await asyncio.sleep(_next_delay(error, attempt, delays, deadline, name))
     raise AssertionError("unreachable")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -332,3 +333,46 @@ def test_searcher_client_round_trip_and_cli_serve(tmp_path: Path) -> None:
             assert searcher.delete(["s4"]).deleted == 1 and searcher.stats().items == 5
             with pytest.raises(InvalidArgumentError, match="k is 0"):
                 searcher.search(vectors[0], "m", k=0)
+
+
+def test_closing_an_async_client_during_a_call_is_a_library_error() -> None:
+    """grpc.aio cancels the calls of a channel closed under them, and the caller got asyncio.CancelledError, the
+    signal of its own task's cancellation (a BaseException, past `except Exception`). It now gets a
+    LookalikeError with CANCELLED; cancelling the caller's task still raises CancelledError. The server is a
+    gRPC server whose every method takes 5 s, so the calls stay in flight."""
+    from concurrent import futures
+
+    from lookalike.client.aio import AsyncSearcherClient
+    from lookalike.client.connection import LookalikeError
+
+    class Slow(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: time.sleep(5) or b"")
+
+    slow = grpc.server(futures.ThreadPoolExecutor(4), handlers=[Slow()])
+    settings = ChannelSettings(f"127.0.0.1:{slow.add_insecure_port('127.0.0.1:0')}", retries=0, timeout=20)
+    slow.start()
+
+    async def close_during_a_call() -> None:
+        client = AsyncSearcherClient(settings)
+        call = asyncio.ensure_future(client.stats())
+        await asyncio.sleep(0.5)
+        await client.close()
+        with pytest.raises(LookalikeError, match="Searcher.GetStats failed with CANCELLED: the client was closed "
+                                                 "during the call") as raised:
+            await call
+        assert raised.value.code == grpc.StatusCode.CANCELLED
+
+    async def cancel_the_caller() -> None:
+        async with AsyncSearcherClient(settings) as client:
+            call = asyncio.ensure_future(client.stats())
+            await asyncio.sleep(0.5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    try:
+        asyncio.run(close_during_a_call())
+        asyncio.run(cancel_the_caller())
+    finally:
+        slow.stop(None)
