@@ -125,6 +125,7 @@ class AsyncLookalike:
             if not isinstance(target, (str, ChannelSettings)):
                 raise TypeError(f"{name} is a {type(target).__name__}, expected an address or ChannelSettings (a pod "
                                 "list or a shard map: use lookalike.client.facade.Lookalike)")
+        embedder, searcher = channel_settings(embedder), channel_settings(searcher)
         self.embedder = AsyncEmbedderClient(embedder)
         self.searcher = AsyncSearcherClient(searcher)
         self._given_routing = (threshold, max_shards, prior_weight)

@@ -19,8 +19,8 @@ from typing import Callable, Hashable, Mapping, Sequence, TypeVar, Union
 import numpy as np
 
 from lookalike.client.connection import (ChannelSettings, DeadlineExceededError, LookalikeError, Response,
-                                         UnavailableError, deadline_after, library_error, seconds_left,
-                                         time_left)
+                                         UnavailableError, channel_settings, deadline_after, library_error,
+                                         seconds_left, time_left)
 from lookalike.client.searcher_client import CatalogueItem, FilterInput, SearcherClient, tightest
 from lookalike.routing import (Routing, RoutingDefaults, RoutingPlan, merge_hits, merge_products, plan,
                                rendezvous_owner)
@@ -144,7 +144,8 @@ class ShardedSearcherClient:
         the pods report (their --routing-* settings or their routing model's), which plans use otherwise."""
         if not targets:
             raise ValueError("targets is empty, expected one address per searcher pod")
-        self.pods = [SearcherClient(target) for target in targets]
+        settings = [channel_settings(target) for target in targets]  # all checked before any channel opens
+        self.pods = [SearcherClient(pod) for pod in settings]
         self.threshold, self.max_shards = threshold, max_shards
         self._defaults = RoutingDefaults()
         # Categories other clients create reach this one's searches within this many seconds.

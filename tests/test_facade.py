@@ -265,6 +265,18 @@ def test_a_search_s_timeout_covers_the_embedder_and_the_searcher(services: tuple
         assert client.search(grocery_val[0].path, routing="all", timeout=30).matches[0].id == "first"
 
 
+def test_a_pod_list_with_a_bad_address_opens_no_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ShardedSearcherClient opened a channel per pod in turn: an address ChannelSettings refused left the
+    earlier pods' channels open, with no client to close them."""
+    from lookalike.client import sharded
+
+    opened: list[object] = []
+    monkeypatch.setattr(sharded, "SearcherClient", lambda target: opened.append(target))
+    with pytest.raises(ValueError, match="port 70000 is out of range"):
+        sharded.ShardedSearcherClient(["127.0.0.1:50052", "127.0.0.1:70000"])
+    assert opened == []
+
+
 def test_async_lookalike_refuses_a_pod_list_before_opening_a_channel(monkeypatch: pytest.MonkeyPatch) -> None:
     """AsyncLookalike(embedder, [pods]) failed opening the searcher's channel after opening the embedder's, which
     stayed open (closing an asyncio channel needs an await no caller could give it)."""
@@ -274,6 +286,8 @@ def test_async_lookalike_refuses_a_pod_list_before_opening_a_channel(monkeypatch
     monkeypatch.setattr(aio, "AsyncEmbedderClient", lambda target: opened.append(target))
     with pytest.raises(TypeError, match="searcher is a list, expected an address or ChannelSettings"):
         AsyncLookalike(f"127.0.0.1:{free_port()}", ["127.0.0.1:1", "127.0.0.1:2"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="target"):  # nor an address ChannelSettings refuses
+        AsyncLookalike(f"127.0.0.1:{free_port()}", "")
     assert opened == []
 
 
