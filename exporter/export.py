@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import importlib.metadata
 import logging
 import os
+import secrets
+import shutil
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -113,6 +117,52 @@ def with_faces(images: Sequence[LabelledImage], crop: FaceCrop) -> list[Labelled
         log.info("face crop: no face found in %d of %d photos; they are left out", len(images) - len(found),
                  len(images))
     return found
+
+
+@contextmanager
+def written_in_place(folder: Path) -> Iterator[Path]:
+    """A new folder beside `folder` to write a model in, moved to `folder` only when the block completes.
+
+    `folder` holds what it held before or the whole new model, never a part of one: a failed or interrupted
+    export (parity refused, a photo that does not decode, Ctrl-C) leaves it as it was and removes the new one.
+    The new folder is a sibling so that the final rename stays on one file system.
+    """
+    folder = Path(folder).resolve()  # a link to a model folder: the rename replaces the folder, not the link
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir rather than tempfile.mkdtemp: mkdtemp's folder is its owner's alone, and an embedder running as
+    # another user could not read the model moved into place; os.mkdir gives the umask's mode, as before.
+    scratch = folder.parent / f".{folder.name}.{secrets.token_hex(4)}"
+    scratch.mkdir()
+    try:
+        if folder.is_dir():
+            shutil.copymode(folder, scratch)
+        yield scratch
+        _replace_folder(scratch, folder)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Renames `new` to `folder`: in one step when `folder` is absent or empty; else the old folder is first
+    renamed aside (restored if the second rename fails) and removed once the new one is in place."""
+    try:
+        os.replace(new, folder)
+        return
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    old = folder.parent / f".{folder.name}.old.{secrets.token_hex(4)}"
+    os.replace(folder, old)
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as error:  # the new model is in place: what is left of the old one is only litter
+        log.warning("could not remove the replaced model folder %s: %s", old, error)
 
 
 def onnx_session(onnx_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -229,13 +279,27 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     With `settings.embedding`, an embedding head (and, with `finetune_from`, the backbone's last blocks, or
     from block 0 the whole network on the decoded photos) is trained first on cached trunk outputs
     (exporter/train.py). The final graph is then checked against Torch on real images before the manifest
-    is written, so a folder with a manifest always holds a verified model.
+    is written, so a folder with a manifest always holds a verified model. The model is written beside
+    `out_dir` and moved there when complete (`written_in_place`): a model already there is replaced whole,
+    or, when the export fails, left as it was.
     """
+    with written_in_place(Path(out_dir)) as folder:
+        return _export_model(train, folder, settings, validation, trained_on)
+
+
+def _export_model(train: Sequence[LabelledImage], out_dir: Path, settings: ExportSettings,
+                  validation: Sequence[LabelledImage], trained_on: str) -> manifest_pb2.ModelManifest:
+    """`export_default_model` into `out_dir`, an empty folder."""
     threads = deterministic_torch(settings.threads, settings.embedding.device if settings.embedding else "cpu")
     torch.manual_seed(settings.seed)
     crop = settings.face_crop
     # Photos the served model would refuse teach it nothing: train and fit on the others.
+    photos = len(train)
     train, validation = servable(train, crop), servable(validation, crop)
+    if not train:
+        # Else the head is fitted on nothing and fails deep inside L-BFGS.
+        raise ValueError(f"no training photos: the face crop found a face in none of the {photos} given, and "
+                         "photos without one are left out (no_face 'fail')" if photos else "no training photos")
     labels = categories_of(list(train))
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[image.category] for image in train])
@@ -248,8 +312,6 @@ def export_default_model(train: Sequence[LabelledImage], out_dir: Path, settings
     device = embedding.device if embedding is not None else "cpu"
     tower = Tower(backbone, split, seed=settings.seed,
                   train_batchnorm=embedding.train_batchnorm if embedding is not None else False)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     known_rows = [row for row, image in enumerate(validation) if image.category in index]
     known = [validation[row] for row in known_rows]
     val_targets = np.array([index[image.category] for image in known])

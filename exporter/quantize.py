@@ -23,7 +23,8 @@ from onnxruntime.transformers.onnx_model import OnnxModel as GraphEditor
 
 from lookalike.quality.labelled_images import LabelledImage
 from lookalike.embedder.preprocess import FaceCrop
-from lookalike.exporter.export import ONNX_FILE, decode_files, embed_files, model_identity, servable
+from lookalike.exporter.export import (ONNX_FILE, decode_files, embed_files, model_identity, servable,
+                                       written_in_place)
 from lookalike.codec import file_sha256, read_manifest, write_manifest
 from lookalike.quality.retrieval_metrics import expected_calibration_error, negative_log_likelihood
 from lookalike.quality.routing_fit import routing_at
@@ -66,15 +67,15 @@ def top_k_overlap(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> 
 
 def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[LabelledImage],
                    validation: Sequence[LabelledImage]) -> manifest_pb2.ModelManifest:
-    """fp32 model folder -> int8 model folder whose manifest records its drift from the fp32 graph."""
+    """fp32 model folder -> int8 model folder whose manifest records its drift from the fp32 graph.
+
+    Written beside `int8_dir` and moved there when complete, as the fp32 model is (export.written_in_place)."""
     parent = read_manifest(fp32_dir)
     size = parent.input.height
     crop = FaceCrop.from_manifest(parent.input)
     calibration = servable(calibration, crop)
-    int8_dir = Path(int8_dir)
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    int8_path = int8_dir / ONNX_FILE
-    with tempfile.TemporaryDirectory() as scratch:
+    with written_in_place(Path(int8_dir)) as folder, tempfile.TemporaryDirectory() as scratch:
+        int8_path = folder / ONNX_FILE
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(Path(fp32_dir) / parent.onnx_file), str(prepared), skip_symbolic_shape=True)
 
@@ -93,8 +94,9 @@ def quantize_model(fp32_dir: Path, int8_dir: Path, calibration: Sequence[Labelle
                         reduce_range=True)
         shutil.move(str(Path(scratch) / ONNX_FILE), int8_path)
 
-    measures = measure_twin(Path(fp32_dir), parent, int8_path, validation, METHOD, calibration_images=len(calibration))
-    return write_twin_manifest(parent, int8_dir, "int8", measures)
+        measures = measure_twin(Path(fp32_dir), parent, int8_path, validation, METHOD,
+                                calibration_images=len(calibration))
+        return write_twin_manifest(parent, folder, "int8", measures)
 
 
 def half_precision_model(fp32_dir: Path, fp16_dir: Path, validation: Sequence[LabelledImage]) -> manifest_pb2.ModelManifest:
@@ -103,11 +105,9 @@ def half_precision_model(fp32_dir: Path, fp16_dir: Path, validation: Sequence[La
     Everything up to the last convolution runs in fp16; pooling, the heads, the normalisation and the softmax
     stay fp32 (a few kFLOPs), so vectors stay unit length and probabilities sum to one at fp32 precision.
     Inputs (uint8 pixels) and outputs (float32) keep their types, so the embedder serves it like the fp32 graph.
+    Written beside `fp16_dir` and moved there when complete, as the fp32 model is (export.written_in_place).
     """
     parent = read_manifest(fp32_dir)
-    fp16_dir = Path(fp16_dir)
-    fp16_dir.mkdir(parents=True, exist_ok=True)
-    fp16_path = fp16_dir / ONNX_FILE
     graph = GraphEditor(onnx.load(str(Path(fp32_dir) / parent.onnx_file)))
     nodes = graph.nodes()
     last_conv = max(index for index, node in enumerate(nodes) if node.op_type == "Conv")
@@ -116,9 +116,11 @@ def half_precision_model(fp32_dir: Path, fp16_dir: Path, validation: Sequence[La
     # appends at the end are sorted into place.
     graph.convert_float_to_float16(keep_io_types=True, node_block_list=[node.name for node in nodes[last_conv + 1:]])
     graph.topological_sort()
-    onnx.save(graph.model, str(fp16_path))
-    measures = measure_twin(Path(fp32_dir), parent, fp16_path, validation, FP16_METHOD, calibration_images=0)
-    return write_twin_manifest(parent, fp16_dir, "fp16", measures)
+    with written_in_place(Path(fp16_dir)) as folder:
+        fp16_path = folder / ONNX_FILE
+        onnx.save(graph.model, str(fp16_path))
+        measures = measure_twin(Path(fp32_dir), parent, fp16_path, validation, FP16_METHOD, calibration_images=0)
+        return write_twin_manifest(parent, folder, "fp16", measures)
 
 
 @dataclass(frozen=True)
