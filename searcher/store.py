@@ -563,6 +563,19 @@ class SqliteStore(Store):
             self._db.close()
 
 
+# libpq settings of every connection to the store. A database host that vanishes (a failover, a partition)
+# leaves connections that neither answer nor close: a replica's follower waited on one for as long as the
+# kernel keeps retrying (about 15 minutes; 2 hours on an idle one), holding the lock every write waits for.
+# With these a silent connection fails within about 30 s and the next try takes a new one.
+CONNECTION_SETTINGS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                       "tcp_user_timeout": 30_000}
+
+
+# What the server says when it refuses a connection that no retry will make: libpq gives a refused connection
+# no SQLSTATE, only the server's message. (Not "too many clients" or "starting up": those pass.)
+REFUSALS_FOR_GOOD = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
+
+
 class PostgresStore(Store):
     """A PostgreSQL database shared by every searcher replica (psycopg 3 with a connection pool)."""
 
@@ -579,20 +592,46 @@ class PostgresStore(Store):
         self._psycopg = psycopg
         self._failures = (psycopg.OperationalError, PoolTimeout)
         self.dsn = dsn
+        first_try = self._refuse_at_once(dsn, connect_timeout)
+        # check: a connection the server closed while it sat in the pool (a restart of the database) is
+        # replaced before it is handed out, rather than failing the request that got it.
         self._pool = ConnectionPool(dsn, min_size=1, max_size=pool_size, open=True, name="lookalike-store",
-                                    timeout=connect_timeout)
+                                    timeout=connect_timeout, check=ConnectionPool.check_connection,
+                                    kwargs={**CONNECTION_SETTINGS, "connect_timeout": max(2, round(connect_timeout))})
         self._listener: Any = None
         try:
             self._pool.wait(timeout=connect_timeout)
         except PoolTimeout:
             self._pool.close()
             raise StoreUnavailable(f"could not connect to the PostgreSQL store at {_where(dsn)} within "
-                                   f"{connect_timeout:.0f}s") from None
-        with self._writing() as conn:
-            # Under the writers' lock: replicas starting together must not race to create the tables.
-            self._create_schema(conn)
-            conn.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS product TEXT NOT NULL DEFAULT ''")
-            conn.execute(_PRODUCT_INDEX)
+                                   f"{connect_timeout:.0f}s (first try: {first_try})") from None
+        try:
+            with self._writing() as conn:
+                # Under the writers' lock: replicas starting together must not race to create the tables.
+                self._create_schema(conn)
+                conn.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS product TEXT NOT NULL DEFAULT ''")
+                conn.execute(_PRODUCT_INDEX)
+        except psycopg.Error as error:  # a role that may not create tables in the database, say
+            self._pool.close()
+            raise StoreUnavailable(f"cannot set up the tables of the PostgreSQL store at {_where(dsn)}: "
+                                   f"{_first_line(error)}") from None
+
+    def _refuse_at_once(self, dsn: str, connect_timeout: float) -> str:
+        """Connects once, directly: what the server refuses (a wrong password, a database or role that does not
+        exist) and a DSN libpq cannot read fail here at once with their own message, where the pool would retry
+        them for the whole timeout and then say only that it timed out. A server not reachable yet (starting
+        beside the searcher) is left to the pool's retries; returns what this try met."""
+        try:
+            # 2 s, libpq's least: a host that does not answer is the pool's to wait for, within connect_timeout.
+            self._psycopg.connect(dsn, connect_timeout=2, **CONNECTION_SETTINGS).close()
+        except self._psycopg.OperationalError as error:
+            if any(reason in str(error) for reason in REFUSALS_FOR_GOOD):
+                raise StoreUnavailable(f"the PostgreSQL store at {_where(dsn)} refused the connection: "
+                                       f"{_first_line(error)}") from None
+            return _first_line(error)
+        except self._psycopg.Error as error:  # a DSN libpq cannot read (an unknown parameter, say)
+            raise ValueError(f"store: {_first_line(error)}") from None
+        return "connected"
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -602,11 +641,15 @@ class PostgresStore(Store):
         except self._failures as error:
             # Not the caller's fault and possibly brief (a failover of the database): retryable.
             raise StoreUnavailable(f"the PostgreSQL store at {_where(self.dsn)} is unreachable: "
-                                   f"{str(error).strip().splitlines()[0]}") from error
+                                   f"{_first_line(error)}") from error
 
     @contextmanager
     def _writing(self) -> Iterator[Any]:
         with self._connection() as conn, conn.transaction():
+            # Read committed whatever the database's default: each statement after the lock must see the
+            # writes committed before it was granted (a repeatable-read default took its snapshot at the lock's
+            # statement, and concurrent writers read a stale counter and failed or collided).
+            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.WRITERS_LOCK,))
             yield conn
 
@@ -624,7 +667,7 @@ class PostgresStore(Store):
         """Waits for a NOTIFY from any replica's commit (LISTEN on its own connection)."""
         try:
             if self._listener is None or self._listener.closed:
-                self._listener = self._psycopg.connect(self.dsn, autocommit=True)
+                self._listener = self._psycopg.connect(self.dsn, autocommit=True, **CONNECTION_SETTINGS)
                 self._listener.execute(f"LISTEN {self.CHANNEL}")
             return any(True for _ in self._listener.notifies(timeout=timeout, stop_after=1))
         except self._psycopg.Error as error:
@@ -642,10 +685,19 @@ class PostgresStore(Store):
 
 def _where(dsn: str) -> str:
     """host:port/database of a DSN, never its password."""
+    from psycopg import Error
     from psycopg.conninfo import conninfo_to_dict
 
-    parts = conninfo_to_dict(dsn)
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Error:  # a DSN libpq cannot read: named by its scheme alone (its password may be anywhere in it)
+        return "(a postgresql:// DSN that does not parse)"
     return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+def _first_line(error: Exception) -> str:
+    """An error's message, first line: libpq's carry DETAIL and HINT lines after it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def open_store(location: str, data_dir: Path, database_file: str, timeout: float = 30.0) -> Store:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -615,3 +616,96 @@ def test_a_replica_building_a_category_moved_to_it_keeps_applying_writes(fresh_d
         release.set()
         a.close()
         b.close()
+
+
+def store_item(item_id: str) -> "ItemWrite":
+    from lookalike.searcher.store import ItemWrite
+
+    vector = np.random.default_rng(len(item_id)).standard_normal(DIM).astype(np.float32)
+    return ItemWrite(item_id, CATEGORIES[0], vector / np.linalg.norm(vector), {}, MODEL)
+
+
+def test_writers_keep_their_order_under_a_repeatable_read_default(fresh_database: str) -> None:
+    """A database whose default isolation is repeatable read (ALTER DATABASE ... SET
+    default_transaction_isolation, a setting some administrators apply everywhere): the writers' transactions
+    took their snapshot at the lock's statement and read a stale counter, and concurrent writes through two
+    stores failed (serialization failures, duplicate keys). Each write now runs read committed whatever the
+    default: every write is stored, each with its own sequence number."""
+    import psycopg
+
+    from lookalike.searcher.store import PostgresStore
+
+    PostgresStore(fresh_database).close()  # the tables
+    database = fresh_database.rsplit("/", 1)[1]
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {database} SET default_transaction_isolation = 'repeatable read'")
+    stores = [PostgresStore(fresh_database) for _ in range(2)]
+    failures: list[BaseException] = []
+
+    def write(writer: int) -> None:
+        for n in range(40):
+            try:
+                stores[writer % 2].upsert([store_item(f"w{writer}-{n}")])
+            except Exception as error:  # noqa: BLE001 - counted and shown
+                failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(writer,)) for writer in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert failures == []
+    with psycopg.connect(fresh_database) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT seq) FROM items").fetchone() == (160, 160)
+
+
+def test_connections_the_database_closed_are_replaced_before_use(fresh_database: str) -> None:
+    """A restart of the database (here: every connection of the store terminated by the server, as a restart
+    terminates them) left dead connections in the pool, and the next writes, one per pooled connection,
+    failed UNAVAILABLE though the database was back. The pool now checks a connection before handing it
+    out: the first write after succeeds."""
+    import psycopg
+
+    from lookalike.searcher.store import PostgresStore
+
+    store = PostgresStore(fresh_database)
+    try:
+        readers = [threading.Thread(target=lambda: [store.head() for _ in range(30)]) for _ in range(6)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            ended = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = "
+                                 "current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+        assert ended >= 2, "the pool held several connections"
+        for n in range(6):
+            store.upsert([store_item(f"after-{n}")])
+        assert store.head() == 6
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("dsn_of, message", [
+    (lambda dsn: dsn.rsplit("/", 1)[0] + "/no_such_database",
+     r'refused the connection: .*database "no_such_database" does not exist'),
+    (lambda dsn: re.sub(r"//[^@/]*@", "//nobody@", dsn),
+     r'refused the connection: .*role "nobody" does not exist'),
+    (lambda dsn: dsn + "?sslmod=require", r"store: .*invalid URI query parameter"),
+])
+def test_a_store_that_cannot_be_used_is_one_line_at_once(postgres_dsn: str, tmp_path: Path, dsn_of,
+                                                         message: str) -> None:
+    """A database or role that does not exist waited the whole --store-timeout and then said only that it could
+    not connect (the cause in an earlier pool warning); a DSN parameter libpq does not know ended in a
+    traceback. Each now ends the searcher at once with one line naming the cause, and exit status 1."""
+    started = time.monotonic()
+    ended = subprocess.run([sys.executable, "-m", "lookalike.searcher", "--data", str(tmp_path), "--store",
+                            dsn_of(postgres_dsn), "--store-timeout", "60", "--address", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 1
+    assert time.monotonic() - started < 30
+    lines = ended.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot start:" in lines[0] and "Traceback" not in ended.stderr
+    assert re.search(message, lines[0]), lines[0]
