@@ -709,3 +709,24 @@ def test_a_store_that_cannot_be_used_is_one_line_at_once(postgres_dsn: str, tmp_
     lines = ended.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot start:" in lines[0] and "Traceback" not in ended.stderr
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_a_role_that_may_not_create_the_tables_is_one_line(fresh_database: str, tmp_path: Path) -> None:
+    """A role without CREATE on the database's schema ended start-up in a 27-line traceback
+    (InsufficientPrivilege); now one line naming the store and the refusal."""
+    import psycopg
+
+    role = f"reader_{os.getpid()}"
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        ended = subprocess.run([sys.executable, "-m", "lookalike.searcher", "--data", str(tmp_path), "--store",
+                                re.sub(r"//[^@/]*@", f"//{role}@", fresh_database), "--address", "127.0.0.1:0"],
+                               capture_output=True, text=True, timeout=60)
+        lines = ended.stderr.strip().splitlines()
+        assert ended.returncode == 1 and len(lines) == 1, ended.stderr
+        assert re.search(r"cannot start: cannot set up the tables of the PostgreSQL store at .*: permission denied "
+                         "for schema public", lines[0]), lines[0]
+    finally:
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
