@@ -642,6 +642,12 @@ class PostgresStore(Store):
             # Not the caller's fault and possibly brief (a failover of the database): retryable.
             raise StoreUnavailable(f"the PostgreSQL store at {_where(self.dsn)} is unreachable: "
                                    f"{_first_line(error)}") from error
+        except self._psycopg.errors.UndefinedTable as error:
+            # Was INTERNAL on every call: the database was dropped and created again, or restored empty, under
+            # running searchers. Only a start sets the tables up (and rebuilds from what the store then holds).
+            raise StoreUnavailable(f"the PostgreSQL store at {_where(self.dsn)} has lost its tables "
+                                   f"({_first_line(error)}): was the database created again? Restart the "
+                                   "searchers to set it up") from error
 
     @contextmanager
     def _writing(self) -> Iterator[Any]:

@@ -755,3 +755,23 @@ def test_a_replica_reports_alive_while_writes_hold_its_apply_lock(fresh_database
     finally:
         observer.close()
         replica.close()
+
+
+def test_a_store_whose_tables_were_dropped_says_so(fresh_database: str) -> None:
+    """The database dropped and created again (or restored empty) under a running searcher: every write and
+    stats call failed INTERNAL ('UndefinedTable') for good. Now UNAVAILABLE with what happened and the remedy."""
+    import psycopg
+
+    from lookalike.searcher.store import PostgresStore, StoreUnavailable
+
+    store = PostgresStore(fresh_database)
+    try:
+        store.upsert([store_item("before")])
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+        with pytest.raises(StoreUnavailable, match="has lost its tables .*relation .* does not exist.*: was the "
+                                                   "database created again\\? Restart the searchers to set it up"):
+            store.upsert([store_item("after")])
+    finally:
+        store.close()
