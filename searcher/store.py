@@ -608,9 +608,14 @@ class PostgresStore(Store):
         try:
             with self._writing() as conn:
                 # Under the writers' lock: replicas starting together must not race to create the tables.
-                self._create_schema(conn)
-                conn.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS product TEXT NOT NULL DEFAULT ''")
-                conn.execute(_PRODUCT_INDEX)
+                # The product index is the schema's last change, made in the same transaction as the rest:
+                # where it exists the schema is current, and nothing is created or altered, so a role with
+                # only SELECT, INSERT, UPDATE and DELETE on the tables can run the searcher (CREATE ... IF NOT
+                # EXISTS and ALTER still need the privileges to create and own them).
+                if conn.execute("SELECT to_regclass('items_by_product')").fetchone()[0] is None:
+                    self._create_schema(conn)
+                    conn.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS product TEXT NOT NULL DEFAULT ''")
+                    conn.execute(_PRODUCT_INDEX)
         except psycopg.Error as error:  # a role that may not create tables in the database, say
             self._pool.close()
             raise StoreUnavailable(f"cannot set up the tables of the PostgreSQL store at {_where(dsn)}: "

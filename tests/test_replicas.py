@@ -775,3 +775,31 @@ def test_a_store_whose_tables_were_dropped_says_so(fresh_database: str) -> None:
             store.upsert([store_item("after")])
     finally:
         store.close()
+
+
+def test_a_role_with_only_read_and_write_on_the_tables_runs_the_searcher(fresh_database: str,
+                                                                         tmp_path: Path) -> None:
+    """Least privilege: the tables created by their owner, the searcher's own role granted only SELECT, INSERT,
+    UPDATE and DELETE on them. Start-up ran CREATE TABLE IF NOT EXISTS and ALTER TABLE every time, which need
+    the privileges to create and own them, and failed; it now changes nothing in a current schema, and a
+    write and a search through the searcher work."""
+    import psycopg
+
+    from lookalike.searcher.store import PostgresStore
+
+    PostgresStore(fresh_database).close()  # the owner sets the schema up
+    role = f"writer_{os.getpid()}"
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        dsn = re.sub(r"//[^@/]*@", f"//{role}@", fresh_database)
+        with running_service("lookalike.searcher", replica_args(tmp_path / "r", dsn)) as (_, port):
+            with SearcherClient(f"127.0.0.1:{port}") as client:
+                vector = np.frombuffer(random_vector(np.random.default_rng(1)).tobytes(), np.float32)
+                client.upsert([CatalogueItem("only", CATEGORIES[0], vector, MODEL)])
+                assert [hit.id for hit in client.search(vector, MODEL, k=1).hits] == ["only"]
+    finally:
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
